@@ -1,0 +1,78 @@
+"""The thin dangerous layer: raw SEAL ciphertext operations TenSEAL's CKKSVector does not expose.
+
+Only `fedhe.crypto` imports this module. It works on one `tenseal.CKKSVector` at a time and
+never sees a secret key.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+
+import tenseal as ts
+import tenseal.sealapi as sealapi
+
+
+def ciphertext_info(vector: ts.CKKSVector) -> tuple[int, int, float]:
+    """(polynomial count, remaining primes, scale) of the vector's one ciphertext."""
+    (ct,) = vector.ciphertext()
+    return ct.size(), ct.coeff_modulus_size(), ct.scale
+
+
+def mod_switch_to_lowest(vector: ts.CKKSVector, context: ts.Context) -> ts.CKKSVector:
+    """Drop every prime the vector no longer needs: exact, no noise, smaller on the wire.
+
+    After this, no further multiplication is possible; call it just before a ciphertext
+    leaves its sender in jobs that only add.
+    """
+    (ct,) = vector.ciphertext()
+    if ct.coeff_modulus_size() == 1:
+        return vector
+    seal_context = context.seal_context().data
+    evaluator = sealapi.Evaluator(seal_context)
+    evaluator.mod_switch_to_inplace(ct, seal_context.last_parms_id())
+    return ts.ckks_vector_from(context, _vector_proto(vector.size(), _save(ct), ct.scale))
+
+
+def _save(ct: sealapi.Ciphertext) -> bytes:
+    # TenSEAL's sealapi saves only to a path; a private temporary file keeps it off shared disk.
+    fd, path = tempfile.mkstemp(prefix="fedhe-ct-", dir=_tmp_dir())
+    os.close(fd)
+    try:
+        ct.save(path)
+        with open(path, "rb") as handle:
+            return handle.read()
+    finally:
+        os.unlink(path)
+
+
+def _tmp_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _vector_proto(size: int, ciphertext: bytes, scale: float) -> bytes:
+    """Encode TenSEAL's `CKKSVectorProto {repeated uint32 sizes; repeated bytes ciphertexts; double scale}`."""
+    sizes = _varint(size)
+    return (
+        b"\x0a"
+        + _varint(len(sizes))
+        + sizes
+        + b"\x12"
+        + _varint(len(ciphertext))
+        + ciphertext
+        + b"\x19"
+        + struct.pack("<d", scale)
+    )
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

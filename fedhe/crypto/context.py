@@ -1,0 +1,158 @@
+"""Key generation and the two sides of a CKKS context: secret (key holder) and public (everyone).
+
+`SecretContext` never serializes into anything another role accepts: `PublicContext.from_bytes`
+refuses a context that holds a secret key, and `PublicContext` cannot be built around one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+
+import tenseal as ts
+
+from fedhe.crypto.framing import frame, unframe
+from fedhe.crypto.params import CKKSParams
+from fedhe.errors import ContextMismatchError, ParameterError, SecretKeyLeakError
+
+_MAGIC = b"FHEC"
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class KeyRequest:
+    """The evaluation keys a job needs; none by default (addition needs no key at all)."""
+
+    relin: bool = False
+    galois: bool = False
+
+
+class _ContextBase:
+    def __init__(self, raw: ts.Context, params: CKKSParams, keys: KeyRequest) -> None:
+        self._raw = raw
+        self.params = params
+        self.keys = keys
+
+    @property
+    def raw(self) -> ts.Context:
+        """The TenSEAL context (thin layer; prefer the fedhe tensor API)."""
+        return self._raw
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identifies this key pair and parameter set; both sides of one key pair agree on it."""
+        public_key = self._raw.serialize(
+            save_public_key=True,
+            save_secret_key=False,
+            save_galois_keys=False,
+            save_relin_keys=False,
+        )
+        digest = hashlib.sha256(json.dumps(self.params.to_dict(), sort_keys=True).encode())
+        digest.update(public_key)
+        return digest.hexdigest()[:32]
+
+    def check_same(self, fingerprint: str, what: str = "ciphertext") -> None:
+        if fingerprint != self.fingerprint:
+            raise ContextMismatchError(
+                f"{what} was made under context {fingerprint[:12]}…, not this job's "
+                f"{self.fingerprint[:12]}…: it comes from another key pair or parameter set. "
+                "Fetch the job's public context again and re-encrypt."
+            )
+
+
+class PublicContext(_ContextBase):
+    """Public key (and only the evaluation keys the job asked for): safe to send anywhere."""
+
+    def __init__(self, raw: ts.Context, params: CKKSParams, keys: KeyRequest) -> None:
+        if raw.is_private() or raw.has_secret_key():
+            raise SecretKeyLeakError(
+                "refusing to wrap a context that holds a secret key as public; call "
+                "SecretContext.public() to drop the secret key first."
+            )
+        super().__init__(raw, params, keys)
+
+    def to_bytes(self) -> bytes:
+        body = self._raw.serialize(
+            save_public_key=True,
+            save_secret_key=False,
+            save_galois_keys=self.keys.galois,
+            save_relin_keys=self.keys.relin,
+        )
+        header = {
+            "params": self.params.to_dict(),
+            "keys": {"relin": self.keys.relin, "galois": self.keys.galois},
+            "fingerprint": self.fingerprint,
+        }
+        return frame(_MAGIC, _VERSION, header, body)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PublicContext:
+        header, body = _unframe_context(data)
+        try:
+            raw = ts.context_from(body)
+        except Exception as err:
+            raise ParameterError(f"public context bytes do not load: {err}") from err
+        if raw.is_private() or raw.has_secret_key():
+            raise SecretKeyLeakError(
+                "received a context that holds a secret key: only the key holder may have "
+                "it. Discard these bytes and ask the key holder for its public context."
+            )
+        params = CKKSParams.from_dict(header["params"])
+        keys = KeyRequest(**header.get("keys", {}))
+        context = cls(raw, params, keys)
+        context.check_same(header.get("fingerprint", ""), what="public context")
+        raw.global_scale = 2.0**params.scale_bits
+        return context
+
+
+class SecretContext(_ContextBase):
+    """The key holder's context. Never leaves the key holder except as an encrypted-at-rest file."""
+
+    def public(self) -> PublicContext:
+        raw = self._raw.copy()
+        raw.make_context_public()
+        return PublicContext(raw, self.params, self.keys)
+
+    def to_secret_bytes(self) -> bytes:
+        """For the key holder's own storage only: it holds the secret key."""
+        body = self._raw.serialize(
+            save_public_key=True,
+            save_secret_key=True,
+            save_galois_keys=self.keys.galois,
+            save_relin_keys=self.keys.relin,
+        )
+        header = {
+            "params": self.params.to_dict(),
+            "keys": {"relin": self.keys.relin, "galois": self.keys.galois},
+            "secret": True,
+        }
+        return frame(_MAGIC, _VERSION, header, body)
+
+    @classmethod
+    def from_secret_bytes(cls, data: bytes) -> SecretContext:
+        header, body = _unframe_context(data)
+        raw = ts.context_from(body)
+        if not raw.has_secret_key():
+            raise ParameterError("these context bytes hold no secret key.")
+        params = CKKSParams.from_dict(header["params"])
+        raw.global_scale = 2.0**params.scale_bits
+        return cls(raw, params, KeyRequest(**header.get("keys", {})))
+
+
+def generate_keys(params: CKKSParams, keys: KeyRequest = KeyRequest()) -> SecretContext:
+    """Generate a fresh key pair and only the evaluation keys that `keys` asks for."""
+    raw = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        poly_modulus_degree=params.poly_modulus_degree,
+        coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+    )
+    raw.global_scale = 2.0**params.scale_bits
+    if keys.galois:
+        raw.generate_galois_keys()
+    return SecretContext(raw, params, keys)
+
+
+def _unframe_context(data: bytes) -> tuple[dict, bytes]:
+    return unframe(data, magic=_MAGIC, version=_VERSION, what="context", error=ParameterError)

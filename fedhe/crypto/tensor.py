@@ -1,0 +1,267 @@
+"""Tensors that travel between roles: encrypted (CKKS) and their plaintext twin.
+
+Both kinds share one interface (`shape`, `+`, `to_bytes`, `load_tensor`), so a job runs the
+same code path with encryption on or off. An `EncryptedTensor` knows its logical shape and packs
+values larger than one ciphertext across several, `slots` values each.
+
+Wire format: ``FHET | version | header length | JSON header | body``. The header names the kind,
+the shape, the context fingerprint and the byte length of every ciphertext; `load_tensor`
+checks all of them before it trusts a byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tenseal as ts
+
+from fedhe.crypto import _seal
+from fedhe.crypto.context import PublicContext, SecretContext
+from fedhe.crypto.framing import frame, unframe
+from fedhe.errors import ContextMismatchError, InvalidCiphertextError, ShapeError, ValueRangeError
+
+_MAGIC = b"FHET"
+_VERSION = 1
+
+CKKS_KIND = "ckks"
+PLAIN_KIND = "plain"
+
+Shape = tuple[int, ...]
+Context = PublicContext | SecretContext
+
+
+class PlainTensor:
+    """The plaintext twin of `EncryptedTensor`: same interface, values in the clear."""
+
+    kind = PLAIN_KIND
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = np.asarray(values, dtype=np.float64)
+
+    @property
+    def shape(self) -> Shape:
+        return tuple(self.values.shape)
+
+    def __add__(self, other: PlainTensor) -> PlainTensor:
+        _check_same_kind(self, other)
+        _check_same_shape(self.shape, other.shape)
+        return PlainTensor(self.values + other.values)
+
+    def to_bytes(self) -> bytes:
+        body = self.values.astype("<f8").tobytes()
+        return frame(_MAGIC, _VERSION, {"kind": PLAIN_KIND, "shape": list(self.shape)}, body)
+
+
+class EncryptedTensor:
+    """CKKS ciphertexts holding one logical array, `context.params.slots` values per ciphertext."""
+
+    kind = CKKS_KIND
+
+    def __init__(self, chunks: Sequence[ts.CKKSVector], shape: Shape, context: Context) -> None:
+        self.chunks = tuple(chunks)
+        self.shape = tuple(int(s) for s in shape)
+        self.context = context
+        expected = n_ciphertexts(math.prod(self.shape), context.params.slots)
+        if len(self.chunks) != expected:
+            raise ShapeError(
+                f"shape {self.shape} needs {expected} ciphertexts of {context.params.slots} "
+                f"slots, got {len(self.chunks)}."
+            )
+
+    @property
+    def fingerprint(self) -> str:
+        return self.context.fingerprint
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def __add__(self, other: EncryptedTensor) -> EncryptedTensor:
+        _check_same_kind(self, other)
+        _check_same_shape(self.shape, other.shape)
+        self.context.check_same(other.fingerprint)
+        return EncryptedTensor(
+            [a + b for a, b in zip(self.chunks, other.chunks, strict=True)],
+            self.shape,
+            self.context,
+        )
+
+    def mod_switch_to_lowest(self) -> EncryptedTensor:
+        """Drop the primes an addition-only job never needs, before the tensor travels."""
+        chunks = [_seal.mod_switch_to_lowest(c, self.context.raw) for c in self.chunks]
+        return EncryptedTensor(chunks, self.shape, self.context)
+
+    def to_bytes(self) -> bytes:
+        blobs = [chunk.serialize() for chunk in self.chunks]
+        header = {
+            "kind": CKKS_KIND,
+            "shape": list(self.shape),
+            "fingerprint": self.fingerprint,
+            "chunk_bytes": [len(b) for b in blobs],
+        }
+        return frame(_MAGIC, _VERSION, header, b"".join(blobs))
+
+
+Tensor = EncryptedTensor | PlainTensor
+
+
+def n_ciphertexts(size: int, slots: int) -> int:
+    return max(1, math.ceil(size / slots))
+
+
+def check_values(values: np.ndarray, max_abs: float) -> np.ndarray:
+    """Refuse NaN, infinity and magnitudes the parameters cannot hold (overflow is silent in CKKS)."""
+    array = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(array)):
+        bad = int(np.flatnonzero(~np.isfinite(array.ravel()))[0])
+        raise ValueRangeError(
+            f"value at flat index {bad} is {array.ravel()[bad]}: NaN and infinity cannot be "
+            "encrypted; check the data or the local training for divergence."
+        )
+    peak = float(np.max(np.abs(array))) if array.size else 0.0
+    if peak > max_abs:
+        raise ValueRangeError(
+            f"largest |value| {peak:.6g} exceeds the bound {max_abs:.6g} these CKKS parameters "
+            "keep exact; clip or rescale the values, or use parameters with more headroom."
+        )
+    return array
+
+
+def encrypt(
+    context: PublicContext | SecretContext, values: np.ndarray, *, max_abs: float | None = None
+) -> EncryptedTensor:
+    """Encrypt an array of any shape under `context`, at the lowest level it needs to travel."""
+    limit = context.params.max_abs_value if max_abs is None else max_abs
+    array = check_values(values, limit)
+    flat = array.ravel()
+    slots = context.params.slots
+    chunks = [
+        ts.ckks_vector(context.raw, flat[start : start + slots].tolist())
+        for start in range(0, max(flat.size, 1), slots)
+    ]
+    return EncryptedTensor(chunks, array.shape, context).mod_switch_to_lowest()
+
+
+def decrypt(context: SecretContext, tensor: EncryptedTensor) -> np.ndarray:
+    """Decrypt to an array of the tensor's shape. Key-holder side: policy is checked by the caller."""
+    context.check_same(tensor.fingerprint)
+    secret_key = context.raw.secret_key()
+    flat = np.concatenate(
+        [np.asarray(c.decrypt(secret_key), dtype=np.float64) for c in tensor.chunks]
+    )
+    return flat[: tensor.size].reshape(tensor.shape)
+
+
+def load_tensor(data: bytes, context: Context | None, *, shape: Shape | None = None) -> Tensor:
+    """Parse and validate tensor bytes: encrypted when `context` is given, plaintext otherwise.
+
+    Raises InvalidCiphertextError (malformed, truncated, garbage), ContextMismatchError (made
+    under other keys) or ShapeError (not the shape the job expects).
+    """
+    header, body = unframe(
+        data, magic=_MAGIC, version=_VERSION, what="tensor", error=InvalidCiphertextError
+    )
+    kind = header.get("kind")
+    expected_kind = PLAIN_KIND if context is None else CKKS_KIND
+    if kind != expected_kind:
+        raise InvalidCiphertextError(
+            f"expected a {expected_kind} tensor, got kind {kind!r}: sender and receiver disagree "
+            "on whether this job is encrypted."
+        )
+    tensor_shape = _header_shape(header)
+    if shape is not None and tuple(shape) != tensor_shape:
+        raise ShapeError(f"tensor has shape {tensor_shape}, the job expects {tuple(shape)}.")
+    if context is None:
+        return _load_plain(body, tensor_shape)
+    return _load_encrypted(header, body, tensor_shape, context)
+
+
+def digest(data: bytes) -> str:
+    """Short content digest used in audit logs."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _load_plain(body: bytes, shape: Shape) -> PlainTensor:
+    if len(body) != 8 * math.prod(shape):
+        raise InvalidCiphertextError(
+            f"plaintext tensor of shape {shape} needs {8 * math.prod(shape)} bytes, got {len(body)}."
+        )
+    values = np.frombuffer(body, dtype="<f8").reshape(shape)
+    check_values(values, np.inf)
+    return PlainTensor(values.copy())
+
+
+def _load_encrypted(
+    header: dict[str, Any], body: bytes, shape: Shape, context: Context
+) -> EncryptedTensor:
+    fingerprint = header.get("fingerprint")
+    if not isinstance(fingerprint, str):
+        raise InvalidCiphertextError("ciphertext header has no context fingerprint.")
+    context.check_same(fingerprint)
+    sizes = header.get("chunk_bytes")
+    slots = context.params.slots
+    size = math.prod(shape)
+    expected_chunks = n_ciphertexts(size, slots)
+    if (
+        not isinstance(sizes, list)
+        or len(sizes) != expected_chunks
+        or not all(isinstance(s, int) and s > 0 for s in sizes)
+    ):
+        raise InvalidCiphertextError(
+            f"shape {shape} needs {expected_chunks} ciphertexts, the header lists {sizes!r}."
+        )
+    if sum(sizes) != len(body):
+        raise InvalidCiphertextError(
+            f"ciphertext body has {len(body)} bytes, the header announces {sum(sizes)}: truncated "
+            "or padded in transit."
+        )
+    chunks, offset = [], 0
+    for index, n_bytes in enumerate(sizes):
+        expected_len = min(slots, size - index * slots)
+        chunks.append(_load_chunk(body[offset : offset + n_bytes], context, index, expected_len))
+        offset += n_bytes
+    return EncryptedTensor(chunks, shape, context)
+
+
+def _load_chunk(blob: bytes, context: Context, index: int, expected_len: int) -> ts.CKKSVector:
+    try:
+        vector = ts.ckks_vector_from(context.raw, blob)
+        polys, _, scale = _seal.ciphertext_info(vector)
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise InvalidCiphertextError(f"ciphertext {index} does not load: {err}.") from err
+    if vector.size() != expected_len:
+        raise InvalidCiphertextError(
+            f"ciphertext {index} holds {vector.size()} values, expected {expected_len}."
+        )
+    if polys != 2:
+        raise InvalidCiphertextError(f"ciphertext {index} has {polys} polynomials, expected 2.")
+    nominal = 2.0**context.params.scale_bits
+    if not math.isclose(scale, nominal, rel_tol=1e-3):
+        raise ContextMismatchError(
+            f"ciphertext {index} has scale 2^{math.log2(scale):.2f}, the job uses "
+            f"2^{context.params.scale_bits}."
+        )
+    return vector
+
+
+def _check_same_kind(a: Tensor, b: Tensor) -> None:
+    if type(a) is not type(b):
+        raise TypeError(f"cannot add {type(a).__name__} and {type(b).__name__}.")
+
+
+def _check_same_shape(a: Shape, b: Shape) -> None:
+    if a != b:
+        raise ShapeError(f"cannot add tensors of shapes {a} and {b}.")
+
+
+def _header_shape(header: dict[str, Any]) -> Shape:
+    shape = header.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise InvalidCiphertextError(f"tensor header has no valid shape: {shape!r}.")
+    if math.prod(shape) > 1 << 32:
+        raise InvalidCiphertextError(f"tensor shape {shape} is implausibly large.")
+    return tuple(shape)

@@ -1,0 +1,43 @@
+"""One exception hierarchy for fedhe: every error names what was wrong and what to do."""
+
+from __future__ import annotations
+
+
+class FedHEError(Exception):
+    """Root of every error fedhe raises on purpose."""
+
+
+class ParameterError(FedHEError, ValueError):
+    """CKKS parameters are invalid or below the 128-bit security table."""
+
+
+class SecretKeyLeakError(FedHEError):
+    """A context that holds a secret key was about to cross a role boundary."""
+
+
+class ContextMismatchError(FedHEError):
+    """A ciphertext was made under another context (other keys or other parameters)."""
+
+
+class InvalidCiphertextError(FedHEError):
+    """Serialized ciphertext bytes are malformed, truncated or not a ciphertext at all."""
+
+
+class ShapeError(FedHEError, ValueError):
+    """A tensor has another shape or size than the job expects."""
+
+
+class ValueRangeError(FedHEError, ValueError):
+    """Values are NaN, infinite, or too large for the CKKS parameters to hold exactly."""
+
+
+class DataError(FedHEError, ValueError):
+    """A dataset or CSV file is missing, empty or malformed."""
+
+
+class PolicyError(FedHEError):
+    """The key holder refused a decryption request under its decryption policy."""
+
+
+class ProtocolError(FedHEError):
+    """A message between roles is missing a field, has the wrong role, or the job cannot go on."""
