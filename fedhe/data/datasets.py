@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from sklearn import datasets as skd
@@ -129,7 +129,7 @@ class BuiltinSpec:
     load: Callable[[int], Dataset]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sklearn_arrays(name: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     loader = getattr(skd, f"load_{name}")
     bunch = loader()
@@ -204,7 +204,7 @@ def load_builtin(
     """Return (train, test) of a built-in dataset, split reproducibly from `seed`.
 
     Classification splits are stratified (every class lands in both parts where possible);
-    regression splits are plain shuffled splits. Features are returned unscaled.
+    regression splits are plain shuffled splits. Rows come shuffled; features are unscaled.
     """
     spec = BUILTIN_DATASETS.get(name)
     if spec is None:

@@ -1,0 +1,102 @@
+"""Job settings, validated once: from Flower's run_config (dashed keys) or from the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from fedhe.errors import FedHEError
+
+TASKS = ("aggregate",)
+
+
+class ConfigError(FedHEError, ValueError):
+    """A job setting is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Settings every task keeps (`parties` … `out`) and the ones secure aggregation adds."""
+
+    task: str = "aggregate"
+    parties: int = 5
+    min_parties: int = 3
+    rounds: int = 3
+    dataset: str = "breast_cancer"
+    data_dir: str = ""
+    target: str = ""
+    seed: int = 0
+    out: str = "runs/latest"
+    keyholder_partition_id: int = -1  # simulation: which virtual node is the key holder (-1: last)
+    local_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.1
+    hidden: str = ""  # MLP hidden widths, e.g. "32,16"; empty: logistic/softmax regression
+    plaintext_twin: bool = True  # also run the same job in the clear, for result.json
+    drop_party: int = -1  # simulation fault: this party index fails every training round
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"task {self.task!r} is not one of {list(TASKS)}.")
+        if self.parties < 1:
+            raise ConfigError(f"parties must be ≥ 1, got {self.parties}.")
+        if not 1 <= self.min_parties <= self.parties:
+            raise ConfigError(
+                f"min-parties must be between 1 and parties={self.parties}, got {self.min_parties}."
+            )
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be ≥ 1, got {self.rounds}.")
+        if self.local_epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ConfigError("local-epochs, batch-size and lr must be positive.")
+        if self.data_dir and not self.target:
+            raise ConfigError("--data-dir needs --target: the name of the label column.")
+        self.hidden_widths  # noqa: B018 - validates the string
+
+    @property
+    def hidden_widths(self) -> tuple[int, ...]:
+        try:
+            widths = tuple(int(w) for w in self.hidden.split(",") if w.strip())
+        except ValueError as err:
+            raise ConfigError(f"hidden must be comma-separated widths, got {self.hidden!r}.") from err
+        if any(w < 1 for w in widths):
+            raise ConfigError(f"hidden widths must be positive, got {self.hidden!r}.")
+        return widths
+
+    @property
+    def num_nodes(self) -> int:
+        """Simulated SuperNodes: every party plus the key holder."""
+        return self.parties + 1
+
+    @property
+    def keyholder_node(self) -> int:
+        return self.parties if self.keyholder_partition_id < 0 else self.keyholder_partition_id
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {name.replace("_", "-"): value for name, value in asdict(self).items()}
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> JobConfig:
+        """Read Flower's run_config: dashed keys, unknown keys refused, types coerced."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown setting {key!r}; known: {sorted(known)}.")
+            values[name] = _coerce(key, raw, type(getattr(cls(), name)))
+        return cls(**values)
+
+
+def _coerce(key: str, raw: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(raw, str):
+                if raw.lower() not in {"true", "false", "1", "0"}:
+                    raise ValueError(raw)
+                return raw.lower() in {"true", "1"}
+            return bool(raw)
+        return kind(raw)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"setting {key!r}={raw!r} is not a {kind.__name__}.") from err

@@ -1,0 +1,79 @@
+"""Where a job's data comes from: a built-in dataset split across parties, or CSV files.
+
+The same description (`DataSource`) travels from the aggregator to every party, which then
+loads only its own share; the aggregator loads only the test set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pandas as pd
+
+from fedhe.data.csvdata import load_party, load_test, read_header
+from fedhe.data.csvdata import find_party_files as _find_party_files
+from fedhe.data.datasets import Dataset, load_builtin
+from fedhe.data.partition import partition_iid
+from fedhe.errors import DataError
+
+
+@dataclass(frozen=True)
+class DataSource:
+    dataset: str = "breast_cancer"
+    data_dir: str = ""
+    target: str = ""
+    seed: int = 0
+    n_parties: int = 1
+    classes: tuple[float, ...] = ()
+
+    @property
+    def from_csv(self) -> bool:
+        return bool(self.data_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["classes"] = list(self.classes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataSource:
+        return cls(**{**data, "classes": tuple(float(c) for c in data.get("classes", ()))})
+
+
+def party_data(source: DataSource, index: int) -> Dataset:
+    """Party `index`'s training data: its IID share of a built-in set, or its CSV file."""
+    if source.from_csv:
+        task = "classification" if source.classes else None
+        return load_party(source.data_dir, index, source.target, task=task,
+                          classes=source.classes or None)
+    train, _ = load_builtin(source.dataset, seed=source.seed)
+    shares = partition_iid(train.n_samples, source.n_parties, seed=source.seed)
+    if not 0 <= index < len(shares):
+        raise DataError(f"party index {index} is outside 0..{len(shares) - 1}.")
+    return train.subset(shares[index])
+
+
+def test_data(source: DataSource) -> Dataset | None:
+    """The held-out test set: the built-in split, or test.csv (None when the folder has none)."""
+    if not source.from_csv:
+        return load_builtin(source.dataset, seed=source.seed)[1]
+    header = read_header(_find_party_files(source.data_dir)[0])
+    task = "classification" if source.classes else None
+    return load_test(source.data_dir, source.target, task=task, expected_columns=header,
+                     classes=source.classes or None)
+
+
+def count_party_files(source: DataSource) -> int:
+    return len(_find_party_files(source.data_dir)) if source.from_csv else source.n_parties
+
+
+def csv_classes(source: DataSource) -> tuple[float, ...]:
+    """Label values of a CSV classification job, read from test.csv (validated first)."""
+    if test_data(source) is None:
+        raise DataError(
+            f"{source.data_dir} has no test.csv: a classification job needs it to evaluate the "
+            "model and to fix the label set every party uses."
+        )
+    column = pd.read_csv(f"{source.data_dir}/test.csv", usecols=[source.target])[source.target]
+    return tuple(sorted(float(v) for v in column.unique()))

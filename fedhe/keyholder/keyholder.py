@@ -1,0 +1,191 @@
+"""The key-holder role: the only secret key, decryption under a policy, an audit log.
+
+State lives on the key holder's own disk (`state_dir`), never in a message: one secret
+context per job (file mode 0600), the job's declaration, the budget spent, and the audit log.
+A restarted key holder that finds the same directory keeps the same keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhe.crypto.context import KeyRequest, PublicContext, SecretContext, generate_keys
+from fedhe.crypto.params import FRESH_NOISE_BITS
+from fedhe.crypto.tensor import EncryptedTensor, decrypt, digest, load_tensor
+from fedhe.errors import FedHEError, PolicyError
+from fedhe.keyholder.audit import AuditLog
+from fedhe.keyholder.policy import DecryptionPolicy, DecryptionRequest, JobDeclaration
+
+# Noise flooding (Li–Micciancio, EUROCRYPT 2021): a CKKS decryption reveals the ciphertext's
+# noise, from which a passive attacker who also holds the ciphertext can solve for the secret
+# key. Adding Gaussian noise of standard deviation 2^DEFAULT_FLOODING_BITS (in units of the
+# scale) to every released value drowns the encryption noise (≤ 2^FRESH_NOISE_BITS) by 2^5 in
+# standard deviation. This is heuristic flooding, not the statistically proven 2^(λ/2) margin,
+# which would leave no precision at the scales addition jobs use. None turns it off.
+DEFAULT_FLOODING_BITS = FRESH_NOISE_BITS + 5
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class Decryption:
+    """What the key holder released, with its audit record."""
+
+    values: np.ndarray
+    record: dict[str, Any]
+
+
+class KeyHolder:
+    """Generates keys per job, hands out public contexts, decrypts only what policy allows."""
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        *,
+        min_parties_floor: int = 2,
+        flooding_bits: int | None = DEFAULT_FLOODING_BITS,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.policy = DecryptionPolicy(min_parties_floor=min_parties_floor)
+        self.flooding_bits = flooding_bits
+        self.audit = AuditLog(self.state_dir / "audit.jsonl")
+
+    # -- jobs and keys -----------------------------------------------------------------------
+
+    def declare_job(self, job: JobDeclaration, keys: KeyRequest = KeyRequest()) -> bytes:  # noqa: B008
+        """Register a job and return its public context bytes (b"" for a plaintext twin).
+
+        Declaring the same job again returns the same public context; a different declaration
+        under a known job id is refused.
+        """
+        _check_job_id(job.job_id)
+        self.policy.check_declaration(job)
+        existing = self._declaration(job.job_id)
+        if existing is not None and existing != job:
+            raise PolicyError(
+                f"job {job.job_id!r} is already declared with other terms; use a new job id."
+            )
+        started = time.perf_counter()
+        if existing is None:
+            self._save_job(job, keys)
+        public = self.public_context(job.job_id)
+        self.audit.append(
+            job=job.job_id, event="declare", task=job.task, encrypted=job.encrypted,
+            outputs={k: v.budget for k, v in job.outputs.items()}, min_parties=job.min_parties,
+            keygen_s=round(time.perf_counter() - started, 6) if existing is None else 0.0,
+        )
+        return b"" if public is None else public.to_bytes()
+
+    def public_context(self, job_id: str) -> PublicContext | None:
+        secret = self._secret_context(job_id)
+        return None if secret is None else secret.public()
+
+    # -- decryption ---------------------------------------------------------------------------
+
+    def decrypt(self, request: DecryptionRequest) -> Decryption:
+        """Decrypt `request.tensor` if the policy allows; every outcome goes to the audit log."""
+        base = {
+            "job": request.job_id, "event": "decrypt", "output": request.output_kind,
+            "parties": sorted(request.contributors), "n_parties": len(set(request.contributors)),
+            "digest": digest(request.tensor),
+        }
+        try:
+            job = self._declaration(request.job_id)
+            spec = self.policy.check_request(job, request, self._spent(request))
+            assert job is not None
+            values, sigma = self._open(job, request.tensor)
+            _check_count(values, spec.count_index, len(request.contributors))
+        except FedHEError as err:
+            self.audit.append(**base, decision="refused", reason=str(err))
+            raise PolicyError(f"decryption refused: {err}") from err
+        record = self.audit.append(
+            **base, decision="decrypted", shape=list(values.shape), flooding_sigma=sigma,
+        )
+        return Decryption(values, record)
+
+    def _open(self, job: JobDeclaration, tensor_bytes: bytes) -> tuple[np.ndarray, float]:
+        secret = self._secret_context(job.job_id)
+        tensor = load_tensor(tensor_bytes, secret)
+        if isinstance(tensor, EncryptedTensor):
+            assert secret is not None
+            values = decrypt(secret, tensor)
+            sigma = self._flooding_sigma(secret.params.scale_bits)
+            if sigma:
+                values = values + np.random.default_rng().normal(0.0, sigma, values.shape)
+            return values, sigma
+        return tensor.values, 0.0
+
+    def _flooding_sigma(self, scale_bits: int) -> float:
+        if self.flooding_bits is None:
+            return 0.0
+        return math.ldexp(1.0, self.flooding_bits - scale_bits)
+
+    # -- storage ------------------------------------------------------------------------------
+
+    def _job_dir(self, job_id: str) -> Path:
+        _check_job_id(job_id)
+        return self.state_dir / "jobs" / job_id
+
+    def _save_job(self, job: JobDeclaration, keys: KeyRequest) -> None:
+        job_dir = self._job_dir(job.job_id)
+        job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if job.params is not None:
+            secret = generate_keys(job.params, keys)
+            _write_private(job_dir / "secret.ctx", secret.to_secret_bytes())
+        _write_private(job_dir / "job.json", json.dumps(job.to_dict()).encode())
+
+    def _declaration(self, job_id: str) -> JobDeclaration | None:
+        path = self._job_dir(job_id) / "job.json"
+        if not path.exists():
+            return None
+        return JobDeclaration.from_dict(json.loads(path.read_text()))
+
+    def _secret_context(self, job_id: str) -> SecretContext | None:
+        path = self._job_dir(job_id) / "secret.ctx"
+        return SecretContext.from_secret_bytes(path.read_bytes()) if path.exists() else None
+
+    def _spent(self, request: DecryptionRequest) -> int:
+        """Budget spent, counted from the audit log itself so the two cannot disagree."""
+        return sum(
+            1 for r in self.audit.entries(request.job_id)
+            if r.get("event") == "decrypt" and r.get("decision") == "decrypted"
+            and r.get("output") == request.output_kind
+        )
+
+
+def _check_count(values: np.ndarray, count_index: int, claimed: int) -> None:
+    if count_index < 0:
+        return
+    flat = values.ravel()
+    if count_index >= flat.size:
+        raise PolicyError(f"count slot {count_index} lies outside a tensor of {flat.size} values.")
+    counted = flat[count_index]
+    if not abs(counted - claimed) < 0.5:
+        raise PolicyError(
+            f"the aggregate holds {counted:.3f} contributions, the aggregator claims {claimed}."
+        )
+
+
+def _check_job_id(job_id: str) -> None:
+    if not _JOB_ID.match(job_id):
+        raise PolicyError(
+            f"job id {job_id!r} must be 1-128 letters, digits, '.', '_' or '-'."
+        )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)

@@ -1,0 +1,114 @@
+"""The plaintext machine learning a party runs at home: a small torch classifier and its training.
+
+Nothing here is encrypted: parties train locally on their own data, and only the resulting
+update goes through a secure-aggregation job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A logistic/softmax regression (no hidden layer) or an MLP with ReLU hidden layers."""
+
+    n_features: int
+    n_classes: int
+    hidden: tuple[int, ...] = ()
+
+    @property
+    def n_outputs(self) -> int:
+        return 1 if self.n_classes == 2 else self.n_classes
+
+    def to_dict(self) -> dict[str, object]:
+        return {"n_features": self.n_features, "n_classes": self.n_classes, "hidden": list(self.hidden)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ModelSpec:
+        return cls(int(data["n_features"]), int(data["n_classes"]), tuple(data.get("hidden", ())))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.1
+    seed: int = 0
+
+
+def build_model(spec: ModelSpec, *, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    width = spec.n_features
+    for hidden in spec.hidden:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, spec.n_outputs))
+    return nn.Sequential(*layers).double()
+
+
+def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def set_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()})
+
+
+def local_train(model: nn.Module, X: np.ndarray, y: np.ndarray, config: TrainConfig) -> float:
+    """Mini-batch SGD on one party's data; returns the mean training loss of the last epoch."""
+    generator = torch.Generator().manual_seed(config.seed)
+    features, labels = torch.as_tensor(X, dtype=torch.float64), torch.as_tensor(y)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    loss_fn = _loss_fn(model)
+    model.train()
+    last = 0.0
+    for _ in range(config.epochs):
+        order = torch.randperm(len(features), generator=generator)
+        total = 0.0
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            optimizer.zero_grad()
+            loss = loss_fn(model(features[batch]), labels[batch])
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(batch)
+        last = total / max(len(features), 1)
+    return last
+
+
+def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Accuracy and mean cross-entropy loss."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.as_tensor(X, dtype=torch.float64))
+        labels = torch.as_tensor(y)
+        loss = float(_loss_fn(model)(logits, labels))
+        predicted = (logits.squeeze(1) > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+    return {"accuracy": float((predicted == labels).double().mean()), "loss": loss}
+
+
+def _loss_fn(model: nn.Module):
+    binary = _n_outputs(model) == 1
+    if binary:
+        bce = nn.BCEWithLogitsLoss()
+        return lambda logits, labels: bce(logits.squeeze(1), labels.double())
+    return nn.CrossEntropyLoss()
+
+
+def _n_outputs(model: nn.Module) -> int:
+    last: Sequence[nn.Module] = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features
+
+
+def standardize(X: np.ndarray, mean: np.ndarray, meansq: np.ndarray) -> np.ndarray:
+    """Scale features by global moments (E[x], E[x²]) that secure aggregation computed."""
+    std = np.sqrt(np.maximum(meansq - mean**2, 0.0))
+    std[std < 1e-12] = 1.0
+    return (X - mean) / std

@@ -1,0 +1,103 @@
+"""What travels in Flower messages between the roles: message types, record keys, packing.
+
+Shared by `fedhe.clients` and `fedhe.aggregator` so both sides name every key the same way.
+Payloads are fedhe bytes (framed tensors, framed contexts) inside `ConfigRecord`s.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+# Message types (Flower requires train/evaluate/query, optionally ".<name>").
+WHOAMI = "query.whoami"
+DECLARE = "query.declare"
+SETUP = "query.setup"
+MOMENTS = "query.moments"
+TRAIN = "train"
+DECRYPT = "query.decrypt"
+AUDIT = "query.audit"
+
+# Record names.
+CONFIG = "config"
+PAYLOAD = "payload"
+METRICS = "metrics"
+WEIGHTS = "weights"
+
+ROLE_PARTY = "party"
+ROLE_KEYHOLDER = "keyholder"
+ROLES = (ROLE_PARTY, ROLE_KEYHOLDER)
+
+
+def content(
+    config: dict[str, Any] | None = None,
+    payload: dict[str, bytes] | None = None,
+    metrics: dict[str, float] | None = None,
+    weights: dict[str, np.ndarray] | None = None,
+) -> RecordDict:
+    records: dict[str, Any] = {}
+    if config is not None:
+        records[CONFIG] = ConfigRecord({k: _config_value(v) for k, v in config.items()})
+    if payload is not None:
+        records[PAYLOAD] = ConfigRecord(dict(payload))
+    if metrics is not None:
+        records[METRICS] = MetricRecord({k: float(v) for k, v in metrics.items()})
+    if weights is not None:
+        records[WEIGHTS] = ArrayRecord({k: np.ascontiguousarray(v) for k, v in weights.items()})
+    return RecordDict(records)
+
+
+def config_of(records: RecordDict) -> dict[str, Any]:
+    record = records.get(CONFIG)
+    return {} if record is None else {k: _parse_value(v) for k, v in record.items()}
+
+
+def payload_of(records: RecordDict) -> dict[str, bytes]:
+    record = records.get(PAYLOAD)
+    return {} if record is None else {k: bytes(v) for k, v in record.items()}
+
+
+def metrics_of(records: RecordDict) -> dict[str, float]:
+    record = records.get(METRICS)
+    return {} if record is None else {k: float(v) for k, v in record.items()}
+
+
+def weights_of(records: RecordDict) -> dict[str, np.ndarray]:
+    record = records.get(WEIGHTS)
+    return {} if record is None else {k: v.numpy() for k, v in record.items()}
+
+
+def payload_nbytes(records: RecordDict) -> int:
+    """Bytes of fedhe payload and model weights in a message (Flower's framing not counted)."""
+    total = sum(len(v) for v in payload_of(records).values())
+    weights = records.get(WEIGHTS)
+    if weights is not None:
+        total += sum(len(a.data) for a in weights.values())
+    return total
+
+
+def array_to_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, dtype=np.float64), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def array_from_bytes(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _config_value(value: Any) -> Any:
+    # Nested structures travel as JSON strings: ConfigRecord holds scalars and flat lists.
+    if isinstance(value, dict | tuple) or (isinstance(value, list) and value and isinstance(value[0], dict | list)):
+        return "json:" + json.dumps(value)
+    return value
+
+
+def _parse_value(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("json:"):
+        return json.loads(value[5:])
+    return value

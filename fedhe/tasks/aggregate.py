@@ -1,0 +1,200 @@
+"""Secure aggregation (HE-FedAvg), party → aggregator → key holder, without Flower.
+
+Each party sends one tensor ``Enc(n_i·Δw_i ‖ n_i ‖ 1)``: its sample-weighted update, its sample
+count, and a 1 that counts contributors. The aggregator sums whatever arrived and validated;
+the key holder decrypts only that sum, and only if the count slot matches the contributors the
+aggregator names and they are at least `min_parties`. The aggregator then divides by Σn_i.
+With `context=None` the same steps run in the clear: the plaintext twin.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedhe.crypto import AGGREGATION_PARAMS, CKKSParams, PlainTensor, PublicContext
+from fedhe.crypto import encrypt as encrypt_tensor
+from fedhe.crypto import load_tensor
+from fedhe.errors import FedHEError, ProtocolError, ShapeError, ValueRangeError
+from fedhe.keyholder import DecryptionRequest, JobDeclaration, KeyHolder, OutputSpec
+
+TASK = "aggregate"
+OUTPUT = "update_sum"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names and shapes of the arrays in one update, flattened in order, then n and a count."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, Any] | Sequence[Any]) -> Layout:
+        named = _named_arrays(arrays)
+        return cls(tuple(named), tuple(tuple(a.shape) for a in named.values()))
+
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def size(self) -> int:
+        return self.n_params + 2
+
+    @property
+    def weight_index(self) -> int:
+        return self.n_params
+
+    @property
+    def count_index(self) -> int:
+        return self.n_params + 1
+
+    def flatten(self, arrays: Mapping[str, Any] | Sequence[Any]) -> np.ndarray:
+        named = _named_arrays(arrays)
+        if tuple(named) != self.names:
+            raise ShapeError(f"update has arrays {list(named)}, the job expects {list(self.names)}.")
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            if tuple(named[name].shape) != shape:
+                raise ShapeError(
+                    f"array {name!r} has shape {tuple(named[name].shape)}, the job expects {shape}."
+                )
+        return np.concatenate([named[n].ravel() for n in self.names]) if self.names else np.zeros(0)
+
+    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        out, offset = {}, 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            n = math.prod(shape)
+            out[name] = flat[offset : offset + n].reshape(shape)
+            offset += n
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Layout:
+        return cls(tuple(data["names"]), tuple(tuple(int(x) for x in s) for s in data["shapes"]))
+
+
+def declare(
+    job_id: str, *, rounds: int, min_parties: int, layout: Layout, encrypted: bool = True,
+    params: CKKSParams = AGGREGATION_PARAMS,
+) -> JobDeclaration:
+    """The job as the key holder must know it: one decryption of the update sum per round."""
+    return JobDeclaration(
+        job_id=job_id,
+        task=TASK,
+        outputs={OUTPUT: OutputSpec(budget=rounds, count_index=layout.count_index)},
+        min_parties=min_parties,
+        params=params if encrypted else None,
+        meta={"layout": layout.to_dict()},
+    )
+
+
+def max_abs_per_party(params: CKKSParams, n_parties: int) -> float:
+    """Largest |n_i·Δw_i| one party may send so that the sum over all parties stays exact."""
+    return params.max_abs_value / max(n_parties, 1)
+
+
+# -- party --------------------------------------------------------------------------------------
+
+
+def party_contribution(
+    update: Mapping[str, Any] | Sequence[Any],
+    n_samples: int,
+    layout: Layout,
+    context: PublicContext | None,
+    *,
+    n_parties: int,
+) -> bytes:
+    """Encrypt ``n_i·Δw_i ‖ n_i ‖ 1`` (or keep it plain for the twin) as bytes for the aggregator.
+
+    `update` is a torch `state_dict`, a mapping of arrays, or a list of numpy arrays.
+    """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 1:
+        raise ValueRangeError(f"n_samples must be a positive integer, got {n_samples!r}.")
+    vector = np.concatenate([layout.flatten(update) * n_samples, [float(n_samples), 1.0]])
+    if context is None:
+        return PlainTensor(vector).to_bytes()
+    bound = max_abs_per_party(context.params, n_parties)
+    return encrypt_tensor(context, vector, max_abs=bound).to_bytes()
+
+
+# -- aggregator ---------------------------------------------------------------------------------
+
+
+@dataclass
+class AggregateSum:
+    """The sum over exactly the parties in `contributors`, as bytes for the key holder."""
+
+    tensor: bytes
+    contributors: tuple[str, ...]
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+def aggregator_sum(
+    contributions: Mapping[str, bytes],
+    layout: Layout,
+    context: PublicContext | None,
+    *,
+    min_parties: int,
+) -> AggregateSum:
+    """Validate each contribution, drop the bad ones (logged), and sum the rest homomorphically."""
+    accepted, rejected = {}, {}
+    for party, data in contributions.items():
+        try:
+            accepted[party] = load_tensor(data, context, shape=(layout.size,))
+        except FedHEError as err:
+            rejected[party] = str(err)
+            log.warning("party %s excluded from the sum: %s", party, err)
+    if len(accepted) < min_parties:
+        raise ProtocolError(
+            f"only {len(accepted)} valid contributions ({sorted(accepted)}), fewer than "
+            f"min_parties={min_parties}; rejected: {rejected or 'none'}."
+        )
+    tensors = list(accepted.values())
+    total = tensors[0]
+    for tensor in tensors[1:]:
+        total = total + tensor
+    return AggregateSum(total.to_bytes(), tuple(accepted), rejected)
+
+
+def average_update(decrypted_sum: np.ndarray, layout: Layout) -> tuple[dict[str, np.ndarray], float]:
+    """Divide the decrypted Σ n_i·Δw_i by Σ n_i: the FedAvg update, and Σ n_i."""
+    total_samples = float(decrypted_sum[layout.weight_index])
+    if not total_samples >= 0.5:
+        raise ProtocolError(f"decrypted sample count {total_samples:.3f} is not positive.")
+    return layout.unflatten(decrypted_sum[: layout.n_params] / total_samples), total_samples
+
+
+# -- key holder ---------------------------------------------------------------------------------
+
+
+def request_decryption(job_id: str, aggregate: AggregateSum) -> DecryptionRequest:
+    return DecryptionRequest(job_id, OUTPUT, aggregate.contributors, aggregate.tensor)
+
+
+def keyholder_decrypt_sum(keyholder: KeyHolder, request: DecryptionRequest) -> np.ndarray:
+    """Decrypt the update sum, only if it is the declared output over enough parties."""
+    return keyholder.decrypt(request).values
+
+
+def _named_arrays(arrays: Mapping[str, Any] | Sequence[Any]) -> dict[str, np.ndarray]:
+    items = arrays.items() if isinstance(arrays, Mapping) else (
+        (str(i), a) for i, a in enumerate(arrays)
+    )
+    return {str(name): _to_numpy(value) for name, value in items}
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch here
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, dtype=np.float64)
