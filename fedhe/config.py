@@ -32,6 +32,7 @@ class JobConfig:
     local_epochs: int = 2
     batch_size: int = 32
     lr: float = 0.1
+    clip: float = 10.0  # |Δw| per coordinate is clipped to this; bounds the encrypted sum
     hidden: str = ""  # MLP hidden widths, e.g. "32,16"; empty: logistic/softmax regression
     plaintext_twin: bool = True  # also run the same job in the clear, for result.json
     drop_party: int = -1  # simulation fault: this party index fails every training round
@@ -50,6 +51,8 @@ class JobConfig:
             raise ConfigError(f"rounds must be ≥ 1, got {self.rounds}.")
         if self.local_epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("local-epochs, batch-size and lr must be positive.")
+        if not self.clip >= 1.0:
+            raise ConfigError(f"clip must be ≥ 1 (it also bounds the sample counts), got {self.clip}.")
         if self.data_dir and not self.target:
             raise ConfigError("--data-dir needs --target: the name of the label column.")
         self.hidden_widths  # noqa: B018 - validates the string

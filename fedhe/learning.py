@@ -78,7 +78,7 @@ def local_train(model: nn.Module, X: np.ndarray, y: np.ndarray, config: TrainCon
             loss = loss_fn(model(features[batch]), labels[batch])
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(batch)
+            total += loss.item() * len(batch)
         last = total / max(len(features), 1)
     return last
 

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 # Message types (Flower requires train/evaluate/query, optionally ".<name>").
 WHOAMI = "query.whoami"
@@ -47,13 +47,13 @@ def content(
     if metrics is not None:
         records[METRICS] = MetricRecord({k: float(v) for k, v in metrics.items()})
     if weights is not None:
-        records[WEIGHTS] = ArrayRecord({k: np.ascontiguousarray(v) for k, v in weights.items()})
+        records[WEIGHTS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
     return RecordDict(records)
 
 
 def config_of(records: RecordDict) -> dict[str, Any]:
     record = records.get(CONFIG)
-    return {} if record is None else {k: _parse_value(v) for k, v in record.items()}
+    return {} if record is None else {k: from_json(v) for k, v in record.items()}
 
 
 def payload_of(records: RecordDict) -> dict[str, bytes]:
@@ -90,14 +90,20 @@ def array_from_bytes(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def to_json(value: Any) -> str:
+    """Nested structures travel as tagged JSON strings: a ConfigRecord holds scalars and lists."""
+    return _JSON_TAG + json.dumps(value)
+
+
+def from_json(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(_JSON_TAG):
+        return json.loads(value[len(_JSON_TAG) :])
+    return value
+
+
+_JSON_TAG = "json:"
+
+
 def _config_value(value: Any) -> Any:
-    # Nested structures travel as JSON strings: ConfigRecord holds scalars and flat lists.
-    if isinstance(value, dict | tuple) or (isinstance(value, list) and value and isinstance(value[0], dict | list)):
-        return "json:" + json.dumps(value)
-    return value
-
-
-def _parse_value(value: Any) -> Any:
-    if isinstance(value, str) and value.startswith("json:"):
-        return json.loads(value[5:])
-    return value
+    nested = isinstance(value, list) and any(isinstance(v, dict | list) for v in value)
+    return to_json(value) if isinstance(value, dict | tuple) or nested else value

@@ -1,7 +1,7 @@
 """CKKS parameters, keys, public/secret contexts and encrypted tensors (over TenSEAL)."""
 
 from fedhe.crypto.context import KeyRequest, PublicContext, SecretContext, generate_keys
-from fedhe.crypto.params import AGGREGATION_PARAMS, MAX_LOG_Q_128, CKKSParams, params_for_sum
+from fedhe.crypto.params import AGGREGATION_PARAMS, MAX_LOG_Q_128, CKKSParams
 from fedhe.crypto.tensor import (
     EncryptedTensor,
     PlainTensor,
@@ -29,5 +29,4 @@ __all__ = [
     "encrypt",
     "generate_keys",
     "load_tensor",
-    "params_for_sum",
 ]

@@ -20,18 +20,20 @@ def ciphertext_info(vector: ts.CKKSVector) -> tuple[int, int, float]:
     return ct.size(), ct.coeff_modulus_size(), ct.scale
 
 
-def mod_switch_to_lowest(vector: ts.CKKSVector, context: ts.Context) -> ts.CKKSVector:
-    """Drop every prime the vector no longer needs: exact, no noise, smaller on the wire.
+def mod_switch_to(vector: ts.CKKSVector, context: ts.Context, level: int) -> ts.CKKSVector:
+    """Keep only the first `level` primes: exact, adds no noise, smaller on the wire.
 
-    After this, no further multiplication is possible; call it just before a ciphertext
-    leaves its sender in jobs that only add.
+    Fewer primes mean fewer multiplications left and a smaller bound on the values; callers
+    choose `level` from the bound (CKKSParams.level_for).
     """
     (ct,) = vector.ciphertext()
-    if ct.coeff_modulus_size() == 1:
+    if ct.coeff_modulus_size() < level:
+        raise ValueError(f"ciphertext keeps {ct.coeff_modulus_size()} primes, cannot raise to {level}.")
+    if ct.coeff_modulus_size() == level:
         return vector
-    seal_context = context.seal_context().data
-    evaluator = sealapi.Evaluator(seal_context)
-    evaluator.mod_switch_to_inplace(ct, seal_context.last_parms_id())
+    evaluator = sealapi.Evaluator(context.seal_context().data)
+    while ct.coeff_modulus_size() > level:
+        evaluator.mod_switch_to_next_inplace(ct)
     return ts.ckks_vector_from(context, _vector_proto(vector.size(), _save(ct), ct.scale))
 
 

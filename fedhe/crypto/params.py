@@ -59,8 +59,29 @@ class CKKSParams:
 
     @property
     def max_abs_value(self) -> float:
-        """Largest |value| a ciphertext at its last level decrypts correctly (worst case)."""
-        return 2.0 ** (self.coeff_mod_bit_sizes[0] - self.scale_bits - 2)
+        """Largest |value| a ciphertext at its lowest level decrypts correctly (worst case)."""
+        return self.max_abs_at(1)
+
+    def max_abs_at(self, level: int) -> float:
+        """Largest |value| a ciphertext keeping the first `level` primes decrypts correctly.
+
+        Decoding is exact while |value|·scale stays below a quarter of the remaining modulus
+        (half for the sign, half as margin for noise and for slots that add up in one
+        coefficient).
+        """
+        if not 1 <= level <= self.depth + 1:
+            raise ParameterError(f"level {level} is outside 1..{self.depth + 1} for {self}.")
+        return 2.0 ** (sum(self.coeff_mod_bit_sizes[:level]) - self.scale_bits - 2)
+
+    def level_for(self, max_abs: float) -> int:
+        """The fewest primes that hold values up to `max_abs`: the cheapest level to send."""
+        for level in range(1, self.depth + 2):
+            if max_abs <= self.max_abs_at(level):
+                return level
+        raise ParameterError(
+            f"values up to {max_abs:.6g} exceed the largest bound {self.max_abs_at(self.depth + 1):.6g}"
+            " these parameters hold; scale the values down or choose a larger modulus."
+        )
 
     def abs_error_bound(self, n_terms: int = 1) -> float:
         """A conservative bound of the absolute slot error of a sum of `n_terms` fresh ciphertexts."""
@@ -109,29 +130,7 @@ def check_security(poly_modulus_degree: int, coeff_mod_bit_sizes: tuple[int, ...
         )
 
 
-def params_for_sum(
-    max_abs_sum: float, *, precision_bits: int = 20, poly_modulus_degree: int = 4096
-) -> CKKSParams:
-    """The smallest single-level parameters whose sums up to `max_abs_sum` keep `precision_bits`.
-
-    Addition-only jobs need no rescale, so one data prime plus the special prime suffice:
-    each ciphertext travels at its only level, the cheapest on the wire.
-    """
-    if not math.isfinite(max_abs_sum) or max_abs_sum <= 0:
-        raise ParameterError(f"max_abs_sum must be a positive finite number, got {max_abs_sum!r}.")
-    scale_bits = max(FRESH_NOISE_BITS + precision_bits, 20)
-    data_bits = scale_bits + math.ceil(math.log2(max_abs_sum)) + 2
-    limit = MAX_LOG_Q_128.get(poly_modulus_degree, 0)
-    special_bits = min(MAX_PRIME_BITS, limit - data_bits)
-    if data_bits > MAX_PRIME_BITS or special_bits < data_bits:
-        raise ParameterError(
-            f"sums up to {max_abs_sum:g} with {precision_bits} bits of precision need a "
-            f"{data_bits}-bit data prime, which does not fit N={poly_modulus_degree} under "
-            "the 128-bit table: lower precision_bits or the bound (clip or rescale values)."
-        )
-    return CKKSParams(poly_modulus_degree, (data_bits, special_bits), scale_bits)
-
-
-# The default for secure aggregation: sums up to 2^20 in magnitude at 2^-17 absolute error,
-# 2048 values per 54-bit ciphertext (~27 bytes per value on the wire).
-AGGREGATION_PARAMS = CKKSParams(4096, (54, 55), 32)
+# The default for secure aggregation, N=8192, scale 2^35. A ciphertext keeps only the primes its
+# sum needs (`level_for`): sums up to 2^18 travel on the 55-bit first prime alone (~30 bytes per
+# value), up to 2^68 on two primes, up to 2^121 on three. Absolute error of a fresh value ~2^-20.
+AGGREGATION_PARAMS = CKKSParams(8192, (55, 50, 53, 60), 35)

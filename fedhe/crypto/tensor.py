@@ -90,9 +90,14 @@ class EncryptedTensor:
             self.context,
         )
 
-    def mod_switch_to_lowest(self) -> EncryptedTensor:
-        """Drop the primes an addition-only job never needs, before the tensor travels."""
-        chunks = [_seal.mod_switch_to_lowest(c, self.context.raw) for c in self.chunks]
+    @property
+    def level(self) -> int:
+        """Primes each ciphertext keeps (1: the lowest level)."""
+        return _seal.ciphertext_info(self.chunks[0])[1]
+
+    def mod_switch_to(self, level: int) -> EncryptedTensor:
+        """Keep only the first `level` primes before the tensor travels (exact, no noise)."""
+        chunks = [_seal.mod_switch_to(c, self.context.raw, level) for c in self.chunks]
         return EncryptedTensor(chunks, self.shape, self.context)
 
     def to_bytes(self) -> bytes:
@@ -132,18 +137,28 @@ def check_values(values: np.ndarray, max_abs: float) -> np.ndarray:
 
 
 def encrypt(
-    context: PublicContext | SecretContext, values: np.ndarray, *, max_abs: float | None = None
+    context: PublicContext | SecretContext,
+    values: np.ndarray,
+    *,
+    sum_bound: float | None = None,
+    n_terms: int = 1,
 ) -> EncryptedTensor:
-    """Encrypt an array of any shape under `context`, at the lowest level it needs to travel."""
-    limit = context.params.max_abs_value if max_abs is None else max_abs
-    array = check_values(values, limit)
+    """Encrypt an array of any shape, at the lowest level that still holds `sum_bound`.
+
+    `sum_bound` bounds |value| of the sum this tensor will join (default: what the lowest level
+    holds); `n_terms` is how many such tensors that sum adds up, so each one must stay within
+    `sum_bound / n_terms` (checked here: CKKS overflow is silent).
+    """
+    params = context.params
+    bound = params.max_abs_value if sum_bound is None else sum_bound
+    level = params.level_for(bound)
+    array = check_values(values, bound / max(n_terms, 1))
     flat = array.ravel()
-    slots = context.params.slots
     chunks = [
-        ts.ckks_vector(context.raw, flat[start : start + slots].tolist())
-        for start in range(0, max(flat.size, 1), slots)
+        ts.ckks_vector(context.raw, flat[start : start + params.slots].tolist())
+        for start in range(0, max(flat.size, 1), params.slots)
     ]
-    return EncryptedTensor(chunks, array.shape, context).mod_switch_to_lowest()
+    return EncryptedTensor(chunks, array.shape, context).mod_switch_to(level)
 
 
 def decrypt(context: SecretContext, tensor: EncryptedTensor) -> np.ndarray:
@@ -156,11 +171,13 @@ def decrypt(context: SecretContext, tensor: EncryptedTensor) -> np.ndarray:
     return flat[: tensor.size].reshape(tensor.shape)
 
 
-def load_tensor(data: bytes, context: Context | None, *, shape: Shape | None = None) -> Tensor:
+def load_tensor(
+    data: bytes, context: Context | None, *, shape: Shape | None = None, level: int | None = None
+) -> Tensor:
     """Parse and validate tensor bytes: encrypted when `context` is given, plaintext otherwise.
 
-    Raises InvalidCiphertextError (malformed, truncated, garbage), ContextMismatchError (made
-    under other keys) or ShapeError (not the shape the job expects).
+    Raises InvalidCiphertextError (malformed, truncated, garbage, or not at `level`),
+    ContextMismatchError (made under other keys) or ShapeError (not the shape the job expects).
     """
     header, body = unframe(
         data, magic=_MAGIC, version=_VERSION, what="tensor", error=InvalidCiphertextError
@@ -177,7 +194,13 @@ def load_tensor(data: bytes, context: Context | None, *, shape: Shape | None = N
         raise ShapeError(f"tensor has shape {tensor_shape}, the job expects {tuple(shape)}.")
     if context is None:
         return _load_plain(body, tensor_shape)
-    return _load_encrypted(header, body, tensor_shape, context)
+    tensor = _load_encrypted(header, body, tensor_shape, context)
+    if level is not None and tensor.level != level:
+        raise InvalidCiphertextError(
+            f"ciphertexts keep {tensor.level} primes, the job sums at level {level}: the "
+            "sender used another bound; adding them would overflow or waste bytes."
+        )
+    return tensor
 
 
 def digest(data: bytes) -> str:
@@ -224,6 +247,9 @@ def _load_encrypted(
         expected_len = min(slots, size - index * slots)
         chunks.append(_load_chunk(body[offset : offset + n_bytes], context, index, expected_len))
         offset += n_bytes
+    levels = {_seal.ciphertext_info(c)[1] for c in chunks}
+    if len(levels) > 1:
+        raise InvalidCiphertextError(f"ciphertexts of one tensor sit at mixed levels {sorted(levels)}.")
     return EncryptedTensor(chunks, shape, context)
 
 

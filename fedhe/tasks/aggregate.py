@@ -85,23 +85,29 @@ class Layout:
 
 
 def declare(
-    job_id: str, *, rounds: int, min_parties: int, layout: Layout, encrypted: bool = True,
+    job_id: str,
+    *,
+    outputs: Mapping[str, tuple[int, Layout]],
+    min_parties: int,
+    encrypted: bool = True,
     params: CKKSParams = AGGREGATION_PARAMS,
 ) -> JobDeclaration:
-    """The job as the key holder must know it: one decryption of the update sum per round."""
+    """The job as the key holder must know it: each output kind, its budget and its layout.
+
+    A FedAvg run declares ``{OUTPUT: (rounds, model_layout)}``; other sums (feature moments
+    for standardization, say) are further output kinds with their own budget.
+    """
     return JobDeclaration(
         job_id=job_id,
         task=TASK,
-        outputs={OUTPUT: OutputSpec(budget=rounds, count_index=layout.count_index)},
+        outputs={
+            kind: OutputSpec(budget=budget, count_index=layout.count_index)
+            for kind, (budget, layout) in outputs.items()
+        },
         min_parties=min_parties,
         params=params if encrypted else None,
-        meta={"layout": layout.to_dict()},
+        meta={"layouts": {kind: layout.to_dict() for kind, (_, layout) in outputs.items()}},
     )
-
-
-def max_abs_per_party(params: CKKSParams, n_parties: int) -> float:
-    """Largest |n_i·Δw_i| one party may send so that the sum over all parties stays exact."""
-    return params.max_abs_value / max(n_parties, 1)
 
 
 # -- party --------------------------------------------------------------------------------------
@@ -113,19 +119,28 @@ def party_contribution(
     layout: Layout,
     context: PublicContext | None,
     *,
-    n_parties: int,
+    sum_bound: float,
+    n_terms: int = 1,
 ) -> bytes:
     """Encrypt ``n_i·Δw_i ‖ n_i ‖ 1`` (or keep it plain for the twin) as bytes for the aggregator.
 
     `update` is a torch `state_dict`, a mapping of arrays, or a list of numpy arrays.
+    `sum_bound` bounds every coordinate of the sum over all parties; it fixes the ciphertext
+    level (the fewer primes, the fewer bytes), and every party must use the same. With
+    `n_terms` > 1 each party checks its own share against `sum_bound / n_terms`; with 1 the
+    caller guarantees the sum (e.g. |Δw| clipped to c and sum_bound = c·Σn_i).
     """
     if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 1:
         raise ValueRangeError(f"n_samples must be a positive integer, got {n_samples!r}.")
     vector = np.concatenate([layout.flatten(update) * n_samples, [float(n_samples), 1.0]])
     if context is None:
         return PlainTensor(vector).to_bytes()
-    bound = max_abs_per_party(context.params, n_parties)
-    return encrypt_tensor(context, vector, max_abs=bound).to_bytes()
+    if not np.max(np.abs(vector)) <= sum_bound:
+        raise ValueRangeError(
+            f"contribution reaches {np.max(np.abs(vector)):.6g}, above the sum bound "
+            f"{sum_bound:.6g} the job declared; clip the update or raise the bound."
+        )
+    return encrypt_tensor(context, vector, sum_bound=sum_bound, n_terms=n_terms).to_bytes()
 
 
 # -- aggregator ---------------------------------------------------------------------------------
@@ -145,13 +160,18 @@ def aggregator_sum(
     layout: Layout,
     context: PublicContext | None,
     *,
+    sum_bound: float,
     min_parties: int,
 ) -> AggregateSum:
-    """Validate each contribution, drop the bad ones (logged), and sum the rest homomorphically."""
+    """Validate each contribution, drop the bad ones (logged), and sum the rest homomorphically.
+
+    A contribution must have the layout's size and sit at the level `sum_bound` implies.
+    """
+    level = None if context is None else context.params.level_for(sum_bound)
     accepted, rejected = {}, {}
     for party, data in contributions.items():
         try:
-            accepted[party] = load_tensor(data, context, shape=(layout.size,))
+            accepted[party] = load_tensor(data, context, shape=(layout.size,), level=level)
         except FedHEError as err:
             rejected[party] = str(err)
             log.warning("party %s excluded from the sum: %s", party, err)
@@ -178,8 +198,8 @@ def average_update(decrypted_sum: np.ndarray, layout: Layout) -> tuple[dict[str,
 # -- key holder ---------------------------------------------------------------------------------
 
 
-def request_decryption(job_id: str, aggregate: AggregateSum) -> DecryptionRequest:
-    return DecryptionRequest(job_id, OUTPUT, aggregate.contributors, aggregate.tensor)
+def request_decryption(job_id: str, aggregate: AggregateSum, output: str = OUTPUT) -> DecryptionRequest:
+    return DecryptionRequest(job_id, output, aggregate.contributors, aggregate.tensor)
 
 
 def keyholder_decrypt_sum(keyholder: KeyHolder, request: DecryptionRequest) -> np.ndarray:

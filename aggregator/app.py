@@ -1,0 +1,67 @@
+"""The ServerApp: discover roles, run the job encrypted and (optionally) in the clear, report.
+
+`flwr run .` loads `app` (settings from the run_config in pyproject.toml); the `fedhe` CLI
+builds one with `build_server_app(config)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedhe.aggregator.fedavg import FedAvgJob, JobRun
+from fedhe.aggregator.report import build_result, write_run
+from fedhe.aggregator.roles import discover, wait_for_nodes
+from fedhe.aggregator.session import Session
+from fedhe.config import JobConfig
+from fedhe.data.sources import DataSource, csv_classes, test_data
+from fedhe.errors import DataError
+
+log = logging.getLogger("fedhe.aggregator")
+
+
+def run_job(grid: Grid, config: JobConfig) -> Path:
+    """Run `config`'s job on the nodes of `grid`; write result.json and audit.jsonl."""
+    session = Session(grid, config.timeout_s)
+    nodes = wait_for_nodes(session, config.num_nodes, timeout_s=min(config.timeout_s, 120))
+    federation = discover(
+        session, nodes, keyholder_partition_id=config.keyholder_node, min_parties=config.min_parties
+    )
+    source = _data_source(config, len(federation.parties))
+    test = test_data(source)
+    if test is None:
+        raise DataError(f"{config.data_dir} has no test.csv to evaluate the model on.")
+    runs: list[JobRun] = []
+    for encrypted in (True, False) if config.plaintext_twin else (True,):
+        job_id = f"{config.task}-{grid.run.run_id}-{'he' if encrypted else 'plain'}"
+        job = FedAvgJob(Session(grid, config.timeout_s), federation, config, source, test,
+                        encrypted=encrypted, job_id=job_id)
+        runs.append(job.execute())
+    he, twin = runs[0], (runs[1] if len(runs) > 1 else None)
+    path = write_run(config.out, build_result(config, he, twin), he.audit)
+    log.info("result written to %s", path)
+    return path
+
+
+def _data_source(config: JobConfig, n_parties: int) -> DataSource:
+    source = DataSource(config.dataset, config.data_dir, config.target, config.seed, n_parties)
+    if source.from_csv:
+        return DataSource(**{**source.__dict__, "classes": csv_classes(source)})
+    return source
+
+
+def build_server_app(config: JobConfig | None = None) -> ServerApp:
+    """A ServerApp running `config`, or the run_config Flower passes when `config` is None."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_job(grid, config or JobConfig.from_run_config(context.run_config))
+
+    return server_app
+
+
+app = build_server_app()

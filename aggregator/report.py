@@ -1,0 +1,68 @@
+"""result.json and audit.jsonl: what a run of a job leaves in its output folder.
+
+result.json contract (later tasks extend it, never break it): task, parties, encrypted,
+plaintext, timings_s, bytes, decryptions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhe.aggregator.fedavg import JobRun
+from fedhe.config import JobConfig
+from fedhe.crypto import AGGREGATION_PARAMS
+
+_METRICS = ("accuracy", "loss", "train_loss")
+
+
+def build_result(config: JobConfig, he: JobRun, twin: JobRun | None) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "task": config.task,
+        "parties": {
+            "registered": config.parties,
+            "min_parties": config.min_parties,
+            "per_round": [h["parties"] for h in he.history],
+            "contributors": he.contributors,
+            "excluded": he.excluded,
+        },
+        "encrypted": _metrics(he),
+        "plaintext": _metrics(twin) if twin else None,
+        "timings_s": _rounded(he.timings_s),
+        "bytes": he.bytes,
+        "decryptions": [e for e in he.audit if e.get("event") == "decrypt"],
+        "ckks": {**AGGREGATION_PARAMS.to_dict(), "slots": AGGREGATION_PARAMS.slots},
+        "config": config.to_run_config(),
+    }
+    if twin is not None:
+        result["plaintext_timings_s"] = _rounded(twin.timings_s)
+        result["plaintext_bytes"] = twin.bytes
+        result["agreement"] = {
+            "max_abs_weight_diff": max(
+                float(np.max(np.abs(he.weights[k] - twin.weights[k]))) for k in he.weights
+            ),
+            "accuracy_diff": abs(he.final.get("accuracy", 0) - twin.final.get("accuracy", 0)),
+        }
+    return result
+
+
+def write_run(out_dir: str | Path, result: dict[str, Any], audit: list[dict[str, Any]]) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    with (out / "audit.jsonl").open("w") as handle:
+        for entry in audit:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+    return out / "result.json"
+
+
+def _metrics(run: JobRun) -> dict[str, Any]:
+    final = {k: run.final[k] for k in _METRICS if k in run.final}
+    return {**final, "history": run.history}
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 6) for k, v in timings.items()}

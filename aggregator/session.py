@@ -1,0 +1,67 @@
+"""One place where the aggregator talks to nodes: sends, waits, logs failures, counts bytes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedhe import protocol
+
+log = logging.getLogger("fedhe.aggregator")
+
+
+@dataclass
+class Exchange:
+    """Replies by node name, failures by node name (with the reason), and the wall time."""
+
+    replies: dict[str, RecordDict]
+    failures: dict[str, str]
+    wall_s: float
+
+
+@dataclass
+class Session:
+    grid: Grid
+    timeout_s: float
+    bytes: Counter = field(default_factory=Counter)
+
+    def ask(
+        self,
+        nodes: Mapping[str, int],
+        message_type: str,
+        contents: Mapping[str, RecordDict] | RecordDict,
+        *,
+        role: str,
+    ) -> Exchange:
+        """Send one message per node and wait; a failed or missing reply is logged, not raised."""
+        messages, names = [], {}
+        for name, node_id in nodes.items():
+            body = contents if isinstance(contents, RecordDict) else contents[name]
+            self.bytes[f"aggregator->{role}"] += protocol.payload_nbytes(body)
+            messages.append(Message(body, dst_node_id=node_id, message_type=message_type))
+            names[node_id] = name
+        started = time.perf_counter()
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout_s))
+        wall = time.perf_counter() - started
+        got, failures = {}, {}
+        for reply in replies:
+            name = names.get(reply.metadata.src_node_id)
+            if name is None:
+                continue
+            if reply.has_error():
+                failures[name] = reply.error.reason
+                log.warning("%s %s failed: %s", name, message_type, reply.error.reason)
+                continue
+            self.bytes[f"{role}->aggregator"] += protocol.payload_nbytes(reply.content)
+            got[name] = reply.content
+        for name in nodes:
+            if name not in got and name not in failures:
+                failures[name] = f"no reply within {self.timeout_s:.0f} s"
+                log.warning("%s %s: no reply within %.0f s", name, message_type, self.timeout_s)
+        return Exchange(got, failures, wall)

@@ -1,0 +1,38 @@
+"""The ClientApp every SuperNode runs; its role (party or key holder) is set by `query.whoami`."""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedhe import protocol
+from fedhe.clients import keyholder, party
+from fedhe.clients.roles import partition_id, require_role, resolve_role
+
+app = ClientApp()
+
+
+@app.query("whoami")
+def whoami(msg: Message, context: Context) -> Message:
+    role = resolve_role(context, protocol.config_of(msg.content))
+    return Message(
+        protocol.content(config={"role": role, "partition-id": partition_id(context)}),
+        reply_to=msg,
+    )
+
+
+def _as(role: str, handler):
+    def checked(msg: Message, context: Context) -> Message:
+        require_role(context, role)
+        return handler(msg, context)
+
+    checked.__name__ = handler.__name__
+    return checked
+
+
+app.query("declare")(_as(protocol.ROLE_KEYHOLDER, keyholder.declare))
+app.query("decrypt")(_as(protocol.ROLE_KEYHOLDER, keyholder.decrypt))
+app.query("audit")(_as(protocol.ROLE_KEYHOLDER, keyholder.audit))
+app.query("setup")(_as(protocol.ROLE_PARTY, party.setup))
+app.query("moments")(_as(protocol.ROLE_PARTY, party.moments))
+app.train()(_as(protocol.ROLE_PARTY, party.train))

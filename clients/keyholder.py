@@ -1,0 +1,72 @@
+"""Key-holder handlers: declare a job (keys), decrypt under policy, hand out the audit log."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message
+
+from fedhe import protocol
+from fedhe.crypto import KeyRequest
+from fedhe.keyholder import DEFAULT_FLOODING_BITS, DecryptionRequest, JobDeclaration, KeyHolder
+
+
+def keyholder_for(context: Context) -> KeyHolder:
+    """The key holder keeps its keys and audit log on its own disk, never in a message.
+
+    Deployment: under `data-path` from node_config. Simulation: a private temporary folder per
+    run and node."""
+    data_path = context.node_config.get("data-path")
+    if data_path:
+        state_dir = Path(str(data_path)) / "keyholder"
+    else:
+        state_dir = Path(tempfile.gettempdir()) / "fedhe-keyholder" / f"{context.run_id}-{context.node_id}"
+    flooding = context.node_config.get("flooding-bits", DEFAULT_FLOODING_BITS)
+    return KeyHolder(
+        state_dir,
+        min_parties_floor=int(context.node_config.get("min-parties-floor", 2)),
+        flooding_bits=None if int(flooding) < 0 else int(flooding),
+    )
+
+
+def declare(msg: Message, context: Context) -> Message:
+    config = protocol.config_of(msg.content)
+    job = JobDeclaration.from_dict(config["declaration"])
+    keys = KeyRequest(**config.get("keys", {}))
+    started = time.perf_counter()
+    public = keyholder_for(context).declare_job(job, keys)
+    return Message(
+        protocol.content(
+            payload={"public-context": public},
+            metrics={"keygen-s": time.perf_counter() - started},
+        ),
+        reply_to=msg,
+    )
+
+
+def decrypt(msg: Message, context: Context) -> Message:
+    config = protocol.config_of(msg.content)
+    request = DecryptionRequest(
+        job_id=str(config["job-id"]),
+        output_kind=str(config["output"]),
+        contributors=tuple(str(p) for p in config["contributors"]),
+        tensor=protocol.payload_of(msg.content)["tensor"],
+    )
+    started = time.perf_counter()
+    released = keyholder_for(context).decrypt(request)
+    return Message(
+        protocol.content(
+            payload={"values": protocol.array_to_bytes(released.values)},
+            metrics={"decrypt-s": time.perf_counter() - started},
+        ),
+        reply_to=msg,
+    )
+
+
+def audit(msg: Message, context: Context) -> Message:
+    job_id = protocol.config_of(msg.content).get("job-id")
+    entries = keyholder_for(context).audit.entries(job_id)
+    return Message(protocol.content(config={"entries": json.dumps(entries)}), reply_to=msg)

@@ -1,0 +1,121 @@
+"""Party handlers: join a job, contribute feature moments, train locally and encrypt the update.
+
+A party keeps the job's public context and its data description in `context.state`; it never
+holds or accepts a secret key (`PublicContext.from_bytes` refuses one).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message
+
+from fedhe import protocol
+from fedhe.crypto import PublicContext
+from fedhe.data.sources import DataSource, party_data
+from fedhe.errors import ProtocolError
+from fedhe.learning import ModelSpec, TrainConfig, build_model, get_weights, local_train
+from fedhe.learning import set_weights, standardize
+from fedhe.tasks import aggregate
+
+_JOB_RECORD = "fedhe.job."
+_CONTEXT_RECORD = "fedhe.context."
+
+
+def setup(msg: Message, context: Context) -> Message:
+    """Accept the job's public context (refusing any secret key) and check the local data."""
+    config = protocol.config_of(msg.content)
+    job_id = str(config["job-id"])
+    public_bytes = protocol.payload_of(msg.content).get("public-context", b"")
+    if public_bytes:
+        PublicContext.from_bytes(public_bytes)  # validates: no secret key, fingerprint matches
+        context.state[_CONTEXT_RECORD + job_id] = ConfigRecord({"bytes": public_bytes})
+    source = DataSource.from_dict(config["source"])
+    data = party_data(source, int(config["party-index"]))
+    context.state[_JOB_RECORD + job_id] = ConfigRecord(
+        {"source": protocol.to_json(source.to_dict()), "party-index": int(config["party-index"]),
+         "n-parties": int(config["n-parties"])}
+    )
+    return Message(
+        protocol.content(metrics={"n-samples": data.n_samples, "n-features": data.n_features,
+                                  "n-classes": data.n_classes}),
+        reply_to=msg,
+    )
+
+
+def moments(msg: Message, context: Context) -> Message:
+    """Contribute Enc(n_i·(E_i[x] ‖ E_i[x²])) so the job standardizes with global statistics."""
+    config = protocol.config_of(msg.content)
+    job = _job(context, str(config["job-id"]))
+    data = party_data(job["source"], job["party-index"])
+    arrays = [data.X.mean(axis=0), (data.X**2).mean(axis=0)]
+    layout = aggregate.Layout.of(arrays)
+    started = time.perf_counter()
+    contribution = aggregate.party_contribution(
+        arrays, data.n_samples, layout, _public_context(context, job["job-id"]),
+        sum_bound=float(config["sum-bound"]), n_terms=job["n-parties"],
+    )
+    return _contribution_reply(msg, contribution, data.n_samples, time.perf_counter() - started)
+
+
+def train(msg: Message, context: Context) -> Message:
+    """Train on local data from the global model; send Enc(n_i·Δw_i ‖ n_i ‖ 1)."""
+    config = protocol.config_of(msg.content)
+    job = _job(context, str(config["job-id"]))
+    if int(config.get("fail-party", -1)) == job["party-index"]:
+        raise ProtocolError(f"party {job['party-index']} drops out (simulated fault).")
+    data = party_data(job["source"], job["party-index"])
+    X = standardize(data.X, np.asarray(config["mean"]), np.asarray(config["meansq"]))
+    global_weights = protocol.weights_of(msg.content)
+    model = build_model(ModelSpec.from_dict(config["model"]), seed=0)
+    set_weights(model, global_weights)
+    train_config = TrainConfig(
+        epochs=int(config["epochs"]), batch_size=int(config["batch-size"]), lr=float(config["lr"]),
+        seed=int(config["seed"]) * 1000 + int(config["round"]) * 100 + job["party-index"],
+    )
+    started = time.perf_counter()
+    loss = local_train(model, X, data.y, train_config)
+    train_s = time.perf_counter() - started
+    new_weights = get_weights(model)
+    # Clipping |Δw| to `clip` is what lets the aggregator bound the sum by clip·Σn_i.
+    clip = float(config["clip"])
+    delta = {k: np.clip(new_weights[k] - global_weights[k], -clip, clip) for k in global_weights}
+    layout = aggregate.Layout.of(delta)
+    started = time.perf_counter()
+    contribution = aggregate.party_contribution(
+        delta, data.n_samples, layout, _public_context(context, job["job-id"]),
+        sum_bound=float(config["sum-bound"]),
+    )
+    reply = _contribution_reply(msg, contribution, data.n_samples, time.perf_counter() - started)
+    reply.content[protocol.METRICS]["train-loss"] = loss
+    reply.content[protocol.METRICS]["train-s"] = train_s
+    return reply
+
+
+def _contribution_reply(msg: Message, contribution: bytes, n_samples: int, encrypt_s: float) -> Message:
+    return Message(
+        protocol.content(
+            payload={"contribution": contribution},
+            metrics={"n-samples": n_samples, "encrypt-s": encrypt_s},
+        ),
+        reply_to=msg,
+    )
+
+
+def _job(context: Context, job_id: str) -> dict[str, Any]:
+    record = context.state.get(_JOB_RECORD + job_id)
+    if record is None:
+        raise ProtocolError(f"job {job_id!r} was not set up on this party: send query.setup first.")
+    return {
+        "job-id": job_id,
+        "source": DataSource.from_dict(protocol.from_json(record["source"])),
+        "party-index": int(record["party-index"]),
+        "n-parties": int(record["n-parties"]),
+    }
+
+
+def _public_context(context: Context, job_id: str) -> PublicContext | None:
+    record = context.state.get(_CONTEXT_RECORD + job_id)
+    return None if record is None else PublicContext.from_bytes(bytes(record["bytes"]))

@@ -1,0 +1,128 @@
+"""The `fedhe` command: `fedhe simulate TASK [options]` runs a job in Flower's simulation engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from fedhe.config import TASKS, JobConfig
+from fedhe.errors import FedHEError
+
+_HELP = {
+    "parties": "number of parties (data owners); one more node runs the key holder",
+    "min_parties": "fewest parties a sum may cover; the job stops below it",
+    "rounds": "training rounds",
+    "dataset": "built-in dataset: breast_cancer, iris, wine, digits",
+    "data_dir": "folder with party-*.csv (one per party) and test.csv, instead of --dataset",
+    "target": "label column of the CSV files (with --data-dir)",
+    "seed": "seed for splits, model initialization and local training",
+    "out": "output folder for result.json and audit.jsonl",
+    "local_epochs": "local epochs per round",
+    "batch_size": "local mini-batch size",
+    "lr": "local SGD learning rate",
+    "clip": "clip each update coordinate to ±clip (bounds the encrypted sum)",
+    "hidden": "MLP hidden widths, e.g. 32,16 (default: logistic/softmax regression)",
+    "drop_party": "simulate a fault: this party index fails every training round",
+    "timeout_s": "seconds to wait for replies to one message",
+}
+_SIMULATION_ONLY = {"task", "keyholder_partition_id", "plaintext_twin"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        config = JobConfig(**{
+            f.name: getattr(args, f.name) for f in fields(JobConfig)
+            if f.name not in _SIMULATION_ONLY
+        }, task=args.task, plaintext_twin=not args.encrypted_only)
+        result_path = simulate(config)
+    except FedHEError as err:
+        print(f"fedhe: error: {err}", file=sys.stderr)
+        return 2
+    _print_summary(result_path)
+    return 0
+
+
+def simulate(config: JobConfig) -> Path:
+    """Run `config` in Flower's simulation engine: `parties` SuperNodes plus the key holder."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from flwr.simulation import run_simulation
+
+    from fedhe.aggregator.app import build_server_app
+    from fedhe.clients.app import app as client_app
+
+    run_simulation(
+        server_app=build_server_app(config),
+        client_app=client_app,
+        num_supernodes=config.num_nodes,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": max(1, min(os.cpu_count() or 1, config.num_nodes)),
+                          "include_dashboard": False},
+        },
+    )
+    result = Path(config.out) / "result.json"
+    if not result.exists():
+        raise FedHEError(f"the simulation ended without writing {result}; see the log above.")
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedhe", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    sim = commands.add_parser("simulate", help="run a job in Flower's simulation engine")
+    sim.add_argument("task", choices=TASKS)
+    defaults = JobConfig()
+    for f in fields(JobConfig):
+        if f.name in _SIMULATION_ONLY:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        sim.add_argument(flag, type=type(default), default=default,
+                         help=f"{_HELP.get(f.name, '')} (default: {default!r})")
+    sim.add_argument("--encrypted-only", action="store_true",
+                     help="skip the plaintext twin run")
+    sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedhe").setLevel(logging.INFO)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+def _print_summary(result_path: Path) -> None:
+    result = json.loads(result_path.read_text())
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is a dependency
+        print(json.dumps(result["encrypted"], indent=2))
+        return
+    table = Table(title=f"fedhe {result['task']} — {result_path.parent}")
+    table.add_column("metric")
+    table.add_column("encrypted (CKKS)", justify="right")
+    table.add_column("plaintext twin", justify="right")
+    plain = result.get("plaintext") or {}
+    for key in ("accuracy", "loss", "train_loss"):
+        if key in result["encrypted"]:
+            table.add_row(key, f"{result['encrypted'][key]:.4f}",
+                          f"{plain[key]:.4f}" if key in plain else "-")
+    for phase, seconds in result["timings_s"].items():
+        table.add_row(f"time {phase} (s)", f"{seconds:.3f}", "")
+    for direction, n in result["bytes"].items():
+        table.add_row(f"bytes {direction}", f"{n:,}", f"{result.get('plaintext_bytes', {}).get(direction, 0):,}")
+    Console(stderr=False, force_terminal=None).print(table)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
