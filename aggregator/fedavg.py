@@ -43,7 +43,7 @@ class JobRun:
     encrypted: bool
     history: list[dict[str, Any]] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    contributors: list[list[str]] = field(default_factory=list)
+    contributors: list[dict[str, Any]] = field(default_factory=list)
     excluded: dict[str, str] = field(default_factory=dict)
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     audit: list[dict[str, Any]] = field(default_factory=list)
@@ -156,7 +156,7 @@ class FedAvgJob:
         self.run.timings_s["train"] += max(m.get("train-s", 0.0) for m in party_metrics)
         self.run.history.append({
             "round": round_number,
-            "parties": len(self.run.contributors[-1]),
+            "parties": len(self.run.contributors[-1]["parties"]),
             "train_loss": float(np.average([m["train-loss"] for m in party_metrics],
                                            weights=[m["n-samples"] for m in party_metrics])),
             "samples": round(total_samples),
@@ -182,7 +182,7 @@ class FedAvgJob:
         self.run.timings_s["compute"] += time.perf_counter() - started
         for name, reason in total.rejected.items():
             self.run.excluded.setdefault(name, f"{output}: {reason}")
-        self.run.contributors.append(list(total.contributors))
+        self.run.contributors.append({"output": output, "parties": sorted(total.contributors)})
         request = aggregate.request_decryption(self.run.job_id, total, output)
         reply = self._ask_keyholder(protocol.DECRYPT, protocol.content(
             config={"job-id": request.job_id, "output": request.output_kind,

@@ -169,7 +169,7 @@ def aggregator_sum(
     """
     level = None if context is None else context.params.level_for(sum_bound)
     accepted, rejected = {}, {}
-    for party, data in contributions.items():
+    for party, data in sorted(contributions.items()):
         try:
             accepted[party] = load_tensor(data, context, shape=(layout.size,), level=level)
         except FedHEError as err:
