@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedhe.crypto.context import CONTEXT_MAGIC, PublicContext
+
 # Message types (Flower requires train/evaluate/query, optionally ".<name>").
 WHOAMI = "query.whoami"
 DECLARE = "query.declare"
@@ -43,12 +45,20 @@ def content(
     if config is not None:
         records[CONFIG] = ConfigRecord({k: _config_value(v) for k, v in config.items()})
     if payload is not None:
+        for key, value in payload.items():
+            ensure_public(value, what=f"payload {key!r}")
         records[PAYLOAD] = ConfigRecord(dict(payload))
     if metrics is not None:
         records[METRICS] = MetricRecord({k: float(v) for k, v in metrics.items()})
     if weights is not None:
         records[WEIGHTS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
     return RecordDict(records)
+
+
+def ensure_public(data: bytes, *, what: str = "payload") -> None:
+    """Refuse to put a context that holds a secret key into any message (every role, every type)."""
+    if data[:4] == CONTEXT_MAGIC:
+        PublicContext.from_bytes(data)  # raises SecretKeyLeakError if a secret key is inside
 
 
 def config_of(records: RecordDict) -> dict[str, Any]:

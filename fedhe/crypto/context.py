@@ -17,7 +17,7 @@ from fedhe.crypto.framing import frame, unframe
 from fedhe.crypto.params import CKKSParams
 from fedhe.errors import ContextMismatchError, ParameterError, SecretKeyLeakError
 
-_MAGIC = b"FHEC"
+CONTEXT_MAGIC = b"FHEC"
 _VERSION = 1
 
 
@@ -85,7 +85,7 @@ class PublicContext(_ContextBase):
             "keys": {"relin": self.keys.relin, "galois": self.keys.galois},
             "fingerprint": self.fingerprint,
         }
-        return frame(_MAGIC, _VERSION, header, body)
+        return frame(CONTEXT_MAGIC, _VERSION, header, body)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PublicContext:
@@ -128,7 +128,7 @@ class SecretContext(_ContextBase):
             "keys": {"relin": self.keys.relin, "galois": self.keys.galois},
             "secret": True,
         }
-        return frame(_MAGIC, _VERSION, header, body)
+        return frame(CONTEXT_MAGIC, _VERSION, header, body)
 
     @classmethod
     def from_secret_bytes(cls, data: bytes) -> SecretContext:
@@ -155,4 +155,4 @@ def generate_keys(params: CKKSParams, keys: KeyRequest = KeyRequest()) -> Secret
 
 
 def _unframe_context(data: bytes) -> tuple[dict, bytes]:
-    return unframe(data, magic=_MAGIC, version=_VERSION, what="context", error=ParameterError)
+    return unframe(data, magic=CONTEXT_MAGIC, version=_VERSION, what="context", error=ParameterError)
