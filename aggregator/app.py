@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
-
 from fedhe.aggregator.fedavg import FedAvgJob, JobRun
 from fedhe.aggregator.report import build_result, write_run
 from fedhe.aggregator.roles import discover, wait_for_nodes
 from fedhe.aggregator.session import Session
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
 from fedhe.config import JobConfig
 from fedhe.data.sources import DataSource, csv_classes, test_data
 from fedhe.errors import DataError

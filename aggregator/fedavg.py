@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from fedhe import protocol
 from fedhe.aggregator.roles import Federation
 from fedhe.aggregator.session import Exchange, Session
+
+from fedhe import protocol
 from fedhe.config import JobConfig
 from fedhe.crypto import AGGREGATION_PARAMS, PublicContext
 from fedhe.data.datasets import Dataset

@@ -6,8 +6,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from fedhe import protocol
 from fedhe.aggregator.session import Session
+
+from fedhe import protocol
 from fedhe.errors import ProtocolError
 
 log = logging.getLogger("fedhe.aggregator")

@@ -16,8 +16,15 @@ from fedhe import protocol
 from fedhe.crypto import PublicContext
 from fedhe.data.sources import DataSource, party_data
 from fedhe.errors import ProtocolError
-from fedhe.learning import ModelSpec, TrainConfig, build_model, get_weights, local_train
-from fedhe.learning import set_weights, standardize
+from fedhe.learning import (
+    ModelSpec,
+    TrainConfig,
+    build_model,
+    get_weights,
+    local_train,
+    set_weights,
+    standardize,
+)
 from fedhe.tasks import aggregate
 
 _JOB_RECORD = "fedhe.job."

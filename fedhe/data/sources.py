@@ -11,8 +11,8 @@ from typing import Any
 
 import pandas as pd
 
-from fedhe.data.csvdata import load_party, load_test, read_header
 from fedhe.data.csvdata import find_party_files as _find_party_files
+from fedhe.data.csvdata import load_party, load_test, read_header
 from fedhe.data.datasets import Dataset, load_builtin
 from fedhe.data.partition import partition_iid
 from fedhe.errors import DataError

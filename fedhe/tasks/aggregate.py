@@ -17,9 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from fedhe.crypto import AGGREGATION_PARAMS, CKKSParams, PlainTensor, PublicContext
+from fedhe.crypto import (
+    AGGREGATION_PARAMS,
+    CKKSParams,
+    PlainTensor,
+    PublicContext,
+    check_values,
+    load_tensor,
+)
 from fedhe.crypto import encrypt as encrypt_tensor
-from fedhe.crypto import load_tensor
 from fedhe.errors import FedHEError, ProtocolError, ShapeError, ValueRangeError
 from fedhe.keyholder import DecryptionRequest, JobDeclaration, KeyHolder, OutputSpec
 
@@ -133,13 +139,9 @@ def party_contribution(
     if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 1:
         raise ValueRangeError(f"n_samples must be a positive integer, got {n_samples!r}.")
     vector = np.concatenate([layout.flatten(update) * n_samples, [float(n_samples), 1.0]])
+    check_values(vector, sum_bound / max(n_terms, 1))  # both twins refuse the same input
     if context is None:
         return PlainTensor(vector).to_bytes()
-    if not np.max(np.abs(vector)) <= sum_bound:
-        raise ValueRangeError(
-            f"contribution reaches {np.max(np.abs(vector)):.6g}, above the sum bound "
-            f"{sum_bound:.6g} the job declared; clip the update or raise the bound."
-        )
     return encrypt_tensor(context, vector, sum_bound=sum_bound, n_terms=n_terms).to_bytes()
 
 

@@ -1,0 +1,490 @@
+"""Benchmark one HE-FedAvg round (CKKS secure aggregation) against its plaintext FedAvg twin.
+
+What it measures, in this process (no Flower, no network: the protocol's own cost only; the
+Flower end-to-end timings are reported separately by ``fedhe simulate``):
+
+* A torch MLP of about 100k parameters (``--hidden 512 128``) on scikit-learn's built-in
+  ``digits`` data (64 features, 10 classes), split IID over ``--parties`` parties (10).
+* One FedAvg round per mode, both modes through the same code path of
+  ``fedhe.tasks.aggregate`` (``context=None`` is the plaintext twin): every party trains one
+  local epoch from the same global weights, clips Δw to ±clip (as ``clients/party.py`` does),
+  builds its contribution (``party_contribution``); the aggregator sums (``aggregator_sum``);
+  the key holder decrypts (``keyholder_decrypt_sum``); the aggregator averages and applies.
+* Per phase wall time (``time.perf_counter``): train and encrypt per party, aggregate, decrypt;
+  bytes party→aggregator, aggregator→key holder, key holder→aggregator (float64, 8·size), and
+  the public context once; bytes per model parameter of one party's upload.
+* The round time two ways: "sequential" (the whole round's wall time here, the parties one
+  after another) and "critical path" (max over parties of train+encrypt, plus aggregate and
+  decrypt: parties running in parallel at their own sites). Ratios HE/plaintext, checked
+  against the targets round time ≤ 1.5× plaintext and ≤ 32 bytes per parameter on the wire.
+* Correctness: max |HE averaged update − plaintext averaged update| (same seeds, so local
+  training is identical in both modes).
+
+Before the measured rounds, each mode runs ``--warmup`` unmeasured rounds (imports, torch and
+TenSEAL first-call costs); key generation happens at job declaration, outside any round.
+Features are standardized with the training set's moments, computed in the clear (the Flower
+job computes the same moments by a secure sum; that job is not part of this benchmark).
+
+Run:  .venv/bin/python simulations/bench_aggregate.py --parties 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tenseal
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fedhe.crypto import AGGREGATION_PARAMS, PublicContext
+from fedhe.data import load_builtin, partition_iid
+from fedhe.keyholder import KeyHolder
+from fedhe.keyholder.keyholder import DEFAULT_FLOODING_BITS
+from fedhe.learning import (
+    ModelSpec,
+    TrainConfig,
+    build_model,
+    get_weights,
+    local_train,
+    set_weights,
+    standardize,
+)
+from fedhe.tasks import aggregate
+
+TARGET_ROUND_RATIO = 1.5
+TARGET_BYTES_PER_PARAM = 32.0
+MODES = ("plaintext", "he")
+
+
+@dataclass
+class RoundResult:
+    """What one FedAvg round of one mode cost, and the update it produced."""
+
+    train_s: list[float] = field(default_factory=list)
+    encrypt_s: list[float] = field(default_factory=list)
+    upload_bytes: list[int] = field(default_factory=list)
+    aggregate_s: float = 0.0
+    decrypt_s: float = 0.0
+    apply_s: float = 0.0
+    sequential_s: float = 0.0
+    sum_bytes: int = 0
+    decrypted_bytes: int = 0
+    update: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def critical_path_s(self) -> float:
+        party = max(t + e for t, e in zip(self.train_s, self.encrypt_s, strict=True))
+        return party + self.aggregate_s + self.decrypt_s
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "train_s_median": statistics.median(self.train_s),
+            "train_s_max": max(self.train_s),
+            "train_s_total": sum(self.train_s),
+            "encrypt_s_median": statistics.median(self.encrypt_s),
+            "encrypt_s_max": max(self.encrypt_s),
+            "encrypt_s_total": sum(self.encrypt_s),
+            "aggregate_s": self.aggregate_s,
+            "decrypt_s": self.decrypt_s,
+            "apply_s": self.apply_s,
+            "round_sequential_s": self.sequential_s,
+            "round_critical_path_s": self.critical_path_s,
+            # The cost of protecting the update: encrypt (or serialize) + sum + decrypt (or load).
+            "overhead_critical_path_s": (
+                statistics.median(self.encrypt_s) + self.aggregate_s + self.decrypt_s
+            ),
+            "overhead_sequential_s": sum(self.encrypt_s) + self.aggregate_s + self.decrypt_s,
+            "upload_bytes_per_party_median": int(statistics.median(self.upload_bytes)),
+            "upload_bytes_per_party_max": max(self.upload_bytes),
+            "upload_bytes_total": sum(self.upload_bytes),
+            "sum_bytes_to_keyholder": self.sum_bytes,
+            "decrypted_bytes_to_aggregator": self.decrypted_bytes,
+        }
+
+
+@dataclass
+class Mode:
+    """One job (HE or plaintext): its key holder declaration, context and global weights."""
+
+    name: str
+    encrypted: bool
+    job_id: str
+    context: PublicContext | None
+    public_bytes: int
+    keygen_s: float
+    weights: dict[str, np.ndarray]
+    rounds: list[RoundResult] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parties", type=int, default=10, help="number of parties (10)")
+    parser.add_argument("--rounds", type=int, default=1, help="measured rounds per mode (1)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="unmeasured warm-up rounds per mode, update discarded (1)",
+    )
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        nargs="*",
+        default=[512, 128],
+        help="hidden layer widths of the MLP (512 128: ≈100k parameters)",
+    )
+    parser.add_argument("--clip", type=float, default=10.0, help="clip Δw per coordinate (10)")
+    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round (1)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument(
+        "--min-parties", type=int, default=None, help="job's min_parties (default: all parties)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads for fairness on a small, noisy machine (1)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_aggregate.json"))
+    args = parser.parse_args(argv)
+    if args.parties < 2:
+        parser.error("--parties must be at least 2 (the key holder's floor).")
+    if args.rounds < 1 or args.warmup < 0:
+        parser.error("--rounds must be ≥ 1 and --warmup ≥ 0.")
+    if args.min_parties is None:
+        args.min_parties = args.parties
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    console = Console()
+
+    train, _ = load_builtin("digits", seed=args.seed)
+    X = standardize(train.X, train.X.mean(axis=0), (train.X**2).mean(axis=0))
+    parts = partition_iid(train.n_samples, args.parties, seed=args.seed)
+    party_data = [(X[idx], train.y[idx]) for idx in parts]
+    total_samples = sum(len(idx) for idx in parts)
+    sum_bound = args.clip * total_samples  # as aggregator/fedavg.py: |Σ n_i·Δw_i| ≤ c·Σn_i
+
+    spec = ModelSpec(train.n_features, train.n_classes, tuple(args.hidden))
+    initial = get_weights(build_model(spec, seed=args.seed))
+    layout = aggregate.Layout.of(initial)
+    n_params = layout.n_params
+    console.print(
+        f"model {spec.to_dict()}: [bold]{n_params:,}[/bold] parameters; "
+        f"{args.parties} parties, {total_samples} samples, sum bound {sum_bound:g}"
+    )
+
+    with tempfile.TemporaryDirectory(prefix="fedhe-bench-") as state_dir:
+        keyholder = KeyHolder(state_dir)
+        modes = [_declare(keyholder, name, name == "he", layout, initial, args) for name in MODES]
+        for round_index in range(-args.warmup, args.rounds):
+            for mode in modes:  # interleaved, so drift of a noisy machine hits both alike
+                result = _fedavg_round(
+                    mode,
+                    keyholder,
+                    spec,
+                    layout,
+                    party_data,
+                    sum_bound,
+                    round_number=max(round_index, 0) + 1,
+                    args=args,
+                )
+                if round_index >= 0:
+                    mode.rounds.append(result)
+                    mode.weights = {
+                        k: mode.weights[k] + v for k, v in layout.unflatten(result.update).items()
+                    }
+
+    by_name = {mode.name: mode for mode in modes}
+    report = _report(by_name, n_params, layout, spec, total_samples, sum_bound, args)
+    _print(console, report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+def _declare(
+    keyholder: KeyHolder,
+    name: str,
+    encrypted: bool,
+    layout: aggregate.Layout,
+    weights: dict[str, np.ndarray],
+    args: argparse.Namespace,
+) -> Mode:
+    job_id = f"bench-{name}"
+    declaration = aggregate.declare(
+        job_id,
+        outputs={aggregate.OUTPUT: (args.warmup + args.rounds, layout)},
+        min_parties=args.min_parties,
+        encrypted=encrypted,
+    )
+    started = time.perf_counter()
+    public = keyholder.declare_job(declaration)
+    keygen_s = time.perf_counter() - started
+    context = PublicContext.from_bytes(public) if public else None
+    return Mode(name, encrypted, job_id, context, len(public), keygen_s, dict(weights))
+
+
+def _fedavg_round(
+    mode: Mode,
+    keyholder: KeyHolder,
+    spec: ModelSpec,
+    layout: aggregate.Layout,
+    party_data: list[tuple[np.ndarray, np.ndarray]],
+    sum_bound: float,
+    *,
+    round_number: int,
+    args: argparse.Namespace,
+) -> RoundResult:
+    result = RoundResult()
+    global_weights = mode.weights
+    round_started = time.perf_counter()
+    contributions: dict[str, bytes] = {}
+    for index, (X, y) in enumerate(party_data):
+        model = build_model(spec, seed=0)
+        set_weights(model, global_weights)
+        config = TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed * 1000 + round_number * 100 + index,
+        )
+        started = time.perf_counter()
+        local_train(model, X, y, config)
+        result.train_s.append(time.perf_counter() - started)
+        new_weights = get_weights(model)
+        delta = {
+            k: np.clip(new_weights[k] - global_weights[k], -args.clip, args.clip)
+            for k in global_weights
+        }
+        started = time.perf_counter()
+        contribution = aggregate.party_contribution(
+            delta, len(y), layout, mode.context, sum_bound=sum_bound
+        )
+        result.encrypt_s.append(time.perf_counter() - started)
+        result.upload_bytes.append(len(contribution))
+        contributions[f"party-{index}"] = contribution
+
+    started = time.perf_counter()
+    total = aggregate.aggregator_sum(
+        contributions, layout, mode.context, sum_bound=sum_bound, min_parties=args.min_parties
+    )
+    result.aggregate_s = time.perf_counter() - started
+    result.sum_bytes = len(total.tensor)
+
+    started = time.perf_counter()
+    request = aggregate.request_decryption(mode.job_id, total)
+    flat = aggregate.keyholder_decrypt_sum(keyholder, request)
+    result.decrypt_s = time.perf_counter() - started
+    result.decrypted_bytes = 8 * int(np.asarray(flat).size)
+
+    started = time.perf_counter()
+    update, _ = aggregate.average_update(flat, layout)
+    model = build_model(spec, seed=0)
+    set_weights(model, {k: global_weights[k] + update[k] for k in global_weights})
+    result.apply_s = time.perf_counter() - started
+    result.sequential_s = time.perf_counter() - round_started
+    result.update = layout.flatten(update)
+    return result
+
+
+def _median_over_rounds(rounds: list[RoundResult]) -> dict[str, Any]:
+    summaries = [r.summary() for r in rounds]
+    return {k: statistics.median(s[k] for s in summaries) for k in summaries[0]}
+
+
+def _report(
+    modes: dict[str, Mode],
+    n_params: int,
+    layout: aggregate.Layout,
+    spec: ModelSpec,
+    total_samples: int,
+    sum_bound: float,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    he, plain = modes["he"], modes["plaintext"]
+    per_mode: dict[str, Any] = {}
+    for name, mode in modes.items():
+        summary = _median_over_rounds(mode.rounds)
+        summary["bytes_per_param_upload"] = summary["upload_bytes_per_party_median"] / n_params
+        per_mode[name] = {
+            "encrypted": mode.encrypted,
+            "keygen_s": mode.keygen_s,
+            "public_context_bytes": mode.public_bytes,
+            "summary": summary,
+            "rounds": [r.summary() for r in mode.rounds],
+        }
+    hs, ps = per_mode["he"]["summary"], per_mode["plaintext"]["summary"]
+    ratios = {
+        "round_sequential": hs["round_sequential_s"] / ps["round_sequential_s"],
+        "round_critical_path": hs["round_critical_path_s"] / ps["round_critical_path_s"],
+        "overhead_critical_path": hs["overhead_critical_path_s"] / ps["overhead_critical_path_s"],
+        "overhead_sequential": hs["overhead_sequential_s"] / ps["overhead_sequential_s"],
+        "upload_bytes": hs["upload_bytes_per_party_median"] / ps["upload_bytes_per_party_median"],
+    }
+    diffs = [
+        float(np.max(np.abs(h.update - p.update)))
+        for h, p in zip(he.rounds, plain.rounds, strict=True)
+    ]
+    targets = {
+        "round_time_ratio_sequential": _target(ratios["round_sequential"], TARGET_ROUND_RATIO),
+        "round_time_ratio_critical_path": _target(
+            ratios["round_critical_path"], TARGET_ROUND_RATIO
+        ),
+        "bytes_per_param_upload": _target(hs["bytes_per_param_upload"], TARGET_BYTES_PER_PARAM),
+    }
+    return {
+        "benchmark": "HE-FedAvg vs plaintext FedAvg, one in-process round (no Flower)",
+        "config": {
+            "dataset": "digits",
+            "parties": args.parties,
+            "rounds": args.rounds,
+            "warmup_rounds": args.warmup,
+            "model": spec.to_dict(),
+            "clip": args.clip,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "min_parties": args.min_parties,
+            "seed": args.seed,
+            "torch_threads": args.threads,
+            "total_samples": total_samples,
+            "sum_bound": sum_bound,
+            "keyholder_flooding_bits": DEFAULT_FLOODING_BITS,
+            "timing": "time.perf_counter; median over measured rounds; per-party phases "
+            "summarized over parties",
+        },
+        "n_params": n_params,
+        "layout_size": layout.size,
+        "ckks_params": AGGREGATION_PARAMS.to_dict(),
+        "ckks_level": AGGREGATION_PARAMS.level_for(sum_bound),
+        "modes": per_mode,
+        "ratios_he_over_plaintext": ratios,
+        "targets": targets,
+        "max_abs_diff": max(diffs),
+        "max_abs_diff_per_round": diffs,
+        "machine": _machine(),
+    }
+
+
+def _target(value: float, limit: float) -> dict[str, Any]:
+    return {"value": value, "limit": limit, "pass": bool(value <= limit)}
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "tenseal": getattr(tenseal, "__version__", "unknown"),
+    }
+
+
+def _print(console: Console, report: dict[str, Any]) -> None:
+    ps = report["modes"]["plaintext"]["summary"]
+    hs = report["modes"]["he"]["summary"]
+    n = report["n_params"]
+    table = Table(
+        title=f"HE-FedAvg vs FedAvg: {n:,} params, "
+        f"{report['config']['parties']} parties, "
+        f"{report['config']['rounds']} round(s)"
+    )
+    table.add_column("metric")
+    table.add_column("plaintext", justify="right")
+    table.add_column("HE (CKKS)", justify="right")
+    table.add_column("HE / plain", justify="right")
+
+    def ms(key: str, label: str) -> None:
+        table.add_row(
+            label, f"{ps[key] * 1e3:.1f} ms", f"{hs[key] * 1e3:.1f} ms", _ratio(hs[key], ps[key])
+        )
+
+    def size(key: str, label: str) -> None:
+        table.add_row(label, _bytes(ps[key]), _bytes(hs[key]), _ratio(hs[key], ps[key]))
+
+    ms("train_s_median", "train / party (median)")
+    ms("encrypt_s_median", "encrypt / party (median)")
+    ms("aggregate_s", "aggregate (sum)")
+    ms("decrypt_s", "decrypt (key holder)")
+    ms("apply_s", "average + apply")
+    ms("overhead_critical_path_s", "overhead: enc(median)+sum+dec")
+    ms("overhead_sequential_s", "overhead: Σenc+sum+dec")
+    ms("round_sequential_s", "[bold]round, sequential[/bold]")
+    ms("round_critical_path_s", "[bold]round, critical path[/bold]")
+    size("upload_bytes_per_party_median", "party → aggregator / party")
+    size("upload_bytes_total", "party → aggregator, all")
+    size("sum_bytes_to_keyholder", "aggregator → key holder")
+    size("decrypted_bytes_to_aggregator", "key holder → aggregator")
+    table.add_row(
+        "[bold]bytes / parameter (upload)[/bold]",
+        f"{ps['bytes_per_param_upload']:.2f}",
+        f"{hs['bytes_per_param_upload']:.2f}",
+        _ratio(hs["bytes_per_param_upload"], ps["bytes_per_param_upload"]),
+    )
+    table.add_row(
+        "public context (once)", "-", _bytes(report["modes"]["he"]["public_context_bytes"]), ""
+    )
+    table.add_row(
+        "keygen at declare (once)", "-", f"{report['modes']['he']['keygen_s'] * 1e3:.1f} ms", ""
+    )
+    console.print(table)
+
+    targets = Table(title="Targets")
+    targets.add_column("target")
+    targets.add_column("measured", justify="right")
+    targets.add_column("limit", justify="right")
+    targets.add_column("result")
+    labels = {
+        "round_time_ratio_sequential": "round time HE/plain, sequential",
+        "round_time_ratio_critical_path": "round time HE/plain, critical path",
+        "bytes_per_param_upload": "bytes per parameter on the wire (upload)",
+    }
+    for key, target in report["targets"].items():
+        result = "[green]PASS[/green]" if target["pass"] else "[red]MISS[/red]"
+        targets.add_row(labels[key], f"{target['value']:.2f}", f"≤ {target['limit']:g}", result)
+    console.print(targets)
+    console.print(f"max |HE update − plaintext update| = {report['max_abs_diff']:.3e}")
+    console.print(
+        f"CKKS N={report['ckks_params']['poly_modulus_degree']}, "
+        f"level {report['ckks_level']}, scale 2^{report['ckks_params']['scale_bits']}; "
+        f"torch threads {report['config']['torch_threads']}; "
+        f"{report['config']['warmup_rounds']} unmeasured warm-up round(s) per mode"
+    )
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b else "-"
+
+
+def _bytes(n: float) -> str:
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
