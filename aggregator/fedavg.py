@@ -31,8 +31,8 @@ from fedhe.tasks import aggregate
 log = logging.getLogger("fedhe.aggregator")
 
 MOMENTS = "feature_moments"
-# Bound on Σ n_i·x and Σ n_i·x² over all parties: two primes (level 2) hold it.
-MOMENTS_SUM_BOUND = 2.0**60
+# Bound on Σ n_i·x and Σ n_i·x² over all parties (~1e15): two primes at scale 2^53 hold it.
+MOMENTS_SUM_BOUND = 2.0**50
 
 
 @dataclass

@@ -188,11 +188,26 @@ def test_small_sums_travel_at_the_lowest_level_and_cost_fewer_bytes(agg_secret, 
     assert per_value <= 32, f"{per_value:.1f} bytes per value at the lowest level"
 
 
-def test_level_mismatch_is_rejected(agg_public):
+def test_terms_of_one_sum_must_agree_on_level_and_scale(agg_public):
     params = agg_public.params
     data = encrypt(agg_public, np.ones(4), sum_bound=params.max_abs_at(2)).to_bytes()
-    with pytest.raises(InvalidCiphertextError, match="level 1"):
-        load_tensor(data, agg_public, level=1)
+    with pytest.raises(InvalidCiphertextError, match="use level 1"):
+        load_tensor(data, agg_public, sum_bound=100.0)
+    same_level = encrypt(agg_public, np.ones(4), sum_bound=1000.0).to_bytes()
+    with pytest.raises(InvalidCiphertextError, match="another bound"):
+        load_tensor(same_level, agg_public, sum_bound=100.0)  # level 1 too, but another scale
+    assert load_tensor(same_level, agg_public, sum_bound=1000.0).level == 1
+
+
+def test_smaller_bounds_buy_precision_at_the_same_size(agg_secret, agg_public):
+    """The scale grows into the room a level leaves: bound 10 is ~2^10 more precise than 10^4."""
+    values = np.random.default_rng(0).uniform(-1, 1, 4096)
+    errors = {}
+    for bound in (10.0, 1e4):
+        tensor = encrypt(agg_public, values, sum_bound=bound)
+        assert tensor.level == 1
+        errors[bound] = np.max(np.abs(decrypt(agg_secret, tensor) - values))
+    assert errors[10.0] * 100 < errors[1e4]
 
 
 # -- contexts: the secret key never crosses a role boundary ----------------------------------------

@@ -37,6 +37,31 @@ def mod_switch_to(vector: ts.CKKSVector, context: ts.Context, level: int) -> ts.
     return ts.ckks_vector_from(context, _vector_proto(vector.size(), _save(ct), ct.scale))
 
 
+class LevelEncryptor:
+    """Encrypts straight at a chosen level: about twice as fast as encrypting at the top level
+    and switching down, and the ciphertext is identical in form (SEAL encrypts at any level)."""
+
+    def __init__(self, context: ts.Context, level: int, scale: float) -> None:
+        self._context = context
+        self._seal_context = context.seal_context().data
+        data = self._seal_context.first_context_data()
+        while len(data.parms().coeff_modulus()) > level:
+            data = data.next_context_data()
+            if data is None:
+                raise ValueError(f"level {level} does not exist in this context.")
+        self._parms_id = data.parms_id()
+        self._scale = scale
+        self._encoder = sealapi.CKKSEncoder(self._seal_context)
+        self._encryptor = sealapi.Encryptor(self._seal_context, context.public_key().data)
+
+    def encrypt(self, values: list[float]) -> ts.CKKSVector:
+        plain = sealapi.Plaintext()
+        self._encoder.encode(values, self._parms_id, self._scale, plain)
+        ct = sealapi.Ciphertext(self._seal_context)
+        self._encryptor.encrypt(plain, ct)
+        return ts.ckks_vector_from(self._context, _vector_proto(len(values), _save(ct), ct.scale))
+
+
 def _save(ct: sealapi.Ciphertext) -> bytes:
     # TenSEAL's sealapi saves only to a path; a private temporary file keeps it off shared disk.
     fd, path = tempfile.mkstemp(prefix="fedhe-ct-", dir=_tmp_dir())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from fedhe.errors import ParameterError
@@ -85,6 +86,17 @@ class CKKSParams:
     def abs_error_bound(self, n_terms: int = 1) -> float:
         """A conservative bound of the absolute slot error of a sum of `n_terms` fresh ciphertexts."""
         return n_terms * 2.0 ** (FRESH_NOISE_BITS - self.scale_bits)
+
+    def encoding_for(self, sum_bound: float) -> tuple[int, int]:
+        """(level, scale_bits) for sums up to `sum_bound`.
+
+        The fewest primes that hold the bound at the nominal scale (fewest bytes), then the
+        largest scale those primes leave room for: more precision at no cost in size.
+        """
+        level = self.level_for(sum_bound)
+        magnitude_bits = max(0, math.ceil(math.log2(sum_bound))) if sum_bound > 0 else 0
+        room = sum(self.coeff_mod_bit_sizes[:level]) - 2 - magnitude_bits
+        return level, max(self.scale_bits, min(room, MAX_PRIME_BITS))
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)

@@ -119,16 +119,17 @@ class KeyHolder:
         if isinstance(tensor, EncryptedTensor):
             assert secret is not None
             values = decrypt(secret, tensor)
-            sigma = self._flooding_sigma(secret.params.scale_bits)
+            sigma = self._flooding_sigma(tensor.scale)
             if sigma:
                 values = values + np.random.default_rng().normal(0.0, sigma, values.shape)
             return values, sigma
         return tensor.values, 0.0
 
-    def _flooding_sigma(self, scale_bits: int) -> float:
+    def _flooding_sigma(self, scale: float) -> float:
+        """Noise lives in the coefficient domain: σ is 2^flooding_bits over the ciphertext's scale."""
         if self.flooding_bits is None:
             return 0.0
-        return math.ldexp(1.0, self.flooding_bits - scale_bits)
+        return math.ldexp(1.0, self.flooding_bits) / scale
 
     # -- storage ------------------------------------------------------------------------------
 

@@ -167,13 +167,12 @@ def aggregator_sum(
 ) -> AggregateSum:
     """Validate each contribution, drop the bad ones (logged), and sum the rest homomorphically.
 
-    A contribution must have the layout's size and sit at the level `sum_bound` implies.
+    A contribution must have the layout's size and the level and scale `sum_bound` implies.
     """
-    level = None if context is None else context.params.level_for(sum_bound)
     accepted, rejected = {}, {}
     for party, data in sorted(contributions.items()):
         try:
-            accepted[party] = load_tensor(data, context, shape=(layout.size,), level=level)
+            accepted[party] = load_tensor(data, context, shape=(layout.size,), sum_bound=sum_bound)
         except FedHEError as err:
             rejected[party] = str(err)
             log.warning("party %s excluded from the sum: %s", party, err)

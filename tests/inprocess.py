@@ -1,0 +1,58 @@
+"""An in-process stand-in for Flower's Grid: routes each message to the real ClientApp.
+
+It runs the real ServerApp logic (`run_job`) and the real ClientApp handlers in one process,
+without Ray, and records every message so tests can inspect what crossed a role boundary.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedhe.clients.app import app as client_app
+
+
+@dataclass
+class _Run:
+    run_id: int
+
+
+@dataclass
+class InProcessGrid:
+    num_nodes: int
+    run_id: int = field(default_factory=lambda: random.getrandbits(62))
+    node_configs: dict[int, dict] = field(default_factory=dict)
+    log: list[tuple[str, Message]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        TaskIdentity.run_id = self.run_id
+        TaskIdentity.task_id = 1
+        TaskIdentity.node_id = 0
+        self.run = _Run(self.run_id)
+        self.contexts = {
+            1000 + i: Context(
+                run_id=self.run_id, node_id=1000 + i,
+                node_config=self.node_configs.get(i, {"partition-id": i, "num-partitions": self.num_nodes}),
+                state=RecordDict(), run_config={},
+            )
+            for i in range(self.num_nodes)
+        }
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for message in messages:
+            self.log.append(("sent", message))
+            context = self.contexts[message.metadata.dst_node_id]
+            try:
+                reply = client_app(message, context)
+            except Exception as err:  # Flower turns handler exceptions into error replies
+                reply = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+            self.log.append(("received", reply))
+            replies.append(reply)
+        return replies

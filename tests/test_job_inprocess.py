@@ -1,0 +1,106 @@
+"""The real ServerApp job loop and ClientApp handlers, wired by an in-process Grid (no Ray)."""
+
+import json
+
+import numpy as np
+import pytest
+import tenseal as ts
+
+from fedhe import protocol
+from fedhe.aggregator.app import run_job
+from fedhe.config import JobConfig
+from fedhe.crypto.context import CONTEXT_MAGIC
+from fedhe.errors import ProtocolError, SecretKeyLeakError
+from tests.inprocess import InProcessGrid
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = JobConfig(parties=4, min_parties=3, rounds=2, out=str(out), drop_party=1)
+    grid = InProcessGrid(config.num_nodes)
+    run_job(grid, config)
+    return grid, json.loads((out / "result.json").read_text()), out
+
+
+def test_result_matches_the_plaintext_twin(finished):
+    _, result, _ = finished
+    he, plain = result["encrypted"], result["plaintext"]
+    assert he["accuracy"] == pytest.approx(plain["accuracy"], abs=0.01)
+    assert he["loss"] == pytest.approx(plain["loss"], abs=1e-3)
+    assert result["agreement"]["max_abs_weight_diff"] < 1e-4
+    assert he["accuracy"] > 0.85  # breast_cancer is easy: the model really learned
+
+
+def test_result_json_contract(finished):
+    _, result, out = finished
+    for key in ("task", "parties", "encrypted", "plaintext", "timings_s", "bytes", "decryptions"):
+        assert key in result, key
+    assert set(result["timings_s"]) >= {"keygen", "encrypt", "transfer", "compute", "decrypt"}
+    assert set(result["bytes"]) >= {"aggregator->party", "party->aggregator",
+                                    "aggregator->keyholder", "keyholder->aggregator"}
+    # one moments sum + one update sum per round, all decrypted under policy
+    assert [d["output"] for d in result["decryptions"]] == ["feature_moments", "update_sum", "update_sum"]
+    audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    assert [a for a in audit if a["event"] == "decrypt"] == result["decryptions"]
+
+
+def test_a_dropped_party_is_excluded_and_the_sum_covers_exactly_the_others(finished):
+    _, result, _ = finished
+    rounds = [c for c in result["parties"]["contributors"] if c["output"] == "update_sum"]
+    assert all(c["parties"] == ["party-0", "party-2", "party-3"] for c in rounds)
+    assert [d["parties"] for d in result["decryptions"][1:]] == [["party-0", "party-2", "party-3"]] * 2
+    assert result["encrypted"]["history"][0]["parties"] == 3
+
+
+def test_no_message_to_any_role_carries_a_secret_key(finished):
+    grid, _, _ = finished
+    contexts_seen = 0
+    for _, message in grid.log:
+        if message.has_error():
+            continue
+        for value in protocol.payload_of(message.content).values():
+            if value[:4] == CONTEXT_MAGIC:
+                contexts_seen += 1
+                header_len = int.from_bytes(value[6:10], "big")
+                raw = ts.context_from(value[10 + header_len :])
+                assert not raw.is_private() and not raw.has_secret_key()
+    # declare reply to the aggregator + setup to each of 4 parties (HE run only)
+    assert contexts_seen == 5
+
+
+def test_packing_a_secret_context_into_a_message_is_refused(secret):
+    with pytest.raises(SecretKeyLeakError):
+        protocol.content(payload={"public-context": secret.to_secret_bytes()})
+
+
+def test_job_refuses_to_start_without_a_key_holder(tmp_path):
+    config = JobConfig(parties=3, min_parties=2, rounds=1, out=str(tmp_path))
+    grid = InProcessGrid(config.num_nodes, node_configs={3: {"role": "party"}})
+    grid.contexts[1003].node_config = {"role": "party"}
+    with pytest.raises(ProtocolError, match="found 0 key holders"):
+        run_job(grid, config.__class__(**{**config.__dict__, "keyholder_partition_id": 99}))
+
+
+def test_job_stops_when_parties_fall_below_min_parties(tmp_path):
+    config = JobConfig(parties=3, min_parties=3, rounds=1, out=str(tmp_path), drop_party=0,
+                       plaintext_twin=False)
+    with pytest.raises(ProtocolError, match="fewer than min_parties=3"):
+        run_job(InProcessGrid(config.num_nodes), config)
+
+
+def test_party_refuses_a_key_holder_message():
+    grid = InProcessGrid(2)
+    from flwr.app import Message
+
+    party = 1000
+    whoami = Message(protocol.content(config={"keyholder-partition-id": 1}), dst_node_id=party,
+                     message_type=protocol.WHOAMI)
+    grid.send_and_receive([whoami])
+    decrypt = Message(protocol.content(config={"job-id": "x", "output": "update_sum",
+                                               "contributors": ["a"]},
+                                       payload={"tensor": b"x"}),
+                      dst_node_id=party, message_type=protocol.DECRYPT)
+    (reply,) = grid.send_and_receive([decrypt])
+    assert reply.has_error() and "is a party" in reply.error.reason
+    assert np.isfinite(0)
