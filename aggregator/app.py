@@ -37,8 +37,15 @@ def run_job(grid: Grid, config: JobConfig) -> Path:
     runs: list[JobRun] = []
     for encrypted in (True, False) if config.plaintext_twin else (True,):
         job_id = f"{config.task}-{grid.run.run_id}-{'he' if encrypted else 'plain'}"
-        job = FedAvgJob(Session(grid, config.timeout_s), federation, config, source, test,
-                        encrypted=encrypted, job_id=job_id)
+        job = FedAvgJob(
+            Session(grid, config.timeout_s),
+            federation,
+            config,
+            source,
+            test,
+            encrypted=encrypted,
+            job_id=job_id,
+        )
         runs.append(job.execute())
     he, twin = runs[0], (runs[1] if len(runs) > 1 else None)
     path = write_run(config.out, build_result(config, he, twin), he.audit)

@@ -26,6 +26,7 @@ from fedhe.data.datasets import Dataset
 from fedhe.data.sources import DataSource
 from fedhe.errors import ProtocolError
 from fedhe.learning import ModelSpec, build_model, evaluate, get_weights, set_weights, standardize
+from fedhe.progress import progress
 from fedhe.tasks import aggregate
 
 log = logging.getLogger("fedhe.aggregator")
@@ -57,8 +58,17 @@ class JobRun:
 class FedAvgJob:
     """Drives one HE-FedAvg job (or its plaintext twin) with the nodes of `federation`."""
 
-    def __init__(self, session: Session, federation: Federation, config: JobConfig,
-                 source: DataSource, test: Dataset, *, encrypted: bool, job_id: str) -> None:
+    def __init__(
+        self,
+        session: Session,
+        federation: Federation,
+        config: JobConfig,
+        source: DataSource,
+        test: Dataset,
+        *,
+        encrypted: bool,
+        job_id: str,
+    ) -> None:
         self.session = session
         self.federation = federation
         self.config = config
@@ -79,11 +89,14 @@ class FedAvgJob:
         mean, meansq, total_samples = self._feature_moments()
         self.update_bound = total_samples * self.config.clip
         test_X = standardize(self.test.X, mean, meansq)
-        for round_number in range(1, self.config.rounds + 1):
-            self._train_round(round_number, mean, meansq)
-            metrics = evaluate(self.model, test_X, self.test.y)
-            self.run.history[-1].update(metrics)
-            log.info("%s round %d: %s", self.run.job_id, round_number, self.run.history[-1])
+        kind = "encrypted" if self.run.encrypted else "plaintext twin"
+        with progress(self.config.rounds, f"{kind}: rounds") as advance:
+            for round_number in range(1, self.config.rounds + 1):
+                self._train_round(round_number, mean, meansq)
+                metrics = evaluate(self.model, test_X, self.test.y)
+                self.run.history[-1].update(metrics)
+                log.info("%s round %d: %s", self.run.job_id, round_number, self.run.history[-1])
+                advance(f"{kind}: round {round_number}, accuracy {metrics['accuracy']:.3f}")
         self.run.weights = get_weights(self.model)
         self.run.audit = self._fetch_audit()
         self.run.timings_s["total"] = time.perf_counter() - started
@@ -95,13 +108,18 @@ class FedAvgJob:
     def _declare(self) -> None:
         declaration = aggregate.declare(
             self.run.job_id,
-            outputs={MOMENTS: (1, self.moments_layout), aggregate.OUTPUT: (self.config.rounds, self.layout)},
+            outputs={
+                MOMENTS: (1, self.moments_layout),
+                aggregate.OUTPUT: (self.config.rounds, self.layout),
+            },
             min_parties=self.config.min_parties,
             encrypted=self.run.encrypted,
             params=AGGREGATION_PARAMS,
         )
-        exchange = self._ask_keyholder(protocol.DECLARE, protocol.content(
-            config={"declaration": declaration.to_dict(), "keys": {}}))
+        exchange = self._ask_keyholder(
+            protocol.DECLARE,
+            protocol.content(config={"declaration": declaration.to_dict(), "keys": {}}),
+        )
         self.run.timings_s["keygen"] += protocol.metrics_of(exchange)["keygen-s"]
         public = protocol.payload_of(exchange)["public-context"]
         # The aggregator, like every party, accepts only a public context (raises on a secret key).
@@ -111,8 +129,12 @@ class FedAvgJob:
     def _setup_parties(self) -> None:
         contents = {
             name: protocol.content(
-                config={"job-id": self.run.job_id, "source": self.source.to_dict(),
-                        "party-index": index, "n-parties": len(self.parties)},
+                config={
+                    "job-id": self.run.job_id,
+                    "source": self.source.to_dict(),
+                    "party-index": index,
+                    "n-parties": len(self.parties),
+                },
                 payload={"public-context": self._public_bytes},
             )
             for index, name in enumerate(self.parties)
@@ -124,7 +146,8 @@ class FedAvgJob:
     def _feature_moments(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Global E[x], E[x²] and Σn_i by one secure sum: no party's own statistics leak."""
         exchange = self.session.ask(
-            self.parties, protocol.MOMENTS,
+            self.parties,
+            protocol.MOMENTS,
             protocol.content(config={"job-id": self.run.job_id, "sum-bound": MOMENTS_SUM_BOUND}),
             role="party",
         )
@@ -136,15 +159,24 @@ class FedAvgJob:
 
     def _train_round(self, round_number: int, mean: np.ndarray, meansq: np.ndarray) -> None:
         config = {
-            "job-id": self.run.job_id, "round": round_number, "seed": self.config.seed,
-            "epochs": self.config.local_epochs, "batch-size": self.config.batch_size,
-            "lr": self.config.lr, "model": self.spec.to_dict(),
-            "mean": mean.tolist(), "meansq": meansq.tolist(), "fail-party": self.config.drop_party,
-            "clip": self.config.clip, "sum-bound": self.update_bound,
+            "job-id": self.run.job_id,
+            "round": round_number,
+            "seed": self.config.seed,
+            "epochs": self.config.local_epochs,
+            "batch-size": self.config.batch_size,
+            "lr": self.config.lr,
+            "model": self.spec.to_dict(),
+            "mean": mean.tolist(),
+            "meansq": meansq.tolist(),
+            "fail-party": self.config.drop_party,
+            "clip": self.config.clip,
+            "sum-bound": self.update_bound,
         }
         weights = get_weights(self.model)
         exchange = self.session.ask(
-            self.parties, protocol.TRAIN, protocol.content(config=config, weights=weights),
+            self.parties,
+            protocol.TRAIN,
+            protocol.content(config=config, weights=weights),
             role="party",
         )
         for failure in exchange.failures.values():
@@ -154,29 +186,44 @@ class FedAvgJob:
         set_weights(self.model, {k: weights[k] + update[k] for k in weights})
         party_metrics = [protocol.metrics_of(r) for r in exchange.replies.values()]
         self.run.timings_s["train"] += max(m.get("train-s", 0.0) for m in party_metrics)
-        self.run.history.append({
-            "round": round_number,
-            "parties": len(self.run.contributors[-1]["parties"]),
-            "train_loss": float(np.average([m["train-loss"] for m in party_metrics],
-                                           weights=[m["n-samples"] for m in party_metrics])),
-            "samples": round(total_samples),
-        })
+        self.run.history.append(
+            {
+                "round": round_number,
+                "parties": len(self.run.contributors[-1]["parties"]),
+                "train_loss": float(
+                    np.average(
+                        [m["train-loss"] for m in party_metrics],
+                        weights=[m["n-samples"] for m in party_metrics],
+                    )
+                ),
+                "samples": round(total_samples),
+            }
+        )
 
-    # -- secure sum over whatever arrived -----------------------------------------------------------
+    # -- secure sum over whatever arrived ------------------------------------------------
 
-    def _secure_sum(self, exchange: Exchange, layout: aggregate.Layout, output: str,
-                    sum_bound: float) -> np.ndarray:
+    def _secure_sum(
+        self, exchange: Exchange, layout: aggregate.Layout, output: str, sum_bound: float
+    ) -> np.ndarray:
         contributions = {
-            name: protocol.payload_of(reply)["contribution"] for name, reply in exchange.replies.items()
+            name: protocol.payload_of(reply)["contribution"]
+            for name, reply in exchange.replies.items()
         }
         reported = [protocol.metrics_of(r) for r in exchange.replies.values()]
-        self.run.timings_s["encrypt"] += max((m.get("encrypt-s", 0.0) for m in reported), default=0.0)
+        self.run.timings_s["encrypt"] += max(
+            (m.get("encrypt-s", 0.0) for m in reported), default=0.0
+        )
         self.run.timings_s["transfer"] += max(
-            0.0, exchange.wall_s - max((m.get("encrypt-s", 0) + m.get("train-s", 0) for m in reported),
-                                       default=0.0))
+            0.0,
+            exchange.wall_s
+            - max((m.get("encrypt-s", 0) + m.get("train-s", 0) for m in reported), default=0.0),
+        )
         started = time.perf_counter()
         total = aggregate.aggregator_sum(
-            contributions, layout, self.context, sum_bound=sum_bound,
+            contributions,
+            layout,
+            self.context,
+            sum_bound=sum_bound,
             min_parties=self.config.min_parties,
         )
         self.run.timings_s["compute"] += time.perf_counter() - started
@@ -184,15 +231,21 @@ class FedAvgJob:
             self.run.excluded.setdefault(name, f"{output}: {reason}")
         self.run.contributors.append({"output": output, "parties": sorted(total.contributors)})
         request = aggregate.request_decryption(self.run.job_id, total, output)
-        reply = self._ask_keyholder(protocol.DECRYPT, protocol.content(
-            config={"job-id": request.job_id, "output": request.output_kind,
-                    "contributors": list(request.contributors)},
-            payload={"tensor": request.tensor},
-        ))
+        reply = self._ask_keyholder(
+            protocol.DECRYPT,
+            protocol.content(
+                config={
+                    "job-id": request.job_id,
+                    "output": request.output_kind,
+                    "contributors": list(request.contributors),
+                },
+                payload={"tensor": request.tensor},
+            ),
+        )
         self.run.timings_s["decrypt"] += protocol.metrics_of(reply)["decrypt-s"]
         return protocol.array_from_bytes(protocol.payload_of(reply)["values"])
 
-    # -- helpers --------------------------------------------------------------------------------------
+    # -- helpers ----------------------------------------------------------------------
 
     def _ask_keyholder(self, message_type: str, content) -> Any:
         exchange = self.session.ask(
@@ -205,7 +258,9 @@ class FedAvgJob:
         return exchange.replies["keyholder"]
 
     def _fetch_audit(self) -> list[dict[str, Any]]:
-        reply = self._ask_keyholder(protocol.AUDIT, protocol.content(config={"job-id": self.run.job_id}))
+        reply = self._ask_keyholder(
+            protocol.AUDIT, protocol.content(config={"job-id": self.run.job_id})
+        )
         return json.loads(protocol.config_of(reply)["entries"])
 
     def _exclude(self, failures: dict[str, str], phase: str) -> None:

@@ -32,9 +32,10 @@ def wait_for_nodes(session: Session, expected: int, timeout_s: float) -> list[in
         time.sleep(0.5)
 
 
-def discover(session: Session, node_ids: list[int], *, keyholder_partition_id: int,
-             min_parties: int) -> Federation:
-    """Ask every node its role; refuse to go on without exactly one key holder and enough parties."""
+def discover(
+    session: Session, node_ids: list[int], *, keyholder_partition_id: int, min_parties: int
+) -> Federation:
+    """Ask every node its role; refuse to go on without one key holder and enough parties."""
     exchange = session.ask(
         {str(n): n for n in node_ids},
         protocol.WHOAMI,
@@ -51,7 +52,7 @@ def discover(session: Session, node_ids: list[int], *, keyholder_partition_id: i
     if len(keyholders) != 1:
         raise ProtocolError(
             f"found {len(keyholders)} key holders among {len(node_ids)} nodes; exactly one "
-            "SuperNode must run with role=\"keyholder\"."
+            'SuperNode must run with role="keyholder".'
         )
     if len(parties) < min_parties:
         raise ProtocolError(

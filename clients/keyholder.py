@@ -23,7 +23,9 @@ def keyholder_for(context: Context) -> KeyHolder:
     if data_path:
         state_dir = Path(str(data_path)) / "keyholder"
     else:
-        state_dir = Path(tempfile.gettempdir()) / "fedhe-keyholder" / f"{context.run_id}-{context.node_id}"
+        state_dir = (
+            Path(tempfile.gettempdir()) / "fedhe-keyholder" / f"{context.run_id}-{context.node_id}"
+        )
     flooding = context.node_config.get("flooding-bits", DEFAULT_FLOODING_BITS)
     return KeyHolder(
         state_dir,

@@ -42,12 +42,20 @@ def setup(msg: Message, context: Context) -> Message:
     source = DataSource.from_dict(config["source"])
     data = party_data(source, int(config["party-index"]))
     context.state[_JOB_RECORD + job_id] = ConfigRecord(
-        {"source": protocol.to_json(source.to_dict()), "party-index": int(config["party-index"]),
-         "n-parties": int(config["n-parties"])}
+        {
+            "source": protocol.to_json(source.to_dict()),
+            "party-index": int(config["party-index"]),
+            "n-parties": int(config["n-parties"]),
+        }
     )
     return Message(
-        protocol.content(metrics={"n-samples": data.n_samples, "n-features": data.n_features,
-                                  "n-classes": data.n_classes}),
+        protocol.content(
+            metrics={
+                "n-samples": data.n_samples,
+                "n-features": data.n_features,
+                "n-classes": data.n_classes,
+            }
+        ),
         reply_to=msg,
     )
 
@@ -61,8 +69,12 @@ def moments(msg: Message, context: Context) -> Message:
     layout = aggregate.Layout.of(arrays)
     started = time.perf_counter()
     contribution = aggregate.party_contribution(
-        arrays, data.n_samples, layout, _public_context(context, job["job-id"]),
-        sum_bound=float(config["sum-bound"]), n_terms=job["n-parties"],
+        arrays,
+        data.n_samples,
+        layout,
+        _public_context(context, job["job-id"]),
+        sum_bound=float(config["sum-bound"]),
+        n_terms=job["n-parties"],
     )
     return _contribution_reply(msg, contribution, data.n_samples, time.perf_counter() - started)
 
@@ -79,7 +91,9 @@ def train(msg: Message, context: Context) -> Message:
     model = build_model(ModelSpec.from_dict(config["model"]), seed=0)
     set_weights(model, global_weights)
     train_config = TrainConfig(
-        epochs=int(config["epochs"]), batch_size=int(config["batch-size"]), lr=float(config["lr"]),
+        epochs=int(config["epochs"]),
+        batch_size=int(config["batch-size"]),
+        lr=float(config["lr"]),
         seed=int(config["seed"]) * 1000 + int(config["round"]) * 100 + job["party-index"],
     )
     started = time.perf_counter()
@@ -92,7 +106,10 @@ def train(msg: Message, context: Context) -> Message:
     layout = aggregate.Layout.of(delta)
     started = time.perf_counter()
     contribution = aggregate.party_contribution(
-        delta, data.n_samples, layout, _public_context(context, job["job-id"]),
+        delta,
+        data.n_samples,
+        layout,
+        _public_context(context, job["job-id"]),
         sum_bound=float(config["sum-bound"]),
     )
     reply = _contribution_reply(msg, contribution, data.n_samples, time.perf_counter() - started)
@@ -101,7 +118,9 @@ def train(msg: Message, context: Context) -> Message:
     return reply
 
 
-def _contribution_reply(msg: Message, contribution: bytes, n_samples: int, encrypt_s: float) -> Message:
+def _contribution_reply(
+    msg: Message, contribution: bytes, n_samples: int, encrypt_s: float
+) -> Message:
     return Message(
         protocol.content(
             payload={"contribution": contribution},

@@ -32,7 +32,9 @@ def require_role(context: Context, expected: str) -> None:
     record = context.state.get(_ROLE_RECORD)
     role = None if record is None else record["role"]
     if role is None:
-        raise ProtocolError("this node has no role yet: the aggregator must send query.whoami first.")
+        raise ProtocolError(
+            "this node has no role yet: the aggregator must send query.whoami first."
+        )
     if role != expected:
         raise ProtocolError(f"this node is a {role}; it does not handle {expected} messages.")
 

@@ -37,10 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args.verbose)
     try:
-        config = JobConfig(**{
-            f.name: getattr(args, f.name) for f in fields(JobConfig)
-            if f.name not in _SIMULATION_ONLY
-        }, task=args.task, plaintext_twin=not args.encrypted_only)
+        config = JobConfig(
+            **{
+                f.name: getattr(args, f.name)
+                for f in fields(JobConfig)
+                if f.name not in _SIMULATION_ONLY
+            },
+            task=args.task,
+            plaintext_twin=not args.encrypted_only,
+        )
         result_path = simulate(config)
     except FedHEError as err:
         print(f"fedhe: error: {err}", file=sys.stderr)
@@ -63,8 +68,10 @@ def simulate(config: JobConfig) -> Path:
         num_supernodes=config.num_nodes,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": max(1, min(os.cpu_count() or 1, config.num_nodes)),
-                          "include_dashboard": False},
+            "init_args": {
+                "num_cpus": max(1, min(os.cpu_count() or 1, config.num_nodes)),
+                "include_dashboard": False,
+            },
         },
     )
     result = Path(config.out) / "result.json"
@@ -84,17 +91,22 @@ def _parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        sim.add_argument(flag, type=type(default), default=default,
-                         help=f"{_HELP.get(f.name, '')} (default: {default!r})")
-    sim.add_argument("--encrypted-only", action="store_true",
-                     help="skip the plaintext twin run")
+        sim.add_argument(
+            flag,
+            type=type(default),
+            default=default,
+            help=f"{_HELP.get(f.name, '')} (default: {default!r})",
+        )
+    sim.add_argument("--encrypted-only", action="store_true", help="skip the plaintext twin run")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     return parser
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("fedhe").setLevel(logging.INFO)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -115,12 +127,17 @@ def _print_summary(result_path: Path) -> None:
     plain = result.get("plaintext") or {}
     for key in ("accuracy", "loss", "train_loss"):
         if key in result["encrypted"]:
-            table.add_row(key, f"{result['encrypted'][key]:.4f}",
-                          f"{plain[key]:.4f}" if key in plain else "-")
+            table.add_row(
+                key, f"{result['encrypted'][key]:.4f}", f"{plain[key]:.4f}" if key in plain else "-"
+            )
     for phase, seconds in result["timings_s"].items():
         table.add_row(f"time {phase} (s)", f"{seconds:.3f}", "")
     for direction, n in result["bytes"].items():
-        table.add_row(f"bytes {direction}", f"{n:,}", f"{result.get('plaintext_bytes', {}).get(direction, 0):,}")
+        table.add_row(
+            f"bytes {direction}",
+            f"{n:,}",
+            f"{result.get('plaintext_bytes', {}).get(direction, 0):,}",
+        )
     Console(stderr=False, force_terminal=None).print(table)
 
 

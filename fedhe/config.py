@@ -52,7 +52,9 @@ class JobConfig:
         if self.local_epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("local-epochs, batch-size and lr must be positive.")
         if not self.clip >= 1.0:
-            raise ConfigError(f"clip must be ≥ 1 (it also bounds the sample counts), got {self.clip}.")
+            raise ConfigError(
+                f"clip must be ≥ 1 (it also bounds the sample counts), got {self.clip}."
+            )
         if self.data_dir and not self.target:
             raise ConfigError("--data-dir needs --target: the name of the label column.")
         self.hidden_widths  # noqa: B018 - validates the string
@@ -62,7 +64,9 @@ class JobConfig:
         try:
             widths = tuple(int(w) for w in self.hidden.split(",") if w.strip())
         except ValueError as err:
-            raise ConfigError(f"hidden must be comma-separated widths, got {self.hidden!r}.") from err
+            raise ConfigError(
+                f"hidden must be comma-separated widths, got {self.hidden!r}."
+            ) from err
         if any(w < 1 for w in widths):
             raise ConfigError(f"hidden widths must be positive, got {self.hidden!r}.")
         return widths

@@ -27,7 +27,11 @@ class ModelSpec:
         return 1 if self.n_classes == 2 else self.n_classes
 
     def to_dict(self) -> dict[str, object]:
-        return {"n_features": self.n_features, "n_classes": self.n_classes, "hidden": list(self.hidden)}
+        return {
+            "n_features": self.n_features,
+            "n_classes": self.n_classes,
+            "hidden": list(self.hidden),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> ModelSpec:

@@ -51,7 +51,9 @@ def content(
     if metrics is not None:
         records[METRICS] = MetricRecord({k: float(v) for k, v in metrics.items()})
     if weights is not None:
-        records[WEIGHTS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+        records[WEIGHTS] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in weights.items()}
+        )
     return RecordDict(records)
 
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from fedhe.clients.app import app as client_app
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-
-from fedhe.clients.app import app as client_app
 
 
 @dataclass
@@ -34,9 +33,13 @@ class InProcessGrid:
         self.run = _Run(self.run_id)
         self.contexts = {
             1000 + i: Context(
-                run_id=self.run_id, node_id=1000 + i,
-                node_config=self.node_configs.get(i, {"partition-id": i, "num-partitions": self.num_nodes}),
-                state=RecordDict(), run_config={},
+                run_id=self.run_id,
+                node_id=1000 + i,
+                node_config=self.node_configs.get(
+                    i, {"partition-id": i, "num-partitions": self.num_nodes}
+                ),
+                state=RecordDict(),
+                run_config={},
             )
             for i in range(self.num_nodes)
         }
@@ -52,7 +55,9 @@ class InProcessGrid:
             try:
                 reply = client_app(message, context)
             except Exception as err:  # Flower turns handler exceptions into error replies
-                reply = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+                reply = Message(
+                    Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=message
+                )
             self.log.append(("received", reply))
             replies.append(reply)
         return replies

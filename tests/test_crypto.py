@@ -39,7 +39,9 @@ shapes = st.one_of(
 )
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(shape=shapes, n_terms=st.integers(1, 6), seed=st.integers(0, 2**31))
 def test_encrypted_sum_equals_plaintext_sum(secret, public, shape, n_terms, seed):
     """Tolerance: n_terms · 2^(15 − scale_bits) absolute (CKKSParams.abs_error_bound)."""
@@ -52,7 +54,9 @@ def test_encrypted_sum_equals_plaintext_sum(secret, public, shape, n_terms, seed
     assert len(total.chunks) == math.ceil(np.prod(shape) / SLOTS)
     got = decrypt(secret, total)
     assert got.shape == shape
-    np.testing.assert_allclose(got, np.sum(arrays, axis=0), rtol=0, atol=SMALL_PARAMS.abs_error_bound(n_terms))
+    np.testing.assert_allclose(
+        got, np.sum(arrays, axis=0), rtol=0, atol=SMALL_PARAMS.abs_error_bound(n_terms)
+    )
 
 
 def test_values_spanning_several_ciphertexts_keep_their_order(secret, public):
@@ -119,8 +123,18 @@ def good_bytes(public):
         lambda b: b[:200] + bytes(x ^ 0xFF for x in b[200:400]) + b[400:],
         lambda b: b[: len(b) - 5000] + np.random.default_rng(0).bytes(5000),
     ],
-    ids=["empty", "garbage", "header-cut", "half", "one-byte-short", "padded", "magic",
-         "version", "header-flipped", "tail-random"],
+    ids=[
+        "empty",
+        "garbage",
+        "header-cut",
+        "half",
+        "one-byte-short",
+        "padded",
+        "magic",
+        "version",
+        "header-flipped",
+        "tail-random",
+    ],
 )
 def test_malformed_bytes_raise_a_fedhe_error(public, good_bytes, mangle):
     with pytest.raises(FedHEError):

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import tenseal as ts
+from fedhe.aggregator.app import run_job
 
 from fedhe import protocol
-from fedhe.aggregator.app import run_job
 from fedhe.config import JobConfig
 from fedhe.crypto.context import CONTEXT_MAGIC
 from fedhe.errors import ProtocolError, SecretKeyLeakError
@@ -37,10 +37,18 @@ def test_result_json_contract(finished):
     for key in ("task", "parties", "encrypted", "plaintext", "timings_s", "bytes", "decryptions"):
         assert key in result, key
     assert set(result["timings_s"]) >= {"keygen", "encrypt", "transfer", "compute", "decrypt"}
-    assert set(result["bytes"]) >= {"aggregator->party", "party->aggregator",
-                                    "aggregator->keyholder", "keyholder->aggregator"}
+    assert set(result["bytes"]) >= {
+        "aggregator->party",
+        "party->aggregator",
+        "aggregator->keyholder",
+        "keyholder->aggregator",
+    }
     # one moments sum + one update sum per round, all decrypted under policy
-    assert [d["output"] for d in result["decryptions"]] == ["feature_moments", "update_sum", "update_sum"]
+    assert [d["output"] for d in result["decryptions"]] == [
+        "feature_moments",
+        "update_sum",
+        "update_sum",
+    ]
     audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
     assert [a for a in audit if a["event"] == "decrypt"] == result["decryptions"]
 
@@ -49,7 +57,9 @@ def test_a_dropped_party_is_excluded_and_the_sum_covers_exactly_the_others(finis
     _, result, _ = finished
     rounds = [c for c in result["parties"]["contributors"] if c["output"] == "update_sum"]
     assert all(c["parties"] == ["party-0", "party-2", "party-3"] for c in rounds)
-    assert [d["parties"] for d in result["decryptions"][1:]] == [["party-0", "party-2", "party-3"]] * 2
+    assert [d["parties"] for d in result["decryptions"][1:]] == [
+        ["party-0", "party-2", "party-3"]
+    ] * 2
     assert result["encrypted"]["history"][0]["parties"] == 3
 
 
@@ -83,8 +93,9 @@ def test_job_refuses_to_start_without_a_key_holder(tmp_path):
 
 
 def test_job_stops_when_parties_fall_below_min_parties(tmp_path):
-    config = JobConfig(parties=3, min_parties=3, rounds=1, out=str(tmp_path), drop_party=0,
-                       plaintext_twin=False)
+    config = JobConfig(
+        parties=3, min_parties=3, rounds=1, out=str(tmp_path), drop_party=0, plaintext_twin=False
+    )
     with pytest.raises(ProtocolError, match="fewer than min_parties=3"):
         run_job(InProcessGrid(config.num_nodes), config)
 
@@ -94,13 +105,20 @@ def test_party_refuses_a_key_holder_message():
     from flwr.app import Message
 
     party = 1000
-    whoami = Message(protocol.content(config={"keyholder-partition-id": 1}), dst_node_id=party,
-                     message_type=protocol.WHOAMI)
+    whoami = Message(
+        protocol.content(config={"keyholder-partition-id": 1}),
+        dst_node_id=party,
+        message_type=protocol.WHOAMI,
+    )
     grid.send_and_receive([whoami])
-    decrypt = Message(protocol.content(config={"job-id": "x", "output": "update_sum",
-                                               "contributors": ["a"]},
-                                       payload={"tensor": b"x"}),
-                      dst_node_id=party, message_type=protocol.DECRYPT)
+    decrypt = Message(
+        protocol.content(
+            config={"job-id": "x", "output": "update_sum", "contributors": ["a"]},
+            payload={"tensor": b"x"},
+        ),
+        dst_node_id=party,
+        message_type=protocol.DECRYPT,
+    )
     (reply,) = grid.send_and_receive([decrypt])
     assert reply.has_error() and "is a party" in reply.error.reason
     assert np.isfinite(0)

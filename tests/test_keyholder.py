@@ -12,8 +12,9 @@ from tests.conftest import SMALL_PARAMS
 
 
 def _declare(keyholder: KeyHolder, job_id="job-1", *, budget=2, min_parties=3, count_index=-1):
-    job = JobDeclaration(job_id, "aggregate", {"sum": OutputSpec(budget, count_index)},
-                         min_parties, SMALL_PARAMS)
+    job = JobDeclaration(
+        job_id, "aggregate", {"sum": OutputSpec(budget, count_index)}, min_parties, SMALL_PARAMS
+    )
     return PublicContext.from_bytes(keyholder.declare_job(job))
 
 
@@ -43,7 +44,10 @@ def test_declared_output_over_enough_parties_is_decrypted_and_audited(keyholder)
 @pytest.mark.parametrize(
     "make, reason",
     [
-        (lambda pub: _request(pub, ["a", "b", "c"], output="gram_matrix"), "did not declare output"),
+        (
+            lambda pub: _request(pub, ["a", "b", "c"], output="gram_matrix"),
+            "did not declare output",
+        ),
         (lambda pub: _request(pub, ["a", "b"]), "fewer than the job's min_parties=3"),
         (lambda pub: _request(pub, ["a", "a", "b"]), "repeats parties"),
         (lambda pub: _request(pub, ["a", "b", "c"], job_id="job-unknown"), "never declared"),
@@ -82,7 +86,7 @@ def test_count_slot_must_match_the_claimed_contributors(keyholder):
     """The aggregator cannot pass one party's ciphertext off as a sum over three."""
     public = _declare(keyholder, count_index=3)
     single = np.array([5.0, 6.0, 7.0, 1.0])  # one contributor's count slot holds 1
-    with pytest.raises(PolicyError, match="holds 1.000 contributions, the aggregator claims 3"):
+    with pytest.raises(PolicyError, match=r"holds 1\.000 contributions, the aggregator claims 3"):
         keyholder.decrypt(_request(public, ["a", "b", "c"], values=single))
     assert _last(keyholder)["decision"] == "refused"
     summed = np.array([5.0, 6.0, 7.0, 3.0])

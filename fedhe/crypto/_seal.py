@@ -28,7 +28,9 @@ def mod_switch_to(vector: ts.CKKSVector, context: ts.Context, level: int) -> ts.
     """
     (ct,) = vector.ciphertext()
     if ct.coeff_modulus_size() < level:
-        raise ValueError(f"ciphertext keeps {ct.coeff_modulus_size()} primes, cannot raise to {level}.")
+        raise ValueError(
+            f"ciphertext keeps {ct.coeff_modulus_size()} primes, cannot raise to {level}."
+        )
     if ct.coeff_modulus_size() == level:
         return vector
     evaluator = sealapi.Evaluator(context.seal_context().data)
@@ -79,7 +81,10 @@ def _tmp_dir() -> str | None:
 
 
 def _vector_proto(size: int, ciphertext: bytes, scale: float) -> bytes:
-    """Encode TenSEAL's `CKKSVectorProto {repeated uint32 sizes; repeated bytes ciphertexts; double scale}`."""
+    """Encode TenSEAL's CKKSVectorProto.
+
+    ``{repeated uint32 sizes = 1; repeated bytes ciphertexts = 2; double scale = 3}``
+    """
     sizes = _varint(size)
     return (
         b"\x0a"

@@ -155,4 +155,6 @@ def generate_keys(params: CKKSParams, keys: KeyRequest = KeyRequest()) -> Secret
 
 
 def _unframe_context(data: bytes) -> tuple[dict, bytes]:
-    return unframe(data, magic=CONTEXT_MAGIC, version=_VERSION, what="context", error=ParameterError)
+    return unframe(
+        data, magic=CONTEXT_MAGIC, version=_VERSION, what="context", error=ParameterError
+    )

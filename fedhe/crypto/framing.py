@@ -1,4 +1,4 @@
-"""Versioned framing shared by every serialized fedhe object: ``magic | version | header | body``."""
+"""Versioned framing of every serialized fedhe object: ``magic | version | header | body``."""
 
 from __future__ import annotations
 

@@ -79,12 +79,13 @@ class CKKSParams:
             if max_abs <= self.max_abs_at(level):
                 return level
         raise ParameterError(
-            f"values up to {max_abs:.6g} exceed the largest bound {self.max_abs_at(self.depth + 1):.6g}"
-            " these parameters hold; scale the values down or choose a larger modulus."
+            f"values up to {max_abs:.6g} exceed the largest bound "
+            f"{self.max_abs_at(self.depth + 1):.6g} these parameters hold; scale the values "
+            "down or choose a larger modulus."
         )
 
     def abs_error_bound(self, n_terms: int = 1) -> float:
-        """A conservative bound of the absolute slot error of a sum of `n_terms` fresh ciphertexts."""
+        """A conservative bound of the absolute error of a sum of `n_terms` fresh ciphertexts."""
         return n_terms * 2.0 ** (FRESH_NOISE_BITS - self.scale_bits)
 
     def encoding_for(self, sum_bound: float) -> tuple[int, int]:

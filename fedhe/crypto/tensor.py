@@ -23,7 +23,7 @@ from fedhe.crypto import _seal
 from fedhe.crypto.context import PublicContext, SecretContext
 from fedhe.crypto.framing import frame, unframe
 from fedhe.crypto.params import MAX_PRIME_BITS
-from fedhe.errors import ContextMismatchError, InvalidCiphertextError, ShapeError, ValueRangeError
+from fedhe.errors import InvalidCiphertextError, ShapeError, ValueRangeError
 
 _MAGIC = b"FHET"
 _VERSION = 1
@@ -124,7 +124,7 @@ def n_ciphertexts(size: int, slots: int) -> int:
 
 
 def check_values(values: np.ndarray, max_abs: float) -> np.ndarray:
-    """Refuse NaN, infinity and magnitudes the parameters cannot hold (overflow is silent in CKKS)."""
+    """Refuse NaN, infinity and magnitudes the parameters cannot hold (CKKS overflows silently)."""
     array = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(array)):
         bad = int(np.flatnonzero(~np.isfinite(array.ravel()))[0])
@@ -168,7 +168,7 @@ def encrypt(
 
 
 def decrypt(context: SecretContext, tensor: EncryptedTensor) -> np.ndarray:
-    """Decrypt to an array of the tensor's shape. Key-holder side: policy is checked by the caller."""
+    """Decrypt to the tensor's shape. Key-holder side: the caller has checked the policy."""
     context.check_same(tensor.fingerprint)
     secret_key = context.raw.secret_key()
     flat = np.concatenate(
@@ -226,7 +226,8 @@ def digest(data: bytes) -> str:
 def _load_plain(body: bytes, shape: Shape) -> PlainTensor:
     if len(body) != 8 * math.prod(shape):
         raise InvalidCiphertextError(
-            f"plaintext tensor of shape {shape} needs {8 * math.prod(shape)} bytes, got {len(body)}."
+            f"plaintext tensor of shape {shape} needs {8 * math.prod(shape)} bytes, "
+            f"got {len(body)}."
         )
     values = np.frombuffer(body, dtype="<f8").reshape(shape)
     check_values(values, np.inf)
@@ -264,7 +265,9 @@ def _load_encrypted(
         offset += n_bytes
     levels = {_seal.ciphertext_info(c)[1] for c in chunks}
     if len(levels) > 1:
-        raise InvalidCiphertextError(f"ciphertexts of one tensor sit at mixed levels {sorted(levels)}.")
+        raise InvalidCiphertextError(
+            f"ciphertexts of one tensor sit at mixed levels {sorted(levels)}."
+        )
     return EncryptedTensor(chunks, shape, context)
 
 

@@ -45,8 +45,9 @@ def party_data(source: DataSource, index: int) -> Dataset:
     """Party `index`'s training data: its IID share of a built-in set, or its CSV file."""
     if source.from_csv:
         task = "classification" if source.classes else None
-        return load_party(source.data_dir, index, source.target, task=task,
-                          classes=source.classes or None)
+        return load_party(
+            source.data_dir, index, source.target, task=task, classes=source.classes or None
+        )
     train, _ = load_builtin(source.dataset, seed=source.seed)
     shares = partition_iid(train.n_samples, source.n_parties, seed=source.seed)
     if not 0 <= index < len(shares):
@@ -60,8 +61,13 @@ def test_data(source: DataSource) -> Dataset | None:
         return load_builtin(source.dataset, seed=source.seed)[1]
     header = read_header(_find_party_files(source.data_dir)[0])
     task = "classification" if source.classes else None
-    return load_test(source.data_dir, source.target, task=task, expected_columns=header,
-                     classes=source.classes or None)
+    return load_test(
+        source.data_dir,
+        source.target,
+        task=task,
+        expected_columns=header,
+        classes=source.classes or None,
+    )
 
 
 def count_party_files(source: DataSource) -> int:

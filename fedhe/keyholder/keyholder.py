@@ -80,8 +80,12 @@ class KeyHolder:
             self._save_job(job, keys)
         public = self.public_context(job.job_id)
         self.audit.append(
-            job=job.job_id, event="declare", task=job.task, encrypted=job.encrypted,
-            outputs={k: v.budget for k, v in job.outputs.items()}, min_parties=job.min_parties,
+            job=job.job_id,
+            event="declare",
+            task=job.task,
+            encrypted=job.encrypted,
+            outputs={k: v.budget for k, v in job.outputs.items()},
+            min_parties=job.min_parties,
             keygen_s=round(time.perf_counter() - started, 6) if existing is None else 0.0,
         )
         return b"" if public is None else public.to_bytes()
@@ -95,8 +99,11 @@ class KeyHolder:
     def decrypt(self, request: DecryptionRequest) -> Decryption:
         """Decrypt `request.tensor` if the policy allows; every outcome goes to the audit log."""
         base = {
-            "job": request.job_id, "event": "decrypt", "output": request.output_kind,
-            "parties": sorted(request.contributors), "n_parties": len(set(request.contributors)),
+            "job": request.job_id,
+            "event": "decrypt",
+            "output": request.output_kind,
+            "parties": sorted(request.contributors),
+            "n_parties": len(set(request.contributors)),
             "digest": digest(request.tensor),
         }
         try:
@@ -109,7 +116,10 @@ class KeyHolder:
             self.audit.append(**base, decision="refused", reason=str(err))
             raise PolicyError(f"decryption refused: {err}") from err
         record = self.audit.append(
-            **base, decision="decrypted", shape=list(values.shape), flooding_sigma=sigma,
+            **base,
+            decision="decrypted",
+            shape=list(values.shape),
+            flooding_sigma=sigma,
         )
         return Decryption(values, record)
 
@@ -126,7 +136,7 @@ class KeyHolder:
         return tensor.values, 0.0
 
     def _flooding_sigma(self, scale: float) -> float:
-        """Noise lives in the coefficient domain: σ is 2^flooding_bits over the ciphertext's scale."""
+        """Noise lives in the coefficient domain: σ is 2^flooding_bits over the ciphertext scale."""
         if self.flooding_bits is None:
             return 0.0
         return math.ldexp(1.0, self.flooding_bits) / scale
@@ -158,8 +168,10 @@ class KeyHolder:
     def _spent(self, request: DecryptionRequest) -> int:
         """Budget spent, counted from the audit log itself so the two cannot disagree."""
         return sum(
-            1 for r in self.audit.entries(request.job_id)
-            if r.get("event") == "decrypt" and r.get("decision") == "decrypted"
+            1
+            for r in self.audit.entries(request.job_id)
+            if r.get("event") == "decrypt"
+            and r.get("decision") == "decrypted"
             and r.get("output") == request.output_kind
         )
 
@@ -179,9 +191,7 @@ def _check_count(values: np.ndarray, count_index: int, claimed: int) -> None:
 
 def _check_job_id(job_id: str) -> None:
     if not _JOB_ID.match(job_id):
-        raise PolicyError(
-            f"job id {job_id!r} must be 1-128 letters, digits, '.', '_' or '-'."
-        )
+        raise PolicyError(f"job id {job_id!r} must be 1-128 letters, digits, '.', '_' or '-'.")
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -41,8 +41,10 @@ class JobDeclaration:
         return {
             "job_id": self.job_id,
             "task": self.task,
-            "outputs": {k: {"budget": v.budget, "count_index": v.count_index}
-                        for k, v in self.outputs.items()},
+            "outputs": {
+                k: {"budget": v.budget, "count_index": v.count_index}
+                for k, v in self.outputs.items()
+            },
             "min_parties": self.min_parties,
             "params": None if self.params is None else self.params.to_dict(),
             "meta": self.meta,
@@ -54,8 +56,10 @@ class JobDeclaration:
             return cls(
                 job_id=str(data["job_id"]),
                 task=str(data["task"]),
-                outputs={str(k): OutputSpec(int(v["budget"]), int(v.get("count_index", -1)))
-                         for k, v in data["outputs"].items()},
+                outputs={
+                    str(k): OutputSpec(int(v["budget"]), int(v.get("count_index", -1)))
+                    for k, v in data["outputs"].items()
+                },
                 min_parties=int(data["min_parties"]),
                 params=None if data.get("params") is None else CKKSParams.from_dict(data["params"]),
                 meta=dict(data.get("meta", {})),
@@ -94,8 +98,9 @@ class DecryptionPolicy:
         if bad:
             raise PolicyError(f"job {job.job_id!r} declares outputs without budget: {bad}.")
 
-    def check_request(self, job: JobDeclaration | None, request: DecryptionRequest,
-                      spent: int) -> OutputSpec:
+    def check_request(
+        self, job: JobDeclaration | None, request: DecryptionRequest, spent: int
+    ) -> OutputSpec:
         """Return the output's spec, or raise PolicyError saying why the request is refused."""
         if job is None:
             raise PolicyError(f"job {request.job_id!r} was never declared to this key holder.")

@@ -66,7 +66,9 @@ class Layout:
     def flatten(self, arrays: Mapping[str, Any] | Sequence[Any]) -> np.ndarray:
         named = _named_arrays(arrays)
         if tuple(named) != self.names:
-            raise ShapeError(f"update has arrays {list(named)}, the job expects {list(self.names)}.")
+            raise ShapeError(
+                f"update has arrays {list(named)}, the job expects {list(self.names)}."
+            )
         for name, shape in zip(self.names, self.shapes, strict=True):
             if tuple(named[name].shape) != shape:
                 raise ShapeError(
@@ -188,7 +190,9 @@ def aggregator_sum(
     return AggregateSum(total.to_bytes(), tuple(accepted), rejected)
 
 
-def average_update(decrypted_sum: np.ndarray, layout: Layout) -> tuple[dict[str, np.ndarray], float]:
+def average_update(
+    decrypted_sum: np.ndarray, layout: Layout
+) -> tuple[dict[str, np.ndarray], float]:
     """Divide the decrypted Σ n_i·Δw_i by Σ n_i: the FedAvg update, and Σ n_i."""
     total_samples = float(decrypted_sum[layout.weight_index])
     if not total_samples >= 0.5:
@@ -199,7 +203,9 @@ def average_update(decrypted_sum: np.ndarray, layout: Layout) -> tuple[dict[str,
 # -- key holder ---------------------------------------------------------------------------------
 
 
-def request_decryption(job_id: str, aggregate: AggregateSum, output: str = OUTPUT) -> DecryptionRequest:
+def request_decryption(
+    job_id: str, aggregate: AggregateSum, output: str = OUTPUT
+) -> DecryptionRequest:
     return DecryptionRequest(job_id, output, aggregate.contributors, aggregate.tensor)
 
 
@@ -209,8 +215,10 @@ def keyholder_decrypt_sum(keyholder: KeyHolder, request: DecryptionRequest) -> n
 
 
 def _named_arrays(arrays: Mapping[str, Any] | Sequence[Any]) -> dict[str, np.ndarray]:
-    items = arrays.items() if isinstance(arrays, Mapping) else (
-        (str(i), a) for i, a in enumerate(arrays)
+    items = (
+        arrays.items()
+        if isinstance(arrays, Mapping)
+        else ((str(i), a) for i, a in enumerate(arrays))
     )
     return {str(name): _to_numpy(value) for name, value in items}
 
