@@ -92,9 +92,10 @@ class FedAvgJob:
         kind = "encrypted" if self.run.encrypted else "plaintext twin"
         with progress(self.config.rounds, f"{kind}: rounds") as advance:
             for round_number in range(1, self.config.rounds + 1):
+                round_started = time.perf_counter()
                 self._train_round(round_number, mean, meansq)
                 metrics = evaluate(self.model, test_X, self.test.y)
-                self.run.history[-1].update(metrics)
+                self.run.history[-1].update(metrics, round_s=time.perf_counter() - round_started)
                 log.info("%s round %d: %s", self.run.job_id, round_number, self.run.history[-1])
                 advance(f"{kind}: round {round_number}, accuracy {metrics['accuracy']:.3f}")
         self.run.weights = get_weights(self.model)
