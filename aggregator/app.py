@@ -7,6 +7,7 @@ builds one with `build_server_app(config)`.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from fedhe.aggregator.fedavg import FedAvgJob, JobRun
@@ -17,7 +18,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedhe.config import JobConfig
-from fedhe.data.sources import DataSource, csv_classes, test_data
+from fedhe.data.sources import DataSource, count_party_files, csv_classes, test_data
 from fedhe.errors import DataError
 
 log = logging.getLogger("fedhe.aggregator")
@@ -55,9 +56,15 @@ def run_job(grid: Grid, config: JobConfig) -> Path:
 
 def _data_source(config: JobConfig, n_parties: int) -> DataSource:
     source = DataSource(config.dataset, config.data_dir, config.target, config.seed, n_parties)
-    if source.from_csv:
-        return DataSource(**{**source.__dict__, "classes": csv_classes(source)})
-    return source
+    if not source.from_csv:
+        return source
+    files = count_party_files(source)
+    if files != config.parties:
+        raise DataError(
+            f"{config.data_dir} holds {files} party files but the job has {config.parties} "
+            "parties: pass --parties to match, one party-<N>.csv per party."
+        )
+    return replace(source, classes=csv_classes(source))
 
 
 def build_server_app(config: JobConfig | None = None) -> ServerApp:

@@ -1,11 +1,11 @@
-"""Benchmark one HE-FedAvg round (CKKS secure aggregation) against its plaintext FedAvg twin.
+"""Benchmark HE-FedAvg (CKKS secure aggregation) against its plaintext FedAvg twin, two ways.
 
-What it measures, in this process (no Flower, no network: the protocol's own cost only; the
-Flower end-to-end timings are reported separately by ``fedhe simulate``):
+Mode 1, in process (default; skipped by ``--flower-only``): the protocol's own cost. No Flower,
+no network, no Ray; the parties run one after another in this process.
 
 * A torch MLP of about 100k parameters (``--hidden 512 128``) on scikit-learn's built-in
   ``digits`` data (64 features, 10 classes), split IID over ``--parties`` parties (10).
-* One FedAvg round per mode, both modes through the same code path of
+* ``--rounds`` FedAvg rounds per mode (1), both modes through the same code path of
   ``fedhe.tasks.aggregate`` (``context=None`` is the plaintext twin): every party trains one
   local epoch from the same global weights, clips Δw to ±clip (as ``clients/party.py`` does),
   builds its contribution (``party_contribution``); the aggregator sums (``aggregator_sum``);
@@ -22,12 +22,30 @@ Flower end-to-end timings are reported separately by ``fedhe simulate``):
 
 Before the measured rounds, each mode runs ``--warmup`` unmeasured rounds (imports, torch and
 TenSEAL first-call costs); key generation happens at job declaration, outside any round.
-Features are standardized with the training set's moments, computed in the clear (the Flower
-job computes the same moments by a secure sum; that job is not part of this benchmark).
+Features are standardized with the training set's moments, computed in the clear.
 
-Run:  .venv/bin/python simulations/bench_aggregate.py --parties 10
+Mode 2, Flower (``--flower`` or ``--flower-only``): the federated job end to end. It calls
+``fedhe.cli.simulate`` (the library behind ``fedhe simulate aggregate``) with the same model,
+data, clip and seed: ``--parties`` party SuperNodes plus one key-holder SuperNode in Flower's
+simulation engine (Ray; as many concurrent nodes as this machine has CPUs), ``--flower-rounds``
+rounds (3), min_parties = max(2, parties // 2), the HE job first and then its plaintext twin
+over the same nodes. Read back from the job's result.json:
+
+* Round time: ``history[i].round_s``, the aggregator's wall time of round i (send the global
+  weights, local training, encryption, replies through Flower, homomorphic sum, decryption at
+  the key holder, averaging, test-set evaluation); median over rounds, HE vs plaintext, checked
+  against round time ≤ 1.5× plaintext. This is the round time of the federated setting.
+* Per phase: the job's ``timings_s`` (totals over the feature-moments secure sum and all rounds;
+  train and encrypt count the slowest party of each exchange, transfer the rest of its wall
+  time, compute the aggregator's sum).
+* Bytes per direction as the aggregator counted them (fedhe payloads and weights, not Flower's
+  framing). party→aggregator holds one feature-moments upload per party plus one update per
+  party per round; the moments uploads are rebuilt here (same layout, bound and encryption) and
+  subtracted to get bytes per update upload and bytes per parameter.
+* Final test accuracy of both runs and ``agreement.max_abs_weight_diff`` of their final weights.
+
+Run:  .venv/bin/python simulations/bench_aggregate.py --parties 10 [--flower | --flower-only]
 """
-
 from __future__ import annotations
 
 import argparse

@@ -122,3 +122,53 @@ def test_party_refuses_a_key_holder_message():
     (reply,) = grid.send_and_receive([decrypt])
     assert reply.has_error() and "is a party" in reply.error.reason
     assert np.isfinite(0)
+
+
+def _write_csv_federation(directory, n_parties=4, seed=0):
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer(as_frame=True).frame.sample(frac=1.0, random_state=seed)
+    data.columns = [c.replace(" ", "_") for c in data.columns]
+    test, train = data.iloc[:100], data.iloc[100:]
+    bounds = np.linspace(0, len(train), n_parties + 1).astype(int)
+    for i in range(n_parties):
+        train.iloc[bounds[i] : bounds[i + 1]].to_csv(directory / f"party-{i + 1}.csv", index=False)
+    test.to_csv(directory / "test.csv", index=False)
+
+
+def test_csv_federation_with_one_malformed_file_goes_on_without_it(tmp_path, caplog):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    _write_csv_federation(data_dir)
+    bad = data_dir / "party-3.csv"
+    lines = bad.read_text().splitlines()
+    lines[5] = lines[5].replace(",", ",oops,", 1).replace(",oops,", ",oops", 1)
+    bad.write_text("\n".join(lines) + "\n")
+    config = JobConfig(parties=4, min_parties=3, rounds=2, out=str(tmp_path / "out"),
+                       data_dir=str(data_dir), target="target")
+    run_job(InProcessGrid(config.num_nodes), config)
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert "party-3.csv" in result["parties"]["excluded"]["party-2"]
+    assert "line 6" in result["parties"]["excluded"]["party-2"]
+    he, plain = result["encrypted"], result["plaintext"]
+    assert he["accuracy"] > 0.85
+    assert he["accuracy"] == pytest.approx(plain["accuracy"], abs=0.01)
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    from fedhe.errors import DataError
+
+    config = JobConfig(parties=3, min_parties=2, rounds=1, out=str(tmp_path),
+                       data_dir=str(tmp_path / "nowhere"), target="y")
+    with pytest.raises(DataError, match="nowhere"):
+        run_job(InProcessGrid(config.num_nodes), config)
+
+
+def test_party_count_must_match_the_csv_files(tmp_path):
+    from fedhe.errors import DataError
+
+    _write_csv_federation(tmp_path, n_parties=3)
+    config = JobConfig(parties=4, min_parties=2, rounds=1, out=str(tmp_path / "o"),
+                       data_dir=str(tmp_path), target="target")
+    with pytest.raises(DataError, match="holds 3 party files but the job has 4"):
+        run_job(InProcessGrid(config.num_nodes), config)
