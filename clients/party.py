@@ -66,17 +66,8 @@ def moments(msg: Message, context: Context) -> Message:
     job = _job(context, str(config["job-id"]))
     data = party_data(job["source"], job["party-index"])
     arrays = [data.X.mean(axis=0), (data.X**2).mean(axis=0)]
-    layout = aggregate.Layout.of(arrays)
-    started = time.perf_counter()
-    contribution = aggregate.party_contribution(
-        arrays,
-        data.n_samples,
-        layout,
-        _public_context(context, job["job-id"]),
-        sum_bound=float(config["sum-bound"]),
-        n_terms=job["n-parties"],
-    )
-    return _contribution_reply(msg, contribution, data.n_samples, time.perf_counter() - started)
+    return _contribute(msg, context, job, arrays, data.n_samples,
+                       sum_bound=float(config["sum-bound"]), n_terms=job["n-parties"])
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -103,28 +94,25 @@ def train(msg: Message, context: Context) -> Message:
     # Clipping |Δw| to `clip` is what lets the aggregator bound the sum by clip·Σn_i.
     clip = float(config["clip"])
     delta = {k: np.clip(new_weights[k] - global_weights[k], -clip, clip) for k in global_weights}
-    layout = aggregate.Layout.of(delta)
+    return _contribute(msg, context, job, delta, data.n_samples,
+                       sum_bound=float(config["sum-bound"]),
+                       metrics={"train-loss": loss, "train-s": train_s})
+
+
+def _contribute(msg: Message, context: Context, job: dict[str, Any], arrays: Any, n_samples: int,
+                *, sum_bound: float, n_terms: int = 1,
+                metrics: dict[str, float] | None = None) -> Message:
+    """Reply with this party's secure-aggregation contribution and how long encryption took."""
     started = time.perf_counter()
     contribution = aggregate.party_contribution(
-        delta,
-        data.n_samples,
-        layout,
-        _public_context(context, job["job-id"]),
-        sum_bound=float(config["sum-bound"]),
+        arrays, n_samples, aggregate.Layout.of(arrays), _public_context(context, job["job-id"]),
+        sum_bound=sum_bound, n_terms=n_terms,
     )
-    reply = _contribution_reply(msg, contribution, data.n_samples, time.perf_counter() - started)
-    reply.content[protocol.METRICS]["train-loss"] = loss
-    reply.content[protocol.METRICS]["train-s"] = train_s
-    return reply
-
-
-def _contribution_reply(
-    msg: Message, contribution: bytes, n_samples: int, encrypt_s: float
-) -> Message:
+    encrypt_s = time.perf_counter() - started
     return Message(
         protocol.content(
             payload={"contribution": contribution},
-            metrics={"n-samples": n_samples, "encrypt-s": encrypt_s},
+            metrics={"n-samples": n_samples, "encrypt-s": encrypt_s, **(metrics or {})},
         ),
         reply_to=msg,
     )

@@ -277,3 +277,15 @@ def test_encrypted_tensor_checks_its_chunk_count(public):
     tensor = encrypt(public, np.ones(SLOTS + 1))
     with pytest.raises(ShapeError):
         EncryptedTensor(tensor.chunks[:1], tensor.shape, public)
+
+
+def test_mod_switch_drops_primes_exactly(agg_secret, agg_public):
+    """For ciphertexts computed at a high level (TenSEAL encrypts at the top at scale 2^35)."""
+    values = np.linspace(-3, 3, 100)
+    high = EncryptedTensor([ts.ckks_vector(agg_public.raw, values.tolist())], (100,), agg_public)
+    low = high.mod_switch_to(1)
+    assert (high.level, low.level) == (3, 1)
+    assert len(low.to_bytes()) < len(high.to_bytes()) / 2
+    np.testing.assert_allclose(decrypt(agg_secret, low), values, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot raise"):
+        low.mod_switch_to(2)
