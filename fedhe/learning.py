@@ -112,7 +112,17 @@ def _n_outputs(model: nn.Module) -> int:
 
 
 def standardize(X: np.ndarray, mean: np.ndarray, meansq: np.ndarray) -> np.ndarray:
-    """Scale features by global moments (E[x], E[x²]) that secure aggregation computed."""
-    std = np.sqrt(np.maximum(meansq - mean**2, 0.0))
-    std[std < 1e-12] = 1.0
+    """Scale features by global moments (E[x], E[x²]) that secure aggregation computed.
+
+    A feature whose variance is within the moments' noise (encryption and flooding noise leave
+    ~1e-13 where the true variance is 0) is only centred: dividing by a noise-sized std would
+    blow up any test value that differs from the constant.
+    """
+    variance = meansq - mean**2
+    constant = variance <= CONSTANT_FEATURE_TOLERANCE * np.maximum(1.0, meansq)
+    std = np.where(constant, 1.0, np.sqrt(np.maximum(variance, 0.0)))
     return (X - mean) / std
+
+
+# Relative variance below which a feature counts as constant (moments carry ~1e-13 noise).
+CONSTANT_FEATURE_TOLERANCE = 1e-9
