@@ -10,13 +10,13 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
 from fedhe.aggregator.fedavg import FedAvgJob, JobRun
 from fedhe.aggregator.report import build_result, write_run
 from fedhe.aggregator.roles import discover, wait_for_nodes
 from fedhe.aggregator.session import Session
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
-
 from fedhe.config import JobConfig
 from fedhe.data.sources import DataSource, count_party_files, csv_classes, test_data
 from fedhe.errors import DataError

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from fedhe.aggregator.roles import Federation
-from fedhe.aggregator.session import Exchange, Session
+from flwr.app import RecordDict
 
 from fedhe import protocol
+from fedhe.aggregator.roles import Federation
+from fedhe.aggregator.session import Exchange, Session
 from fedhe.config import JobConfig
 from fedhe.crypto import AGGREGATION_PARAMS, PublicContext
 from fedhe.data.datasets import Dataset
@@ -77,6 +78,8 @@ class FedAvgJob:
         self.run = JobRun(job_id, encrypted)
         self.parties = dict(federation.parties)
         self.context: PublicContext | None = None
+        self.public_bytes = b""
+        self.update_bound = 0.0  # clip·Σn_i, known once the moments sum is decrypted
         self.spec = ModelSpec(test.n_features, max(test.n_classes, 2), config.hidden_widths)
         self.model = build_model(self.spec, seed=config.seed)
         self.layout = aggregate.Layout.of(get_weights(self.model))
@@ -125,7 +128,7 @@ class FedAvgJob:
         public = protocol.payload_of(exchange)["public-context"]
         # The aggregator, like every party, accepts only a public context (raises on a secret key).
         self.context = PublicContext.from_bytes(public) if public else None
-        self._public_bytes = public
+        self.public_bytes = public
 
     def _setup_parties(self) -> None:
         contents = {
@@ -136,7 +139,7 @@ class FedAvgJob:
                     "party-index": index,
                     "n-parties": len(self.parties),
                 },
-                payload={"public-context": self._public_bytes},
+                payload={"public-context": self.public_bytes},
             )
             for index, name in enumerate(self.parties)
         }
@@ -180,8 +183,6 @@ class FedAvgJob:
             protocol.content(config=config, weights=weights),
             role="party",
         )
-        for failure in exchange.failures.values():
-            log.warning("round %d: %s", round_number, failure)
         flat = self._secure_sum(exchange, self.layout, aggregate.OUTPUT, self.update_bound)
         update, total_samples = aggregate.average_update(flat, self.layout)
         set_weights(self.model, {k: weights[k] + update[k] for k in weights})
@@ -198,6 +199,7 @@ class FedAvgJob:
                     )
                 ),
                 "samples": round(total_samples),
+                "dropped": dict(exchange.failures),
             }
         )
 
@@ -248,13 +250,15 @@ class FedAvgJob:
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _ask_keyholder(self, message_type: str, content) -> Any:
+    def _ask_keyholder(self, message_type: str, content: RecordDict) -> RecordDict:
+        """The job cannot go on without the key holder: a refusal or silence stops it."""
         exchange = self.session.ask(
             {"keyholder": self.federation.keyholder}, message_type, content, role="keyholder"
         )
         if "keyholder" not in exchange.replies:
             raise ProtocolError(
-                f"key holder did not answer {message_type}: {exchange.failures.get('keyholder')}"
+                f"key holder refused or failed {message_type}: "
+                f"{exchange.failures.get('keyholder')}"
             )
         return exchange.replies["keyholder"]
 

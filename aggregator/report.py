@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedhe.aggregator.fedavg import JobRun
 
+from fedhe.aggregator.fedavg import JobRun
 from fedhe.config import JobConfig
 from fedhe.crypto import AGGREGATION_PARAMS
 

@@ -6,9 +6,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from fedhe.aggregator.session import Session
-
 from fedhe import protocol
+from fedhe.aggregator.session import Session
 from fedhe.errors import ProtocolError
 
 log = logging.getLogger("fedhe.aggregator")

@@ -55,8 +55,9 @@ class Session:
             if name is None:
                 continue
             if reply.has_error():
-                failures[name] = reply.error.reason
-                log.warning("%s %s failed: %s", name, message_type, reply.error.reason)
+                failures[name] = short_reason(reply.error.reason)
+                log.warning("%s %s failed: %s", name, message_type, failures[name])
+                log.debug("%s %s full error: %s", name, message_type, reply.error.reason)
                 continue
             self.bytes[f"{role}->aggregator"] += protocol.payload_nbytes(reply.content)
             got[name] = reply.content
@@ -65,3 +66,11 @@ class Session:
                 failures[name] = f"no reply within {self.timeout_s:.0f} s"
                 log.warning("%s %s: no reply within %.0f s", name, message_type, self.timeout_s)
         return Exchange(got, failures, wall)
+
+
+def short_reason(reason: str) -> str:
+    """The handler's own error message, without the simulation engine's traceback around it."""
+    marker = "occurred. Message:"
+    if marker not in reason:
+        return reason.strip()
+    return reason.rsplit(marker, 1)[-1].strip().removesuffix("'>").strip()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fedhe.clients import keyholder, party
-from fedhe.clients.roles import partition_id, require_role, resolve_role
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedhe import protocol
+from fedhe.clients import keyholder, party
+from fedhe.clients.roles import partition_id, require_role, resolve_role
 
 app = ClientApp()
 

@@ -580,7 +580,6 @@ def _moments_upload_bytes(
 ) -> int:
     """Bytes of the feature-moments uploads of parties `indices`, built as clients/party.py does."""
     from fedhe.aggregator.fedavg import MOMENTS_SUM_BOUND
-
     from fedhe.data.sources import DataSource, party_data
 
     source = DataSource(config.dataset, "", "", config.seed, config.parties)

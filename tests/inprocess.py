@@ -9,9 +9,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from fedhe.clients.app import app as client_app
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedhe.clients.app import app as client_app
 
 
 @dataclass

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import tenseal as ts
-from fedhe.aggregator.app import run_job
 
 from fedhe import protocol
+from fedhe.aggregator.app import run_job
 from fedhe.config import JobConfig
 from fedhe.crypto.context import CONTEXT_MAGIC
 from fedhe.errors import ProtocolError, SecretKeyLeakError
@@ -61,6 +61,7 @@ def test_a_dropped_party_is_excluded_and_the_sum_covers_exactly_the_others(finis
         ["party-0", "party-2", "party-3"]
     ] * 2
     assert result["encrypted"]["history"][0]["parties"] == 3
+    assert "drops out" in result["encrypted"]["history"][0]["dropped"]["party-1"]
 
 
 def test_no_message_to_any_role_carries_a_secret_key(finished):
