@@ -104,6 +104,7 @@ def test_job_below_the_key_holders_floor_is_refused(tmp_path):
     keyholder = KeyHolder(tmp_path, min_parties_floor=3)
     with pytest.raises(PolicyError, match="floor of 3"):
         _declare(keyholder, min_parties=2)
+    assert _last(keyholder)["decision"] == "refused" and _last(keyholder)["event"] == "declare"
 
 
 def test_redeclaring_a_job_with_other_terms_is_refused(keyholder):

@@ -68,13 +68,17 @@ class KeyHolder:
         Declaring the same job again returns the same public context; a different declaration
         under a known job id is refused.
         """
-        _check_job_id(job.job_id)
-        self.policy.check_declaration(job)
-        existing = self._declaration(job.job_id)
-        if existing is not None and existing != job:
-            raise PolicyError(
-                f"job {job.job_id!r} is already declared with other terms; use a new job id."
-            )
+        try:
+            _check_job_id(job.job_id)
+            self.policy.check_declaration(job)
+            existing = self._declaration(job.job_id)
+            if existing is not None and existing != job:
+                raise PolicyError(
+                    f"job {job.job_id!r} is already declared with other terms; use a new job id."
+                )
+        except PolicyError as err:
+            self.audit.append(job=job.job_id, event="declare", decision="refused", reason=str(err))
+            raise
         started = time.perf_counter()
         if existing is None:
             self._save_job(job, keys)
@@ -87,6 +91,7 @@ class KeyHolder:
             outputs={k: v.budget for k, v in job.outputs.items()},
             min_parties=job.min_parties,
             keygen_s=round(time.perf_counter() - started, 6) if existing is None else 0.0,
+            decision="declared",
         )
         return b"" if public is None else public.to_bytes()
 
