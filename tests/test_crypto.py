@@ -155,15 +155,22 @@ def test_foreign_context_is_rejected_by_fingerprint(public):
         load_tensor(data, public)
 
 
+def _split(data: bytes) -> tuple[dict, bytes]:
+    header_len = int.from_bytes(data[6:10], "big")
+    return json.loads(data[10 : 10 + header_len]), data[10 + header_len :]
+
+
+def _with_header(data: bytes, **changes) -> bytes:
+    """The same framed bytes with header fields replaced (what a forger would do)."""
+    header, body = _split(data)
+    new_header = json.dumps({**header, **changes}, sort_keys=True).encode()
+    return data[:6] + len(new_header).to_bytes(4, "big") + new_header + body
+
+
 def test_foreign_context_with_forged_fingerprint_fails_on_params(public):
     """A ciphertext of other parameters with this job's fingerprint pasted in still fails."""
     other = generate_keys(type(SMALL_PARAMS)(8192, (60, 40, 60), 40)).public()
-    data = encrypt(other, np.ones(5)).to_bytes()
-    header_len = int.from_bytes(data[6:10], "big")
-    header = json.loads(data[10 : 10 + header_len])
-    header["fingerprint"] = public.fingerprint
-    new_header = json.dumps(header, sort_keys=True).encode()
-    forged = data[:6] + len(new_header).to_bytes(4, "big") + new_header + data[10 + header_len :]
+    forged = _with_header(encrypt(other, np.ones(5)).to_bytes(), fingerprint=public.fingerprint)
     with pytest.raises(FedHEError):
         load_tensor(forged, public)
 
@@ -232,8 +239,7 @@ def test_public_context_holds_no_secret_key(secret, public):
     data = public.to_bytes()
     restored = PublicContext.from_bytes(data)
     assert not restored.raw.is_private() and not restored.raw.has_secret_key()
-    body = data[10 + int.from_bytes(data[6:10], "big") :]
-    assert not ts.context_from(body).is_private()
+    assert not ts.context_from(_split(data)[1]).is_private()
     assert restored.fingerprint == secret.fingerprint
 
 
@@ -246,12 +252,7 @@ def test_a_context_with_secret_key_is_refused_as_public(secret):
 
 def test_tampered_public_context_fingerprint_is_refused(public):
     other = generate_keys(SMALL_PARAMS).public()
-    data = public.to_bytes()
-    header_len = int.from_bytes(data[6:10], "big")
-    header = json.loads(data[10 : 10 + header_len])
-    header["fingerprint"] = other.fingerprint
-    new_header = json.dumps(header, sort_keys=True).encode()
-    forged = data[:6] + len(new_header).to_bytes(4, "big") + new_header + data[10 + header_len :]
+    forged = _with_header(public.to_bytes(), fingerprint=other.fingerprint)
     with pytest.raises(ContextMismatchError):
         PublicContext.from_bytes(forged)
 
@@ -267,8 +268,7 @@ def test_secret_context_round_trips_for_the_key_holder_only(secret, public):
 def test_aggregation_keys_ship_without_evaluation_keys(agg_public):
     """Addition needs no relinearization or Galois key: the public context carries neither."""
     data = agg_public.to_bytes()
-    body = data[10 + int.from_bytes(data[6:10], "big") :]
-    shipped = ts.context_from(body)
+    shipped = ts.context_from(_split(data)[1])
     assert not shipped.has_galois_keys() and not shipped.has_relin_keys()
     assert len(data) < 1_000_000
 
