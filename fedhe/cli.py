@@ -130,8 +130,10 @@ def _print_summary(result_path: Path) -> None:
             table.add_row(
                 key, f"{result['encrypted'][key]:.4f}", f"{plain[key]:.4f}" if key in plain else "-"
             )
+    plain_timings = result.get("plaintext_timings_s", {})
     for phase, seconds in result["timings_s"].items():
-        table.add_row(f"time {phase} (s)", f"{seconds:.3f}", "")
+        twin = f"{plain_timings[phase]:.3f}" if phase in plain_timings else "-"
+        table.add_row(f"time {phase} (s)", f"{seconds:.3f}", twin)
     for direction, n in result["bytes"].items():
         table.add_row(
             f"bytes {direction}",
