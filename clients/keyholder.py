@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -13,24 +14,26 @@ from fedhe import protocol
 from fedhe.crypto import KeyRequest
 from fedhe.keyholder import DEFAULT_FLOODING_BITS, DecryptionRequest, JobDeclaration, KeyHolder
 
+STATE_ROOT_ENV = "FEDHE_STATE_ROOT"
+
 
 def keyholder_for(context: Context) -> KeyHolder:
     """The key holder keeps its keys and audit log on its own disk, never in a message.
 
-    Deployment: under `data-path` from node_config. Simulation: a private temporary folder per
-    run and node."""
+    Deployment: under `data-path` from node_config. Simulation: a private folder per run and
+    node below $FEDHE_STATE_ROOT (the `fedhe` CLI points it at a temporary folder it deletes
+    after the run) or the system's temporary folder."""
     data_path = context.node_config.get("data-path")
     if data_path:
         state_dir = Path(str(data_path)) / "keyholder"
     else:
-        state_dir = (
-            Path(tempfile.gettempdir()) / "fedhe-keyholder" / f"{context.run_id}-{context.node_id}"
-        )
-    flooding = context.node_config.get("flooding-bits", DEFAULT_FLOODING_BITS)
+        root = os.environ.get(STATE_ROOT_ENV) or Path(tempfile.gettempdir()) / "fedhe-keyholder"
+        state_dir = Path(root) / f"{context.run_id}-{context.node_id}"
+    flooding = int(context.node_config.get("flooding-bits", DEFAULT_FLOODING_BITS))
     return KeyHolder(
         state_dir,
         min_parties_floor=int(context.node_config.get("min-parties-floor", 2)),
-        flooding_bits=None if int(flooding) < 0 else int(flooding),
+        flooding_bits=None if flooding < 0 else flooding,
     )
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -61,19 +62,30 @@ def simulate(config: JobConfig) -> Path:
 
     from fedhe.aggregator.app import build_server_app
     from fedhe.clients.app import app as client_app
+    from fedhe.clients.keyholder import STATE_ROOT_ENV
 
-    run_simulation(
-        server_app=build_server_app(config),
-        client_app=client_app,
-        num_supernodes=config.num_nodes,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {
-                "num_cpus": max(1, min(os.cpu_count() or 1, config.num_nodes)),
-                "include_dashboard": False,
-            },
-        },
-    )
+    # The simulated key holder's secret keys live in a folder that is gone after the run.
+    with tempfile.TemporaryDirectory(prefix="fedhe-sim-") as state_root:
+        previous = os.environ.get(STATE_ROOT_ENV)
+        os.environ[STATE_ROOT_ENV] = state_root
+        try:
+            run_simulation(
+                server_app=build_server_app(config),
+                client_app=client_app,
+                num_supernodes=config.num_nodes,
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "init_args": {
+                        "num_cpus": max(1, min(os.cpu_count() or 1, config.num_nodes)),
+                        "include_dashboard": False,
+                    },
+                },
+            )
+        finally:
+            if previous is None:
+                os.environ.pop(STATE_ROOT_ENV, None)
+            else:
+                os.environ[STATE_ROOT_ENV] = previous
     result = Path(config.out) / "result.json"
     if not result.exists():
         raise FedHEError(f"the simulation ended without writing {result}; see the log above.")

@@ -31,6 +31,12 @@ def agg_public(agg_secret):
     return agg_secret.public()
 
 
+@pytest.fixture(autouse=True)
+def keyholder_state_in_tmp(tmp_path, monkeypatch):
+    """Simulated key holders keep their secret keys under the test's own temporary folder."""
+    monkeypatch.setenv("FEDHE_STATE_ROOT", str(tmp_path / "keyholder-state"))
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -26,6 +26,7 @@ class InProcessGrid:
     run_id: int = field(default_factory=lambda: random.getrandbits(62))
     node_configs: dict[int, dict] = field(default_factory=dict)
     log: list[tuple[str, Message]] = field(default_factory=list)
+    unreachable: set[int] = field(default_factory=set)  # node indexes that never answer
 
     def __post_init__(self) -> None:
         TaskIdentity.run_id = self.run_id
@@ -52,6 +53,8 @@ class InProcessGrid:
         replies = []
         for message in messages:
             self.log.append(("sent", message))
+            if message.metadata.dst_node_id - 1000 in self.unreachable:
+                continue
             context = self.contexts[message.metadata.dst_node_id]
             try:
                 reply = client_app(message, context)

@@ -19,7 +19,9 @@ def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     config = JobConfig(parties=4, min_parties=3, rounds=2, out=str(out), drop_party=1)
     grid = InProcessGrid(config.num_nodes)
-    run_job(grid, config)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDHE_STATE_ROOT", str(out / "keyholder-state"))
+        run_job(grid, config)
     return grid, json.loads((out / "result.json").read_text()), out
 
 
@@ -173,3 +175,33 @@ def test_party_count_must_match_the_csv_files(tmp_path):
                        data_dir=str(tmp_path), target="target")
     with pytest.raises(DataError, match="holds 3 party files but the job has 4"):
         run_job(InProcessGrid(config.num_nodes), config)
+
+
+def test_unreachable_key_holder_stops_the_job_with_a_clear_error(tmp_path):
+    config = JobConfig(parties=3, min_parties=2, rounds=1, out=str(tmp_path), timeout_s=1.0)
+    grid = InProcessGrid(config.num_nodes, unreachable={config.keyholder_node})
+    with pytest.raises(ProtocolError, match="found 0 key holders"):
+        run_job(grid, config)
+
+
+def test_key_holder_lost_after_discovery_stops_the_job(tmp_path):
+    config = JobConfig(parties=3, min_parties=2, rounds=1, out=str(tmp_path), timeout_s=1.0)
+    grid = InProcessGrid(config.num_nodes)
+    send = grid.send_and_receive
+
+    def lose_keyholder_after_whoami(messages, timeout=None):
+        if all(m.metadata.message_type != protocol.WHOAMI for m in messages):
+            grid.unreachable.add(config.keyholder_node)
+        return send(messages, timeout)
+
+    grid.send_and_receive = lose_keyholder_after_whoami
+    with pytest.raises(ProtocolError, match=r"refused or failed query\.declare: no reply"):
+        run_job(grid, config)
+
+
+def test_an_unreachable_party_is_left_out_while_min_parties_hold(tmp_path):
+    config = JobConfig(parties=4, min_parties=3, rounds=1, out=str(tmp_path),
+                       plaintext_twin=False)
+    run_job(InProcessGrid(config.num_nodes, unreachable={0}), config)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["encrypted"]["history"][0]["parties"] == 3
