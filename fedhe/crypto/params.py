@@ -88,16 +88,24 @@ class CKKSParams:
         """A conservative bound of the absolute error of a sum of `n_terms` fresh ciphertexts."""
         return n_terms * 2.0 ** (FRESH_NOISE_BITS - self.scale_bits)
 
-    def encoding_for(self, sum_bound: float) -> tuple[int, int]:
+    def encoding_for(self, sum_bound: float, min_scale_bits: int | None = None) -> tuple[int, int]:
         """(level, scale_bits) for sums up to `sum_bound`.
 
-        The fewest primes that hold the bound at the nominal scale (fewest bytes), then the
-        largest scale those primes leave room for: more precision at no cost in size.
+        The fewest primes that hold the bound at `min_scale_bits` (default: the nominal scale),
+        the fewest bytes; then the largest scale those primes leave room for (at most 60
+        bits): more precision at no cost in size.
         """
-        level = self.level_for(sum_bound)
+        wanted = self.scale_bits if min_scale_bits is None else min_scale_bits
         magnitude_bits = max(0, math.ceil(math.log2(sum_bound))) if sum_bound > 0 else 0
-        room = sum(self.coeff_mod_bit_sizes[:level]) - 2 - magnitude_bits
-        return level, max(self.scale_bits, min(room, MAX_PRIME_BITS))
+        for level in range(1, self.depth + 2):
+            room = sum(self.coeff_mod_bit_sizes[:level]) - 2 - magnitude_bits
+            if room >= wanted:
+                return level, min(room, MAX_PRIME_BITS)
+        raise ParameterError(
+            f"sums up to {sum_bound:.6g} at scale 2^{wanted} exceed what these parameters "
+            f"hold ({sum(self.coeff_mod_bit_sizes[:-1])} bits of modulus); lower the bound or "
+            "the precision, or choose a larger modulus."
+        )
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)

@@ -147,16 +147,18 @@ def encrypt(
     *,
     sum_bound: float | None = None,
     n_terms: int = 1,
+    min_scale_bits: int | None = None,
 ) -> EncryptedTensor:
     """Encrypt an array of any shape, at the lowest level that still holds `sum_bound`.
 
     `sum_bound` bounds |value| of the sum this tensor will join (default: what the lowest level
     holds); `n_terms` is how many such tensors that sum adds up, so each one must stay within
-    `sum_bound / n_terms` (checked here: CKKS overflow is silent).
+    `sum_bound / n_terms` (checked here: CKKS overflow is silent). `min_scale_bits` asks for
+    more precision than the nominal scale, at the cost of more primes if needed.
     """
     params = context.params
     bound = params.max_abs_value if sum_bound is None else sum_bound
-    level, scale_bits = params.encoding_for(bound)
+    level, scale_bits = params.encoding_for(bound, min_scale_bits)
     array = check_values(values, bound / max(n_terms, 1))
     flat = array.ravel()
     encryptor = _seal.LevelEncryptor(context.raw, level, 2.0**scale_bits)
@@ -183,6 +185,7 @@ def load_tensor(
     *,
     shape: Shape | None = None,
     sum_bound: float | None = None,
+    min_scale_bits: int | None = None,
 ) -> Tensor:
     """Parse and validate tensor bytes: encrypted when `context` is given, plaintext otherwise.
 
@@ -208,7 +211,7 @@ def load_tensor(
         return _load_plain(body, tensor_shape)
     tensor = _load_encrypted(header, body, tensor_shape, context)
     if sum_bound is not None:
-        level, scale_bits = context.params.encoding_for(sum_bound)
+        level, scale_bits = context.params.encoding_for(sum_bound, min_scale_bits)
         if (tensor.level, tensor.scale) != (level, 2.0**scale_bits):
             raise InvalidCiphertextError(
                 f"ciphertexts keep {tensor.level} primes at scale 2^{math.log2(tensor.scale):g}; "

@@ -129,6 +129,7 @@ def party_contribution(
     *,
     sum_bound: float,
     n_terms: int = 1,
+    min_scale_bits: int | None = None,
 ) -> bytes:
     """Encrypt ``n_i·Δw_i ‖ n_i ‖ 1`` (or keep it plain for the twin) as bytes for the aggregator.
 
@@ -137,6 +138,7 @@ def party_contribution(
     level (the fewer primes, the fewer bytes), and every party must use the same. With
     `n_terms` > 1 each party checks its own share against `sum_bound / n_terms`; with 1 the
     caller guarantees the sum (e.g. |Δw| clipped to c and sum_bound = c·Σn_i).
+    `min_scale_bits` asks for more precision (aggregator and parties must agree on it too).
     """
     if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 1:
         raise ValueRangeError(f"n_samples must be a positive integer, got {n_samples!r}.")
@@ -144,7 +146,9 @@ def party_contribution(
     check_values(vector, sum_bound / max(n_terms, 1))  # both twins refuse the same input
     if context is None:
         return PlainTensor(vector).to_bytes()
-    return encrypt_tensor(context, vector, sum_bound=sum_bound, n_terms=n_terms).to_bytes()
+    return encrypt_tensor(
+        context, vector, sum_bound=sum_bound, n_terms=n_terms, min_scale_bits=min_scale_bits
+    ).to_bytes()
 
 
 # -- aggregator ---------------------------------------------------------------------------------
@@ -166,6 +170,7 @@ def aggregator_sum(
     *,
     sum_bound: float,
     min_parties: int,
+    min_scale_bits: int | None = None,
 ) -> AggregateSum:
     """Validate each contribution, drop the bad ones (logged), and sum the rest homomorphically.
 
@@ -174,7 +179,13 @@ def aggregator_sum(
     accepted, rejected = {}, {}
     for party, data in sorted(contributions.items()):
         try:
-            accepted[party] = load_tensor(data, context, shape=(layout.size,), sum_bound=sum_bound)
+            accepted[party] = load_tensor(
+                data,
+                context,
+                shape=(layout.size,),
+                sum_bound=sum_bound,
+                min_scale_bits=min_scale_bits,
+            )
         except FedHEError as err:
             rejected[party] = str(err)
             log.warning("party %s excluded from the sum: %s", party, err)
