@@ -13,7 +13,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedhe.aggregator.fedavg import FedAvgJob, JobRun
+from fedhe.aggregator.fedavg import FedAvgJob
+from fedhe.aggregator.job import JobRun
 from fedhe.aggregator.report import build_result, write_run
 from fedhe.aggregator.roles import discover, wait_for_nodes
 from fedhe.aggregator.session import Session

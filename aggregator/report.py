@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fedhe.aggregator.fedavg import JobRun
+from fedhe.aggregator.job import JobRun
 from fedhe.config import JobConfig
 from fedhe.crypto import AGGREGATION_PARAMS
 

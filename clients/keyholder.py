@@ -13,6 +13,7 @@ from flwr.app import Context, Message
 from fedhe import protocol
 from fedhe.crypto import KeyRequest
 from fedhe.keyholder import DEFAULT_FLOODING_BITS, DecryptionRequest, JobDeclaration, KeyHolder
+from fedhe.tasks import keyholder_release
 
 STATE_ROOT_ENV = "FEDHE_STATE_ROOT"
 
@@ -61,10 +62,10 @@ def decrypt(msg: Message, context: Context) -> Message:
         tensor=protocol.payload_of(msg.content)["tensor"],
     )
     started = time.perf_counter()
-    released = keyholder_for(context).decrypt(request)
+    released = keyholder_release(keyholder_for(context), request)
     return Message(
         protocol.content(
-            payload={"values": protocol.array_to_bytes(released.values)},
+            payload={"values": protocol.array_to_bytes(released)},
             metrics={"decrypt-s": time.perf_counter() - started},
         ),
         reply_to=msg,

@@ -23,9 +23,9 @@ from fedhe.learning import (
     get_weights,
     local_train,
     set_weights,
-    standardize,
 )
-from fedhe.tasks import aggregate
+from fedhe.tasks import aggregate, linreg, logreg, moments
+from fedhe.tasks.moments import Standardizer
 
 _JOB_RECORD = "fedhe.job."
 _CONTEXT_RECORD = "fedhe.context."
@@ -60,14 +60,22 @@ def setup(msg: Message, context: Context) -> Message:
     )
 
 
-def moments(msg: Message, context: Context) -> Message:
+def feature_moments(msg: Message, context: Context) -> Message:
     """Contribute Enc(n_i·(E_i[x] ‖ E_i[x²])) so the job standardizes with global statistics."""
     config = protocol.config_of(msg.content)
     job = _job(context, str(config["job-id"]))
     data = party_data(job["source"], job["party-index"])
-    arrays = [data.X.mean(axis=0), (data.X**2).mean(axis=0)]
-    return _contribute(msg, context, job, arrays, data.n_samples,
-                       sum_bound=float(config["sum-bound"]), n_terms=job["n-parties"])
+    columns = np.column_stack([data.X, data.y]) if config.get("with-target") else data.X
+    arrays = moments.party_moments(columns)
+    return _contribute(
+        msg,
+        context,
+        job,
+        arrays,
+        data.n_samples,
+        sum_bound=float(config["sum-bound"]),
+        n_terms=job["n-parties"],
+    )
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -77,7 +85,7 @@ def train(msg: Message, context: Context) -> Message:
     if int(config.get("fail-party", -1)) == job["party-index"]:
         raise ProtocolError(f"party {job['party-index']} drops out (simulated fault).")
     data = party_data(job["source"], job["party-index"])
-    X = standardize(data.X, np.asarray(config["mean"]), np.asarray(config["meansq"]))
+    X = Standardizer.from_dict(config["standardizer"]).features(data.X)
     global_weights = protocol.weights_of(msg.content)
     model = build_model(ModelSpec.from_dict(config["model"]), seed=0)
     set_weights(model, global_weights)
@@ -94,19 +102,106 @@ def train(msg: Message, context: Context) -> Message:
     # Clipping |Δw| to `clip` is what lets the aggregator bound the sum by clip·Σn_i.
     clip = float(config["clip"])
     delta = {k: np.clip(new_weights[k] - global_weights[k], -clip, clip) for k in global_weights}
-    return _contribute(msg, context, job, delta, data.n_samples,
-                       sum_bound=float(config["sum-bound"]),
-                       metrics={"train-loss": loss, "train-s": train_s})
+    return _contribute(
+        msg,
+        context,
+        job,
+        delta,
+        data.n_samples,
+        sum_bound=float(config["sum-bound"]),
+        metrics={"train-loss": loss, "train-s": train_s},
+    )
 
 
-def _contribute(msg: Message, context: Context, job: dict[str, Any], arrays: Any, n_samples: int,
-                *, sum_bound: float, n_terms: int = 1,
-                metrics: dict[str, float] | None = None) -> Message:
+def masked_statistics(msg: Message, context: Context) -> Message:
+    """Exact linreg: contribute Enc(R·(ZᵢᵀZᵢ + α·nᵢ·I') ‖ R·Zᵢᵀyᵢ ‖ nᵢ ‖ 1)."""
+    config = protocol.config_of(msg.content)
+    job = _job(context, str(config["job-id"]))
+    data = party_data(job["source"], job["party-index"])
+    standardizer = Standardizer.from_dict(config["standardizer"])
+    arrays = linreg.party_masked_statistics(
+        standardizer.features(data.X),
+        standardizer.target(data.y),
+        np.asarray(config["mask"], dtype=float),
+        l2=float(config["l2"]),
+    )
+    return _contribute(
+        msg,
+        context,
+        job,
+        arrays,
+        data.n_samples,
+        sum_bound=float(config["sum-bound"]),
+        min_scale_bits=int(config["min-scale-bits"]),
+    )
+
+
+def gradient(msg: Message, context: Context) -> Message:
+    """Gradient mode: contribute Enc(nᵢ·clip(mean gradient at w) ‖ nᵢ ‖ 1)."""
+    config = protocol.config_of(msg.content)
+    job = _job(context, str(config["job-id"]))
+    if int(config.get("fail-party", -1)) == job["party-index"]:
+        raise ProtocolError(f"party {job['party-index']} drops out (simulated fault).")
+    data = party_data(job["source"], job["party-index"])
+    standardizer = Standardizer.from_dict(config["standardizer"])
+    logistic = config["task"] == logreg.TASK
+    if logistic:
+        logreg.check_binary(data.y, f"party {job['party-index']}")
+    y = data.y.astype(float) if logistic else standardizer.target(data.y)
+    batch = _batch(
+        data.n_samples,
+        int(config["batch-size"]),
+        int(config["seed"]) * 1000 + int(config["round"]) * 100 + job["party-index"],
+    )
+    started = time.perf_counter()
+    mean_gradient, n = linreg.party_gradient(
+        standardizer.features(data.X),
+        y,
+        np.asarray(config["w"], dtype=float),
+        link=logreg.sigmoid if logistic else linreg.identity,
+        clip=float(config["clip"]),
+        batch=batch,
+    )
+    return _contribute(
+        msg,
+        context,
+        job,
+        {"gradient": mean_gradient},
+        n,
+        sum_bound=float(config["sum-bound"]),
+        metrics={"train-s": time.perf_counter() - started},
+    )
+
+
+def _batch(n_samples: int, batch_size: int, seed: int) -> np.ndarray | None:
+    """A random mini-batch of this round, or None (all samples) when batch_size is 0 or ≥ n."""
+    if batch_size <= 0 or batch_size >= n_samples:
+        return None
+    return np.random.default_rng(seed).choice(n_samples, size=batch_size, replace=False)
+
+
+def _contribute(
+    msg: Message,
+    context: Context,
+    job: dict[str, Any],
+    arrays: Any,
+    n_samples: int,
+    *,
+    sum_bound: float,
+    n_terms: int = 1,
+    min_scale_bits: int | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Message:
     """Reply with this party's secure-aggregation contribution and how long encryption took."""
     started = time.perf_counter()
     contribution = aggregate.party_contribution(
-        arrays, n_samples, aggregate.Layout.of(arrays), _public_context(context, job["job-id"]),
-        sum_bound=sum_bound, n_terms=n_terms,
+        arrays,
+        n_samples,
+        aggregate.Layout.of(arrays),
+        _public_context(context, job["job-id"]),
+        sum_bound=sum_bound,
+        n_terms=n_terms,
+        min_scale_bits=min_scale_bits,
     )
     encrypt_s = time.perf_counter() - started
     return Message(

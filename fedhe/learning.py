@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedhe.tasks.moments import Standardizer
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -112,17 +114,5 @@ def _n_outputs(model: nn.Module) -> int:
 
 
 def standardize(X: np.ndarray, mean: np.ndarray, meansq: np.ndarray) -> np.ndarray:
-    """Scale features by global moments (E[x], E[x²]) that secure aggregation computed.
-
-    A feature whose variance is within the moments' noise (encryption and flooding noise leave
-    ~1e-13 where the true variance is 0) is only centred: dividing by a noise-sized std would
-    blow up any test value that differs from the constant.
-    """
-    variance = meansq - mean**2
-    constant = variance <= CONSTANT_FEATURE_TOLERANCE * np.maximum(1.0, meansq)
-    std = np.where(constant, 1.0, np.sqrt(np.maximum(variance, 0.0)))
-    return (X - mean) / std
-
-
-# Relative variance below which a feature counts as constant (moments carry ~1e-13 noise).
-CONSTANT_FEATURE_TOLERANCE = 1e-9
+    """Scale features by global moments (E[x], E[x²]) that secure aggregation computed."""
+    return Standardizer.from_moments(mean, meansq).features(X)

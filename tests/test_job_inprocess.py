@@ -147,8 +147,14 @@ def test_csv_federation_with_one_malformed_file_goes_on_without_it(tmp_path, cap
     lines = bad.read_text().splitlines()
     lines[5] = lines[5].replace(",", ",oops,", 1).replace(",oops,", ",oops", 1)
     bad.write_text("\n".join(lines) + "\n")
-    config = JobConfig(parties=4, min_parties=3, rounds=2, out=str(tmp_path / "out"),
-                       data_dir=str(data_dir), target="target")
+    config = JobConfig(
+        parties=4,
+        min_parties=3,
+        rounds=2,
+        out=str(tmp_path / "out"),
+        data_dir=str(data_dir),
+        target="target",
+    )
     run_job(InProcessGrid(config.num_nodes), config)
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert "party-3.csv" in result["parties"]["excluded"]["party-2"]
@@ -161,8 +167,14 @@ def test_csv_federation_with_one_malformed_file_goes_on_without_it(tmp_path, cap
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     from fedhe.errors import DataError
 
-    config = JobConfig(parties=3, min_parties=2, rounds=1, out=str(tmp_path),
-                       data_dir=str(tmp_path / "nowhere"), target="y")
+    config = JobConfig(
+        parties=3,
+        min_parties=2,
+        rounds=1,
+        out=str(tmp_path),
+        data_dir=str(tmp_path / "nowhere"),
+        target="y",
+    )
     with pytest.raises(DataError, match="nowhere"):
         run_job(InProcessGrid(config.num_nodes), config)
 
@@ -171,8 +183,14 @@ def test_party_count_must_match_the_csv_files(tmp_path):
     from fedhe.errors import DataError
 
     _write_csv_federation(tmp_path, n_parties=3)
-    config = JobConfig(parties=4, min_parties=2, rounds=1, out=str(tmp_path / "o"),
-                       data_dir=str(tmp_path), target="target")
+    config = JobConfig(
+        parties=4,
+        min_parties=2,
+        rounds=1,
+        out=str(tmp_path / "o"),
+        data_dir=str(tmp_path),
+        target="target",
+    )
     with pytest.raises(DataError, match="holds 3 party files but the job has 4"):
         run_job(InProcessGrid(config.num_nodes), config)
 
@@ -200,8 +218,7 @@ def test_key_holder_lost_after_discovery_stops_the_job(tmp_path):
 
 
 def test_an_unreachable_party_is_left_out_while_min_parties_hold(tmp_path):
-    config = JobConfig(parties=4, min_parties=3, rounds=1, out=str(tmp_path),
-                       plaintext_twin=False)
+    config = JobConfig(parties=4, min_parties=3, rounds=1, out=str(tmp_path), plaintext_twin=False)
     run_job(InProcessGrid(config.num_nodes, unreachable={0}), config)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["encrypted"]["history"][0]["parties"] == 3

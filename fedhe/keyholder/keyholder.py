@@ -95,6 +95,12 @@ class KeyHolder:
         )
         return b"" if public is None else public.to_bytes()
 
+    def declaration(self, job_id: str) -> JobDeclaration:
+        job = self._declaration(job_id)
+        if job is None:
+            raise PolicyError(f"job {job_id!r} was never declared to this key holder.")
+        return job
+
     def public_context(self, job_id: str) -> PublicContext | None:
         secret = self._secret_context(job_id)
         return None if secret is None else secret.public()
@@ -116,6 +122,7 @@ class KeyHolder:
             spec = self.policy.check_request(job, request, self._spent(request))
             assert job is not None
             values, sigma = self._open(job, request.tensor)
+            _check_size(values, spec.size, request.output_kind)
             _check_count(values, spec.count_index, len(request.contributors))
         except FedHEError as err:
             self.audit.append(**base, decision="refused", reason=str(err))
@@ -178,6 +185,13 @@ class KeyHolder:
             if r.get("event") == "decrypt"
             and r.get("decision") == "decrypted"
             and r.get("output") == request.output_kind
+        )
+
+
+def _check_size(values: np.ndarray, size: int | None, output: str) -> None:
+    if size is not None and values.size != size:
+        raise PolicyError(
+            f"{output!r} was declared with {size} values, this tensor holds {values.size}."
         )
 
 

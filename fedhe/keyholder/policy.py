@@ -20,6 +20,7 @@ class OutputSpec:
 
     budget: int
     count_index: int = -1
+    size: int | None = None  # flat size of the tensor; None: any
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class JobDeclaration:
             "job_id": self.job_id,
             "task": self.task,
             "outputs": {
-                k: {"budget": v.budget, "count_index": v.count_index}
+                k: {"budget": v.budget, "count_index": v.count_index, "size": v.size}
                 for k, v in self.outputs.items()
             },
             "min_parties": self.min_parties,
@@ -57,7 +58,11 @@ class JobDeclaration:
                 job_id=str(data["job_id"]),
                 task=str(data["task"]),
                 outputs={
-                    str(k): OutputSpec(int(v["budget"]), int(v.get("count_index", -1)))
+                    str(k): OutputSpec(
+                        int(v["budget"]),
+                        int(v.get("count_index", -1)),
+                        None if v.get("size") is None else int(v["size"]),
+                    )
                     for k, v in data["outputs"].items()
                 },
                 min_parties=int(data["min_parties"]),

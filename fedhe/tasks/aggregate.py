@@ -109,7 +109,7 @@ def declare(
         job_id=job_id,
         task=TASK,
         outputs={
-            kind: OutputSpec(budget=budget, count_index=layout.count_index)
+            kind: OutputSpec(budget=budget, count_index=layout.count_index, size=layout.size)
             for kind, (budget, layout) in outputs.items()
         },
         min_parties=min_parties,

@@ -26,7 +26,6 @@ the logistic loss.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,39 +45,6 @@ MASK_SINGULAR_RANGE = (0.5, 2.0)
 _BOUND_MARGIN = 1.01
 # The solve amplifies errors by cond(R)·cond(A): encode the statistics at ≥ 2^50 (two primes).
 STATISTICS_SCALE_BITS = 50
-
-
-@dataclass(frozen=True)
-class Standardizer:
-    """Global mean and std of the features (and target), decrypted from one secure sum."""
-
-    mean: np.ndarray
-    std: np.ndarray
-    y_mean: float = 0.0
-    y_std: float = 1.0
-
-    @classmethod
-    def from_moments(
-        cls, mean: np.ndarray, meansq: np.ndarray, *, with_target: bool
-    ) -> Standardizer:
-        """`mean`, `meansq` are E[x], E[x²] per column; the target is the last column if present."""
-        std = np.sqrt(np.maximum(meansq - mean**2, 0.0))
-        std = np.where(std > 1e-9 * np.maximum(1.0, np.abs(mean)), std, 1.0)
-        if with_target:
-            return cls(mean[:-1], std[:-1], float(mean[-1]), float(std[-1]))
-        return cls(mean, std)
-
-    def features(self, X: np.ndarray) -> np.ndarray:
-        return (X - self.mean) / self.std
-
-    def target(self, y: np.ndarray) -> np.ndarray:
-        return (y - self.y_mean) / self.y_std
-
-    def to_original(self, w: np.ndarray) -> np.ndarray:
-        """Coefficients of standardized data → original units, intercept first."""
-        coef = w[1:] * self.y_std / self.std
-        intercept = self.y_mean + self.y_std * w[0] - float(coef @ self.mean)
-        return np.concatenate([[intercept], coef])
 
 
 def design(Z: np.ndarray) -> np.ndarray:
@@ -140,9 +106,10 @@ def solve_masked(values: np.ndarray, layout: Layout) -> np.ndarray:
         ) from err
 
 
-def keyholder_solve(keyholder: KeyHolder, request: DecryptionRequest, layout: Layout) -> np.ndarray:
+def keyholder_solve(keyholder: KeyHolder, request: DecryptionRequest) -> np.ndarray:
     """Decrypt under policy, solve, release only the coefficients (standardized units)."""
-    return solve_masked(keyholder.decrypt(request).values, layout)
+    declared = keyholder.declaration(request.job_id).meta["layouts"][request.output_kind]
+    return solve_masked(keyholder.decrypt(request).values, Layout.from_dict(declared))
 
 
 # -- gradient mode (shared with logreg) ------------------------------------------------------------

@@ -12,7 +12,8 @@ import numpy as np
 from sklearn.metrics import log_loss, roc_auc_score
 
 from fedhe.errors import DataError
-from fedhe.tasks.linreg import GRADIENT_OUTPUT, Standardizer, design
+from fedhe.tasks.linreg import GRADIENT_OUTPUT, design
+from fedhe.tasks.moments import Standardizer
 
 TASK = "logreg"
 OUTPUT = GRADIENT_OUTPUT

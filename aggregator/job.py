@@ -1,0 +1,246 @@
+"""What every job does at the aggregator: declare, set up parties, secure sums, report.
+
+A job subclass (`FedAvgJob`, `RegressionJob`) adds its own phases on top of these steps. Each
+secure sum takes whatever replies arrived, excludes (and records) the bad ones, and stops the
+job with a clear error below `min_parties` or when the key holder refuses or is unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import RecordDict
+
+from fedhe import protocol
+from fedhe.aggregator.roles import Federation
+from fedhe.aggregator.session import Exchange, Session
+from fedhe.config import JobConfig
+from fedhe.crypto import AGGREGATION_PARAMS, PublicContext
+from fedhe.data.datasets import Dataset
+from fedhe.data.sources import DataSource
+from fedhe.errors import ProtocolError
+from fedhe.tasks import aggregate, moments
+
+log = logging.getLogger("fedhe.aggregator")
+
+
+@dataclass
+class JobRun:
+    """What one run of a job produced: metrics per round, timings, bytes, audit, extras."""
+
+    job_id: str
+    encrypted: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    contributors: list[dict[str, Any]] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    audit: list[dict[str, Any]] = field(default_factory=list)
+    bytes: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.metrics or (self.history[-1] if self.history else {})
+
+
+class Job:
+    """Steps shared by every job; subclasses implement `outputs()` and `phases()`."""
+
+    def __init__(
+        self,
+        session: Session,
+        federation: Federation,
+        config: JobConfig,
+        source: DataSource,
+        test: Dataset,
+        *,
+        encrypted: bool,
+        job_id: str,
+    ) -> None:
+        self.session = session
+        self.federation = federation
+        self.config = config
+        self.source = source
+        self.test = test
+        self.run = JobRun(job_id, encrypted)
+        self.parties = dict(federation.parties)
+        self.context: PublicContext | None = None
+        self.public_bytes = b""
+
+    # -- to implement --------------------------------------------------------------------------
+
+    def outputs(self) -> dict[str, tuple[int, aggregate.Layout]]:
+        """Output kinds the key holder may decrypt, with their budget and layout."""
+        raise NotImplementedError
+
+    def phases(self) -> None:
+        """The job's own protocol, after declaration and party setup."""
+        raise NotImplementedError
+
+    # -- the common run --------------------------------------------------------------------------
+
+    def execute(self) -> JobRun:
+        started = time.perf_counter()
+        self.declare()
+        self.setup_parties()
+        self.phases()
+        self.run.audit = self.fetch_audit()
+        self.run.timings_s["total"] = time.perf_counter() - started
+        self.run.bytes = dict(self.session.bytes)
+        return self.run
+
+    def declare(self) -> None:
+        declaration = aggregate.declare(
+            self.run.job_id,
+            outputs=self.outputs(),
+            min_parties=self.config.min_parties,
+            encrypted=self.run.encrypted,
+            params=AGGREGATION_PARAMS,
+        )
+        reply = self.ask_keyholder(
+            protocol.DECLARE,
+            protocol.content(config={"declaration": declaration.to_dict(), "keys": {}}),
+        )
+        self.run.timings_s["keygen"] += protocol.metrics_of(reply)["keygen-s"]
+        public = protocol.payload_of(reply)["public-context"]
+        # The aggregator, like every party, accepts only a public context (raises on a secret key).
+        self.context = PublicContext.from_bytes(public) if public else None
+        self.public_bytes = public
+
+    def setup_parties(self) -> None:
+        contents = {
+            name: protocol.content(
+                config={
+                    "job-id": self.run.job_id,
+                    "source": self.source.to_dict(),
+                    "party-index": index,
+                    "n-parties": len(self.parties),
+                },
+                payload={"public-context": self.public_bytes},
+            )
+            for index, name in enumerate(self.parties)
+        }
+        exchange = self.session.ask(self.parties, protocol.SETUP, contents, role="party")
+        self.exclude(exchange.failures, "setup")
+        self.require_quorum("setup")
+
+    def feature_moments(self, *, with_target: bool = False) -> tuple[moments.Standardizer, int]:
+        """Global standardization and Σnᵢ by one secure sum: no party's own statistics leak."""
+        exchange = self.session.ask(
+            self.parties,
+            protocol.MOMENTS,
+            protocol.content(
+                config={
+                    "job-id": self.run.job_id,
+                    "sum-bound": moments.SUM_BOUND,
+                    "with-target": with_target,
+                }
+            ),
+            role="party",
+        )
+        self.exclude(exchange.failures, "moments")
+        self.require_quorum("moments")
+        layout = moments.layout(self.test.n_features + int(with_target))
+        flat = self.secure_sum(exchange, layout, moments.OUTPUT, moments.SUM_BOUND)
+        averaged, total_samples = aggregate.average_update(flat, layout)
+        standardizer = moments.Standardizer.from_moments(
+            averaged["mean"], averaged["meansq"], with_target=with_target
+        )
+        return standardizer, round(total_samples)
+
+    def secure_sum(
+        self,
+        exchange: Exchange,
+        layout: aggregate.Layout,
+        output: str,
+        sum_bound: float,
+        *,
+        min_scale_bits: int | None = None,
+    ) -> np.ndarray:
+        """Sum the contributions that arrived and validate; return what the key holder releases."""
+        contributions = {
+            name: protocol.payload_of(reply)["contribution"]
+            for name, reply in exchange.replies.items()
+        }
+        self._account(exchange)
+        started = time.perf_counter()
+        total = aggregate.aggregator_sum(
+            contributions,
+            layout,
+            self.context,
+            sum_bound=sum_bound,
+            min_parties=self.config.min_parties,
+            min_scale_bits=min_scale_bits,
+        )
+        self.run.timings_s["compute"] += time.perf_counter() - started
+        for name, reason in total.rejected.items():
+            self.run.excluded.setdefault(name, f"{output}: {reason}")
+        self.run.contributors.append({"output": output, "parties": sorted(total.contributors)})
+        request = aggregate.request_decryption(self.run.job_id, total, output)
+        reply = self.ask_keyholder(
+            protocol.DECRYPT,
+            protocol.content(
+                config={
+                    "job-id": request.job_id,
+                    "output": request.output_kind,
+                    "contributors": list(request.contributors),
+                },
+                payload={"tensor": request.tensor},
+            ),
+        )
+        self.run.timings_s["decrypt"] += protocol.metrics_of(reply)["decrypt-s"]
+        return protocol.array_from_bytes(protocol.payload_of(reply)["values"])
+
+    def ask_parties(self, message_type: str, config: dict[str, Any], **records: Any) -> Exchange:
+        return self.session.ask(
+            self.parties,
+            message_type,
+            protocol.content(config={"job-id": self.run.job_id, **config}, **records),
+            role="party",
+        )
+
+    def ask_keyholder(self, message_type: str, content: RecordDict) -> RecordDict:
+        """The job cannot go on without the key holder: a refusal or silence stops it."""
+        exchange = self.session.ask(
+            {"keyholder": self.federation.keyholder}, message_type, content, role="keyholder"
+        )
+        if "keyholder" not in exchange.replies:
+            raise ProtocolError(
+                f"key holder refused or failed {message_type}: {exchange.failures.get('keyholder')}"
+            )
+        return exchange.replies["keyholder"]
+
+    def fetch_audit(self) -> list[dict[str, Any]]:
+        reply = self.ask_keyholder(
+            protocol.AUDIT, protocol.content(config={"job-id": self.run.job_id})
+        )
+        return json.loads(protocol.config_of(reply)["entries"])
+
+    def exclude(self, failures: dict[str, str], phase: str) -> None:
+        for name, reason in failures.items():
+            self.run.excluded[name] = f"{phase}: {reason}"
+            self.parties.pop(name, None)
+
+    def require_quorum(self, phase: str) -> None:
+        if len(self.parties) < self.config.min_parties:
+            raise ProtocolError(
+                f"after {phase}, {len(self.parties)} parties remain, fewer than "
+                f"min_parties={self.config.min_parties}; excluded: {self.run.excluded}"
+            )
+
+    def _account(self, exchange: Exchange) -> None:
+        reported = [protocol.metrics_of(r) for r in exchange.replies.values()]
+        slowest = max(
+            (m.get("encrypt-s", 0.0) + m.get("train-s", 0.0) for m in reported), default=0.0
+        )
+        self.run.timings_s["encrypt"] += max(
+            (m.get("encrypt-s", 0.0) for m in reported), default=0.0
+        )
+        self.run.timings_s["transfer"] += max(0.0, exchange.wall_s - slowest)
