@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedhe.aggregator.fedavg import FedAvgJob
 from fedhe.aggregator.job import JobRun
+from fedhe.aggregator.regression import RegressionJob
 from fedhe.aggregator.report import build_result, write_run
 from fedhe.aggregator.roles import discover, wait_for_nodes
 from fedhe.aggregator.session import Session
@@ -39,7 +40,8 @@ def run_job(grid: Grid, config: JobConfig) -> Path:
     runs: list[JobRun] = []
     for encrypted in (True, False) if config.plaintext_twin else (True,):
         job_id = f"{config.task}-{grid.run.run_id}-{'he' if encrypted else 'plain'}"
-        job = FedAvgJob(
+        job_class = FedAvgJob if config.task == "aggregate" else RegressionJob
+        job = job_class(
             Session(grid, config.timeout_s),
             federation,
             config,
@@ -50,13 +52,14 @@ def run_job(grid: Grid, config: JobConfig) -> Path:
         )
         runs.append(job.execute())
     he, twin = runs[0], (runs[1] if len(runs) > 1 else None)
-    path = write_run(config.out, build_result(config, he, twin), he.audit)
+    result = build_result(config, he, twin, test.feature_names)
+    path = write_run(config.out, result, he.audit)
     log.info("result written to %s", path)
     return path
 
 
 def _data_source(config: JobConfig, n_parties: int) -> DataSource:
-    source = DataSource(config.dataset, config.data_dir, config.target, config.seed, n_parties)
+    source = DataSource(config.dataset_name, config.data_dir, config.target, config.seed, n_parties)
     if not source.from_csv:
         return source
     files = count_party_files(source)

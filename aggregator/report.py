@@ -16,10 +16,12 @@ from fedhe.aggregator.job import JobRun
 from fedhe.config import JobConfig
 from fedhe.crypto import AGGREGATION_PARAMS
 
-_METRICS = ("accuracy", "loss", "train_loss")
+_METRICS = ("accuracy", "loss", "train_loss", "log_loss", "auc", "mse", "r2")
 
 
-def build_result(config: JobConfig, he: JobRun, twin: JobRun | None) -> dict[str, Any]:
+def build_result(
+    config: JobConfig, he: JobRun, twin: JobRun | None, test_feature_names: tuple[str, ...] = ()
+) -> dict[str, Any]:
     result: dict[str, Any] = {
         "task": config.task,
         "parties": {
@@ -37,6 +39,12 @@ def build_result(config: JobConfig, he: JobRun, twin: JobRun | None) -> dict[str
         "ckks": {**AGGREGATION_PARAMS.to_dict(), "slots": AGGREGATION_PARAMS.slots},
         "config": config.to_run_config(),
     }
+    if "coefficients" in he.weights:
+        result["coefficients"] = {
+            "names": ["intercept", *test_feature_names],
+            "encrypted": he.weights["coefficients"].tolist(),
+            "plaintext": twin.weights["coefficients"].tolist() if twin else None,
+        }
     if twin is not None:
         result["plaintext_timings_s"] = _rounded(twin.timings_s)
         result["plaintext_bytes"] = twin.bytes
@@ -44,7 +52,11 @@ def build_result(config: JobConfig, he: JobRun, twin: JobRun | None) -> dict[str
             "max_abs_weight_diff": max(
                 float(np.max(np.abs(he.weights[k] - twin.weights[k]))) for k in he.weights
             ),
-            "accuracy_diff": abs(he.final.get("accuracy", 0) - twin.final.get("accuracy", 0)),
+            **{
+                f"{metric}_diff": abs(he.final[metric] - twin.final[metric])
+                for metric in _METRICS
+                if metric in he.final and metric in twin.final
+            },
         }
     return result
 

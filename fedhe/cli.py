@@ -18,7 +18,10 @@ _HELP = {
     "parties": "number of parties (data owners); one more node runs the key holder",
     "min_parties": "fewest parties a sum may cover; the job stops below it",
     "rounds": "training rounds",
-    "dataset": "built-in dataset: breast_cancer, iris, wine, digits",
+    "dataset": "built-in dataset: breast_cancer, iris, wine, digits, diabetes, synthetic "
+    "(default: breast_cancer; diabetes for linreg)",
+    "mode": "linreg: exact (masked normal equations, default) or gradient; logreg: gradient",
+    "l2": "L2 penalty per sample on standardized coefficients",
     "data_dir": "folder with party-*.csv (one per party) and test.csv, instead of --dataset",
     "target": "label column of the CSV files (with --data-dir)",
     "seed": "seed for splits, model initialization and local training",
@@ -137,7 +140,7 @@ def _print_summary(result_path: Path) -> None:
     table.add_column("encrypted (CKKS)", justify="right")
     table.add_column("plaintext twin", justify="right")
     plain = result.get("plaintext") or {}
-    for key in ("accuracy", "loss", "train_loss"):
+    for key in ("accuracy", "loss", "train_loss", "log_loss", "auc", "mse", "r2"):
         if key in result["encrypted"]:
             table.add_row(
                 key, f"{result['encrypted'][key]:.4f}", f"{plain[key]:.4f}" if key in plain else "-"

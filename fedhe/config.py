@@ -8,7 +8,10 @@ from typing import Any
 
 from fedhe.errors import FedHEError
 
-TASKS = ("aggregate",)
+TASKS = ("aggregate", "linreg", "logreg")
+MODES = ("exact", "gradient")
+DEFAULT_DATASET = {"aggregate": "breast_cancer", "linreg": "diabetes", "logreg": "breast_cancer"}
+DEFAULT_MODE = {"linreg": "exact", "logreg": "gradient"}
 
 
 class ConfigError(FedHEError, ValueError):
@@ -23,7 +26,7 @@ class JobConfig:
     parties: int = 5
     min_parties: int = 3
     rounds: int = 3
-    dataset: str = "breast_cancer"
+    dataset: str = ""  # empty: the task's default (DEFAULT_DATASET)
     data_dir: str = ""
     target: str = ""
     seed: int = 0
@@ -33,6 +36,8 @@ class JobConfig:
     batch_size: int = 32
     lr: float = 0.1
     clip: float = 10.0  # |Δw| per coordinate is clipped to this; bounds the encrypted sum
+    mode: str = ""  # linreg: exact (default) or gradient; logreg: gradient
+    l2: float = 0.0  # L2 penalty per sample on standardized coefficients (not the intercept)
     hidden: str = ""  # MLP hidden widths, e.g. "32,16"; empty: logistic/softmax regression
     plaintext_twin: bool = True  # also run the same job in the clear, for result.json
     drop_party: int = -1  # simulation fault: this party index fails every training round
@@ -55,6 +60,12 @@ class JobConfig:
             raise ConfigError(
                 f"clip must be ≥ 1 (it also bounds the sample counts), got {self.clip}."
             )
+        if self.mode and self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r} is not one of {list(MODES)}.")
+        if self.task == "logreg" and self.mode == "exact":
+            raise ConfigError("logreg has no exact mode (no closed form); use --mode gradient.")
+        if self.l2 < 0:
+            raise ConfigError(f"l2 must be ≥ 0, got {self.l2}.")
         if self.data_dir and not self.target:
             raise ConfigError("--data-dir needs --target: the name of the label column.")
         self.hidden_widths  # noqa: B018 - validates the string
@@ -70,6 +81,14 @@ class JobConfig:
         if any(w < 1 for w in widths):
             raise ConfigError(f"hidden widths must be positive, got {self.hidden!r}.")
         return widths
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset or DEFAULT_DATASET[self.task]
+
+    @property
+    def regression_mode(self) -> str:
+        return self.mode or DEFAULT_MODE.get(self.task, "")
 
     @property
     def num_nodes(self) -> int:

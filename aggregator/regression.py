@@ -1,0 +1,146 @@
+"""Linear and logistic regression over Flower: the aggregator's side of `fedhe.tasks.linreg`
+and `fedhe.tasks.logreg`.
+
+Both modes start with one secure sum of feature moments (and of the target for linreg).
+Exact mode (linreg): one secure sum of masked normal equations; the key holder releases only
+the coefficients. Gradient mode (linreg, logreg): `rounds` secure sums of mean gradients; the
+model stays in the clear at the aggregator and the key holder decrypts only gradient sums.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from fedhe import protocol
+from fedhe.aggregator.job import Job
+from fedhe.progress import progress
+from fedhe.tasks import aggregate, linreg, logreg, moments
+
+log = logging.getLogger("fedhe.aggregator")
+
+EXACT = "exact"
+GRADIENT = "gradient"
+
+
+class RegressionJob(Job):
+    """`linreg` (exact or gradient mode) or `logreg` (gradient mode) on encrypted contributions."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.logistic = self.config.task == logreg.TASK
+        self.mode = self.config.regression_mode
+        self.n_features = self.test.n_features
+        self.gradient_layout = aggregate.Layout(("gradient",), ((self.n_features + 1,),))
+
+    def outputs(self) -> dict[str, tuple[int, aggregate.Layout]]:
+        columns = self.n_features + (0 if self.logistic else 1)
+        outputs = {moments.OUTPUT: (1, moments.layout(columns))}
+        if self.mode == EXACT:
+            outputs[linreg.MASKED_OUTPUT] = (1, linreg.statistics_layout(self.n_features))
+        else:
+            outputs[linreg.GRADIENT_OUTPUT] = (self.config.rounds, self.gradient_layout)
+        return outputs
+
+    def phases(self) -> None:
+        if self.logistic:
+            logreg.check_binary(self.test.y, "test set")
+        standardizer, total_samples = self.feature_moments(with_target=not self.logistic)
+        if self.mode == EXACT:
+            w = self._exact(standardizer, total_samples)
+            self._record(0, w, standardizer, 0.0)
+        else:
+            w = self._gradient_descent(standardizer, total_samples)
+        self.run.weights = {"coefficients": self._coefficients(w, standardizer)}
+        self.run.metrics = self._evaluate(w, standardizer)
+
+    # -- exact mode ------------------------------------------------------------------------------
+
+    def _exact(self, standardizer: moments.Standardizer, total_samples: int) -> np.ndarray:
+        mask = linreg.masking_matrix(
+            self.n_features + 1
+        )  # stays here: never sent to the key holder
+        bound = linreg.statistics_sum_bound(self.n_features, total_samples, self.config.l2)
+        started = time.perf_counter()
+        exchange = self.ask_parties(
+            protocol.STATS,
+            {
+                "standardizer": standardizer.to_dict(),
+                "mask": mask.tolist(),
+                "l2": self.config.l2,
+                "sum-bound": bound,
+                "min-scale-bits": linreg.STATISTICS_SCALE_BITS,
+            },
+        )
+        w = self.secure_sum(
+            exchange,
+            linreg.statistics_layout(self.n_features),
+            linreg.MASKED_OUTPUT,
+            bound,
+            min_scale_bits=linreg.STATISTICS_SCALE_BITS,
+        )
+        self.run.timings_s["solve_round"] = time.perf_counter() - started
+        return w
+
+    # -- gradient mode ---------------------------------------------------------------------------
+
+    def _gradient_descent(
+        self, standardizer: moments.Standardizer, total_samples: int
+    ) -> np.ndarray:
+        w = np.zeros(self.n_features + 1)
+        bound = total_samples * self.config.clip  # |mean gradient| ≤ clip ⇒ |Σ nᵢgᵢ| ≤ clip·Σnᵢ
+        kind = "encrypted" if self.run.encrypted else "plaintext twin"
+        with progress(self.config.rounds, f"{kind}: rounds") as advance:
+            for round_number in range(1, self.config.rounds + 1):
+                started = time.perf_counter()
+                exchange = self.ask_parties(
+                    protocol.GRADIENT,
+                    {
+                        "task": self.config.task,
+                        "w": w.tolist(),
+                        "standardizer": standardizer.to_dict(),
+                        "batch-size": self.config.batch_size,
+                        "round": round_number,
+                        "seed": self.config.seed,
+                        "clip": self.config.clip,
+                        "sum-bound": bound,
+                        "fail-party": self.config.drop_party,
+                    },
+                )
+                flat = self.secure_sum(
+                    exchange, self.gradient_layout, linreg.GRADIENT_OUTPUT, bound
+                )
+                gradient, _ = aggregate.average_update(flat, self.gradient_layout)
+                w = linreg.gradient_step(
+                    w, gradient["gradient"], lr=self.config.lr, l2=self.config.l2
+                )
+                self._record(round_number, w, standardizer, time.perf_counter() - started)
+                self.run.history[-1]["dropped"] = dict(exchange.failures)
+                advance(f"{kind}: round {round_number}")
+        return w
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def _coefficients(self, w: np.ndarray, standardizer: moments.Standardizer) -> np.ndarray:
+        return logreg.to_original(w, standardizer) if self.logistic else standardizer.to_original(w)
+
+    def _evaluate(self, w: np.ndarray, standardizer: moments.Standardizer) -> dict[str, float]:
+        if self.logistic:
+            probability = logreg.predict_proba(w, standardizer, self.test.X)
+            return logreg.classification_metrics(self.test.y, probability)
+        predicted = linreg.predict(standardizer.to_original(w), self.test.X)
+        return linreg.regression_metrics(self.test.y, predicted)
+
+    def _record(
+        self, round_number: int, w: np.ndarray, standardizer: moments.Standardizer, round_s: float
+    ) -> None:
+        entry = {
+            "round": round_number,
+            "parties": len(self.run.contributors[-1]["parties"]),
+            **self._evaluate(w, standardizer),
+            "round_s": round_s,
+        }
+        self.run.history.append(entry)
+        log.info("%s round %d: %s", self.run.job_id, round_number, entry)
