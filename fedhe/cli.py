@@ -27,7 +27,7 @@ _HELP = {
     "seed": "seed for splits, model initialization and local training",
     "out": "output folder for result.json and audit.jsonl",
     "local_epochs": "local epochs per round",
-    "batch_size": "local mini-batch size",
+    "batch_size": "mini-batch size per party and step (gradient mode: 0 = all local samples)",
     "lr": "local SGD learning rate",
     "clip": "clip each update coordinate to ±clip (bounds the encrypted sum)",
     "hidden": "MLP hidden widths, e.g. 32,16 (default: logistic/softmax regression)",

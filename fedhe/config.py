@@ -33,7 +33,7 @@ class JobConfig:
     out: str = "runs/latest"
     keyholder_partition_id: int = -1  # simulation: which virtual node is the key holder (-1: last)
     local_epochs: int = 2
-    batch_size: int = 32
+    batch_size: int = 32  # per party and step; gradient mode: 0 = all local samples
     lr: float = 0.1
     clip: float = 10.0  # |Δw| per coordinate is clipped to this; bounds the encrypted sum
     mode: str = ""  # linreg: exact (default) or gradient; logreg: gradient
@@ -54,8 +54,10 @@ class JobConfig:
             )
         if self.rounds < 1:
             raise ConfigError(f"rounds must be ≥ 1, got {self.rounds}.")
-        if self.local_epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise ConfigError("local-epochs, batch-size and lr must be positive.")
+        if self.local_epochs < 1 or self.batch_size < 0 or not self.lr > 0:
+            raise ConfigError("local-epochs and lr must be positive, batch-size ≥ 0.")
+        if self.batch_size == 0 and self.task == "aggregate":
+            raise ConfigError("batch-size 0 (all local samples) is for gradient mode only.")
         if not self.clip >= 1.0:
             raise ConfigError(
                 f"clip must be ≥ 1 (it also bounds the sample counts), got {self.clip}."

@@ -1,0 +1,88 @@
+"""linreg and logreg through the real ServerApp loop and ClientApp handlers (in-process Grid)."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from fedhe import protocol
+from fedhe.aggregator.app import run_job
+from fedhe.config import JobConfig
+from fedhe.data import load_builtin
+from fedhe.tasks import linreg
+from tests.inprocess import InProcessGrid
+
+
+def _run(tmp_path, **settings):
+    config = JobConfig(parties=5, min_parties=3, out=str(tmp_path), **settings)
+    grid = InProcessGrid(config.num_nodes)
+    run_job(grid, config)
+    return json.loads((tmp_path / "result.json").read_text()), grid
+
+
+def test_exact_linreg_job_matches_sklearn_and_its_twin(tmp_path):
+    result, _ = _run(tmp_path, task="linreg")
+    train, test = load_builtin("diabetes", seed=0)
+    sk = LinearRegression().fit(train.X, train.y)
+    reference = np.concatenate([[sk.intercept_], sk.coef_])
+    coefficients = result["coefficients"]
+    assert coefficients["names"] == ["intercept", *train.feature_names]
+    for run in ("encrypted", "plaintext"):
+        got = np.asarray(coefficients[run])
+        assert np.max(np.abs(got - reference) / np.abs(reference)) <= 1e-6, run
+    sk_r2 = sk.score(test.X, test.y)
+    assert result["encrypted"]["r2"] == pytest.approx(sk_r2, abs=1e-9)
+    assert result["encrypted"]["mse"] == pytest.approx(result["plaintext"]["mse"], rel=1e-9)
+    outputs = [d["output"] for d in result["decryptions"]]
+    assert outputs == ["feature_moments", linreg.MASKED_OUTPUT]
+
+
+def test_key_holder_never_sends_the_masked_matrix_and_parties_get_the_mask_only(tmp_path):
+    _, grid = _run(tmp_path, task="linreg", plaintext_twin=False)
+    keyholder_node = 1000 + 5
+    released = [
+        protocol.array_from_bytes(protocol.payload_of(m.content)["values"])
+        for direction, m in grid.log
+        if direction == "received"
+        and m.metadata.src_node_id == keyholder_node
+        and m.metadata.message_type == protocol.DECRYPT
+    ]
+    assert [r.shape for r in released] == [(2 * 10 + 2 + 2,), (11,)]  # moments sum, then w only
+    to_keyholder = [
+        m for d, m in grid.log if d == "sent" and m.metadata.dst_node_id == keyholder_node
+    ]
+    assert all("mask" not in protocol.config_of(m.content) for m in to_keyholder)
+    stats = [m for d, m in grid.log if d == "sent" and m.metadata.message_type == protocol.STATS]
+    assert len(stats) == 5 and all("mask" in protocol.config_of(m.content) for m in stats)
+
+
+def test_gradient_linreg_agrees_with_its_twin_and_approaches_the_exact_fit(tmp_path):
+    result, _ = _run(tmp_path, task="linreg", mode="gradient", rounds=40, lr=0.4, batch_size=0)
+    exact, _ = _run(tmp_path / "exact", task="linreg", plaintext_twin=False)
+    assert result["encrypted"]["r2"] == pytest.approx(exact["encrypted"]["r2"], abs=0.01)
+    assert result["agreement"]["max_abs_weight_diff"] < 1e-3
+    assert result["encrypted"]["r2"] == pytest.approx(result["plaintext"]["r2"], abs=1e-6)
+    assert len([d for d in result["decryptions"] if d["output"] == linreg.GRADIENT_OUTPUT]) == 40
+
+
+def test_logreg_within_one_point_of_its_twin_and_of_sklearn(tmp_path):
+    # full-batch gradient descent with sklearn's default penalty (C=1 ⇒ α = 1/N per sample)
+    result, _ = _run(tmp_path, task="logreg", rounds=100, lr=4.0, batch_size=0, l2=1 / 455)
+    he, plain = result["encrypted"], result["plaintext"]
+    assert abs(he["accuracy"] - plain["accuracy"]) <= 0.01
+    train, test = load_builtin("breast_cancer", seed=0)
+    scaler = StandardScaler().fit(train.X)
+    sk = LogisticRegression(max_iter=1000).fit(scaler.transform(train.X), train.y)
+    sk_accuracy = sk.score(scaler.transform(test.X), test.y)
+    assert abs(he["accuracy"] - sk_accuracy) <= 0.01, (he["accuracy"], sk_accuracy)
+    assert {"accuracy", "log_loss", "auc"} <= set(he)
+    assert he["auc"] > 0.98
+
+
+def test_logreg_refuses_exact_mode():
+    from fedhe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no exact mode"):
+        JobConfig(task="logreg", mode="exact")
