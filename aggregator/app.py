@@ -68,7 +68,9 @@ def _data_source(config: JobConfig, n_parties: int) -> DataSource:
             f"{config.data_dir} holds {files} party files but the job has {config.parties} "
             "parties: pass --parties to match, one party-<N>.csv per party."
         )
-    return replace(source, classes=csv_classes(source))
+    if config.task == "linreg":
+        return replace(source, kind="regression")
+    return replace(source, kind="classification", classes=csv_classes(source))
 
 
 def build_server_app(config: JobConfig | None = None) -> ServerApp:

@@ -86,3 +86,40 @@ def test_logreg_refuses_exact_mode():
 
     with pytest.raises(ConfigError, match="no exact mode"):
         JobConfig(task="logreg", mode="exact")
+
+
+def test_linreg_on_csv_files_excludes_a_party_with_a_nan_cell(tmp_path):
+    import pandas as pd
+
+    rng = np.random.default_rng(5)
+    columns = ["age", "dose", "weight", "outcome"]
+    frames = []
+    for i in range(1, 5):
+        X = rng.normal(size=(60, 3)) * [10, 2, 15] + [50, 5, 70]
+        y = X @ [0.3, -2.0, 0.1] + 7 + rng.normal(scale=0.5, size=60)
+        frame = pd.DataFrame(np.column_stack([X, y]), columns=columns)
+        frame.to_csv(tmp_path / f"party-{i}.csv", index=False)
+        frames.append(frame)
+    frames[0].iloc[:40].to_csv(tmp_path / "test.csv", index=False)
+    bad = tmp_path / "party-2.csv"
+    lines = bad.read_text().splitlines()
+    lines[3] = "nan," + lines[3].split(",", 1)[1]
+    bad.write_text("\n".join(lines) + "\n")
+    config = JobConfig(
+        task="linreg",
+        parties=4,
+        min_parties=3,
+        out=str(tmp_path / "out"),
+        data_dir=str(tmp_path),
+        target="outcome",
+    )
+    run_job(InProcessGrid(config.num_nodes), config)
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    reason = result["parties"]["excluded"]["party-1"]
+    assert "party-2.csv" in reason and "line 4" in reason and "age" in reason
+    pooled = pd.concat([frames[0], frames[2], frames[3]])
+    sk = LinearRegression().fit(pooled[columns[:3]], pooled["outcome"])
+    reference = np.concatenate([[sk.intercept_], sk.coef_])
+    got = np.asarray(result["coefficients"]["encrypted"])
+    assert np.max(np.abs(got - reference) / np.abs(reference)) <= 1e-6
+    assert result["coefficients"]["names"] == ["intercept", "age", "dose", "weight"]

@@ -26,6 +26,11 @@ class DataSource:
     seed: int = 0
     n_parties: int = 1
     classes: tuple[float, ...] = ()
+    kind: str = ""  # CSV: "classification" or "regression"; empty: inferred from the target
+
+    @property
+    def csv_task(self) -> str | None:
+        return self.kind or ("classification" if self.classes else None)
 
     @property
     def from_csv(self) -> bool:
@@ -44,9 +49,12 @@ class DataSource:
 def party_data(source: DataSource, index: int) -> Dataset:
     """Party `index`'s training data: its IID share of a built-in set, or its CSV file."""
     if source.from_csv:
-        task = "classification" if source.classes else None
         return load_party(
-            source.data_dir, index, source.target, task=task, classes=source.classes or None
+            source.data_dir,
+            index,
+            source.target,
+            task=source.csv_task,
+            classes=source.classes or None,
         )
     train, _ = load_builtin(source.dataset, seed=source.seed)
     shares = partition_iid(train.n_samples, source.n_parties, seed=source.seed)
@@ -60,11 +68,10 @@ def test_data(source: DataSource) -> Dataset | None:
     if not source.from_csv:
         return load_builtin(source.dataset, seed=source.seed)[1]
     header = read_header(_find_party_files(source.data_dir)[0])
-    task = "classification" if source.classes else None
     return load_test(
         source.data_dir,
         source.target,
-        task=task,
+        task=source.csv_task,
         expected_columns=header,
         classes=source.classes or None,
     )
