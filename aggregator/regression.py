@@ -49,8 +49,9 @@ class RegressionJob(Job):
             logreg.check_binary(self.test.y, "test set")
         standardizer, total_samples = self.feature_moments(with_target=not self.logistic)
         if self.mode == EXACT:
+            started = time.perf_counter()
             w = self._exact(standardizer, total_samples)
-            self._record(0, w, standardizer, 0.0)
+            self._record(0, w, standardizer, time.perf_counter() - started)
         else:
             w = self._gradient_descent(standardizer, total_samples)
         self.run.weights = {"coefficients": self._coefficients(w, standardizer)}
@@ -63,7 +64,6 @@ class RegressionJob(Job):
             self.n_features + 1
         )  # stays here: never sent to the key holder
         bound = linreg.statistics_sum_bound(self.n_features, total_samples, self.config.l2)
-        started = time.perf_counter()
         exchange = self.ask_parties(
             protocol.STATS,
             {
@@ -81,7 +81,6 @@ class RegressionJob(Job):
             bound,
             min_scale_bits=linreg.STATISTICS_SCALE_BITS,
         )
-        self.run.timings_s["solve_round"] = time.perf_counter() - started
         return w
 
     # -- gradient mode ---------------------------------------------------------------------------

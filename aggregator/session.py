@@ -43,7 +43,7 @@ class Session:
         messages, names = [], {}
         for name, node_id in nodes.items():
             body = contents if isinstance(contents, RecordDict) else contents[name]
-            self.bytes[f"aggregator->{role}"] += protocol.payload_nbytes(body)
+            self.bytes[f"aggregator->{role}"] += protocol.message_nbytes(body)
             messages.append(Message(body, dst_node_id=node_id, message_type=message_type))
             names[node_id] = name
         started = time.perf_counter()
@@ -59,7 +59,7 @@ class Session:
                 log.warning("%s %s failed: %s", name, message_type, failures[name])
                 log.debug("%s %s full error: %s", name, message_type, reply.error.reason)
                 continue
-            self.bytes[f"{role}->aggregator"] += protocol.payload_nbytes(reply.content)
+            self.bytes[f"{role}->aggregator"] += protocol.message_nbytes(reply.content)
             got[name] = reply.content
         for name in nodes:
             if name not in got and name not in failures:

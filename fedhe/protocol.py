@@ -85,12 +85,16 @@ def weights_of(records: RecordDict) -> dict[str, np.ndarray]:
     return {} if record is None else {k: v.numpy() for k, v in record.items()}
 
 
-def payload_nbytes(records: RecordDict) -> int:
-    """Bytes of fedhe payload and model weights in a message (Flower's framing not counted)."""
+def message_nbytes(records: RecordDict) -> int:
+    """Bytes a message carries: payload, model weights, and its settings as JSON (Flower's own
+    framing not counted)."""
     total = sum(len(v) for v in payload_of(records).values())
     weights = records.get(WEIGHTS)
     if weights is not None:
         total += sum(len(a.data) for a in weights.values())
+    record = records.get(CONFIG)
+    if record is not None:
+        total += len(json.dumps(dict(record.items()), default=str))
     return total
 
 

@@ -41,3 +41,22 @@ def test_simulated_federation_matches_the_plaintext_twin(tmp_path):
     assert all(d == {"party-2": "party 2 drops out (simulated fault)."} for d in dropped), dropped
     assert result["bytes"]["party->aggregator"] > 0 and result["timings_s"]["keygen"] > 0
     assert (out / "audit.jsonl").read_text().count('"decision": "decrypted"') == 3
+
+
+@pytest.mark.slow
+def test_simulated_exact_linreg_matches_sklearn(tmp_path):
+    import numpy as np
+    from sklearn.linear_model import LinearRegression
+
+    from fedhe.data import load_builtin
+
+    out = tmp_path / "linreg"
+    assert (
+        main(["simulate", "linreg", "--parties", "4", "--min-parties", "3", "--out", str(out)]) == 0
+    )
+    result = json.loads((out / "result.json").read_text())
+    train, _ = load_builtin("diabetes", seed=0)
+    sk = LinearRegression().fit(train.X, train.y)
+    reference = np.concatenate([[sk.intercept_], sk.coef_])
+    got = np.asarray(result["coefficients"]["encrypted"])
+    assert np.max(np.abs(got - reference) / np.abs(reference)) <= 1e-6
