@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, Context, Message
 
 from fedhe import protocol
 from fedhe.crypto import PublicContext
+from fedhe.data.datasets import Dataset
 from fedhe.data.sources import DataSource, party_data
 from fedhe.errors import ProtocolError
 from fedhe.learning import (
@@ -62,9 +63,7 @@ def setup(msg: Message, context: Context) -> Message:
 
 def feature_moments(msg: Message, context: Context) -> Message:
     """Contribute Enc(n_i·(E_i[x] ‖ E_i[x²])) so the job standardizes with global statistics."""
-    config = protocol.config_of(msg.content)
-    job = _job(context, str(config["job-id"]))
-    data = party_data(job["source"], job["party-index"])
+    config, job, data = _open(msg, context)
     columns = np.column_stack([data.X, data.y]) if config.get("with-target") else data.X
     arrays = moments.party_moments(columns)
     return _contribute(
@@ -80,11 +79,7 @@ def feature_moments(msg: Message, context: Context) -> Message:
 
 def train(msg: Message, context: Context) -> Message:
     """Train on local data from the global model; send Enc(n_i·Δw_i ‖ n_i ‖ 1)."""
-    config = protocol.config_of(msg.content)
-    job = _job(context, str(config["job-id"]))
-    if int(config.get("fail-party", -1)) == job["party-index"]:
-        raise ProtocolError(f"party {job['party-index']} drops out (simulated fault).")
-    data = party_data(job["source"], job["party-index"])
+    config, job, data = _open(msg, context, fault_injectable=True)
     X = Standardizer.from_dict(config["standardizer"]).features(data.X)
     global_weights = protocol.weights_of(msg.content)
     model = build_model(ModelSpec.from_dict(config["model"]), seed=0)
@@ -93,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
         epochs=int(config["epochs"]),
         batch_size=int(config["batch-size"]),
         lr=float(config["lr"]),
-        seed=int(config["seed"]) * 1000 + int(config["round"]) * 100 + job["party-index"],
+        seed=_round_seed(config, job),
     )
     started = time.perf_counter()
     loss = local_train(model, X, data.y, train_config)
@@ -115,9 +110,7 @@ def train(msg: Message, context: Context) -> Message:
 
 def masked_statistics(msg: Message, context: Context) -> Message:
     """Exact linreg: contribute Enc(R·(ZᵢᵀZᵢ + α·nᵢ·I') ‖ R·Zᵢᵀyᵢ ‖ nᵢ ‖ 1)."""
-    config = protocol.config_of(msg.content)
-    job = _job(context, str(config["job-id"]))
-    data = party_data(job["source"], job["party-index"])
+    config, job, data = _open(msg, context)
     standardizer = Standardizer.from_dict(config["standardizer"])
     arrays = linreg.party_masked_statistics(
         standardizer.features(data.X),
@@ -138,21 +131,13 @@ def masked_statistics(msg: Message, context: Context) -> Message:
 
 def gradient(msg: Message, context: Context) -> Message:
     """Gradient mode: contribute Enc(nᵢ·clip(mean gradient at w) ‖ nᵢ ‖ 1)."""
-    config = protocol.config_of(msg.content)
-    job = _job(context, str(config["job-id"]))
-    if int(config.get("fail-party", -1)) == job["party-index"]:
-        raise ProtocolError(f"party {job['party-index']} drops out (simulated fault).")
-    data = party_data(job["source"], job["party-index"])
+    config, job, data = _open(msg, context, fault_injectable=True)
     standardizer = Standardizer.from_dict(config["standardizer"])
     logistic = config["task"] == logreg.TASK
     if logistic:
         logreg.check_binary(data.y, f"party {job['party-index']}")
     y = data.y.astype(float) if logistic else standardizer.target(data.y)
-    batch = _batch(
-        data.n_samples,
-        int(config["batch-size"]),
-        int(config["seed"]) * 1000 + int(config["round"]) * 100 + job["party-index"],
-    )
+    batch = _batch(data.n_samples, int(config["batch-size"]), _round_seed(config, job))
     started = time.perf_counter()
     mean_gradient, n = linreg.party_gradient(
         standardizer.features(data.X),
@@ -211,6 +196,22 @@ def _contribute(
         ),
         reply_to=msg,
     )
+
+
+def _open(
+    msg: Message, context: Context, *, fault_injectable: bool = False
+) -> tuple[dict[str, Any], dict[str, Any], Dataset]:
+    """This message's settings, the job's state on this party and the party's own data."""
+    config = protocol.config_of(msg.content)
+    job = _job(context, str(config["job-id"]))
+    if fault_injectable and int(config.get("fail-party", -1)) == job["party-index"]:
+        raise ProtocolError(f"party {job['party-index']} drops out (simulated fault).")
+    return config, job, party_data(job["source"], job["party-index"])
+
+
+def _round_seed(config: dict[str, Any], job: dict[str, Any]) -> int:
+    """Distinct per job seed, round and party, identical in the HE run and its twin."""
+    return int(config["seed"]) * 1000 + int(config["round"]) * 100 + job["party-index"]
 
 
 def _job(context: Context, job_id: str) -> dict[str, Any]:

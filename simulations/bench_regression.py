@@ -1,0 +1,364 @@
+"""Benchmark encrypted (CKKS) linear regression against its plaintext twin for many parties.
+
+In process: no Flower, no network, no Ray; the parties run one after another in this process,
+through the same code path as the Flower job (`aggregator/regression.py`, `clients/party.py`):
+`fedhe.tasks.aggregate` (``encrypted=False`` in ``declare`` gives context None: the plaintext
+twin), `fedhe.tasks.moments`, `fedhe.tasks.linreg` and `fedhe.tasks.keyholder_release`.
+
+* Data: synthetic linear data, ``--features`` (20) features on different scales and offsets,
+  ``--samples-per-party`` (100) samples per party, known coefficients plus N(0, 0.1²) noise,
+  all drawn from ``--seed``; parties hold contiguous slices. Party counts: ``--parties``.
+* Per party count, one run per mode (plaintext, then HE), each its own job at one key holder
+  (key generation at declaration, outside every timing), min_parties = all parties:
+  1. Exact mode end to end: feature+target moments secure sum → Standardizer → masked normal
+     equations secure sum → key holder decrypts and solves, releasing only the coefficients.
+     Coefficients in original units are checked against sklearn's LinearRegression on the
+     pooled data (max relative error).
+  2. Gradient mode, ONE round only (at w = 0, full batch, clip ``--clip``), reusing the
+     standardizer of step 1: every party's gradient contribution, sum, key-holder decryption.
+     Checked against the pooled gradient computed in the clear (max absolute error).
+* Per phase (``time.perf_counter``): party local statistics and encrypt (median and total
+  over parties), aggregator sum, key holder (decrypt, + solve for the masked statistics), and
+  the total wall time (exact: both secure sums; gradient: the round). Bytes: party→aggregator
+  per party and in total, aggregator→key holder (the sums), key holder→aggregator (released
+  float64 values: the moments, then the coefficients, 8 bytes each), the public context once.
+  Downlinks to the parties (mask, standardizer, w) are the same in both modes and not counted.
+* All contributions of one secure sum are kept in memory (1000 × ~0.2 MB) and summed by one
+  ``aggregator_sum`` call, exactly as the aggregator does: simpler than batched sums.
+
+The machine is shared and times are noisy: one run, no repetition.
+
+Run:  .venv/bin/python simulations/bench_regression.py [--parties 10,100,1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tenseal
+from rich.console import Console
+from rich.table import Table
+from sklearn.linear_model import LinearRegression
+
+from fedhe.crypto import AGGREGATION_PARAMS, PublicContext
+from fedhe.keyholder import KeyHolder
+from fedhe.tasks import aggregate, keyholder_release, linreg, moments
+
+MODES = ("plaintext", "he")
+# Per-phase byte counts → the names of their sums over a mode's phases.
+BYTES = {
+    "upload_bytes_per_party": "upload_bytes_per_party",
+    "upload_bytes_total": "upload_bytes_total",
+    "sum_bytes": "aggregator_to_keyholder_bytes",
+    "released_bytes": "keyholder_to_aggregator_bytes",
+}
+RATIOS = ("wall_s", "encrypt_s_total", "aggregate_s", "keyholder_s", "upload_bytes_per_party")
+COLUMNS = (
+    "parties|plain time|HE time|HE/plain|HE Σenc|HE sum|HE key holder|B/party plain|"
+    "B/party HE|total plain|total HE|error plain|error HE"
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parties", default="10,100,1000", help="party counts (10,100,1000)")
+    parser.add_argument("--features", type=int, default=20, help="features d (20)")
+    parser.add_argument("--samples-per-party", type=int, default=100, help="samples (100)")
+    parser.add_argument("--clip", type=float, default=10.0, help="gradient clip (10)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_regression.json"))
+    args = parser.parse_args(argv)
+    args.parties = [int(p) for p in args.parties.split(",") if p.strip()]
+    if not args.parties or min(args.parties) < 2:
+        parser.error("--parties needs counts of at least 2 (the key holder's floor).")
+    if args.features < 1 or args.samples_per_party < 2:
+        parser.error("--features must be ≥ 1 and --samples-per-party ≥ 2.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console(width=160)
+    d, rng = args.features, np.random.default_rng(args.seed)
+    coef = np.concatenate([[3.0], rng.normal(size=d)])  # intercept first
+    scales, offsets = rng.uniform(0.1, 10.0, d), rng.uniform(-5.0, 5.0, d)
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="fedhe-bench-regression-") as state_dir:
+        keyholder = KeyHolder(state_dir)
+        for n_parties in args.parties:
+            data_rng = np.random.default_rng([args.seed, n_parties])
+            n = n_parties * args.samples_per_party
+            X = data_rng.normal(size=(n, d)) * scales + offsets
+            y = coef[0] + X @ coef[1:] + data_rng.normal(scale=0.1, size=n)
+            model = LinearRegression().fit(X, y)
+            reference = np.concatenate([[model.intercept_], model.coef_])
+            for mode in MODES:
+                console.print(f"{n_parties} parties, {mode} ...")
+                run = _run(keyholder, mode, X, y, n_parties, reference, args)
+                runs.append(run)
+                console.print(
+                    f"  exact {run['exact']['wall_s']:.2f} s (coef rel err "
+                    f"{run['exact']['coef_max_rel_err']:.2e}), gradient round "
+                    f"{run['gradient']['wall_s']:.2f} s"
+                )
+    report = {
+        "benchmark": "encrypted vs plaintext linear regression, in process (no Flower)",
+        "config": {
+            "parties": args.parties,
+            "features": d,
+            "samples_per_party": args.samples_per_party,
+            "clip": args.clip,
+            "seed": args.seed,
+            "gradient_rounds": 1,
+            "ckks_params": AGGREGATION_PARAMS.to_dict(),
+        },
+        "true_coefficients": coef.tolist(),
+        "runs": runs,
+        "comparison": _compare(runs),
+        "machine": _machine(),
+    }
+    _print(console, report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+def _run(
+    keyholder: KeyHolder,
+    mode: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    n_parties: int,
+    reference: np.ndarray,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    d, spp = X.shape[1], args.samples_per_party
+    shares = [slice(i * spp, (i + 1) * spp) for i in range(n_parties)]
+    job_id = f"bench-{mode}-{n_parties}"
+    moments_layout, stats_layout = moments.layout(d + 1), linreg.statistics_layout(d)
+    gradient_layout = aggregate.Layout(("gradient",), ((d + 1,),))
+    declaration = aggregate.declare(
+        job_id,
+        outputs={
+            moments.OUTPUT: (1, moments_layout),
+            linreg.MASKED_OUTPUT: (1, stats_layout),
+            linreg.GRADIENT_OUTPUT: (1, gradient_layout),
+        },
+        min_parties=n_parties,
+        encrypted=mode == "he",
+    )
+    public = keyholder.declare_job(declaration)
+    context = PublicContext.from_bytes(public) if public else None
+
+    def secure_sum(arrays_of, layout, output, bound, n_terms=1, scale_bits=None):
+        phase: dict[str, Any] = {"local_s": [], "encrypt_s": [], "upload_bytes": []}
+        encoding = {"sum_bound": bound, "min_scale_bits": scale_bits}
+        contributions = {}
+        for i, share in enumerate(shares):
+            started = time.perf_counter()
+            arrays = arrays_of(share)
+            phase["local_s"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            contributions[f"p{i:04d}"] = data = aggregate.party_contribution(
+                arrays, spp, layout, context, n_terms=n_terms, **encoding
+            )
+            phase["encrypt_s"].append(time.perf_counter() - started)
+            phase["upload_bytes"].append(len(data))
+        started = time.perf_counter()
+        total = aggregate.aggregator_sum(
+            contributions, layout, context, min_parties=n_parties, **encoding
+        )
+        phase["aggregate_s"] = time.perf_counter() - started
+        del contributions
+        started = time.perf_counter()
+        request = aggregate.request_decryption(job_id, total, output)
+        released = np.asarray(keyholder_release(keyholder, request))
+        phase["keyholder_s"] = time.perf_counter() - started
+        phase["sum_bytes"], phase["released_bytes"] = len(total.tensor), 8 * released.size
+        if context is not None:
+            level, bits = AGGREGATION_PARAMS.encoding_for(bound, scale_bits)
+            phase["ckks_level"], phase["ckks_scale_bits"] = level, bits
+        return released, _summary(phase)
+
+    # (1) exact mode: moments secure sum, then the masked normal equations.
+    XY = np.column_stack([X, y])
+    started = time.perf_counter()
+    flat, moments_phase = secure_sum(
+        lambda s: moments.party_moments(XY[s]),
+        moments_layout,
+        moments.OUTPUT,
+        moments.SUM_BOUND,
+        n_terms=n_parties,
+    )
+    averaged, total_samples = aggregate.average_update(flat, moments_layout)
+    standardizer = moments.Standardizer.from_moments(
+        averaged["mean"], averaged["meansq"], with_target=True
+    )
+    mask = linreg.masking_matrix(d + 1)
+    bound = linreg.statistics_sum_bound(d, round(total_samples), 0.0)
+    w, stats_phase = secure_sum(
+        lambda s: linreg.party_masked_statistics(
+            standardizer.features(X[s]), standardizer.target(y[s]), mask
+        ),
+        stats_layout,
+        linreg.MASKED_OUTPUT,
+        bound,
+        scale_bits=linreg.STATISTICS_SCALE_BITS,
+    )
+    coefficients = standardizer.to_original(w)
+    exact_s = time.perf_counter() - started
+    err = np.abs(coefficients - reference) / np.maximum(np.abs(reference), 1e-12)
+    phases = {"moments": moments_phase, "masked_statistics": stats_phase}
+    exact = {
+        "wall_s": exact_s,
+        "phases": phases,
+        **_totals(phases),
+        "coef_max_rel_err": float(err.max()),
+        "coefficients": coefficients.tolist(),
+    }
+
+    # (2) gradient mode: one round at w = 0 on the whole local data (no mini-batch).
+    Z, t = standardizer.features(X), standardizer.target(y)
+    w0 = np.zeros(d + 1)
+    grad_bound = round(total_samples) * args.clip  # |mean gradient| ≤ clip ⇒ |Σ nᵢgᵢ| ≤ clip·N
+    started = time.perf_counter()
+    flat, grad_phase = secure_sum(
+        lambda s: {"gradient": linreg.party_gradient(Z[s], t[s], w0, clip=args.clip)[0]},
+        gradient_layout,
+        linreg.GRADIENT_OUTPUT,
+        grad_bound,
+    )
+    gradient, _ = aggregate.average_update(flat, gradient_layout)
+    gradient_s = time.perf_counter() - started
+    pooled, _ = linreg.party_gradient(Z, t, w0, clip=np.inf)
+    grad = {
+        "wall_s": gradient_s,
+        "phases": {"gradient": grad_phase},
+        **_totals({"gradient": grad_phase}),
+        "gradient_max_abs_err": float(np.max(np.abs(gradient["gradient"] - pooled))),
+    }
+    return {
+        "parties": n_parties,
+        "mode": mode,
+        "samples": len(y),
+        "public_context_bytes": len(public),
+        "exact": exact,
+        "gradient": grad,
+    }
+
+
+def _summary(phase: dict[str, Any]) -> dict[str, Any]:
+    local, enc, up = phase.pop("local_s"), phase.pop("encrypt_s"), phase.pop("upload_bytes")
+    return {
+        "local_s_median": statistics.median(local),
+        "local_s_total": sum(local),
+        "encrypt_s_median": statistics.median(enc),
+        "encrypt_s_total": sum(enc),
+        "upload_bytes_per_party": int(statistics.median(up)),
+        "upload_bytes_total": sum(up),
+        **phase,
+    }
+
+
+def _totals(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Sums over the phases of one mode (medians: the sum of the per-phase medians)."""
+    keys = ("encrypt_s_median", "encrypt_s_total", "aggregate_s", "keyholder_s")
+    out: dict[str, Any] = {k: sum(p[k] for p in phases.values()) for k in keys}
+    for key, name in BYTES.items():
+        out[name] = int(sum(p[key] for p in phases.values()))
+    out["bytes_total"] = sum(out[k] for k in list(BYTES.values())[1:])  # all but per party
+    return out
+
+
+def _compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """HE/plaintext ratios and both modes' errors, per party count and mode."""
+    by = {(r["parties"], r["mode"]): r for r in runs}
+    out = []
+    for n in sorted({r["parties"] for r in runs}):
+        entry: dict[str, Any] = {"parties": n}
+        for kind, err in (("exact", "coef_max_rel_err"), ("gradient", "gradient_max_abs_err")):
+            p, h = by[(n, "plaintext")][kind], by[(n, "he")][kind]
+            entry[kind] = {f"{k}_ratio": h[k] / p[k] for k in RATIOS}
+            entry[kind][err] = {"plaintext": p[err], "he": h[err]}
+        out.append(entry)
+    return out
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "tenseal": getattr(tenseal, "__version__", "unknown"),
+    }
+
+
+def _print(console: Console, report: dict[str, Any]) -> None:
+    config = report["config"]
+    by = {(r["parties"], r["mode"]): r for r in report["runs"]}
+    titles = {
+        "exact": "Exact mode (moments sum + masked normal equations sum + key-holder solve)",
+        "gradient": "Gradient mode, ONE round (gradient sum + key-holder decryption)",
+    }
+    for kind, title in titles.items():
+        table = Table(
+            title=f"{title}: d={config['features']}, {config['samples_per_party']} "
+            "samples/party, in process",
+            caption="time: wall time of the whole phase, parties sequential; enc: Σ over "
+            "parties; bytes/party: party→aggregator; total: all uploads + aggregator→key "
+            "holder + key holder→aggregator",
+        )
+        for column in COLUMNS.split("|"):
+            table.add_column(column, justify="right")
+        for n in config["parties"]:
+            p, h = by[(n, "plaintext")][kind], by[(n, "he")][kind]
+            err = "coef_max_rel_err" if kind == "exact" else "gradient_max_abs_err"
+            table.add_row(
+                str(n),
+                f"{p['wall_s']:.3f} s",
+                f"{h['wall_s']:.3f} s",
+                f"{h['wall_s'] / p['wall_s']:.1f}×",
+                f"{h['encrypt_s_total']:.2f} s",
+                f"{h['aggregate_s']:.2f} s",
+                f"{h['keyholder_s'] * 1e3:.1f} ms",
+                _bytes(p["upload_bytes_per_party"]),
+                _bytes(h["upload_bytes_per_party"]),
+                _bytes(p["bytes_total"]),
+                _bytes(h["bytes_total"]),
+                f"{p[err]:.1e}",
+                f"{h[err]:.1e}",
+            )
+        console.print(table)
+    he = next(r for r in report["runs"] if r["mode"] == "he")
+    console.print(
+        f"error: exact = max relative coefficient error vs sklearn LinearRegression on the "
+        f"pooled data; gradient = max |averaged gradient − pooled gradient|. Public context "
+        f"(once per job): {_bytes(he['public_context_bytes'])}; CKKS "
+        f"{config['ckks_params']}; machine: {report['machine']['cpu_count']} CPUs, shared."
+    )
+
+
+def _bytes(n: float) -> str:
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
