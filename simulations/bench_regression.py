@@ -1,32 +1,29 @@
 """Benchmark encrypted (CKKS) linear regression against its plaintext twin for many parties.
 
 In process: no Flower, no network, no Ray; the parties run one after another in this process,
-through the same code path as the Flower job (`aggregator/regression.py`, `clients/party.py`):
-`fedhe.tasks.aggregate` (``encrypted=False`` in ``declare`` gives context None: the plaintext
-twin), `fedhe.tasks.moments`, `fedhe.tasks.linreg` and `fedhe.tasks.keyholder_release`.
+through the code the Flower job uses (`aggregator/regression.py`, `clients/party.py`):
+`fedhe.tasks.aggregate` (``encrypted=False`` in ``declare``, context None: the plaintext twin),
+`fedhe.tasks.moments`, `fedhe.tasks.linreg` and `fedhe.tasks.keyholder_release`.
 
 * Data: synthetic linear data, ``--features`` (20) features on different scales and offsets,
-  ``--samples-per-party`` (100) samples per party, known coefficients plus N(0, 0.1²) noise,
-  all drawn from ``--seed``; parties hold contiguous slices. Party counts: ``--parties``.
+  ``--samples-per-party`` (100) per party (contiguous slices), known coefficients plus
+  N(0, 0.1²) noise, drawn from ``--seed``. Party counts: ``--parties`` (10,100,1000).
 * Per party count, one run per mode (plaintext, then HE), each its own job at one key holder
-  (key generation at declaration, outside every timing), min_parties = all parties:
-  1. Exact mode end to end: feature+target moments secure sum → Standardizer → masked normal
-     equations secure sum → key holder decrypts and solves, releasing only the coefficients.
-     Coefficients in original units are checked against sklearn's LinearRegression on the
-     pooled data (max relative error).
-  2. Gradient mode, ONE round only (at w = 0, full batch, clip ``--clip``), reusing the
-     standardizer of step 1: every party's gradient contribution, sum, key-holder decryption.
-     Checked against the pooled gradient computed in the clear (max absolute error).
-* Per phase (``time.perf_counter``): party local statistics and encrypt (median and total
-  over parties), aggregator sum, key holder (decrypt, + solve for the masked statistics), and
-  the total wall time (exact: both secure sums; gradient: the round). Bytes: party→aggregator
-  per party and in total, aggregator→key holder (the sums), key holder→aggregator (released
-  float64 values: the moments, then the coefficients, 8 bytes each), the public context once.
-  Downlinks to the parties (mask, standardizer, w) are the same in both modes and not counted.
-* All contributions of one secure sum are kept in memory (1000 × ~0.2 MB) and summed by one
-  ``aggregator_sum`` call, exactly as the aggregator does: simpler than batched sums.
+  (keys generated at declaration, outside every timing), min_parties = all parties:
+  1. Exact mode end to end: moments secure sum (features and target) → Standardizer → masked
+     normal equations secure sum → the key holder decrypts and solves, releasing only the
+     coefficients; checked against sklearn LinearRegression on the pooled data.
+  2. Gradient mode, ONE round only (w = 0, full local batch, clip ``--clip``, the standardizer
+     of step 1): gradient contributions, sum, decryption; checked against the pooled gradient.
+* Per phase (``time.perf_counter``): party local statistics and encryption (median, total),
+  aggregator sum, key holder (decrypt; + solve for the masked statistics), total wall time.
+  Bytes: party→aggregator per party and total, aggregator→key holder (the sums), key
+  holder→aggregator (released float64 values: moments, then coefficients, 8 bytes each), the
+  public context once. Downlinks (mask, standardizer, w) match in both modes: not counted.
+* All contributions of one secure sum stay in memory (1000 × ~0.25 MB) and one
+  ``aggregator_sum`` call sums them, as the aggregator does: simpler than batched sums.
 
-The machine is shared and times are noisy: one run, no repetition.
+One run, no repetition: on a shared machine the times are noisy.
 
 Run:  .venv/bin/python simulations/bench_regression.py [--parties 10,100,1000]
 """
@@ -62,7 +59,8 @@ BYTES = {
     "sum_bytes": "aggregator_to_keyholder_bytes",
     "released_bytes": "keyholder_to_aggregator_bytes",
 }
-RATIOS = ("wall_s", "encrypt_s_total", "aggregate_s", "keyholder_s", "upload_bytes_per_party")
+TIMES = ("wall_s", "encrypt_s_total", "aggregate_s", "keyholder_s")
+RATIOS = (*TIMES, "upload_bytes_per_party", "bytes_total")  # HE/plaintext
 COLUMNS = (
     "parties|plain time|HE time|HE/plain|HE Σenc|HE sum|HE key holder|B/party plain|"
     "B/party HE|total plain|total HE|error plain|error HE"
@@ -88,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console(width=160)
+    console = Console(width=180)
     d, rng = args.features, np.random.default_rng(args.seed)
     coef = np.concatenate([[3.0], rng.normal(size=d)])  # intercept first
     scales, offsets = rng.uniform(0.1, 10.0, d), rng.uniform(-5.0, 5.0, d)
@@ -103,13 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             model = LinearRegression().fit(X, y)
             reference = np.concatenate([[model.intercept_], model.coef_])
             for mode in MODES:
-                console.print(f"{n_parties} parties, {mode} ...")
-                run = _run(keyholder, mode, X, y, n_parties, reference, args)
-                runs.append(run)
+                runs.append(run := _run(keyholder, mode, X, y, n_parties, reference, args))
                 console.print(
-                    f"  exact {run['exact']['wall_s']:.2f} s (coef rel err "
-                    f"{run['exact']['coef_max_rel_err']:.2e}), gradient round "
-                    f"{run['gradient']['wall_s']:.2f} s"
+                    f"{n_parties} parties, {mode}: exact {run['exact']['wall_s']:.2f} s, "
+                    f"gradient round {run['gradient']['wall_s']:.2f} s"
                 )
     report = {
         "benchmark": "encrypted vs plaintext linear regression, in process (no Flower)",
@@ -317,9 +312,9 @@ def _print(console: Console, report: dict[str, Any]) -> None:
         table = Table(
             title=f"{title}: d={config['features']}, {config['samples_per_party']} "
             "samples/party, in process",
-            caption="time: wall time of the whole phase, parties sequential; enc: Σ over "
-            "parties; bytes/party: party→aggregator; total: all uploads + aggregator→key "
-            "holder + key holder→aggregator",
+            caption="time: wall time of the mode, parties one after another; HE Σenc: encryption "
+            "summed over parties; HE key holder: decryption(s) (+ solve); B/party: "
+            "party→aggregator; total: all uploads + aggregator→key holder + key holder→aggregator",
         )
         for column in COLUMNS.split("|"):
             table.add_column(column, justify="right")
@@ -328,12 +323,12 @@ def _print(console: Console, report: dict[str, Any]) -> None:
             err = "coef_max_rel_err" if kind == "exact" else "gradient_max_abs_err"
             table.add_row(
                 str(n),
-                f"{p['wall_s']:.3f} s",
-                f"{h['wall_s']:.3f} s",
+                _time(p["wall_s"]),
+                _time(h["wall_s"]),
                 f"{h['wall_s'] / p['wall_s']:.1f}×",
-                f"{h['encrypt_s_total']:.2f} s",
-                f"{h['aggregate_s']:.2f} s",
-                f"{h['keyholder_s'] * 1e3:.1f} ms",
+                _time(h["encrypt_s_total"]),
+                _time(h["aggregate_s"]),
+                _time(h["keyholder_s"]),
                 _bytes(p["upload_bytes_per_party"]),
                 _bytes(h["upload_bytes_per_party"]),
                 _bytes(p["bytes_total"]),
@@ -351,13 +346,16 @@ def _print(console: Console, report: dict[str, Any]) -> None:
     )
 
 
+def _time(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
 def _bytes(n: float) -> str:
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
+    for unit in ("B", "KB", "MB"):
+        if n < 1000:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return f"{n:.1f} GB"
+    return f"{n:.2f} GB"
 
 
 if __name__ == "__main__":
