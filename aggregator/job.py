@@ -21,7 +21,7 @@ from fedhe import protocol
 from fedhe.aggregator.roles import Federation
 from fedhe.aggregator.session import Exchange, Session
 from fedhe.config import JobConfig
-from fedhe.crypto import AGGREGATION_PARAMS, PublicContext
+from fedhe.crypto import AGGREGATION_PARAMS, CKKSParams, PublicContext
 from fedhe.data.datasets import Dataset
 from fedhe.data.sources import DataSource
 from fedhe.errors import ProtocolError
@@ -76,13 +76,17 @@ class Job:
 
     # -- to implement --------------------------------------------------------------------------
 
-    def outputs(self) -> dict[str, tuple[int, aggregate.Layout]]:
+    def outputs(self) -> dict[str, tuple[int, aggregate.Layout | int]]:
         """Output kinds the key holder may decrypt, with their budget and layout."""
         raise NotImplementedError
 
     def phases(self) -> None:
         """The job's own protocol, after declaration and party setup."""
         raise NotImplementedError
+
+    def params(self) -> CKKSParams:
+        """CKKS parameters of the job's key pair (sums only, by default)."""
+        return AGGREGATION_PARAMS
 
     # -- the common run --------------------------------------------------------------------------
 
@@ -102,7 +106,7 @@ class Job:
             outputs=self.outputs(),
             min_parties=self.config.min_parties,
             encrypted=self.run.encrypted,
-            params=AGGREGATION_PARAMS,
+            params=self.params(),
         )
         reply = self.ask_keyholder(
             protocol.DECLARE,
@@ -169,7 +173,7 @@ class Job:
             name: protocol.payload_of(reply)["contribution"]
             for name, reply in exchange.replies.items()
         }
-        self._account(exchange)
+        self.account(exchange)
         started = time.perf_counter()
         total = aggregate.aggregator_sum(
             contributions,
@@ -235,7 +239,8 @@ class Job:
                 f"min_parties={self.config.min_parties}; excluded: {self.run.excluded}"
             )
 
-    def _account(self, exchange: Exchange) -> None:
+    def account(self, exchange: Exchange) -> None:
+        """Time the parties reported (encryption) and the rest of the exchange (transfer)."""
         reported = [protocol.metrics_of(r) for r in exchange.replies.values()]
         slowest = max(
             (m.get("encrypt-s", 0.0) + m.get("train-s", 0.0) for m in reported), default=0.0

@@ -16,13 +16,15 @@ import numpy as np
 
 from fedhe import protocol
 from fedhe.aggregator.job import Job
+from fedhe.crypto import MODEL_PARAMS, CKKSParams, encrypt_for_compute
 from fedhe.progress import progress
-from fedhe.tasks import aggregate, linreg, logreg, moments
+from fedhe.tasks import aggregate, encrypted_model, linreg, logreg, moments
 
 log = logging.getLogger("fedhe.aggregator")
 
 EXACT = "exact"
 GRADIENT = "gradient"
+ENCRYPTED_MODEL = "encrypted-model"
 
 
 class RegressionJob(Job):
@@ -35,13 +37,21 @@ class RegressionJob(Job):
         self.n_features = self.test.n_features
         self.gradient_layout = aggregate.Layout(("gradient",), ((self.n_features + 1,),))
 
-    def outputs(self) -> dict[str, tuple[int, aggregate.Layout]]:
+    def params(self) -> CKKSParams:
+        return MODEL_PARAMS if self.mode == ENCRYPTED_MODEL else super().params()
+
+    def outputs(self) -> dict[str, tuple[int, aggregate.Layout | int]]:
         columns = self.n_features + (0 if self.logistic else 1)
-        outputs = {moments.OUTPUT: (1, moments.layout(columns))}
+        outputs: dict[str, tuple[int, aggregate.Layout | int]] = {
+            moments.OUTPUT: (1, moments.layout(columns))
+        }
         if self.mode == EXACT:
             outputs[linreg.MASKED_OUTPUT] = (1, linreg.statistics_layout(self.n_features))
-        else:
+        elif self.mode == GRADIENT:
             outputs[linreg.GRADIENT_OUTPUT] = (self.config.rounds, self.gradient_layout)
+        else:
+            outputs[encrypted_model.REFRESH_OUTPUT] = (self.config.rounds, self.n_features + 1)
+            outputs[encrypted_model.MODEL_OUTPUT] = (1, self.n_features + 1)
         return outputs
 
     def phases(self) -> None:
@@ -52,8 +62,10 @@ class RegressionJob(Job):
             started = time.perf_counter()
             w = self._exact(standardizer, total_samples)
             self._record(0, w, standardizer, time.perf_counter() - started)
-        else:
+        elif self.mode == GRADIENT:
             w = self._gradient_descent(standardizer, total_samples)
+        else:
+            w = self._encrypted_model(standardizer, total_samples)
         self.run.weights = {"coefficients": self._coefficients(w, standardizer)}
         self.run.metrics = self._evaluate(w, standardizer)
 
@@ -119,6 +131,85 @@ class RegressionJob(Job):
                 self.run.history[-1]["dropped"] = dict(exchange.failures)
                 advance(f"{kind}: round {round_number}")
         return w
+
+    # -- encrypted-model mode ------------------------------------------------------------------
+
+    def _encrypted_model(
+        self, standardizer: moments.Standardizer, total_samples: int
+    ) -> np.ndarray:
+        """Full-batch gradient descent on a model that stays encrypted until the last round."""
+        dim = self.n_features + 1
+        vector = encrypt_for_compute(self.context, np.zeros(dim))
+        columns = encrypted_model.broadcast(self.context, np.zeros(dim))
+        kind = "encrypted model" if self.run.encrypted else "plaintext twin"
+        with progress(self.config.rounds, f"{kind}: rounds") as advance:
+            for round_number in range(1, self.config.rounds + 1):
+                started = time.perf_counter()
+                vector, contributors = self._model_step(
+                    round_number, vector, columns, standardizer, total_samples
+                )
+                if round_number < self.config.rounds:
+                    vector, columns = self._refresh(vector, contributors)
+                self.run.history.append(
+                    {
+                        "round": round_number,
+                        "parties": len(contributors),
+                        "round_s": time.perf_counter() - started,
+                    }
+                )
+                advance(f"{kind}: round {round_number}")
+        final = self._release(encrypted_model.MODEL_OUTPUT, vector, contributors)
+        return protocol.array_from_bytes(final["values"])
+
+    def _model_step(self, round_number, vector, columns, standardizer, total_samples):
+        exchange = self.ask_parties(
+            protocol.MODEL_STEP,
+            {
+                "task": self.config.task,
+                "round": round_number,
+                "standardizer": standardizer.to_dict(),
+                "step": self.config.lr / total_samples,
+                "l2": self.config.l2,
+                "fail-party": self.config.drop_party,
+            },
+            payload={f"broadcast-{j}": column.to_bytes() for j, column in enumerate(columns)},
+        )
+        self.account(exchange)
+        contributions = {
+            name: protocol.payload_of(reply)["contribution"]
+            for name, reply in exchange.replies.items()
+        }
+        started = time.perf_counter()
+        vector, contributors, rejected = encrypted_model.aggregator_update(
+            vector, contributions, self.context, min_parties=self.config.min_parties
+        )
+        self.run.timings_s["compute"] += time.perf_counter() - started
+        for name, reason in {**exchange.failures, **rejected}.items():
+            self.run.excluded.setdefault(name, f"model step {round_number}: {reason}")
+        self.run.contributors.append({"output": "model_step", "parties": sorted(contributors)})
+        return vector, contributors
+
+    def _refresh(self, vector, contributors):
+        """Masked re-encryption: the key holder sees w + r only, the aggregator never w."""
+        masked, mask = encrypted_model.aggregator_mask(vector)
+        payload = self._release(encrypted_model.REFRESH_OUTPUT, masked, contributors)
+        fresh, columns = encrypted_model.unpack_refresh(payload, self.context, len(mask))
+        return encrypted_model.aggregator_unmask(fresh, columns, mask)
+
+    def _release(self, output: str, tensor, contributors) -> dict[str, bytes]:
+        reply = self.ask_keyholder(
+            protocol.DECRYPT,
+            protocol.content(
+                config={
+                    "job-id": self.run.job_id,
+                    "output": output,
+                    "contributors": sorted(contributors),
+                },
+                payload={"tensor": tensor.to_bytes()},
+            ),
+        )
+        self.run.timings_s["decrypt"] += protocol.metrics_of(reply)["decrypt-s"]
+        return protocol.payload_of(reply)
 
     # -- results ---------------------------------------------------------------------------------
 

@@ -63,9 +63,11 @@ def decrypt(msg: Message, context: Context) -> Message:
     )
     started = time.perf_counter()
     released = keyholder_release(keyholder_for(context), request)
+    if not isinstance(released, dict):
+        released = {"values": protocol.array_to_bytes(released)}
     return Message(
         protocol.content(
-            payload={"values": protocol.array_to_bytes(released)},
+            payload=released,
             metrics={"decrypt-s": time.perf_counter() - started},
         ),
         reply_to=msg,

@@ -25,7 +25,7 @@ from fedhe.learning import (
     local_train,
     set_weights,
 )
-from fedhe.tasks import aggregate, linreg, logreg, moments
+from fedhe.tasks import aggregate, encrypted_model, linreg, logreg, moments
 from fedhe.tasks.moments import Standardizer
 
 _JOB_RECORD = "fedhe.job."
@@ -155,6 +155,34 @@ def gradient(msg: Message, context: Context) -> Message:
         n,
         sum_bound=float(config["sum-bound"]),
         metrics={"train-s": time.perf_counter() - started},
+    )
+
+
+def model_step(msg: Message, context: Context) -> Message:
+    """Encrypted-model mode: Enc(step·(Aᵢw − bᵢ)) from the broadcast encrypted model."""
+    config, job, data = _open(msg, context, fault_injectable=True)
+    standardizer = Standardizer.from_dict(config["standardizer"])
+    logistic = config["task"] == logreg.TASK
+    if logistic:
+        logreg.check_binary(data.y, f"party {job['party-index']}")
+    y = data.y.astype(float) if logistic else standardizer.target(data.y)
+    A, b = encrypted_model.party_statistics(
+        standardizer.features(data.X), y, logistic=logistic, l2=float(config["l2"])
+    )
+    payload = protocol.payload_of(msg.content)
+    started = time.perf_counter()
+    model = encrypted_model.load_broadcast(
+        [payload[f"broadcast-{j}"] for j in range(len(b))],
+        _public_context(context, job["job-id"]),
+        len(b),
+    )
+    step = encrypted_model.party_step(model, A, b, float(config["step"]))
+    return Message(
+        protocol.content(
+            payload={"contribution": step.to_bytes()},
+            metrics={"n-samples": data.n_samples, "encrypt-s": time.perf_counter() - started},
+        ),
+        reply_to=msg,
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from fedhe.errors import FedHEError
 
 TASKS = ("aggregate", "linreg", "logreg")
-MODES = ("exact", "gradient")
+MODES = ("exact", "gradient", "encrypted-model")
 DEFAULT_DATASET = {"aggregate": "breast_cancer", "linreg": "diabetes", "logreg": "breast_cancer"}
 DEFAULT_MODE = {"linreg": "exact", "logreg": "gradient"}
 
@@ -36,7 +36,7 @@ class JobConfig:
     batch_size: int = 32  # per party and step; gradient mode: 0 = all local samples
     lr: float = 0.1
     clip: float = 10.0  # |Δw| per coordinate is clipped to this; bounds the encrypted sum
-    mode: str = ""  # linreg: exact (default) or gradient; logreg: gradient
+    mode: str = ""  # linreg: exact (default), gradient, encrypted-model; logreg: the last two
     l2: float = 0.0  # L2 penalty per sample on standardized coefficients (not the intercept)
     hidden: str = ""  # MLP hidden widths, e.g. "32,16"; empty: logistic/softmax regression
     plaintext_twin: bool = True  # also run the same job in the clear, for result.json

@@ -165,3 +165,24 @@ def test_second_solve_is_refused_by_budget(tmp_path):
     assert job.outputs[linreg.MASKED_OUTPUT].budget == 1
     with pytest.raises(PolicyError, match="spent"):
         keyholder.decrypt(DecryptionRequest("job", linreg.MASKED_OUTPUT, ("p0", "p1", "p2"), b"x"))
+
+
+def test_party_step_computes_the_scaled_gradient_from_a_broadcast_model(agg_public):
+    from fedhe.crypto import MODEL_PARAMS, decrypt, generate_keys
+    from fedhe.tasks import encrypted_model
+
+    secret = generate_keys(MODEL_PARAMS)
+    public = secret.public()
+    rng = np.random.default_rng(2)
+    Z, y = rng.normal(size=(80, 3)), rng.normal(size=80)
+    A, b = encrypted_model.party_statistics(Z, y, logistic=False, l2=0.1)
+    w = rng.normal(size=4)
+    step = encrypted_model.party_step(encrypted_model.broadcast(public, w), A, b, 0.01)
+    np.testing.assert_allclose(decrypt(secret, step), 0.01 * (A @ w - b), atol=1e-5)
+    surrogate_A, surrogate_b = encrypted_model.party_statistics(
+        Z, (y > 0) * 1.0, logistic=True, l2=0.0
+    )
+    Za = linreg.design(Z)
+    np.testing.assert_allclose(
+        surrogate_A @ w - surrogate_b, Za.T @ (0.5 + Za @ w / 4 - (y > 0)), atol=1e-9
+    )

@@ -123,3 +123,55 @@ def test_linreg_on_csv_files_excludes_a_party_with_a_nan_cell(tmp_path):
     got = np.asarray(result["coefficients"]["encrypted"])
     assert np.max(np.abs(got - reference) / np.abs(reference)) <= 1e-6
     assert result["coefficients"]["names"] == ["intercept", "age", "dose", "weight"]
+
+
+def test_encrypted_model_linreg_matches_its_twin_and_the_clear_model_mode(tmp_path, monkeypatch):
+    from fedhe.keyholder.keyholder import KeyHolder
+    from fedhe.tasks import encrypted_model
+
+    seen: list[tuple[str, np.ndarray]] = []
+    decrypt = KeyHolder.decrypt
+
+    def recording(self, request):
+        released = decrypt(self, request)
+        seen.append((request.output_kind, released.values))
+        return released
+
+    monkeypatch.setattr(KeyHolder, "decrypt", recording)
+    result, _ = _run(tmp_path, task="linreg", mode="encrypted-model", rounds=20, lr=0.4)
+    clear, _ = _run(
+        tmp_path / "clear",
+        task="linreg",
+        mode="gradient",
+        rounds=20,
+        lr=0.4,
+        batch_size=0,
+        plaintext_twin=False,
+    )
+    assert result["encrypted"]["r2"] == pytest.approx(result["plaintext"]["r2"], abs=1e-4)
+    assert result["encrypted"]["r2"] == pytest.approx(clear["encrypted"]["r2"], abs=1e-4)
+    outputs = [d["output"] for d in result["decryptions"]]
+    assert outputs.count(encrypted_model.REFRESH_OUTPUT) == 19
+    assert outputs.count(encrypted_model.MODEL_OUTPUT) == 1
+    # The key holder saw the model only masked until the final release (HE run: moments, 19, 1).
+    he_seen = seen[: 1 + 19 + 1]
+    final = he_seen[-1][1]
+    masked = [values for kind, values in he_seen if kind == encrypted_model.REFRESH_OUTPUT]
+    assert len(masked) == 19
+    assert all(np.median(np.abs(values - final)) > 100 for values in masked)
+    assert np.max(np.abs(final)) < 5
+
+
+def test_encrypted_model_logreg_agrees_with_its_twin(tmp_path):
+    result, _ = _run(tmp_path, task="logreg", mode="encrypted-model", rounds=20, lr=0.5)
+    assert abs(result["encrypted"]["accuracy"] - result["plaintext"]["accuracy"]) <= 0.01
+    assert result["encrypted"]["accuracy"] > 0.94  # first-order surrogate of the logistic loss
+
+
+def test_a_diverging_encrypted_model_stops_with_the_fix(tmp_path):
+    from fedhe.errors import ProtocolError
+
+    with pytest.raises(ProtocolError, match="lower the learning rate"):
+        _run(
+            tmp_path, task="logreg", mode="encrypted-model", rounds=20, lr=2.0, plaintext_twin=False
+        )

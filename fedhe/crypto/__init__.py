@@ -1,7 +1,7 @@
 """CKKS parameters, keys, public/secret contexts and encrypted tensors (over TenSEAL)."""
 
 from fedhe.crypto.context import KeyRequest, PublicContext, SecretContext, generate_keys
-from fedhe.crypto.params import AGGREGATION_PARAMS, MAX_LOG_Q_128, CKKSParams
+from fedhe.crypto.params import AGGREGATION_PARAMS, MAX_LOG_Q_128, MODEL_PARAMS, CKKSParams
 from fedhe.crypto.tensor import (
     EncryptedTensor,
     PlainTensor,
@@ -10,12 +10,14 @@ from fedhe.crypto.tensor import (
     decrypt,
     digest,
     encrypt,
+    encrypt_for_compute,
     load_tensor,
 )
 
 __all__ = [
     "AGGREGATION_PARAMS",
     "MAX_LOG_Q_128",
+    "MODEL_PARAMS",
     "CKKSParams",
     "EncryptedTensor",
     "KeyRequest",
@@ -27,6 +29,7 @@ __all__ = [
     "decrypt",
     "digest",
     "encrypt",
+    "encrypt_for_compute",
     "generate_keys",
     "load_tensor",
 ]

@@ -154,3 +154,9 @@ def check_security(poly_modulus_degree: int, coeff_mod_bit_sizes: tuple[int, ...
 # sum needs (`level_for`): sums up to 2^18 travel on the 55-bit first prime alone (~30 bytes per
 # value), up to 2^68 on two primes, up to 2^121 on three. Absolute error of a fresh value ~2^-20.
 AGGREGATION_PARAMS = CKKSParams(8192, (55, 50, 53, 60), 35)
+
+
+# For jobs that multiply (the encrypted model of linreg/logreg): primes sized to the scale, so
+# each ciphertext × plaintext product rescales back to 2^40; two multiplications before a
+# refresh, values up to 2^18 at the last level.
+MODEL_PARAMS = CKKSParams(8192, (60, 40, 40, 60), 40)

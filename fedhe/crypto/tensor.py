@@ -52,6 +52,17 @@ class PlainTensor:
         _check_same_shape(self.shape, other.shape)
         return PlainTensor(self.values + other.values)
 
+    def __sub__(self, other: PlainTensor) -> PlainTensor:
+        _check_same_kind(self, other)
+        _check_same_shape(self.shape, other.shape)
+        return PlainTensor(self.values - other.values)
+
+    def add_plain(self, values: np.ndarray) -> PlainTensor:
+        return PlainTensor(self.values + _plain_operand(values, self.shape))
+
+    def mul_plain(self, values: np.ndarray) -> PlainTensor:
+        return PlainTensor(self.values * _plain_operand(values, self.shape))
+
     def to_bytes(self) -> bytes:
         body = self.values.astype("<f8").tobytes()
         return frame(_MAGIC, _VERSION, {"kind": PLAIN_KIND, "shape": list(self.shape)}, body)
@@ -90,6 +101,29 @@ class EncryptedTensor:
             self.shape,
             self.context,
         )
+
+    def __sub__(self, other: EncryptedTensor) -> EncryptedTensor:
+        _check_same_kind(self, other)
+        _check_same_shape(self.shape, other.shape)
+        self.context.check_same(other.fingerprint)
+        chunks = [a - b for a, b in zip(self.chunks, other.chunks, strict=True)]
+        return EncryptedTensor(chunks, self.shape, self.context)
+
+    def add_plain(self, values: np.ndarray) -> EncryptedTensor:
+        return self._with_plain(values, lambda chunk, part: chunk + part)
+
+    def mul_plain(self, values: np.ndarray) -> EncryptedTensor:
+        """Slot-wise product with plaintext values; consumes one level (rescale)."""
+        return self._with_plain(values, lambda chunk, part: chunk * part)
+
+    def _with_plain(self, values: np.ndarray, op) -> EncryptedTensor:
+        flat = _plain_operand(values, self.shape).ravel()
+        slots = self.context.params.slots
+        chunks = [
+            op(chunk, flat[i * slots : i * slots + chunk.size()].tolist())
+            for i, chunk in enumerate(self.chunks)
+        ]
+        return EncryptedTensor(chunks, self.shape, self.context)
 
     @property
     def level(self) -> int:
@@ -165,6 +199,21 @@ def encrypt(
     chunks = [
         encryptor.encrypt(flat[start : start + params.slots].tolist())
         for start in range(0, max(flat.size, 1), params.slots)
+    ]
+    return EncryptedTensor(chunks, array.shape, context)
+
+
+def encrypt_for_compute(context: Context | None, values: np.ndarray) -> Tensor:
+    """Encrypt at the top level and the nominal scale, for jobs that multiply (or the plaintext
+    twin's tensor when `context` is None). Values must stay within what the last level holds."""
+    if context is None:
+        return PlainTensor(check_values(values, np.inf))
+    array = check_values(values, context.params.max_abs_value)
+    flat = array.ravel()
+    slots = context.params.slots
+    chunks = [
+        ts.ckks_vector(context.raw, flat[start : start + slots].tolist())
+        for start in range(0, max(flat.size, 1), slots)
     ]
     return EncryptedTensor(chunks, array.shape, context)
 
@@ -289,6 +338,11 @@ def _load_chunk(blob: bytes, context: Context, index: int, expected_len: int) ->
     if not 2.0**20 <= scale <= 2.0**MAX_PRIME_BITS:
         raise InvalidCiphertextError(f"ciphertext {index} has an implausible scale {scale:g}.")
     return vector
+
+
+def _plain_operand(values: np.ndarray, shape: Shape) -> np.ndarray:
+    operand = np.broadcast_to(np.asarray(values, dtype=np.float64), shape)
+    return check_values(operand, np.inf)
 
 
 def _check_same_kind(a: Tensor, b: Tensor) -> None:

@@ -95,7 +95,7 @@ class Layout:
 def declare(
     job_id: str,
     *,
-    outputs: Mapping[str, tuple[int, Layout]],
+    outputs: Mapping[str, tuple[int, Layout | int]],
     min_parties: int,
     encrypted: bool = True,
     params: CKKSParams = AGGREGATION_PARAMS,
@@ -103,19 +103,29 @@ def declare(
     """The job as the key holder must know it: each output kind, its budget and its layout.
 
     A FedAvg run declares ``{OUTPUT: (rounds, model_layout)}``; other sums (feature moments
-    for standardization, say) are further output kinds with their own budget.
+    for standardization, say) are further output kinds with their own budget. An int instead
+    of a layout declares a plain tensor of that size, with no sample-count slots.
     """
     return JobDeclaration(
         job_id=job_id,
         task=TASK,
-        outputs={
-            kind: OutputSpec(budget=budget, count_index=layout.count_index, size=layout.size)
-            for kind, (budget, layout) in outputs.items()
-        },
+        outputs={kind: _output_spec(budget, layout) for kind, (budget, layout) in outputs.items()},
         min_parties=min_parties,
         params=params if encrypted else None,
-        meta={"layouts": {kind: layout.to_dict() for kind, (_, layout) in outputs.items()}},
+        meta={
+            "layouts": {
+                kind: layout.to_dict()
+                for kind, (_, layout) in outputs.items()
+                if isinstance(layout, Layout)
+            }
+        },
     )
+
+
+def _output_spec(budget: int, layout: Layout | int) -> OutputSpec:
+    if isinstance(layout, Layout):
+        return OutputSpec(budget=budget, count_index=layout.count_index, size=layout.size)
+    return OutputSpec(budget=budget, size=int(layout))
 
 
 # -- party --------------------------------------------------------------------------------------
