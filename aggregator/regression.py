@@ -16,7 +16,7 @@ import numpy as np
 
 from fedhe import protocol
 from fedhe.aggregator.job import Job
-from fedhe.crypto import MODEL_PARAMS, CKKSParams, encrypt_for_compute
+from fedhe.crypto import MODEL_PARAMS, CKKSParams
 from fedhe.progress import progress
 from fedhe.tasks import aggregate, encrypted_model, linreg, logreg, moments
 
@@ -139,7 +139,7 @@ class RegressionJob(Job):
     ) -> np.ndarray:
         """Full-batch gradient descent on a model that stays encrypted until the last round."""
         dim = self.n_features + 1
-        vector = encrypt_for_compute(self.context, np.zeros(dim))
+        vector = encrypted_model.encrypt_model(self.context, np.zeros(dim))
         columns = encrypted_model.broadcast(self.context, np.zeros(dim))
         kind = "encrypted model" if self.run.encrypted else "plaintext twin"
         with progress(self.config.rounds, f"{kind}: rounds") as advance:

@@ -203,17 +203,24 @@ def encrypt(
     return EncryptedTensor(chunks, array.shape, context)
 
 
-def encrypt_for_compute(context: Context | None, values: np.ndarray) -> Tensor:
-    """Encrypt at the top level and the nominal scale, for jobs that multiply (or the plaintext
-    twin's tensor when `context` is None). Values must stay within what the last level holds."""
+def encrypt_for_compute(
+    context: Context | None, values: np.ndarray, *, multiplications: int | None = None
+) -> Tensor:
+    """Encrypt at the nominal scale with room for `multiplications` ciphertext × plaintext
+    products (default: as many as the parameters allow), for jobs that multiply; the plaintext
+    twin's tensor when `context` is None. Values must stay within what the last level holds."""
     if context is None:
         return PlainTensor(check_values(values, np.inf))
-    array = check_values(values, context.params.max_abs_value)
+    params = context.params
+    depth = params.depth if multiplications is None else multiplications
+    if not 0 <= depth <= params.depth:
+        raise ValueRangeError(f"{depth} multiplications do not fit depth {params.depth}.")
+    array = check_values(values, params.max_abs_value)
     flat = array.ravel()
-    slots = context.params.slots
+    encryptor = _seal.LevelEncryptor(context.raw, depth + 1, 2.0**params.scale_bits)
     chunks = [
-        ts.ckks_vector(context.raw, flat[start : start + slots].tolist())
-        for start in range(0, max(flat.size, 1), slots)
+        encryptor.encrypt(flat[start : start + params.slots].tolist())
+        for start in range(0, max(flat.size, 1), params.slots)
     ]
     return EncryptedTensor(chunks, array.shape, context)
 

@@ -34,6 +34,9 @@ from fedhe.errors import FedHEError, ProtocolError
 from fedhe.keyholder import DecryptionRequest, KeyHolder
 from fedhe.tasks.linreg import design
 
+# A round uses one ciphertext × plaintext product: ciphertexts travel with one level to spare
+# (two primes instead of three: a third fewer bytes).
+MULTIPLICATIONS = 1
 REFRESH_OUTPUT = "model_refresh"
 MODEL_OUTPUT = "model"
 MASK_BOUND = 2.0**16
@@ -55,7 +58,15 @@ def party_statistics(
 
 def broadcast(context: PublicContext | None, w: np.ndarray) -> list[Tensor]:
     """Ciphertext j holds w_j in each of len(w) slots."""
-    return [encrypt_for_compute(context, np.full(len(w), value)) for value in w]
+    return [
+        encrypt_for_compute(context, np.full(len(w), value), multiplications=MULTIPLICATIONS)
+        for value in w
+    ]
+
+
+def encrypt_model(context: PublicContext | None, w: np.ndarray) -> Tensor:
+    """The model in vector layout, at the level the round's update leaves it."""
+    return encrypt_for_compute(context, w, multiplications=MULTIPLICATIONS)
 
 
 def party_step(
@@ -127,7 +138,7 @@ def keyholder_refresh(keyholder: KeyHolder, request: DecryptionRequest) -> dict[
             f"the masked model reaches {np.max(np.abs(values)):.4g}, beyond {limit:g}: the model "
             "is diverging (|w| ≫ 1 on standardized features); lower the learning rate."
         )
-    fresh = {"vector": encrypt_for_compute(public, values).to_bytes()}
+    fresh = {"vector": encrypt_model(public, values).to_bytes()}
     for j, column in enumerate(broadcast(public, values)):
         fresh[f"broadcast-{j}"] = column.to_bytes()
     return fresh
