@@ -20,7 +20,8 @@ _HELP = {
     "rounds": "training rounds",
     "dataset": "built-in dataset: breast_cancer, iris, wine, digits, diabetes, synthetic "
     "(default: breast_cancer; diabetes for linreg)",
-    "mode": "linreg: exact (masked normal equations, default) or gradient; logreg: gradient",
+    "mode": "linreg: exact (masked normal equations, default), gradient or encrypted-model; "
+    "logreg: gradient (default) or encrypted-model",
     "l2": "L2 penalty per sample on standardized coefficients",
     "data_dir": "folder with party-*.csv (one per party) and test.csv, instead of --dataset",
     "target": "label column of the CSV files (with --data-dir)",

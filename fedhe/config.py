@@ -66,6 +66,8 @@ class JobConfig:
             raise ConfigError(f"mode {self.mode!r} is not one of {list(MODES)}.")
         if self.task == "logreg" and self.mode == "exact":
             raise ConfigError("logreg has no exact mode (no closed form); use --mode gradient.")
+        if self.task == "aggregate" and self.mode:
+            raise ConfigError("--mode applies to linreg and logreg only.")
         if self.l2 < 0:
             raise ConfigError(f"l2 must be ≥ 0, got {self.l2}.")
         if self.data_dir and not self.target:
