@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,20 +188,25 @@ class Job:
         for name, reason in total.rejected.items():
             self.run.excluded.setdefault(name, f"{output}: {reason}")
         self.run.contributors.append({"output": output, "parties": sorted(total.contributors)})
-        request = aggregate.request_decryption(self.run.job_id, total, output)
+        released = self.release(output, total.tensor, total.contributors)
+        return protocol.array_from_bytes(released["values"])
+
+    def release(self, output: str, tensor: bytes, contributors: Sequence[str]) -> dict[str, bytes]:
+        """Ask the key holder for `output` of `tensor` (a sum over `contributors`): what it
+        releases for that output kind, as message payload."""
         reply = self.ask_keyholder(
             protocol.DECRYPT,
             protocol.content(
                 config={
-                    "job-id": request.job_id,
-                    "output": request.output_kind,
-                    "contributors": list(request.contributors),
+                    "job-id": self.run.job_id,
+                    "output": output,
+                    "contributors": sorted(contributors),
                 },
-                payload={"tensor": request.tensor},
+                payload={"tensor": tensor},
             ),
         )
         self.run.timings_s["decrypt"] += protocol.metrics_of(reply)["decrypt-s"]
-        return protocol.array_from_bytes(protocol.payload_of(reply)["values"])
+        return protocol.payload_of(reply)
 
     def ask_parties(self, message_type: str, config: dict[str, Any], **records: Any) -> Exchange:
         return self.session.ask(

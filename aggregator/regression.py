@@ -16,7 +16,7 @@ import numpy as np
 
 from fedhe import protocol
 from fedhe.aggregator.job import Job
-from fedhe.crypto import MODEL_PARAMS, CKKSParams
+from fedhe.crypto import MODEL_PARAMS, CKKSParams, Tensor
 from fedhe.progress import progress
 from fedhe.tasks import aggregate, encrypted_model, linreg, logreg, moments
 
@@ -158,10 +158,18 @@ class RegressionJob(Job):
                     }
                 )
                 advance(f"{kind}: round {round_number}")
-        final = self._release(encrypted_model.MODEL_OUTPUT, vector, contributors)
+        final = self.release(encrypted_model.MODEL_OUTPUT, vector.to_bytes(), contributors)
         return protocol.array_from_bytes(final["values"])
 
-    def _model_step(self, round_number, vector, columns, standardizer, total_samples):
+    def _model_step(
+        self,
+        round_number: int,
+        vector: Tensor,
+        columns: list[Tensor],
+        standardizer: moments.Standardizer,
+        total_samples: int,
+    ) -> tuple[Tensor, tuple[str, ...]]:
+        """One round: parties' Enc(step·(Aᵢw − bᵢ)) summed into the encrypted model."""
         exchange = self.ask_parties(
             protocol.MODEL_STEP,
             {
@@ -189,27 +197,14 @@ class RegressionJob(Job):
         self.run.contributors.append({"output": "model_step", "parties": sorted(contributors)})
         return vector, contributors
 
-    def _refresh(self, vector, contributors):
+    def _refresh(
+        self, vector: Tensor, contributors: tuple[str, ...]
+    ) -> tuple[Tensor, list[Tensor]]:
         """Masked re-encryption: the key holder sees w + r only, the aggregator never w."""
         masked, mask = encrypted_model.aggregator_mask(vector)
-        payload = self._release(encrypted_model.REFRESH_OUTPUT, masked, contributors)
+        payload = self.release(encrypted_model.REFRESH_OUTPUT, masked.to_bytes(), contributors)
         fresh, columns = encrypted_model.unpack_refresh(payload, self.context, len(mask))
         return encrypted_model.aggregator_unmask(fresh, columns, mask)
-
-    def _release(self, output: str, tensor, contributors) -> dict[str, bytes]:
-        reply = self.ask_keyholder(
-            protocol.DECRYPT,
-            protocol.content(
-                config={
-                    "job-id": self.run.job_id,
-                    "output": output,
-                    "contributors": sorted(contributors),
-                },
-                payload={"tensor": tensor.to_bytes()},
-            ),
-        )
-        self.run.timings_s["decrypt"] += protocol.metrics_of(reply)["decrypt-s"]
-        return protocol.payload_of(reply)
 
     # -- results ---------------------------------------------------------------------------------
 
