@@ -132,15 +132,11 @@ def masked_statistics(msg: Message, context: Context) -> Message:
 def gradient(msg: Message, context: Context) -> Message:
     """Gradient mode: contribute Enc(nᵢ·clip(mean gradient at w) ‖ nᵢ ‖ 1)."""
     config, job, data = _open(msg, context, fault_injectable=True)
-    standardizer = Standardizer.from_dict(config["standardizer"])
-    logistic = config["task"] == logreg.TASK
-    if logistic:
-        logreg.check_binary(data.y, f"party {job['party-index']}")
-    y = data.y.astype(float) if logistic else standardizer.target(data.y)
+    Z, y, logistic = _regression_data(config, job, data)
     batch = _batch(data.n_samples, int(config["batch-size"]), _round_seed(config, job))
     started = time.perf_counter()
     mean_gradient, n = linreg.party_gradient(
-        standardizer.features(data.X),
+        Z,
         y,
         np.asarray(config["w"], dtype=float),
         link=logreg.sigmoid if logistic else linreg.identity,
@@ -161,14 +157,8 @@ def gradient(msg: Message, context: Context) -> Message:
 def model_step(msg: Message, context: Context) -> Message:
     """Encrypted-model mode: Enc(step·(Aᵢw − bᵢ)) from the broadcast encrypted model."""
     config, job, data = _open(msg, context, fault_injectable=True)
-    standardizer = Standardizer.from_dict(config["standardizer"])
-    logistic = config["task"] == logreg.TASK
-    if logistic:
-        logreg.check_binary(data.y, f"party {job['party-index']}")
-    y = data.y.astype(float) if logistic else standardizer.target(data.y)
-    A, b = encrypted_model.party_statistics(
-        standardizer.features(data.X), y, logistic=logistic, l2=float(config["l2"])
-    )
+    Z, y, logistic = _regression_data(config, job, data)
+    A, b = encrypted_model.party_statistics(Z, y, logistic=logistic, l2=float(config["l2"]))
     payload = protocol.payload_of(msg.content)
     started = time.perf_counter()
     model = encrypted_model.load_broadcast(
@@ -184,6 +174,18 @@ def model_step(msg: Message, context: Context) -> Message:
         ),
         reply_to=msg,
     )
+
+
+def _regression_data(
+    config: dict[str, Any], job: dict[str, Any], data: Dataset
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Standardized features, the target (0/1 for logreg, standardized for linreg), logistic?"""
+    standardizer = Standardizer.from_dict(config["standardizer"])
+    logistic = config["task"] == logreg.TASK
+    if logistic:
+        logreg.check_binary(data.y, f"party {job['party-index']}")
+    y = data.y.astype(float) if logistic else standardizer.target(data.y)
+    return standardizer.features(data.X), y, logistic
 
 
 def _batch(n_samples: int, batch_size: int, seed: int) -> np.ndarray | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from fedhe.crypto import (
     CKKSParams,
     PlainTensor,
     PublicContext,
+    Tensor,
     check_values,
     load_tensor,
 )
@@ -186,16 +187,31 @@ def aggregator_sum(
 
     A contribution must have the layout's size and the level and scale `sum_bound` implies.
     """
+    total, accepted, rejected = sum_valid(
+        contributions,
+        lambda data: load_tensor(
+            data, context, shape=(layout.size,), sum_bound=sum_bound, min_scale_bits=min_scale_bits
+        ),
+        min_parties=min_parties,
+    )
+    return AggregateSum(total.to_bytes(), accepted, rejected)
+
+
+def sum_valid(
+    contributions: Mapping[str, bytes],
+    load: Callable[[bytes], Tensor],
+    *,
+    min_parties: int,
+) -> tuple[Tensor, tuple[str, ...], dict[str, str]]:
+    """Load every contribution with `load`, exclude (and log) the ones that fail, sum the rest.
+
+    Raises ProtocolError when fewer than `min_parties` remain; returns the sum, the parties it
+    covers and the rejected parties with the reason.
+    """
     accepted, rejected = {}, {}
     for party, data in sorted(contributions.items()):
         try:
-            accepted[party] = load_tensor(
-                data,
-                context,
-                shape=(layout.size,),
-                sum_bound=sum_bound,
-                min_scale_bits=min_scale_bits,
-            )
+            accepted[party] = load(data)
         except FedHEError as err:
             rejected[party] = str(err)
             log.warning("party %s excluded from the sum: %s", party, err)
@@ -208,7 +224,7 @@ def aggregator_sum(
     total = tensors[0]
     for tensor in tensors[1:]:
         total = total + tensor
-    return AggregateSum(total.to_bytes(), tuple(accepted), rejected)
+    return total, tuple(accepted), rejected
 
 
 def average_update(

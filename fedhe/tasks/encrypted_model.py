@@ -24,14 +24,14 @@ first-order surrogate σ(t) ≈ ½ + t/4 of the logistic link, whose gradient is
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from fedhe.crypto import PublicContext, Tensor, encrypt_for_compute, load_tensor
-from fedhe.errors import FedHEError, ProtocolError
+from fedhe.errors import ProtocolError
 from fedhe.keyholder import DecryptionRequest, KeyHolder
+from fedhe.tasks.aggregate import sum_valid
 from fedhe.tasks.linreg import design
 
 # A round uses one ciphertext × plaintext product: ciphertexts travel with one level to spare
@@ -40,8 +40,6 @@ MULTIPLICATIONS = 1
 REFRESH_OUTPUT = "model_refresh"
 MODEL_OUTPUT = "model"
 MASK_BOUND = 2.0**16
-
-log = logging.getLogger(__name__)
 
 
 def party_statistics(
@@ -96,23 +94,12 @@ def aggregator_update(
     min_parties: int,
 ) -> tuple[Tensor, tuple[str, ...], dict[str, str]]:
     """w ← w − Σ contributions, over the contributions that validate (the others are logged)."""
-    accepted, rejected = {}, {}
-    for party, data in sorted(contributions.items()):
-        try:
-            accepted[party] = load_tensor(data, context, shape=model.shape)
-        except FedHEError as err:
-            rejected[party] = str(err)
-            log.warning("party %s excluded from the model step: %s", party, err)
-    if len(accepted) < min_parties:
-        raise ProtocolError(
-            f"only {len(accepted)} valid model steps, fewer than min_parties={min_parties}; "
-            f"rejected: {rejected or 'none'}."
-        )
-    steps = list(accepted.values())
-    total = steps[0]
-    for tensor in steps[1:]:
-        total = total + tensor
-    return model - total, tuple(accepted), rejected
+    total, accepted, rejected = sum_valid(
+        contributions,
+        lambda data: load_tensor(data, context, shape=model.shape),
+        min_parties=min_parties,
+    )
+    return model - total, accepted, rejected
 
 
 def aggregator_mask(model: Tensor) -> tuple[Tensor, np.ndarray]:
