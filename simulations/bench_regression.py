@@ -3,7 +3,8 @@
 In process: no Flower, no network, no Ray; the parties run one after another in this process,
 through the code the Flower job uses (`aggregator/regression.py`, `clients/party.py`):
 `fedhe.tasks.aggregate` (``encrypted=False`` in ``declare``, context None: the plaintext twin),
-`fedhe.tasks.moments`, `fedhe.tasks.linreg` and `fedhe.tasks.keyholder_release`.
+`fedhe.tasks.moments`, `fedhe.tasks.linreg`, `fedhe.tasks.encrypted_model` and
+`fedhe.tasks.keyholder_release`.
 
 * Data: synthetic linear data, ``--features`` (20) features on different scales and offsets,
   ``--samples-per-party`` (100) per party (contiguous slices), known coefficients plus
@@ -15,11 +16,19 @@ through the code the Flower job uses (`aggregator/regression.py`, `clients/party
      coefficients; checked against sklearn LinearRegression on the pooled data.
   2. Gradient mode, ONE round only (w = 0, full local batch, clip ``--clip``, the standardizer
      of step 1): gradient contributions, sum, decryption; checked against the pooled gradient.
+  3. Encrypted-model mode, ONE round (own job and `MODEL_PARAMS` keys, the standardizer of
+     step 1): the aggregator encrypts w = 0 (vector, broadcast); each party loads the broadcast
+     (the same bytes for all) and sends Enc(step·(Aᵢw − bᵢ)), step = ``--lr``/Σn; the aggregator
+     updates w; one masked refresh; the key holder decrypts w. Checked against the same step in
+     numpy on the pooled data (key-holder noise flooding, σ = 2^-20: HE error near 1e-6).
 * Per phase (``time.perf_counter``): party local statistics and encryption (median, total),
   aggregator sum, key holder (decrypt; + solve for the masked statistics), total wall time.
   Bytes: party→aggregator per party and total, aggregator→key holder (the sums), key
   holder→aggregator (released float64 values: moments, then coefficients, 8 bytes each), the
   public context once. Downlinks (mask, standardizer, w) match in both modes: not counted.
+  Encrypted model: party (statistics + load + step), aggregator encryption, update, refresh
+  (all; key holder), final decryption; bytes aggregator→party (the broadcast), party→aggregator,
+  aggregator↔key holder (refresh, final model).
 * All contributions of one secure sum stay in memory (1000 × ~0.25 MB) and one
   ``aggregator_sum`` call sums them, as the aggregator does: simpler than batched sums.
 
@@ -38,6 +47,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +58,9 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.linear_model import LinearRegression
 
-from fedhe.crypto import AGGREGATION_PARAMS, PublicContext
-from fedhe.keyholder import KeyHolder
-from fedhe.tasks import aggregate, keyholder_release, linreg, moments
+from fedhe.crypto import AGGREGATION_PARAMS, MODEL_PARAMS, PublicContext
+from fedhe.keyholder import DecryptionRequest, KeyHolder
+from fedhe.tasks import aggregate, encrypted_model, keyholder_release, linreg, moments
 
 MODES = ("plaintext", "he")
 # Per-phase byte counts → the names of their sums over a mode's phases.
@@ -61,10 +72,36 @@ BYTES = {
 }
 TIMES = ("wall_s", "encrypt_s_total", "aggregate_s", "keyholder_s")
 RATIOS = (*TIMES, "upload_bytes_per_party", "bytes_total")  # HE/plaintext
-COLUMNS = (
+MODEL_TIMES = ("wall_s", "party_s_total", "aggregate_s", "refresh_s", "decrypt_s")
+# Aggregator ↔ key holder, once per round (refresh) or per job (final model).
+MODEL_BYTES = ("refresh_to_keyholder", "refresh_from_keyholder", "decrypt_to_keyholder", "released")
+MODEL_RATIOS = (*MODEL_TIMES, "broadcast_bytes_per_party", "upload_bytes_per_party", "bytes_total")
+ERRORS = {
+    "exact": "coef_max_rel_err",
+    "gradient": "gradient_max_abs_err",
+    "encrypted_model": "w_max_abs_err",
+}
+_SUM = (  # caption and columns of the secure-sum modes
+    "time: wall time of the mode, parties one after another; HE Σenc: encryption summed over "
+    "parties; HE key holder: decryption(s) (+ solve); B/party: party→aggregator; total: all "
+    "uploads + aggregator→key holder + key holder→aggregator",
     "parties|plain time|HE time|HE/plain|HE Σenc|HE sum|HE key holder|B/party plain|"
-    "B/party HE|total plain|total HE|error plain|error HE"
+    "B/party HE|total plain|total HE|error plain|error HE",
 )
+TABLES = {  # per mode: title ({lr} filled in), caption, columns
+    "exact": ("Exact mode (moments sum + masked normal equations sum + key-holder solve)", *_SUM),
+    "gradient": ("Gradient mode, ONE round (gradient sum + key-holder decryption)", *_SUM),
+    "encrypted_model": (
+        "Encrypted-model mode, ONE round (broadcast, party steps, update, one refresh, final "
+        "decryption), lr={lr}",
+        "time: aggregator encryption of w → final decryption, parties one after another; party: "
+        "statistics + broadcast load + step; refresh: mask → key holder (KH: decrypt + "
+        "re-encrypt) → unmask; B↓: aggregator→party (the broadcast); B↑: party→aggregator; "
+        "B→KH, B←KH: aggregator→key holder and back, the refresh",
+        "parties|plain time|HE time|HE/plain|HE party med|HE party Σ|HE update|HE refresh|"
+        "HE KH refresh|HE decrypt|B↓/party HE|B↑/party HE|B→KH HE|B←KH HE|error plain|error HE",
+    ),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--features", type=int, default=20, help="features d (20)")
     parser.add_argument("--samples-per-party", type=int, default=100, help="samples (100)")
     parser.add_argument("--clip", type=float, default=10.0, help="gradient clip (10)")
+    parser.add_argument("--lr", type=float, default=0.1, help="encrypted-model lr (0.1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_regression.json"))
     args = parser.parse_args(argv)
@@ -104,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run := _run(keyholder, mode, X, y, n_parties, reference, args))
                 console.print(
                     f"{n_parties} parties, {mode}: exact {run['exact']['wall_s']:.2f} s, "
-                    f"gradient round {run['gradient']['wall_s']:.2f} s"
+                    f"gradient round {run['gradient']['wall_s']:.2f} s, encrypted-model round "
+                    f"{run['encrypted_model']['wall_s']:.2f} s"
                 )
     report = {
         "benchmark": "encrypted vs plaintext linear regression, in process (no Flower)",
@@ -116,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "gradient_rounds": 1,
             "ckks_params": AGGREGATION_PARAMS.to_dict(),
+            "lr": args.lr,
+            "model_ckks_params": MODEL_PARAMS.to_dict(),
         },
         "true_coefficients": coef.tolist(),
         "runs": runs,
@@ -161,25 +202,21 @@ def _run(
         encoding = {"sum_bound": bound, "min_scale_bits": scale_bits}
         contributions = {}
         for i, share in enumerate(shares):
-            started = time.perf_counter()
-            arrays = arrays_of(share)
-            phase["local_s"].append(time.perf_counter() - started)
-            started = time.perf_counter()
-            contributions[f"p{i:04d}"] = data = aggregate.party_contribution(
-                arrays, spp, layout, context, n_terms=n_terms, **encoding
-            )
-            phase["encrypt_s"].append(time.perf_counter() - started)
+            with _timed(phase, "local_s"):
+                arrays = arrays_of(share)
+            with _timed(phase, "encrypt_s"):
+                contributions[f"p{i:04d}"] = data = aggregate.party_contribution(
+                    arrays, spp, layout, context, n_terms=n_terms, **encoding
+                )
             phase["upload_bytes"].append(len(data))
-        started = time.perf_counter()
-        total = aggregate.aggregator_sum(
-            contributions, layout, context, min_parties=n_parties, **encoding
-        )
-        phase["aggregate_s"] = time.perf_counter() - started
+        with _timed(phase, "aggregate_s"):
+            total = aggregate.aggregator_sum(
+                contributions, layout, context, min_parties=n_parties, **encoding
+            )
         del contributions
-        started = time.perf_counter()
-        request = aggregate.request_decryption(job_id, total, output)
-        released = np.asarray(keyholder_release(keyholder, request))
-        phase["keyholder_s"] = time.perf_counter() - started
+        with _timed(phase, "keyholder_s"):
+            request = aggregate.request_decryption(job_id, total, output)
+            released = np.asarray(keyholder_release(keyholder, request))
         phase["sum_bytes"], phase["released_bytes"] = len(total.tensor), 8 * released.size
         if context is not None:
             level, bits = AGGREGATION_PARAMS.encoding_for(bound, scale_bits)
@@ -250,16 +287,97 @@ def _run(
         "public_context_bytes": len(public),
         "exact": exact,
         "gradient": grad,
+        "encrypted_model": _encrypted_model(keyholder, mode, Z, t, shares, args.lr),
     }
 
 
-def _summary(phase: dict[str, Any]) -> dict[str, Any]:
-    local, enc, up = phase.pop("local_s"), phase.pop("encrypt_s"), phase.pop("upload_bytes")
+def _encrypted_model(
+    keyholder: KeyHolder, mode: str, Z: np.ndarray, t: np.ndarray, shares: list[slice], lr: float
+) -> dict[str, Any]:
+    """One round of the encrypted-model mode, as `aggregator/regression.py` strings it."""
+    em, n_parties, dim = encrypted_model, len(shares), Z.shape[1] + 1
+    job_id = f"bench-{mode}-{n_parties}-model"
+    declaration = aggregate.declare(
+        job_id,
+        outputs={em.REFRESH_OUTPUT: (1, dim), em.MODEL_OUTPUT: (1, dim)},
+        min_parties=n_parties,
+        encrypted=mode == "he",
+        params=MODEL_PARAMS,
+    )
+    public = keyholder.declare_job(declaration)  # keys: outside every timing
+    context = PublicContext.from_bytes(public) if public else None
+    w0, step = np.zeros(dim), lr / len(t)
+    out: dict[str, Any] = {"local_s": [], "step_s": [], "upload_bytes": []}
+    contributions = {}
+    started = time.perf_counter()
+    with _timed(out, "aggregator_encrypt_s"):
+        vector = em.encrypt_model(context, w0)
+        blobs = [column.to_bytes() for column in em.broadcast(context, w0)]
+    for i, share in enumerate(shares):
+        with _timed(out, "local_s"):
+            A, b = em.party_statistics(Z[share], t[share], logistic=False, l2=0.0)
+        with _timed(out, "step_s"):
+            model = em.load_broadcast(blobs, context, dim)
+            contributions[f"p{i:04d}"] = data = em.party_step(model, A, b, step).to_bytes()
+        out["upload_bytes"].append(len(data))
+    with _timed(out, "aggregate_s"):
+        vector, contributors, _ = em.aggregator_update(
+            vector, contributions, context, min_parties=n_parties
+        )
+    del contributions
+    with _timed(out, "refresh_s"):
+        masked, mask = em.aggregator_mask(vector)
+        request = DecryptionRequest(job_id, em.REFRESH_OUTPUT, contributors, masked.to_bytes())
+        with _timed(out, "refresh_keyholder_s"):
+            payload = keyholder_release(keyholder, request)
+        assert isinstance(payload, dict)
+        vector, _ = em.aggregator_unmask(*em.unpack_refresh(payload, context, dim), mask)
+    with _timed(out, "decrypt_s"):
+        final = DecryptionRequest(job_id, em.MODEL_OUTPUT, contributors, vector.to_bytes())
+        w = keyholder.decrypt(final).values
+    out["wall_s"] = time.perf_counter() - started
+    Za = linreg.design(Z)
+    reference = w0 - step * (Za.T @ (Za @ w0 - t))  # the same step on the pooled data
+    party = [a + b for a, b in zip(out["local_s"], out["step_s"], strict=True)]
+    out |= {
+        "party_s_median": statistics.median(party),
+        "party_s_total": sum(party),
+        "broadcast_bytes_per_party": sum(len(blob) for blob in blobs),
+        "refresh_to_keyholder_bytes": len(request.tensor),
+        "refresh_from_keyholder_bytes": sum(len(blob) for blob in payload.values()),
+        "decrypt_to_keyholder_bytes": len(final.tensor),
+        "released_bytes": 8 * w.size,
+    }
+    out = _summary(out, encrypt="step_s")
+    out["broadcast_bytes_total"] = out["broadcast_bytes_per_party"] * n_parties
+    out["bytes_total"] = sum(out[f"{k}_bytes_total"] for k in ("broadcast", "upload")) + sum(
+        out[f"{k}_bytes"] for k in MODEL_BYTES
+    )
+    out["public_context_bytes"], out["w"] = len(public), w.tolist()
+    out["w_max_abs_err"] = float(np.max(np.abs(w - reference)))
+    return out
+
+
+@contextmanager
+def _timed(into: dict[str, Any], key: str) -> Iterator[None]:
+    """Time the block into `into[key]`: appended when that is a list, else set."""
+    started = time.perf_counter()
+    yield
+    elapsed = time.perf_counter() - started
+    if isinstance(into.get(key), list):
+        into[key].append(elapsed)
+    else:
+        into[key] = elapsed
+
+
+def _summary(phase: dict[str, Any], encrypt: str = "encrypt_s") -> dict[str, Any]:
+    """Per-party lists → median and total (upload bytes: median per party and total)."""
+    local, enc, up = phase.pop("local_s"), phase.pop(encrypt), phase.pop("upload_bytes")
     return {
         "local_s_median": statistics.median(local),
         "local_s_total": sum(local),
-        "encrypt_s_median": statistics.median(enc),
-        "encrypt_s_total": sum(enc),
+        f"{encrypt}_median": statistics.median(enc),
+        f"{encrypt}_total": sum(enc),
         "upload_bytes_per_party": int(statistics.median(up)),
         "upload_bytes_total": sum(up),
         **phase,
@@ -282,9 +400,10 @@ def _compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for n in sorted({r["parties"] for r in runs}):
         entry: dict[str, Any] = {"parties": n}
-        for kind, err in (("exact", "coef_max_rel_err"), ("gradient", "gradient_max_abs_err")):
+        for kind, err in ERRORS.items():
+            ratios = MODEL_RATIOS if kind == "encrypted_model" else RATIOS
             p, h = by[(n, "plaintext")][kind], by[(n, "he")][kind]
-            entry[kind] = {f"{k}_ratio": h[k] / p[k] for k in RATIOS}
+            entry[kind] = {f"{k}_ratio": h[k] / p[k] for k in ratios}
             entry[kind][err] = {"plaintext": p[err], "he": h[err]}
         out.append(entry)
     return out
@@ -304,46 +423,50 @@ def _machine() -> dict[str, Any]:
 def _print(console: Console, report: dict[str, Any]) -> None:
     config = report["config"]
     by = {(r["parties"], r["mode"]): r for r in report["runs"]}
-    titles = {
-        "exact": "Exact mode (moments sum + masked normal equations sum + key-holder solve)",
-        "gradient": "Gradient mode, ONE round (gradient sum + key-holder decryption)",
-    }
-    for kind, title in titles.items():
-        table = Table(
-            title=f"{title}: d={config['features']}, {config['samples_per_party']} "
-            "samples/party, in process",
-            caption="time: wall time of the mode, parties one after another; HE Σenc: encryption "
-            "summed over parties; HE key holder: decryption(s) (+ solve); B/party: "
-            "party→aggregator; total: all uploads + aggregator→key holder + key holder→aggregator",
-        )
-        for column in COLUMNS.split("|"):
-            table.add_column(column, justify="right")
-        for n in config["parties"]:
-            p, h = by[(n, "plaintext")][kind], by[(n, "he")][kind]
-            err = "coef_max_rel_err" if kind == "exact" else "gradient_max_abs_err"
-            table.add_row(
-                str(n),
-                _time(p["wall_s"]),
-                _time(h["wall_s"]),
-                f"{h['wall_s'] / p['wall_s']:.1f}×",
-                _time(h["encrypt_s_total"]),
-                _time(h["aggregate_s"]),
-                _time(h["keyholder_s"]),
-                _bytes(p["upload_bytes_per_party"]),
-                _bytes(h["upload_bytes_per_party"]),
-                _bytes(p["bytes_total"]),
-                _bytes(h["bytes_total"]),
-                f"{p[err]:.1e}",
-                f"{h[err]:.1e}",
-            )
-        console.print(table)
+    setting = f"d={config['features']}, {config['samples_per_party']} samples/party, in process"
+    for kind, (title, caption, columns) in TABLES.items():
+        rows = [_row(kind, n, by[(n, "plaintext")], by[(n, "he")]) for n in config["parties"]]
+        title = f"{title.format(lr=config['lr'])}: {setting}"
+        console.print(_table(title, caption, columns, rows))
     he = next(r for r in report["runs"] if r["mode"] == "he")
     console.print(
         f"error: exact = max relative coefficient error vs sklearn LinearRegression on the "
-        f"pooled data; gradient = max |averaged gradient − pooled gradient|. Public context "
-        f"(once per job): {_bytes(he['public_context_bytes'])}; CKKS "
-        f"{config['ckks_params']}; machine: {report['machine']['cpu_count']} CPUs, shared."
+        f"pooled data; gradient = max |averaged gradient − pooled gradient|; encrypted model = "
+        f"max |w − the same step in numpy on the pooled data|. Public context (once per job): "
+        f"{_bytes(he['public_context_bytes'])}, CKKS {config['ckks_params']}; encrypted model: "
+        f"{_bytes(he['encrypted_model']['public_context_bytes'])}, CKKS "
+        f"{config['model_ckks_params']}; machine: {report['machine']['cpu_count']} CPUs, shared."
     )
+
+
+def _row(kind: str, n: int, plain: dict[str, Any], he: dict[str, Any]) -> list[str]:
+    p, h = plain[kind], he[kind]
+    if kind == "encrypted_model":
+        times = ("party_s_median", "party_s_total", "aggregate_s", "refresh_s")
+        times += ("refresh_keyholder_s", "decrypt_s")
+        sizes = [_bytes(h[f"{k}_bytes_per_party"]) for k in ("broadcast", "upload")]
+        sizes += [_bytes(h[f"refresh_{k}_keyholder_bytes"]) for k in ("to", "from")]
+    else:
+        times = ("encrypt_s_total", "aggregate_s", "keyholder_s")
+        sizes = [_bytes(m[k]) for k in ("upload_bytes_per_party", "bytes_total") for m in (p, h)]
+    ratio = f"{h['wall_s'] / p['wall_s']:.1f}×"
+    return [
+        str(n),
+        *(_time(m["wall_s"]) for m in (p, h)),
+        ratio,
+        *(_time(h[k]) for k in times),
+        *sizes,
+        *(f"{m[ERRORS[kind]]:.1e}" for m in (p, h)),
+    ]
+
+
+def _table(title: str, caption: str, columns: str, rows: list[list[str]]) -> Table:
+    table = Table(title=title, caption=caption)
+    for column in columns.split("|"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def _time(seconds: float) -> str:
