@@ -36,6 +36,8 @@ def build_result(
         "timings_s": _rounded(he.timings_s),
         "bytes": he.bytes,
         "decryptions": [e for e in he.audit if e.get("event") == "decrypt"],
+        # The key holder's chain head after this job: anchor it outside to detect a rewritten log.
+        "audit_head": he.audit[-1].get("hash") if he.audit else None,
         "ckks": {**AGGREGATION_PARAMS.to_dict(), "slots": AGGREGATION_PARAMS.slots},
         "config": config.to_run_config(),
     }

@@ -40,6 +40,8 @@ _SIMULATION_ONLY = {"task", "keyholder_partition_id", "plaintext_twin"}
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "audit":
+        return _verify_audit(args.path, segment=args.segment)
     _configure_logging(args.verbose)
     try:
         config = JobConfig(
@@ -115,7 +117,31 @@ def _parser() -> argparse.ArgumentParser:
         )
     sim.add_argument("--encrypted-only", action="store_true", help="skip the plaintext twin run")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    audit = commands.add_parser("audit", help="check a key holder's audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser("verify", help="check the log's hash chain")
+    verify.add_argument("path", help="a key holder's audit.jsonl")
+    verify.add_argument(
+        "--segment",
+        action="store_true",
+        help="the file holds one job's records (a run folder's audit.jsonl)",
+    )
     return parser
+
+
+def _verify_audit(path: str, *, segment: bool) -> int:
+    from fedhe.keyholder.audit import verify_log
+
+    result = verify_log(path, segment=segment)
+    if result.ok:
+        print(
+            f"{path}: {result.records} records, hash chain intact (last {result.last_hash[:16]}…)"
+        )
+        return 0
+    print(
+        f"{path}: TAMPERED after {result.records} good records: {result.problem}", file=sys.stderr
+    )
+    return 1
 
 
 def _configure_logging(verbose: bool) -> None:

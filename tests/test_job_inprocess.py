@@ -53,6 +53,10 @@ def test_result_json_contract(finished):
     ]
     audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
     assert [a for a in audit if a["event"] == "decrypt"] == result["decryptions"]
+    from fedhe.keyholder.audit import verify_log
+
+    assert verify_log(out / "audit.jsonl", segment=True).ok
+    assert result["audit_head"] == audit[-1]["hash"]
 
 
 def test_a_dropped_party_is_excluded_and_the_sum_covers_exactly_the_others(finished):

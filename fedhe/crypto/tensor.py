@@ -141,13 +141,15 @@ class EncryptedTensor:
 
     def to_bytes(self) -> bytes:
         blobs = [chunk.serialize() for chunk in self.chunks]
+        body = b"".join(blobs)
         header = {
             "kind": CKKS_KIND,
             "shape": list(self.shape),
             "fingerprint": self.fingerprint,
             "chunk_bytes": [len(b) for b in blobs],
+            "body_sha256": hashlib.sha256(body).hexdigest(),
         }
-        return frame(_MAGIC, _VERSION, header, b"".join(blobs))
+        return frame(_MAGIC, _VERSION, header, body)
 
 
 Tensor = EncryptedTensor | PlainTensor
@@ -316,6 +318,12 @@ def _load_encrypted(
         raise InvalidCiphertextError(
             f"ciphertext body has {len(body)} bytes, the header announces {sum(sizes)}: truncated "
             "or padded in transit."
+        )
+    # A digest, not a MAC: it catches corruption (a flipped bit in a ciphertext otherwise
+    # decrypts to a silently wrong value); transport integrity against an attacker is TLS's job.
+    if header.get("body_sha256") != hashlib.sha256(body).hexdigest():
+        raise InvalidCiphertextError(
+            "ciphertext bytes do not match their digest: corrupted in transit."
         )
     chunks, offset = [], 0
     for index, n_bytes in enumerate(sizes):
