@@ -8,6 +8,7 @@ from flwr.clientapp import ClientApp
 from fedhe import protocol
 from fedhe.clients import keyholder, party
 from fedhe.clients.roles import partition_id, require_role, resolve_role
+from fedhe.errors import FedHEError, ProtocolError
 
 app = ClientApp()
 
@@ -22,9 +23,18 @@ def whoami(msg: Message, context: Context) -> Message:
 
 
 def _as(role: str, handler):
+    """Run `handler` only on a node of `role`; a malformed message becomes a ProtocolError."""
+
     def checked(msg: Message, context: Context) -> Message:
         require_role(context, role)
-        return handler(msg, context)
+        try:
+            return handler(msg, context)
+        except FedHEError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            raise ProtocolError(
+                f"malformed {msg.metadata.message_type} message: {type(err).__name__}: {err}"
+            ) from err
 
     checked.__name__ = handler.__name__
     return checked
