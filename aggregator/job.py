@@ -217,15 +217,21 @@ class Job:
         )
 
     def ask_keyholder(self, message_type: str, content: RecordDict) -> RecordDict:
-        """The job cannot go on without the key holder: a refusal or silence stops it."""
-        exchange = self.session.ask(
-            {"keyholder": self.federation.keyholder}, message_type, content, role="keyholder"
-        )
-        if "keyholder" not in exchange.replies:
-            raise ProtocolError(
-                f"key holder refused or failed {message_type}: {exchange.failures.get('keyholder')}"
+        """The job cannot go on without the key holder: a refusal stops it at once, silence
+        after `keyholder_retries` more tries (a retried decryption is replayed by the key
+        holder, not decrypted again)."""
+        reason = ""
+        for attempt in range(self.config.keyholder_retries + 1):
+            exchange = self.session.ask(
+                {"keyholder": self.federation.keyholder}, message_type, content, role="keyholder"
             )
-        return exchange.replies["keyholder"]
+            if "keyholder" in exchange.replies:
+                return exchange.replies["keyholder"]
+            reason = exchange.failures.get("keyholder", "")
+            if not reason.startswith("no reply"):
+                break
+            log.warning("key holder silent on %s (try %d): %s", message_type, attempt + 1, reason)
+        raise ProtocolError(f"key holder refused or failed {message_type}: {reason}")
 
     def fetch_audit(self) -> list[dict[str, Any]]:
         reply = self.ask_keyholder(

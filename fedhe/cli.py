@@ -34,6 +34,7 @@ _HELP = {
     "hidden": "MLP hidden widths, e.g. 32,16 (default: logistic/softmax regression)",
     "drop_party": "simulate a fault: this party index fails every training round",
     "timeout_s": "seconds to wait for replies to one message",
+    "keyholder_retries": "more tries when the key holder does not answer (never on a refusal)",
 }
 _SIMULATION_ONLY = {"task", "keyholder_partition_id", "plaintext_twin"}
 

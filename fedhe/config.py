@@ -42,6 +42,7 @@ class JobConfig:
     plaintext_twin: bool = True  # also run the same job in the clear, for result.json
     drop_party: int = -1  # simulation fault: this party index fails every training round
     timeout_s: float = 600.0
+    keyholder_retries: int = 2  # more tries when the key holder stays silent (not on refusal)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -68,6 +69,8 @@ class JobConfig:
             raise ConfigError("logreg has no exact mode (no closed form); use --mode gradient.")
         if self.task == "aggregate" and self.mode:
             raise ConfigError("--mode applies to linreg and logreg only.")
+        if self.keyholder_retries < 0:
+            raise ConfigError(f"keyholder-retries must be ≥ 0, got {self.keyholder_retries}.")
         if self.l2 < 0:
             raise ConfigError(f"l2 must be ≥ 0, got {self.l2}.")
         if self.data_dir and not self.target:

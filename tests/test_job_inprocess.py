@@ -226,3 +226,31 @@ def test_an_unreachable_party_is_left_out_while_min_parties_hold(tmp_path):
     run_job(InProcessGrid(config.num_nodes, unreachable={0}), config)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["encrypted"]["history"][0]["parties"] == 3
+
+
+def test_a_lost_key_holder_reply_is_retried_and_replayed_not_decrypted_twice(tmp_path):
+    config = JobConfig(parties=3, min_parties=2, rounds=2, out=str(tmp_path), plaintext_twin=False)
+    grid = InProcessGrid(config.num_nodes, lose_first_reply={protocol.DECRYPT})
+    run_job(grid, config)
+    result = json.loads((tmp_path / "result.json").read_text())
+    decisions = [d["decision"] for d in result["decryptions"]]
+    assert decisions == ["decrypted", "replayed", "decrypted", "decrypted"]
+    assert result["decryptions"][0]["digest"] == result["decryptions"][1]["digest"]
+
+
+def test_a_silent_key_holder_is_tried_again_then_the_job_stops(tmp_path):
+    config = JobConfig(parties=3, min_parties=2, rounds=1, out=str(tmp_path), keyholder_retries=1)
+    grid = InProcessGrid(config.num_nodes)
+    send = grid.send_and_receive
+    sent = []
+
+    def silent_keyholder(messages, timeout=None):
+        if all(m.metadata.message_type != protocol.WHOAMI for m in messages):
+            grid.unreachable.add(config.keyholder_node)
+        sent.extend(m.metadata.message_type for m in messages)
+        return send(messages, timeout)
+
+    grid.send_and_receive = silent_keyholder
+    with pytest.raises(ProtocolError, match="no reply"):
+        run_job(grid, config)
+    assert sent.count(protocol.DECLARE) == 2

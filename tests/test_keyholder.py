@@ -136,3 +136,15 @@ def test_noise_flooding_is_on_by_default_and_bounded(tmp_path):
     spread = float(np.std(released.values))
     assert 0.8 * sigma < spread < 1.2 * sigma
     np.testing.assert_allclose(released.values, values, atol=6 * sigma + 1e-4)
+
+
+def test_an_identical_request_is_replayed_without_spending_budget(keyholder):
+    public = _declare(keyholder, budget=1)
+    request = _request(public, ["a", "b", "c"])
+    first = keyholder.decrypt(request)
+    again = keyholder.decrypt(request)
+    np.testing.assert_array_equal(first.values, again.values)
+    decisions = [e["decision"] for e in keyholder.audit.entries() if e["event"] == "decrypt"]
+    assert decisions == ["decrypted", "replayed"]
+    with pytest.raises(PolicyError, match="spent"):
+        keyholder.decrypt(_request(public, ["a", "b", "c"]))  # a new ciphertext: budget holds
