@@ -108,6 +108,7 @@ class Job:
             min_parties=self.config.min_parties,
             encrypted=self.run.encrypted,
             params=self.params(),
+            task=self.config.task,
         )
         reply = self.ask_keyholder(
             protocol.DECLARE,

@@ -13,7 +13,7 @@ from flwr.app import Context, Message
 from fedhe import protocol
 from fedhe.crypto import KeyRequest
 from fedhe.keyholder import DEFAULT_FLOODING_BITS, DecryptionRequest, JobDeclaration, KeyHolder
-from fedhe.tasks import keyholder_release
+from fedhe.tasks import check_declaration, keyholder_release
 
 STATE_ROOT_ENV = "FEDHE_STATE_ROOT"
 
@@ -35,6 +35,7 @@ def keyholder_for(context: Context) -> KeyHolder:
         state_dir,
         min_parties_floor=int(context.node_config.get("min-parties-floor", 2)),
         flooding_bits=None if flooding < 0 else flooding,
+        declaration_check=check_declaration,
     )
 
 

@@ -148,3 +148,58 @@ def test_an_identical_request_is_replayed_without_spending_budget(keyholder):
     assert decisions == ["decrypted", "replayed"]
     with pytest.raises(PolicyError, match="spent"):
         keyholder.decrypt(_request(public, ["a", "b", "c"]))  # a new ciphertext: budget holds
+
+
+def _task_keyholder(tmp_path):
+    from fedhe.tasks import check_declaration
+
+    return KeyHolder(tmp_path / "kh-tasks", declaration_check=check_declaration)
+
+
+def test_an_output_foreign_to_the_task_is_refused_and_audited(tmp_path):
+    """An aggregator may not declare linreg's masked statistics under FedAvg's raw release."""
+    from fedhe.tasks import aggregate, linreg, moments
+
+    keyholder = _task_keyholder(tmp_path)
+    job = aggregate.declare(
+        "smuggle",
+        outputs={
+            moments.OUTPUT: (1, moments.layout(11)),
+            linreg.MASKED_OUTPUT: (1, linreg.statistics_layout(10)),
+        },
+        min_parties=2,
+        task="aggregate",
+    )
+    with pytest.raises(PolicyError, match="may not declare"):
+        keyholder.declare_job(job)
+    assert _last(keyholder)["decision"] == "refused"
+
+
+def test_regression_output_sizes_must_fit_one_number_of_features(tmp_path):
+    """Declaring the masked statistics' size under the raw gradient kind is refused."""
+    from fedhe.tasks import aggregate, linreg, moments
+
+    keyholder = _task_keyholder(tmp_path)
+    stats = linreg.statistics_layout(10)
+    job = aggregate.declare(
+        "resize",
+        outputs={moments.OUTPUT: (1, moments.layout(11)), linreg.GRADIENT_OUTPUT: (5, stats)},
+        min_parties=2,
+        task="linreg",
+    )
+    with pytest.raises(PolicyError, match="do not fit a linreg job over 10 features"):
+        keyholder.declare_job(job)
+    fine = aggregate.declare(
+        "fine",
+        outputs={moments.OUTPUT: (1, moments.layout(11)), linreg.MASKED_OUTPUT: (1, stats)},
+        min_parties=2,
+        task="linreg",
+    )
+    assert keyholder.declare_job(fine)
+
+
+def test_unknown_tasks_are_refused(tmp_path):
+    keyholder = _task_keyholder(tmp_path)
+    job = JobDeclaration("x", "knn", {"votes": OutputSpec(1)}, 2, SMALL_PARAMS)
+    with pytest.raises(PolicyError, match="unknown to this key holder"):
+        keyholder.declare_job(job)

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,11 +56,13 @@ class KeyHolder:
         *,
         min_parties_floor: int = 2,
         flooding_bits: int | None = DEFAULT_FLOODING_BITS,
+        declaration_check: Callable[[JobDeclaration], None] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.policy = DecryptionPolicy(min_parties_floor=min_parties_floor)
         self.flooding_bits = flooding_bits
+        self.declaration_check = declaration_check  # e.g. fedhe.tasks.check_declaration
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
 
     # -- jobs and keys -----------------------------------------------------------------------
@@ -73,6 +76,8 @@ class KeyHolder:
         try:
             _check_job_id(job.job_id)
             self.policy.check_declaration(job)
+            if self.declaration_check is not None:
+                self.declaration_check(job)
             existing = self._declaration(job.job_id)
             if existing is not None and existing != job:
                 raise PolicyError(

@@ -6,8 +6,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedhe.keyholder import DecryptionRequest, KeyHolder
-from fedhe.tasks import aggregate, encrypted_model, linreg
+from fedhe.errors import PolicyError
+from fedhe.keyholder import DecryptionRequest, JobDeclaration, KeyHolder
+from fedhe.tasks import aggregate, encrypted_model, linreg, moments
 
 Release = np.ndarray | dict[str, bytes]
 KeyholderStep = Callable[[KeyHolder, DecryptionRequest], Release]
@@ -24,3 +25,67 @@ KEYHOLDER_STEPS: dict[str, KeyholderStep] = {
 def keyholder_release(keyholder: KeyHolder, request: DecryptionRequest) -> Release:
     step = KEYHOLDER_STEPS.get(request.output_kind, aggregate.keyholder_decrypt_sum)
     return step(keyholder, request)
+
+
+# Output kinds each task may declare. The key holder refuses any other, so an aggregator cannot
+# declare, say, the masked normal equations under a kind whose values are released raw.
+ALLOWED_OUTPUTS: dict[str, frozenset[str]] = {
+    aggregate.TASK: frozenset({moments.OUTPUT, aggregate.OUTPUT}),
+    linreg.TASK: frozenset(
+        {
+            moments.OUTPUT,
+            linreg.MASKED_OUTPUT,
+            linreg.GRADIENT_OUTPUT,
+            encrypted_model.REFRESH_OUTPUT,
+            encrypted_model.MODEL_OUTPUT,
+        }
+    ),
+    "logreg": frozenset(
+        {
+            moments.OUTPUT,
+            linreg.GRADIENT_OUTPUT,
+            encrypted_model.REFRESH_OUTPUT,
+            encrypted_model.MODEL_OUTPUT,
+        }
+    ),
+}
+
+
+def check_declaration(job: JobDeclaration) -> None:
+    """Key-holder side: the job's outputs are its task's, with sizes that fit one another."""
+    allowed = ALLOWED_OUTPUTS.get(job.task)
+    if allowed is None:
+        raise PolicyError(
+            f"task {job.task!r} is unknown to this key holder: {sorted(ALLOWED_OUTPUTS)}."
+        )
+    foreign = sorted(set(job.outputs) - allowed)
+    if foreign:
+        raise PolicyError(
+            f"task {job.task!r} may not declare {foreign}; it may: {sorted(allowed)}."
+        )
+    if job.task == aggregate.TASK:
+        return
+    expected = _regression_sizes(job)
+    wrong = {k: v.size for k, v in job.outputs.items() if v.size != expected[k]}
+    if wrong:
+        raise PolicyError(
+            f"declared sizes {wrong} do not fit a {job.task} job over "
+            f"{expected['features']} features (expected {expected})."
+        )
+
+
+def _regression_sizes(job: JobDeclaration) -> dict[str, int]:
+    """Every output's size follows from the moments' size: 2·columns + 2."""
+    spec = job.outputs.get(moments.OUTPUT)
+    if spec is None or spec.size is None:
+        raise PolicyError(f"a {job.task} job must declare {moments.OUTPUT!r} with its size.")
+    with_target = job.task == linreg.TASK
+    d = (spec.size - 2) // 2 - int(with_target)
+    return {
+        "features": d,
+        moments.OUTPUT: spec.size,
+        linreg.MASKED_OUTPUT: linreg.statistics_layout(d).size,
+        linreg.GRADIENT_OUTPUT: d + 3,
+        encrypted_model.REFRESH_OUTPUT: d + 1,
+        encrypted_model.MODEL_OUTPUT: d + 1,
+    }

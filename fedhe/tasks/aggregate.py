@@ -100,16 +100,18 @@ def declare(
     min_parties: int,
     encrypted: bool = True,
     params: CKKSParams = AGGREGATION_PARAMS,
+    task: str = TASK,
 ) -> JobDeclaration:
     """The job as the key holder must know it: each output kind, its budget and its layout.
 
     A FedAvg run declares ``{OUTPUT: (rounds, model_layout)}``; other sums (feature moments
     for standardization, say) are further output kinds with their own budget. An int instead
-    of a layout declares a plain tensor of that size, with no sample-count slots.
+    of a layout declares a plain tensor of that size, with no sample-count slots. `task` names
+    the job kind whose rules the key holder applies (`fedhe.tasks.check_declaration`).
     """
     return JobDeclaration(
         job_id=job_id,
-        task=TASK,
+        task=task,
         outputs={kind: _output_spec(budget, layout) for kind, (budget, layout) in outputs.items()},
         min_parties=min_parties,
         params=params if encrypted else None,
