@@ -54,10 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -65,8 +62,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tenseal
 import torch
+from machine import machine_info  # simulations/machine.py, beside this script
 from rich.console import Console
 from rich.table import Table
 
@@ -223,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             report = {
                 "benchmark": "HE-FedAvg vs plaintext FedAvg through Flower's simulation engine",
                 "config": {"dataset": "digits", "parties": args.parties, "seed": args.seed},
-                "machine": _machine(),
+                "machine": machine_info(),
             }
         report["flower"] = flower
     _print(console, report)
@@ -439,7 +436,7 @@ def _report(
         "targets": targets,
         "max_abs_diff": max(diffs),
         "max_abs_diff_per_round": diffs,
-        "machine": _machine(),
+        "machine": machine_info(),
     }
 
 
@@ -607,18 +604,6 @@ def _encoding(sum_bound: float) -> dict[str, Any]:
 
 def _target(value: float, limit: float) -> dict[str, Any]:
     return {"value": value, "limit": limit, "pass": bool(value <= limit)}
-
-
-def _machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "tenseal": getattr(tenseal, "__version__", "unknown"),
-    }
 
 
 def _print(console: Console, report: dict[str, Any]) -> None:

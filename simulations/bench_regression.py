@@ -41,10 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -53,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tenseal
+from machine import machine_info  # simulations/machine.py, beside this script
 from rich.console import Console
 from rich.table import Table
 from sklearn.linear_model import LinearRegression
@@ -161,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "true_coefficients": coef.tolist(),
         "runs": runs,
         "comparison": _compare(runs),
-        "machine": _machine(),
+        "machine": machine_info(),
     }
     _print(console, report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -407,17 +404,6 @@ def _compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry[kind][err] = {"plaintext": p[err], "he": h[err]}
         out.append(entry)
     return out
-
-
-def _machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "tenseal": getattr(tenseal, "__version__", "unknown"),
-    }
 
 
 def _print(console: Console, report: dict[str, Any]) -> None:
