@@ -175,3 +175,31 @@ def test_a_diverging_encrypted_model_stops_with_the_fix(tmp_path):
         _run(
             tmp_path, task="logreg", mode="encrypted-model", rounds=20, lr=2.0, plaintext_twin=False
         )
+
+
+def test_encrypted_model_aggregator_receives_no_value_in_the_clear_before_the_end(tmp_path):
+    """Key-holder replies carry clear values only for the moments sum and the final model;
+    every refresh comes back as ciphertexts."""
+    _, grid = _run(
+        tmp_path, task="linreg", mode="encrypted-model", rounds=4, lr=0.4, plaintext_twin=False
+    )
+    keyholder_node = 1000 + 5
+    replies = [
+        protocol.payload_of(m.content)
+        for direction, m in grid.log
+        if direction == "received"
+        and m.metadata.src_node_id == keyholder_node
+        and m.metadata.message_type == protocol.DECRYPT
+    ]
+    in_clear = [p for p in replies if "values" in p]
+    assert len(replies) == 1 + 3 + 1 and len(in_clear) == 2
+    assert [protocol.array_from_bytes(p["values"]).shape for p in in_clear] == [(24,), (11,)]
+    refreshes = [p for p in replies if "values" not in p]
+    assert all(set(p) == {"vector", *(f"broadcast-{j}" for j in range(11))} for p in refreshes)
+    assert all(v[:4] == b"FHET" and b'"kind": "ckks"' in v for p in refreshes for v in p.values())
+    party_replies = [
+        m for d, m in grid.log if d == "received" and m.metadata.message_type == protocol.MODEL_STEP
+    ]
+    assert party_replies and all(
+        b'"kind": "ckks"' in protocol.payload_of(m.content)["contribution"] for m in party_replies
+    )
