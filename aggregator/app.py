@@ -14,7 +14,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedhe.aggregator.fedavg import FedAvgJob
-from fedhe.aggregator.job import JobRun
+from fedhe.aggregator.job import Job, JobRun
+from fedhe.aggregator.knn import KNNJob
 from fedhe.aggregator.regression import RegressionJob
 from fedhe.aggregator.report import build_result, write_run
 from fedhe.aggregator.roles import discover, wait_for_nodes
@@ -40,7 +41,7 @@ def run_job(grid: Grid, config: JobConfig) -> Path:
     runs: list[JobRun] = []
     for encrypted in (True, False) if config.plaintext_twin else (True,):
         job_id = f"{config.task}-{grid.run.run_id}-{'he' if encrypted else 'plain'}"
-        job_class = FedAvgJob if config.task == "aggregate" else RegressionJob
+        job_class = _JOBS.get(config.task, RegressionJob)
         job = job_class(
             Session(grid, config.timeout_s),
             federation,
@@ -58,6 +59,9 @@ def run_job(grid: Grid, config: JobConfig) -> Path:
     return path
 
 
+_JOBS: dict[str, type[Job]] = {"aggregate": FedAvgJob, "knn": KNNJob}
+
+
 def _data_source(config: JobConfig, n_parties: int) -> DataSource:
     source = DataSource(config.dataset_name, config.data_dir, config.target, config.seed, n_parties)
     if not source.from_csv:
@@ -68,6 +72,10 @@ def _data_source(config: JobConfig, n_parties: int) -> DataSource:
             f"{config.data_dir} holds {files} party files but the job has {config.parties} "
             "parties: pass --parties to match, one party-<N>.csv per party."
         )
+    if config.task == "knn":
+        test = test_data(source)  # a KNN job on CSV files takes the task its target suggests
+        if test is not None and test.task == "regression":
+            return replace(source, kind="regression")
     if config.task == "linreg":
         return replace(source, kind="regression")
     return replace(source, kind="classification", classes=csv_classes(source))

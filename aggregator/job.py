@@ -22,7 +22,7 @@ from fedhe import protocol
 from fedhe.aggregator.roles import Federation
 from fedhe.aggregator.session import Exchange, Session
 from fedhe.config import JobConfig
-from fedhe.crypto import AGGREGATION_PARAMS, CKKSParams, PublicContext
+from fedhe.crypto import AGGREGATION_PARAMS, CKKSParams, KeyRequest, PublicContext
 from fedhe.data.datasets import Dataset
 from fedhe.data.sources import DataSource
 from fedhe.errors import ProtocolError
@@ -45,6 +45,8 @@ class JobRun:
     audit: list[dict[str, Any]] = field(default_factory=list)
     bytes: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # task-specific result.json entries
 
     @property
     def final(self) -> dict[str, float]:
@@ -72,12 +74,13 @@ class Job:
         self.test = test
         self.run = JobRun(job_id, encrypted)
         self.parties = dict(federation.parties)
+        self.samples: dict[str, int] = {}  # per party, as reported at setup
         self.context: PublicContext | None = None
         self.public_bytes = b""
 
     # -- to implement --------------------------------------------------------------------------
 
-    def outputs(self) -> dict[str, tuple[int, aggregate.Layout | int]]:
+    def outputs(self) -> dict[str, tuple[int, aggregate.Layout | int | None]]:
         """Output kinds the key holder may decrypt, with their budget and layout."""
         raise NotImplementedError
 
@@ -88,6 +91,14 @@ class Job:
     def params(self) -> CKKSParams:
         """CKKS parameters of the job's key pair (sums only, by default)."""
         return AGGREGATION_PARAMS
+
+    def keys(self) -> KeyRequest:
+        """Evaluation keys the aggregator needs (none for sums)."""
+        return KeyRequest()
+
+    def meta(self) -> dict[str, Any]:
+        """Task settings the key holder must know (e.g. k for KNN)."""
+        return {}
 
     # -- the common run --------------------------------------------------------------------------
 
@@ -109,10 +120,18 @@ class Job:
             encrypted=self.run.encrypted,
             params=self.params(),
             task=self.config.task,
+            meta=self.meta(),
         )
+        self.run.params = self.params().to_dict()
+        keys = self.keys()
         reply = self.ask_keyholder(
             protocol.DECLARE,
-            protocol.content(config={"declaration": declaration.to_dict(), "keys": {}}),
+            protocol.content(
+                config={
+                    "declaration": declaration.to_dict(),
+                    "keys": {"relin": keys.relin, "galois": keys.galois},
+                }
+            ),
         )
         self.run.timings_s["keygen"] += protocol.metrics_of(reply)["keygen-s"]
         public = protocol.payload_of(reply)["public-context"]
@@ -134,6 +153,10 @@ class Job:
             for index, name in enumerate(self.parties)
         }
         exchange = self.session.ask(self.parties, protocol.SETUP, contents, role="party")
+        self.samples = {
+            name: int(protocol.metrics_of(reply)["n-samples"])
+            for name, reply in exchange.replies.items()
+        }
         self.exclude(exchange.failures, "setup")
         self.require_quorum("setup")
 

@@ -14,7 +14,6 @@ import numpy as np
 
 from fedhe.aggregator.job import JobRun
 from fedhe.config import JobConfig
-from fedhe.crypto import AGGREGATION_PARAMS
 
 _METRICS = ("accuracy", "loss", "train_loss", "log_loss", "auc", "mse", "r2")
 
@@ -38,9 +37,15 @@ def build_result(
         "decryptions": [e for e in he.audit if e.get("event") == "decrypt"],
         # The key holder's chain head after this job: anchor it outside to detect a rewritten log.
         "audit_head": he.audit[-1].get("hash") if he.audit else None,
-        "ckks": {**AGGREGATION_PARAMS.to_dict(), "slots": AGGREGATION_PARAMS.slots},
+        "ckks": _ckks(he),
         "config": config.to_run_config(),
     }
+    result.update(he.extras)
+    if "predictions" in he.extras and twin is not None:
+        result["predictions"] = {
+            "encrypted": he.extras["predictions"],
+            "plaintext": twin.extras.get("predictions"),
+        }
     if "coefficients" in he.weights:
         result["coefficients"] = {
             "names": ["intercept", *test_feature_names],
@@ -51,9 +56,8 @@ def build_result(
         result["plaintext_timings_s"] = _rounded(twin.timings_s)
         result["plaintext_bytes"] = twin.bytes
         result["agreement"] = {
-            "max_abs_weight_diff": max(
-                float(np.max(np.abs(he.weights[k] - twin.weights[k]))) for k in he.weights
-            ),
+            **_weight_agreement(he, twin),
+            **_prediction_agreement(he, twin),
             **{
                 f"{metric}_diff": abs(he.final[metric] - twin.final[metric])
                 for metric in _METRICS
@@ -61,6 +65,34 @@ def build_result(
             },
         }
     return result
+
+
+def _weight_agreement(he: JobRun, twin: JobRun) -> dict[str, float]:
+    if not he.weights:
+        return {}
+    diff = max(float(np.max(np.abs(he.weights[k] - twin.weights[k]))) for k in he.weights)
+    return {"max_abs_weight_diff": diff}
+
+
+def _prediction_agreement(he: JobRun, twin: JobRun) -> dict[str, float]:
+    """Share of equal predictions (targets: within 1e-4 relative) and the largest difference."""
+    if "predictions" not in he.extras or "predictions" not in twin.extras:
+        return {}
+    a = np.asarray(he.extras["predictions"], dtype=float)
+    b = np.asarray(twin.extras["predictions"], dtype=float)
+    if a.shape != b.shape:
+        return {"prediction_agreement": 0.0}
+    return {
+        "prediction_agreement": float(np.mean(np.isclose(a, b, rtol=1e-4, atol=1e-6))),
+        "max_abs_prediction_diff": float(np.max(np.abs(a - b))) if a.size else 0.0,
+    }
+
+
+def _ckks(run: JobRun) -> dict[str, Any] | None:
+    if not run.params:
+        return None
+    slots = run.params["poly_modulus_degree"] // 2
+    return {**run.params, "slots": slots} if run.encrypted else None
 
 
 def write_run(out_dir: str | Path, result: dict[str, Any], audit: list[dict[str, Any]]) -> Path:

@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context, Message
 from fedhe import protocol
 from fedhe.crypto import PublicContext
 from fedhe.data.datasets import Dataset
-from fedhe.data.sources import DataSource, party_data
+from fedhe.data.sources import DataSource, party_data, test_data
 from fedhe.errors import ProtocolError
 from fedhe.learning import (
     ModelSpec,
@@ -25,11 +25,12 @@ from fedhe.learning import (
     local_train,
     set_weights,
 )
-from fedhe.tasks import aggregate, encrypted_model, linreg, logreg, moments
+from fedhe.tasks import aggregate, encrypted_model, knn, linreg, logreg, moments
 from fedhe.tasks.moments import Standardizer
 
 _JOB_RECORD = "fedhe.job."
 _CONTEXT_RECORD = "fedhe.context."
+_QUERY_RECORD = "fedhe.knn-query."
 
 
 def setup(msg: Message, context: Context) -> Message:
@@ -172,6 +173,81 @@ def model_step(msg: Message, context: Context) -> Message:
             payload={"contribution": step.to_bytes()},
             metrics={"n-samples": data.n_samples, "encrypt-s": time.perf_counter() - started},
         ),
+        reply_to=msg,
+    )
+
+
+def knn_upload(msg: Message, context: Context) -> Message:
+    """KNN: encrypt this party's standardized points at the store positions it was given."""
+    config, job, data = _open(msg, context, fault_injectable=True)
+    standardizer = Standardizer.from_dict(config["standardizer"])
+    n_classes = int(config["n-classes"])
+    labels = knn.label_rows(data.y if n_classes else standardizer.target(data.y), n_classes)
+    started = time.perf_counter()
+    payload = knn.party_upload(
+        _public_context(context, job["job-id"]),
+        standardizer.features(data.X),
+        labels,
+        knn.Segment(**config["segment"]),
+        int(config["slots"]),
+        rng=np.random.default_rng(),
+    )
+    return Message(
+        protocol.content(
+            payload=payload,
+            metrics={"n-samples": data.n_samples, "encrypt-s": time.perf_counter() - started},
+        ),
+        reply_to=msg,
+    )
+
+
+def knn_query(msg: Message, context: Context) -> Message:
+    """KNN querier: one batch of its queries (plain or encrypted) and Enc(ρ), its vote mask.
+
+    ρ stays here until `knn_answer`: only this node can unmask the batch's answer."""
+    config, job, _ = _open(msg, context)
+    standardizer = Standardizer.from_dict(config["standardizer"])
+    test = test_data(job["source"])
+    if test is None:
+        raise ProtocolError("the querier has no test set to ask queries from.")
+    start, stop = int(config["start"]), int(config["stop"])
+    queries = knn.check_queries(standardizer.features(test.X[start:stop]), test.n_features)
+    public = _public_context(context, job["job-id"])
+    slots = int(config["slots"])
+    started = time.perf_counter()
+    if config["query"] == "encrypted":
+        query_bytes = knn.querier_encrypt(public, queries, slots).to_bytes()
+    else:
+        query_bytes = protocol.array_to_bytes(queries)
+    masks, rho = knn.querier_masks(public, len(queries), max(1, int(config["n-classes"])), slots)
+    context.state[f"{_QUERY_RECORD}{job['job-id']}.{start}"] = ConfigRecord(
+        {"rho": protocol.array_to_bytes(rho)}
+    )
+    return Message(
+        protocol.content(
+            payload={"queries": query_bytes, "masks": masks.to_bytes()},
+            metrics={"encrypt-s": time.perf_counter() - started},
+        ),
+        reply_to=msg,
+    )
+
+
+def knn_answer(msg: Message, context: Context) -> Message:
+    """KNN querier: unmask the released votes of a batch into predictions (original units)."""
+    config, job, _ = _open(msg, context)
+    key = f"{_QUERY_RECORD}{job['job-id']}.{int(config['start'])}"
+    record = context.state.get(key)
+    if record is None:
+        raise ProtocolError(f"no open query batch starting at {config['start']} on this party.")
+    rho = protocol.array_from_bytes(bytes(record["rho"]))
+    released = protocol.array_from_bytes(protocol.payload_of(msg.content)["votes"])
+    n_classes = int(config["n-classes"])
+    predictions = knn.querier_answer(released, rho, int(config["k"]), n_classes)
+    if not n_classes:
+        predictions = Standardizer.from_dict(config["standardizer"]).target_to_original(predictions)
+    del context.state[key]
+    return Message(
+        protocol.content(config={"predictions": [float(p) for p in predictions]}),
         reply_to=msg,
     )
 

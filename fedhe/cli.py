@@ -35,6 +35,10 @@ _HELP = {
     "drop_party": "simulate a fault: this party index fails every training round",
     "timeout_s": "seconds to wait for replies to one message",
     "keyholder_retries": "more tries when the key holder does not answer (never on a refusal)",
+    "k": "knn: neighbours per query",
+    "query": "knn: plain (the aggregator sees the query) or encrypted (it does not)",
+    "query_batch": "knn: queries per batch (one ranking and one vote release each)",
+    "querier": "knn: index of the party that asks the queries (it holds the test set)",
 }
 _SIMULATION_ONLY = {"task", "keyholder_partition_id", "plaintext_twin"}
 

@@ -8,9 +8,15 @@ from typing import Any
 
 from fedhe.errors import FedHEError
 
-TASKS = ("aggregate", "linreg", "logreg")
+TASKS = ("aggregate", "linreg", "logreg", "knn")
+QUERY_MODES = ("plain", "encrypted")
 MODES = ("exact", "gradient", "encrypted-model")
-DEFAULT_DATASET = {"aggregate": "breast_cancer", "linreg": "diabetes", "logreg": "breast_cancer"}
+DEFAULT_DATASET = {
+    "aggregate": "breast_cancer",
+    "linreg": "diabetes",
+    "logreg": "breast_cancer",
+    "knn": "breast_cancer",
+}
 DEFAULT_MODE = {"linreg": "exact", "logreg": "gradient"}
 
 
@@ -43,6 +49,10 @@ class JobConfig:
     drop_party: int = -1  # simulation fault: this party index fails every training round
     timeout_s: float = 600.0
     keyholder_retries: int = 2  # more tries when the key holder stays silent (not on refusal)
+    k: int = 5  # knn: neighbours per query
+    query: str = "plain"  # knn: the querier sends its queries in the clear or encrypted
+    query_batch: int = 32  # knn: queries per batch (one ranking and one vote release each)
+    querier: int = 0  # knn: the party index that asks the queries (the test set)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -73,6 +83,12 @@ class JobConfig:
             raise ConfigError(f"keyholder-retries must be ≥ 0, got {self.keyholder_retries}.")
         if self.l2 < 0:
             raise ConfigError(f"l2 must be ≥ 0, got {self.l2}.")
+        if self.k < 1 or self.query_batch < 1:
+            raise ConfigError(f"k and query-batch must be ≥ 1, got {self.k}, {self.query_batch}.")
+        if self.query not in QUERY_MODES:
+            raise ConfigError(f"query {self.query!r} is not one of {list(QUERY_MODES)}.")
+        if not 0 <= self.querier < self.parties:
+            raise ConfigError(f"querier must be a party index 0..{self.parties - 1}.")
         if self.data_dir and not self.target:
             raise ConfigError("--data-dir needs --target: the name of the label column.")
         self.hidden_widths  # noqa: B018 - validates the string

@@ -12,6 +12,8 @@ from fedhe.crypto.tensor import (
     encrypt,
     encrypt_for_compute,
     load_tensor,
+    stack,
+    unstack,
 )
 
 __all__ = [
@@ -32,4 +34,6 @@ __all__ = [
     "encrypt_for_compute",
     "generate_keys",
     "load_tensor",
+    "stack",
+    "unstack",
 ]

@@ -53,6 +53,10 @@ class CKKSParams:
         return self.poly_modulus_degree // 2
 
     @property
+    def scale(self) -> float:
+        return 2.0**self.scale_bits
+
+    @property
     def depth(self) -> int:
         """Number of multiplications (rescales) a fresh ciphertext can take."""
         return len(self.coeff_mod_bit_sizes) - 2

@@ -23,7 +23,7 @@ from fedhe.crypto import _seal
 from fedhe.crypto.context import PublicContext, SecretContext
 from fedhe.crypto.framing import frame, unframe
 from fedhe.crypto.params import MAX_PRIME_BITS
-from fedhe.errors import InvalidCiphertextError, ShapeError, ValueRangeError
+from fedhe.errors import InvalidCiphertextError, ParameterError, ShapeError, ValueRangeError
 
 _MAGIC = b"FHET"
 _VERSION = 1
@@ -62,6 +62,14 @@ class PlainTensor:
 
     def mul_plain(self, values: np.ndarray) -> PlainTensor:
         return PlainTensor(self.values * _plain_operand(values, self.shape))
+
+    def mul_scalar(self, value: float) -> PlainTensor:
+        return PlainTensor(self.values * _scalar(value))
+
+    def __mul__(self, other: PlainTensor) -> PlainTensor:
+        _check_same_kind(self, other)
+        _check_same_shape(self.shape, other.shape)
+        return PlainTensor(self.values * other.values)
 
     def to_bytes(self) -> bytes:
         body = self.values.astype("<f8").tobytes()
@@ -116,6 +124,26 @@ class EncryptedTensor:
         """Slot-wise product with plaintext values; consumes one level (rescale)."""
         return self._with_plain(values, lambda chunk, part: chunk * part)
 
+    def mul_scalar(self, value: float) -> EncryptedTensor:
+        """Product with one plaintext number: half the cost of `mul_plain`; one level."""
+        factor = _scalar(value)
+        return EncryptedTensor([c * factor for c in self.chunks], self.shape, self.context)
+
+    def __mul__(self, other: EncryptedTensor) -> EncryptedTensor:
+        """Slot-wise ciphertext × ciphertext product (relinearized, rescaled): one level.
+
+        Needs the relinearization key in the context (`KeyRequest(relin=True)`)."""
+        _check_same_kind(self, other)
+        _check_same_shape(self.shape, other.shape)
+        self.context.check_same(other.fingerprint)
+        if not self.context.keys.relin:
+            raise ParameterError(
+                "multiplying two ciphertexts needs the relinearization key: declare the job "
+                "with KeyRequest(relin=True)."
+            )
+        chunks = [a * b for a, b in zip(self.chunks, other.chunks, strict=True)]
+        return EncryptedTensor(chunks, self.shape, self.context)
+
     def _with_plain(self, values: np.ndarray, op) -> EncryptedTensor:
         flat = _plain_operand(values, self.shape).ravel()
         slots = self.context.params.slots
@@ -153,6 +181,55 @@ class EncryptedTensor:
 
 
 Tensor = EncryptedTensor | PlainTensor
+
+
+def stack(tensors: Sequence[Tensor]) -> Tensor:
+    """Stack same-shaped tensors along a new first axis (ciphertexts are not touched).
+
+    Encrypted tensors must each fill whole ciphertexts (size a multiple of the slots), so that
+    the stacked tensor packs exactly the same ciphertexts."""
+    if not tensors:
+        raise ShapeError("nothing to stack.")
+    first = tensors[0]
+    for other in tensors[1:]:
+        _check_same_kind(first, other)
+        _check_same_shape(first.shape, other.shape)
+    shape = (len(tensors), *first.shape)
+    if isinstance(first, PlainTensor):
+        return PlainTensor(np.stack([t.values for t in tensors]))  # type: ignore[union-attr]
+    _check_whole_ciphertexts(first)
+    for other in tensors[1:]:
+        first.context.check_same(other.fingerprint)  # type: ignore[union-attr]
+    chunks = [c for t in tensors for c in t.chunks]  # type: ignore[union-attr]
+    return EncryptedTensor(chunks, shape, first.context)
+
+
+def unstack(tensor: Tensor) -> list[Tensor]:
+    """The rows of a tensor along its first axis: the inverse of `stack`."""
+    if len(tensor.shape) < 2:
+        raise ShapeError(f"a tensor of shape {tensor.shape} has no rows to unstack.")
+    row_shape = tensor.shape[1:]
+    if isinstance(tensor, PlainTensor):
+        return [PlainTensor(row) for row in tensor.values]
+    per_row = math.prod(row_shape)
+    if per_row % tensor.context.params.slots:
+        raise ShapeError(
+            f"rows of {per_row} values do not fill whole ciphertexts of "
+            f"{tensor.context.params.slots} slots: they cannot be split without rotations."
+        )
+    n = per_row // tensor.context.params.slots
+    return [
+        EncryptedTensor(tensor.chunks[i * n : (i + 1) * n], row_shape, tensor.context)
+        for i in range(tensor.shape[0])
+    ]
+
+
+def _check_whole_ciphertexts(tensor: EncryptedTensor) -> None:
+    if tensor.size % tensor.context.params.slots:
+        raise ShapeError(
+            f"tensors of {tensor.size} values do not fill whole ciphertexts of "
+            f"{tensor.context.params.slots} slots: pad them to a multiple before stacking."
+        )
 
 
 def n_ciphertexts(size: int, slots: int) -> int:
@@ -244,13 +321,15 @@ def load_tensor(
     shape: Shape | None = None,
     sum_bound: float | None = None,
     min_scale_bits: int | None = None,
+    level: int | None = None,
 ) -> Tensor:
     """Parse and validate tensor bytes: encrypted when `context` is given, plaintext otherwise.
 
     With `sum_bound`, the ciphertexts must sit at the level and scale `encrypt` uses for that
-    bound, so that every term of a sum agrees. Raises InvalidCiphertextError (malformed,
-    truncated, garbage, other level or scale), ContextMismatchError (made under other keys) or
-    ShapeError (not the shape the job expects).
+    bound, so that every term of a sum agrees. With `level`, they must keep that many primes at
+    the nominal scale, as `encrypt_for_compute` makes them. Raises InvalidCiphertextError
+    (malformed, truncated, garbage, other level or scale), ContextMismatchError (made under
+    other keys) or ShapeError (not the shape the job expects).
     """
     header, body = unframe(
         data, magic=_MAGIC, version=_VERSION, what="tensor", error=InvalidCiphertextError
@@ -269,13 +348,20 @@ def load_tensor(
         return _load_plain(body, tensor_shape)
     tensor = _load_encrypted(header, body, tensor_shape, context)
     if sum_bound is not None:
-        level, scale_bits = context.params.encoding_for(sum_bound, min_scale_bits)
-        if (tensor.level, tensor.scale) != (level, 2.0**scale_bits):
+        sum_level, scale_bits = context.params.encoding_for(sum_bound, min_scale_bits)
+        if (tensor.level, tensor.scale) != (sum_level, 2.0**scale_bits):
             raise InvalidCiphertextError(
                 f"ciphertexts keep {tensor.level} primes at scale 2^{math.log2(tensor.scale):g}; "
-                f"sums bounded by {sum_bound:g} use level {level} at 2^{scale_bits}: the sender "
+                f"sums bounded by {sum_bound:g} use level {sum_level} at 2^{scale_bits}: the "
+                "sender "
                 "used another bound, and adding them would overflow or lose precision."
             )
+    if level is not None and (tensor.level, tensor.scale) != (level, context.params.scale):
+        raise InvalidCiphertextError(
+            f"ciphertexts keep {tensor.level} primes at scale 2^{math.log2(tensor.scale):g}; "
+            f"this step needs {level} primes at 2^{context.params.scale_bits}: encrypt with "
+            f"room for {level - 1} multiplications."
+        )
     return tensor
 
 
@@ -353,6 +439,13 @@ def _load_chunk(blob: bytes, context: Context, index: int, expected_len: int) ->
     if not 2.0**20 <= scale <= 2.0**MAX_PRIME_BITS:
         raise InvalidCiphertextError(f"ciphertext {index} has an implausible scale {scale:g}.")
     return vector
+
+
+def _scalar(value: float) -> float:
+    factor = float(value)
+    if not math.isfinite(factor):
+        raise ValueRangeError(f"cannot multiply by {factor}: the factor must be finite.")
+    return factor
 
 
 def _plain_operand(values: np.ndarray, shape: Shape) -> np.ndarray:

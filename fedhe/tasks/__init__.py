@@ -8,17 +8,20 @@ import numpy as np
 
 from fedhe.errors import PolicyError
 from fedhe.keyholder import DecryptionRequest, JobDeclaration, KeyHolder
-from fedhe.tasks import aggregate, encrypted_model, linreg, moments
+from fedhe.tasks import aggregate, encrypted_model, knn, linreg, moments
 
 Release = np.ndarray | dict[str, bytes]
 KeyholderStep = Callable[[KeyHolder, DecryptionRequest], Release]
 
 # What the key holder releases per output kind: the decrypted values unless a task says
 # otherwise: the masked normal equations are solved there and only the coefficients leave; a
-# masked encrypted model comes back re-encrypted, never in the clear.
+# masked encrypted model comes back re-encrypted, never in the clear; KNN distances come back
+# as an encrypted selection of the nearest, KNN votes as slot sums only.
 KEYHOLDER_STEPS: dict[str, KeyholderStep] = {
     linreg.MASKED_OUTPUT: linreg.keyholder_solve,
     encrypted_model.REFRESH_OUTPUT: encrypted_model.keyholder_refresh,
+    knn.RANK_OUTPUT: knn.keyholder_rank,
+    knn.VOTE_OUTPUT: knn.keyholder_vote,
 }
 
 
@@ -48,6 +51,7 @@ ALLOWED_OUTPUTS: dict[str, frozenset[str]] = {
             encrypted_model.MODEL_OUTPUT,
         }
     ),
+    knn.TASK: frozenset({moments.OUTPUT, knn.RANK_OUTPUT, knn.VOTE_OUTPUT}),
 }
 
 
@@ -64,6 +68,9 @@ def check_declaration(job: JobDeclaration) -> None:
             f"task {job.task!r} may not declare {foreign}; it may: {sorted(allowed)}."
         )
     if job.task == aggregate.TASK:
+        return
+    if job.task == knn.TASK:
+        _check_knn(job)
         return
     expected = _regression_sizes(job)
     wrong = {k: v.size for k, v in job.outputs.items() if v.size != expected[k]}
@@ -89,3 +96,11 @@ def _regression_sizes(job: JobDeclaration) -> dict[str, int]:
         encrypted_model.REFRESH_OUTPUT: d + 1,
         encrypted_model.MODEL_OUTPUT: d + 1,
     }
+
+
+def _check_knn(job: JobDeclaration) -> None:
+    k = job.meta.get("k")
+    if not isinstance(k, int) or k < 1:
+        raise PolicyError(f"a knn job must declare k ≥ 1 in its meta, got {k!r}.")
+    if job.outputs.get(knn.VOTE_OUTPUT) and not job.outputs.get(knn.RANK_OUTPUT):
+        raise PolicyError("a knn job that releases votes must rank first: declare both.")

@@ -96,18 +96,20 @@ class Layout:
 def declare(
     job_id: str,
     *,
-    outputs: Mapping[str, tuple[int, Layout | int]],
+    outputs: Mapping[str, tuple[int, Layout | int | None]],
     min_parties: int,
     encrypted: bool = True,
     params: CKKSParams = AGGREGATION_PARAMS,
     task: str = TASK,
+    meta: Mapping[str, Any] | None = None,
 ) -> JobDeclaration:
     """The job as the key holder must know it: each output kind, its budget and its layout.
 
     A FedAvg run declares ``{OUTPUT: (rounds, model_layout)}``; other sums (feature moments
     for standardization, say) are further output kinds with their own budget. An int instead
-    of a layout declares a plain tensor of that size, with no sample-count slots. `task` names
-    the job kind whose rules the key holder applies (`fedhe.tasks.check_declaration`).
+    of a layout declares a plain tensor of that size, with no sample-count slots, None a
+    tensor of any size. `task` names the job kind whose rules the key holder applies
+    (`fedhe.tasks.check_declaration`); `meta` adds task settings the key holder needs.
     """
     return JobDeclaration(
         job_id=job_id,
@@ -120,15 +122,16 @@ def declare(
                 kind: layout.to_dict()
                 for kind, (_, layout) in outputs.items()
                 if isinstance(layout, Layout)
-            }
+            },
+            **(meta or {}),
         },
     )
 
 
-def _output_spec(budget: int, layout: Layout | int) -> OutputSpec:
+def _output_spec(budget: int, layout: Layout | int | None) -> OutputSpec:
     if isinstance(layout, Layout):
         return OutputSpec(budget=budget, count_index=layout.count_index, size=layout.size)
-    return OutputSpec(budget=budget, size=int(layout))
+    return OutputSpec(budget=budget, size=None if layout is None else int(layout))
 
 
 # -- party --------------------------------------------------------------------------------------

@@ -78,6 +78,9 @@ class Standardizer:
     def target(self, y: np.ndarray) -> np.ndarray:
         return (y - self.y_mean) / self.y_std
 
+    def target_to_original(self, y: np.ndarray) -> np.ndarray:
+        return self.y_mean + self.y_std * np.asarray(y)
+
     def to_original(self, w: np.ndarray) -> np.ndarray:
         """Linear coefficients on standardized data → original units, intercept first."""
         coef = w[1:] * self.y_std / self.std

@@ -1,0 +1,212 @@
+"""KNN over Flower: the aggregator's side of `fedhe.tasks.knn`.
+
+Moments (global standardization) → layout → upload of encrypted points into the store (saved
+under the output folder) → query batches from the querier party: masked distances, ranking by
+the key holder, encrypted vote, release of the masked vote, unmasking by the querier.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhe import protocol
+from fedhe.aggregator.job import Job
+from fedhe.crypto import CKKSParams, KeyRequest, Tensor
+from fedhe.errors import ProtocolError
+from fedhe.progress import progress
+from fedhe.tasks import knn, linreg, moments
+
+log = logging.getLogger("fedhe.aggregator")
+
+
+class KNNJob(Job):
+    """`knn`: classification (majority vote) or regression (mean of the k nearest targets)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.n_classes = self.source_classes()
+        self.n_queries = self.test.n_samples
+        self.n_batches = math.ceil(self.n_queries / self.config.query_batch)
+        self.querier = f"party-{self.config.querier}"
+
+    def source_classes(self) -> int:
+        return self.test.n_classes if self.test.task == "classification" else 0
+
+    def params(self) -> CKKSParams:
+        return knn.PARAMS
+
+    def keys(self) -> KeyRequest:
+        return KeyRequest(relin=True)  # Enc(label) × Enc(selection), Enc(x) × Enc(q)
+
+    def meta(self) -> dict[str, Any]:
+        return {"k": self.config.k}
+
+    def outputs(self) -> dict[str, tuple[int, Any]]:
+        columns = self.test.n_features + (0 if self.n_classes else 1)
+        return {
+            moments.OUTPUT: (1, moments.layout(columns)),
+            knn.RANK_OUTPUT: (self.n_batches, None),
+            knn.VOTE_OUTPUT: (self.n_batches, None),
+        }
+
+    def phases(self) -> None:
+        if self.querier not in self.parties:
+            raise ProtocolError(f"the querier {self.querier} is not among the parties set up.")
+        standardizer, _ = self.feature_moments(with_target=not self.n_classes)
+        store = self._upload(standardizer)
+        store.check_ready(self.config.k, self.config.min_parties)
+        path = store.save(Path(self.config.out) / f"knn-store-{self.suffix}")
+        log.info(
+            "KNN store: %d points of %d parties, saved to %s",
+            store.n_points,
+            len(store.contributors),
+            path.parent,
+        )
+        before, started = dict(self.run.timings_s), time.perf_counter()
+        predictions = self._ask_all(store, standardizer)
+        per_query = self._per_query(before, time.perf_counter() - started)
+        self.run.extras["predictions"] = predictions.tolist()
+        self.run.extras["knn"] = {
+            "k": self.config.k,
+            "query": self.config.query,
+            "stored_points": store.n_points,
+            "blocks": store.layout.n_blocks,
+            "queries": self.n_queries,
+            "per_query_s": per_query,
+        }
+        self.run.metrics = self._evaluate(predictions)
+
+    @property
+    def suffix(self) -> str:
+        return "he" if self.run.encrypted else "plain"
+
+    # -- upload ------------------------------------------------------------------------------------
+
+    def _upload(self, standardizer: moments.Standardizer) -> knn.KNNStore:
+        slots = knn.PARAMS.slots
+        counts = {name: self.samples[name] for name in self.parties}
+        layout = knn.StoreLayout.plan(counts, slots, np.random.default_rng())
+        segments = {s.party: s for s in layout.segments}
+        exchange = self.session.ask(
+            self.parties,
+            protocol.KNN_UPLOAD,
+            {
+                name: protocol.content(
+                    config={
+                        "job-id": self.run.job_id,
+                        "standardizer": standardizer.to_dict(),
+                        "n-classes": self.n_classes,
+                        "segment": vars(segments[name]),
+                        "slots": slots,
+                        "fail-party": self.config.drop_party,
+                    }
+                )
+                for name in self.parties
+            },
+            role="party",
+        )
+        self.account(exchange)
+        store = knn.KNNStore(self.context, self.test.n_features, self.n_classes, layout)
+        started = time.perf_counter()
+        for name, reply in exchange.replies.items():
+            try:
+                store.add(segments[name], protocol.payload_of(reply))
+            except Exception as err:  # one bad upload is excluded, the others are kept
+                log.warning("upload of %s rejected: %s", name, err)
+                self.run.excluded[name] = f"knn upload: {err}"
+        self.run.timings_s["compute"] += time.perf_counter() - started
+        for name, reason in exchange.failures.items():
+            self.run.excluded[name] = f"knn upload: {reason}"
+        self.run.contributors.append({"output": "knn_store", "parties": sorted(store.contributors)})
+        return store
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    def _ask_all(self, store: knn.KNNStore, standardizer: moments.Standardizer) -> np.ndarray:
+        batch = self.config.query_batch
+        predictions = []
+        kind = "encrypted" if self.run.encrypted else "plaintext twin"
+        with progress(self.n_batches, f"{kind}: query batches") as advance:
+            for start in range(0, self.n_queries, batch):
+                stop = min(start + batch, self.n_queries)
+                predictions.append(self._ask_batch(store, standardizer, start, stop))
+                advance(f"{kind}: queries {stop}/{self.n_queries}")
+        return np.concatenate(predictions)
+
+    def _ask_batch(
+        self, store: knn.KNNStore, standardizer: moments.Standardizer, start: int, stop: int
+    ) -> np.ndarray:
+        settings = {
+            "standardizer": standardizer.to_dict(),
+            "n-classes": self.n_classes,
+            "slots": store.slots,
+            "start": start,
+            "stop": stop,
+            "query": self.config.query,
+            "k": self.config.k,
+        }
+        asked = self._ask_querier(protocol.KNN_QUERY, settings)
+        payload = protocol.payload_of(asked)
+        n = stop - start
+        started = time.perf_counter()
+        queries = self._load_queries(store, payload["queries"], n)
+        distances = store.masked_distances(queries)
+        self.run.timings_s["compute"] += time.perf_counter() - started
+        contributors = store.contributors
+        ranked = self.release(knn.RANK_OUTPUT, distances.to_bytes(), contributors)
+        started = time.perf_counter()
+        selection = store.load_selection(ranked["selection"], n)
+        votes = store.votes(selection, store.load_masks(payload["masks"], n))
+        self.run.timings_s["compute"] += time.perf_counter() - started
+        released = self.release(knn.VOTE_OUTPUT, votes.to_bytes(), contributors)
+        answer = self._ask_querier(
+            protocol.KNN_ANSWER, settings, payload={"votes": released["values"]}
+        )
+        return np.asarray(protocol.config_of(answer)["predictions"], dtype=float)
+
+    def _load_queries(self, store: knn.KNNStore, data: bytes, n: int) -> np.ndarray | Tensor:
+        if self.config.query == "encrypted":
+            return store.load_queries(data, n)
+        queries = protocol.array_from_bytes(data)
+        return knn.check_queries(queries, store.n_features)
+
+    def _ask_querier(self, message_type: str, settings: dict[str, Any], **records: Any):
+        exchange = self.session.ask(
+            {self.querier: self.parties[self.querier]},
+            message_type,
+            protocol.content(config={"job-id": self.run.job_id, **settings}, **records),
+            role="party",
+        )
+        self.account(exchange)
+        if self.querier not in exchange.replies:
+            raise ProtocolError(
+                f"the querier {self.querier} failed {message_type}: "
+                f"{exchange.failures.get(self.querier)}"
+            )
+        return exchange.replies[self.querier]
+
+    # -- results -----------------------------------------------------------------------------------
+
+    def _per_query(self, before: dict[str, float], wall_s: float) -> dict[str, float]:
+        """Query phase per query: aggregator compute, key-holder work, querier work (encryption,
+        masks), and the rest of the wall time (transfer, serialization, waiting)."""
+        spent = {k: self.run.timings_s.get(k, 0.0) - before.get(k, 0.0) for k in self.run.timings_s}
+        parts = {
+            "aggregator_compute": spent.get("compute", 0.0),
+            "keyholder": spent.get("decrypt", 0.0),
+            "querier": spent.get("encrypt", 0.0),
+        }
+        parts["transfer"] = max(0.0, wall_s - sum(parts.values()))
+        parts["total"] = wall_s
+        return {k: round(v / self.n_queries, 6) for k, v in parts.items()}
+
+    def _evaluate(self, predictions: np.ndarray) -> dict[str, float]:
+        if self.n_classes:
+            return {"accuracy": float(np.mean(predictions == self.test.y))}
+        return linreg.regression_metrics(self.test.y, predictions)
