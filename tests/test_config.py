@@ -23,7 +23,10 @@ def test_run_config_round_trips_and_coerces_types():
         ({"clip": 0.5}, "clip must be"),
         ({"hidden": "8,x"}, "comma-separated"),
         ({"data-dir": "somewhere"}, "needs --target"),
-        ({"task": "knn"}, "is not one of"),
+        ({"task": "mlp-v2"}, "is not one of"),
+        ({"query": "fuzzy"}, "is not one of"),
+        ({"k": 0}, "must be ≥ 1"),
+        ({"querier": 9}, "querier must be"),
         ({"plaintext-twin": "maybe"}, "is not a bool"),
     ],
 )

@@ -200,6 +200,6 @@ def test_regression_output_sizes_must_fit_one_number_of_features(tmp_path):
 
 def test_unknown_tasks_are_refused(tmp_path):
     keyholder = _task_keyholder(tmp_path)
-    job = JobDeclaration("x", "knn", {"votes": OutputSpec(1)}, 2, SMALL_PARAMS)
+    job = JobDeclaration("x", "mlp-v9", {"votes": OutputSpec(1)}, 2, SMALL_PARAMS)
     with pytest.raises(PolicyError, match="unknown to this key holder"):
         keyholder.declare_job(job)

@@ -1,0 +1,334 @@
+"""KNN on encrypted points: party → aggregator → key holder → querier in one process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+
+from fedhe.crypto import KeyRequest, PublicContext
+from fedhe.data.datasets import load_builtin
+from fedhe.errors import (
+    ContextMismatchError,
+    InvalidCiphertextError,
+    PolicyError,
+    ProtocolError,
+    ShapeError,
+    ValueRangeError,
+)
+from fedhe.keyholder import DecryptionRequest, KeyHolder
+from fedhe.tasks import aggregate, check_declaration, knn
+
+SLOTS = knn.PARAMS.slots
+K = 5
+
+
+class Federation:
+    """A key holder, its job, and the parties' points split in `n_parties` shares."""
+
+    def __init__(self, tmp_path, X, y, n_classes, *, encrypted=True, n_parties=3, job="j"):
+        self.keyholder = KeyHolder(tmp_path / job, declaration_check=check_declaration)
+        declaration = aggregate.declare(
+            job,
+            outputs={knn.RANK_OUTPUT: (100, None), knn.VOTE_OUTPUT: (100, None)},
+            min_parties=2,
+            params=knn.PARAMS,
+            encrypted=encrypted,
+            task=knn.TASK,
+            meta={"k": K},
+        )
+        public = self.keyholder.declare_job(declaration, KeyRequest(relin=True))
+        self.context = PublicContext.from_bytes(public) if public else None
+        self.job = job
+        self.n_classes = n_classes
+        self.rng = np.random.default_rng(7)
+        shares = np.array_split(np.arange(len(X)), n_parties)
+        counts = {f"party-{i}": len(s) for i, s in enumerate(shares)}
+        self.layout = knn.StoreLayout.plan(counts, SLOTS, self.rng)
+        self.store = knn.KNNStore(self.context, X.shape[1], n_classes, self.layout)
+        self.uploads = {}
+        for i, share in enumerate(shares):
+            segment = self.segment(f"party-{i}")
+            self.uploads[segment.party] = knn.party_upload(
+                self.context,
+                X[share],
+                knn.label_rows(y[share], n_classes),
+                segment,
+                SLOTS,
+                rng=self.rng,
+            )
+            self.store.add(segment, self.uploads[segment.party])
+
+    def segment(self, party):
+        return next(s for s in self.layout.segments if s.party == party)
+
+    def request(self, output, tensor, contributors=None):
+        parties = tuple(self.store.contributors if contributors is None else contributors)
+        return DecryptionRequest(self.job, output, parties, tensor.to_bytes())
+
+    def ask(self, queries, *, encrypted_query=False):
+        n = len(queries)
+        if encrypted_query:
+            sent = knn.querier_encrypt(self.context, queries, SLOTS).to_bytes()
+            queries = self.store.load_queries(sent, n)
+        distances = self.store.masked_distances(queries)
+        ranked = knn.keyholder_rank(self.keyholder, self.request(knn.RANK_OUTPUT, distances))
+        masks, rho = knn.querier_masks(self.context, n, self.store.n_labels, SLOTS)
+        votes = self.store.votes(
+            self.store.load_selection(ranked["selection"], n),
+            self.store.load_masks(masks.to_bytes(), n),
+        )
+        released = knn.keyholder_vote(self.keyholder, self.request(knn.VOTE_OUTPUT, votes))
+        return knn.querier_answer(released, rho, K, self.n_classes)
+
+
+def standardized(name):
+    train, test = load_builtin(name, seed=0)
+    mean, std = train.X.mean(axis=0), train.X.std(axis=0)
+    return (train.X - mean) / std, train.y, (test.X - mean) / std, test.y, train.n_classes
+
+
+@pytest.fixture(scope="module")
+def iris(tmp_path_factory):
+    X, y, Xq, yq, c = standardized("iris")
+    return Federation(tmp_path_factory.mktemp("iris"), X, y, c), X, y, Xq, yq
+
+
+@pytest.mark.parametrize("encrypted_query", [False, True])
+def test_iris_agrees_with_sklearn(iris, encrypted_query):
+    federation, X, y, Xq, yq = iris
+    predicted = federation.ask(Xq, encrypted_query=encrypted_query)
+    reference = KNeighborsClassifier(K, algorithm="brute").fit(X, y).predict(Xq)
+    assert np.mean(predicted == reference) >= 0.99
+    assert np.mean(predicted == yq) > 0.9
+
+
+def test_breast_cancer_agrees_with_sklearn(tmp_path):
+    X, y, Xq, yq, c = standardized("breast_cancer")
+    federation = Federation(tmp_path, X, y, c, n_parties=4)
+    predicted = federation.ask(Xq)
+    reference = KNeighborsClassifier(K, algorithm="brute").fit(X, y).predict(Xq)
+    assert np.mean(predicted == reference) >= 0.99
+    assert np.mean(predicted == yq) > 0.9
+
+
+def test_regression_is_the_mean_of_the_k_nearest_targets(tmp_path):
+    train, test = load_builtin("diabetes", seed=0)
+    mean, std = train.X.mean(axis=0), train.X.std(axis=0)
+    y_mean, y_std = train.y.mean(), train.y.std()
+    X, Xq = (train.X - mean) / std, (test.X[:40] - mean) / std
+    federation = Federation(tmp_path, X, (train.y - y_mean) / y_std, 0)
+    predicted = y_mean + y_std * federation.ask(Xq)
+    reference = KNeighborsRegressor(K, algorithm="brute").fit(X, train.y).predict(Xq)
+    np.testing.assert_allclose(predicted, reference, rtol=1e-3)
+
+
+def test_the_plaintext_twin_runs_the_same_steps(tmp_path):
+    X, y, Xq, _, c = standardized("iris")
+    twin = Federation(tmp_path, X, y, c, encrypted=False)
+    reference = KNeighborsClassifier(K, algorithm="brute").fit(X, y).predict(Xq)
+    assert twin.context is None
+    assert np.mean(twin.ask(Xq) == reference) >= 0.99
+
+
+def test_vote_ties_go_to_the_smallest_class():
+    released = np.array([[2.0, 2.0, 1.0], [1.0, 2.0, 2.0]])
+    assert knn.querier_answer(released, np.zeros((2, 3)), 5, 3).tolist() == [0, 1]
+
+
+# -- what the key holder sees -----------------------------------------------------------------
+
+
+def _masked_for_keyholder(federation, queries):
+    """What the key holder decrypts when asked to rank (flooding noise included)."""
+    distances = federation.store.masked_distances(queries)
+    return federation.keyholder.decrypt(
+        federation.request(knn.RANK_OUTPUT, distances)
+    ).values.reshape(len(queries), -1)
+
+
+def test_ranking_values_keep_the_order_but_not_the_distances(iris):
+    federation, _, _, Xq, _ = iris
+    query = Xq[:1]
+    seen = _masked_for_keyholder(federation, np.repeat(query, 2, axis=0))
+    occupied = federation.store.occupied().ravel()
+    # Which stored point sits at which position is the aggregator's secret; the test recovers it
+    # from the true partial distances (‖x‖² − 2q·x) the position holds.
+    stored = _stored_points(federation)
+    true = np.sum(stored**2, axis=1) - 2 * stored @ query[0]
+    first, second = seen[0, occupied], seen[1, occupied]
+    # The same query twice gets two different masks: no fixed map from values to distances.
+    assert not np.allclose(first, second, atol=1.0)
+    for values in (first, second):
+        alpha, _ = np.polyfit(true, values, 1)
+        assert knn.ALPHA_RANGE[0] <= alpha < knn.ALPHA_RANGE[1]
+        assert not np.allclose(values, true, atol=1.0)
+        assert np.array_equal(np.argsort(values)[:K], np.argsort(true)[:K])
+    # Empty positions are pushed beyond every real one, so they never rank.
+    assert np.all(seen[:, ~occupied] > knn.VALID_BELOW)
+    assert np.all(seen[:, occupied] < knn.VALID_BELOW)
+    assert np.all(np.abs(seen) < knn.PARAMS.max_abs_at(1))
+
+
+def _stored_points(federation):
+    """Decrypt the store with the secret key (test only) to learn which point is where."""
+    secret = federation.keyholder._secret_context(federation.job)
+    from fedhe.crypto import decrypt
+
+    block = federation.store.blocks[0]
+    columns = [decrypt(secret, f) for f in block.features]
+    occupied = federation.store.occupied().ravel()
+    return np.column_stack(columns)[occupied[:SLOTS]]
+
+
+def test_the_vote_ciphertexts_hide_single_slots(iris):
+    federation, _, _, Xq, _ = iris
+    n = 2
+    ranked = knn.keyholder_rank(
+        federation.keyholder,
+        federation.request(knn.RANK_OUTPUT, federation.store.masked_distances(Xq[:n])),
+    )
+    masks, rho = knn.querier_masks(federation.context, n, 3, SLOTS)
+    votes = federation.store.votes(
+        federation.store.load_selection(ranked["selection"], n),
+        federation.store.load_masks(masks.to_bytes(), n),
+    )
+    slots_seen = federation.keyholder.decrypt(federation.request(knn.VOTE_OUTPUT, votes)).values
+    # Every slot looks like mask noise (no 0/1 pattern of the neighbours' labels) …
+    assert np.mean(np.abs(slots_seen) > 1.0) > 0.99
+    # … and the slot sums are the votes plus the querier's mask: no class count in the clear.
+    sums = slots_seen.sum(axis=2)
+    assert np.all(np.abs(sums - rho - np.rint(sums - rho)) < 0.01)
+    assert np.rint(sums - rho).sum(axis=1).tolist() == [K] * n
+    assert not np.allclose(sums, np.rint(sums), atol=0.01)
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def test_query_errors_name_the_problem(iris):
+    federation, _, _, Xq, _ = iris
+    with pytest.raises(ShapeError, match="shape"):
+        federation.store.masked_distances(Xq[:, :2])
+    bad = Xq[:2].copy()
+    bad[1, 0] = np.nan
+    with pytest.raises(ValueRangeError, match="NaN"):
+        federation.store.masked_distances(bad)
+    with pytest.raises(ValueRangeError, match="norm"):
+        federation.store.masked_distances(np.full((1, 4), 1e3))
+    with pytest.raises(ValueRangeError, match="k=1000"):
+        federation.store.check_ready(1000, 2)
+    with pytest.raises(ProtocolError, match="fewer than min_parties"):
+        federation.store.check_ready(K, 9)
+
+
+def test_an_empty_store_cannot_be_queried(iris):
+    federation = iris[0]
+    store = knn.KNNStore(federation.context, 4, 3, knn.StoreLayout(SLOTS))
+    with pytest.raises(ProtocolError, match="empty"):
+        store.check_ready(K, 2)
+
+
+def test_outlying_points_are_refused_before_encryption(iris):
+    federation = iris[0]
+    segment = knn.Segment("party-x", 0, 2)
+    with pytest.raises(ValueRangeError, match="squared norm"):
+        knn.party_upload(
+            federation.context,
+            np.full((2, 4), 100.0),
+            np.ones((3, 2)),
+            segment,
+            SLOTS,
+            rng=np.random.default_rng(),
+        )
+
+
+def test_a_bad_upload_changes_nothing(tmp_path):
+    X, y, _, _, c = standardized("iris")
+    federation = Federation(tmp_path, X, y, c, n_parties=2)
+    store = knn.KNNStore(federation.context, 4, c, federation.layout)
+    good = federation.uploads["party-0"]
+    segment = federation.segment("party-0")
+    damaged = {**good, next(iter(good)): good[next(iter(good))][:-10]}
+    with pytest.raises(InvalidCiphertextError):
+        store.add(segment, damaged)
+    assert store.blocks == {} and store.contributors == []
+    with pytest.raises(ProtocolError, match="must hold exactly"):
+        store.add(segment, {"features-7": b"x"})
+    store.add(segment, good)
+    with pytest.raises(ProtocolError, match="already stored"):
+        store.add(segment, good)
+    foreign = Federation(tmp_path, X, y, c, n_parties=2, job="other")
+    with pytest.raises(ContextMismatchError):
+        store.add(federation.segment("party-1"), foreign.uploads["party-1"])
+    assert store.contributors == ["party-0"]
+
+
+# -- key holder policy --------------------------------------------------------------------------
+
+
+def test_the_keyholder_ranks_only_for_enough_parties(iris):
+    federation, _, _, Xq, _ = iris
+    distances = federation.store.masked_distances(Xq[:1])
+    with pytest.raises(PolicyError, match="min_parties"):
+        knn.keyholder_rank(
+            federation.keyholder,
+            federation.request(knn.RANK_OUTPUT, distances, contributors=["party-0"]),
+        )
+
+
+def test_a_knn_job_without_k_is_refused(tmp_path):
+    keyholder = KeyHolder(tmp_path, declaration_check=check_declaration)
+    declaration = aggregate.declare(
+        "nok",
+        outputs={knn.RANK_OUTPUT: (1, None), knn.VOTE_OUTPUT: (1, None)},
+        min_parties=2,
+        params=knn.PARAMS,
+        task=knn.TASK,
+    )
+    with pytest.raises(PolicyError, match="k ≥ 1"):
+        keyholder.declare_job(declaration)
+
+
+# -- persistence and growth ---------------------------------------------------------------------
+
+
+def test_the_store_survives_a_restart_and_grows(tmp_path):
+    X, y, Xq, _, c = standardized("iris")
+    first, extra = X[:100], X[100:]
+    federation = Federation(tmp_path, first, y[:100], c, n_parties=2)
+    folder = federation.store.save(tmp_path / "store").parent
+    reloaded = knn.KNNStore.load(folder, federation.context)
+    assert reloaded.contributors == federation.store.contributors
+    assert reloaded.n_points == 100
+    # A new batch of points from party-1 goes to a new segment; queries then see all 120.
+    segment = reloaded.layout.append("party-1", len(extra))
+    reloaded.add(
+        segment,
+        knn.party_upload(
+            federation.context,
+            extra,
+            knn.label_rows(y[100:], c),
+            segment,
+            SLOTS,
+            rng=np.random.default_rng(),
+        ),
+    )
+    assert reloaded.n_points == 120
+    federation.store = reloaded
+    reference = KNeighborsClassifier(K, algorithm="brute").fit(X, y).predict(Xq)
+    assert np.mean(federation.ask(Xq) == reference) >= 0.99
+
+
+def test_a_store_under_other_keys_or_version_is_refused(tmp_path, iris):
+    federation = iris[0]
+    folder = federation.store.save(tmp_path / "store").parent
+    other = Federation(tmp_path, np.zeros((4, 4)), np.zeros(4, int), 3, n_parties=2, job="o")
+    with pytest.raises(ProtocolError, match="another key pair"):
+        knn.KNNStore.load(folder, other.context)
+    manifest = folder / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"version": 1', '"version": 99'))
+    with pytest.raises(ProtocolError, match="version"):
+        knn.KNNStore.load(folder, federation.context)
+    with pytest.raises(ProtocolError, match="no readable"):
+        knn.KNNStore.load(tmp_path / "nowhere", federation.context)

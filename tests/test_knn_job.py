@@ -1,0 +1,108 @@
+"""The KNN job through the real ServerApp loop and ClientApp handlers (in-process Grid)."""
+
+import json
+
+import numpy as np
+import pytest
+import tenseal as ts
+
+from fedhe import protocol
+from fedhe.aggregator.app import run_job
+from fedhe.config import JobConfig
+from fedhe.crypto.context import CONTEXT_MAGIC
+from fedhe.errors import ProtocolError
+from fedhe.tasks import knn
+from tests.inprocess import InProcessGrid
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("knn")
+    config = JobConfig(
+        task="knn",
+        dataset="iris",
+        parties=4,
+        min_parties=3,
+        out=str(out),
+        drop_party=1,
+        query_batch=16,
+    )
+    grid = InProcessGrid(config.num_nodes)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDHE_STATE_ROOT", str(out / "keyholder-state"))
+        run_job(grid, config)
+    return grid, json.loads((out / "result.json").read_text()), out
+
+
+def test_encrypted_predictions_match_the_plaintext_twin(finished):
+    _, result, _ = finished
+    assert result["agreement"]["prediction_agreement"] == 1.0
+    assert result["encrypted"]["accuracy"] == result["plaintext"]["accuracy"] > 0.85
+    assert len(result["predictions"]["encrypted"]) == 30
+
+
+def test_result_reports_latency_and_the_store(finished):
+    _, result, out = finished
+    per_query = result["knn"]["per_query_s"]
+    assert set(per_query) == {"aggregator_compute", "keyholder", "querier", "transfer", "total"}
+    assert per_query["total"] >= per_query["aggregator_compute"] > 0
+    assert result["knn"]["stored_points"] == 90  # 3 of the 4 parties' 120 training points
+    assert result["ckks"]["coeff_mod_bit_sizes"] == list(knn.PARAMS.coeff_mod_bit_sizes)
+    assert (out / "knn-store-he" / "manifest.json").exists()
+
+
+def test_a_party_failing_its_upload_is_left_out(finished):
+    _, result, _ = finished
+    assert "drops out" in result["parties"]["excluded"]["party-1"]
+    store = [c for c in result["parties"]["contributors"] if c["output"] == "knn_store"]
+    assert store[0]["parties"] == ["party-0", "party-2", "party-3"]
+    ranks = [d for d in result["decryptions"] if d["output"] == knn.RANK_OUTPUT]
+    assert len(ranks) == 2 and all(d["n_parties"] == 3 for d in ranks)
+    assert [d["output"] for d in result["decryptions"]].count(knn.VOTE_OUTPUT) == 2
+
+
+def test_no_message_carries_a_secret_key_or_a_clear_vote(finished):
+    grid, _, _ = finished
+    for _, message in grid.log:
+        if message.has_error():
+            continue
+        for key, value in protocol.payload_of(message.content).items():
+            if value[:4] == CONTEXT_MAGIC:
+                header_len = int.from_bytes(value[6:10], "big")
+                raw = ts.context_from(value[10 + header_len :])
+                assert not raw.is_private() and not raw.has_secret_key()
+            if key == "votes" and message.metadata.message_type == protocol.KNN_ANSWER:
+                released = protocol.array_from_bytes(value)
+                # the querier's mask ρ (|ρ| up to 2^16) sits on every released vote count
+                assert np.max(np.abs(released)) > 100
+
+
+def test_a_querier_that_fails_stops_the_job_with_a_clear_error(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ProtocolError("querier lost its masks")
+
+    monkeypatch.setattr(knn, "querier_answer", broken)
+    config = JobConfig(
+        task="knn",
+        dataset="iris",
+        parties=3,
+        min_parties=2,
+        out=str(tmp_path),
+        plaintext_twin=False,
+    )
+    with pytest.raises(ProtocolError, match=r"querier party-0 failed query\.knn_answer"):
+        run_job(InProcessGrid(config.num_nodes), config)
+
+
+def test_too_few_parties_after_upload_stop_the_job(tmp_path):
+    config = JobConfig(
+        task="knn",
+        dataset="iris",
+        parties=2,
+        min_parties=2,
+        out=str(tmp_path),
+        drop_party=1,
+        plaintext_twin=False,
+    )
+    with pytest.raises(ProtocolError, match="fewer than min_parties=2"):
+        run_job(InProcessGrid(config.num_nodes), config)
