@@ -177,6 +177,12 @@ def _print_summary(result_path: Path) -> None:
             table.add_row(
                 key, f"{result['encrypted'][key]:.4f}", f"{plain[key]:.4f}" if key in plain else "-"
             )
+    agreement = result.get("agreement", {})
+    if "prediction_agreement" in agreement:
+        share = f"{agreement['prediction_agreement']:.1%}"
+        table.add_row("predictions equal to the twin", share, "")
+    for phase, seconds in result.get("knn", {}).get("per_query_s", {}).items():
+        table.add_row(f"per query: {phase} (s)", f"{seconds:.4f}", "-")
     plain_timings = result.get("plaintext_timings_s", {})
     for phase, seconds in result["timings_s"].items():
         twin = f"{plain_timings[phase]:.3f}" if phase in plain_timings else "-"
