@@ -59,6 +59,13 @@ class KNNJob(Job):
         if self.querier not in self.parties:
             raise ProtocolError(f"the querier {self.querier} is not among the parties set up.")
         standardizer, _ = self.feature_moments(with_target=not self.n_classes)
+        if not self.config.standardize:  # raw features; a regression target stays standardized
+            standardizer = moments.Standardizer(
+                np.zeros_like(standardizer.mean),
+                np.ones_like(standardizer.std),
+                standardizer.y_mean,
+                standardizer.y_std,
+            )
         store = self._upload(standardizer)
         store.check_ready(self.config.k, self.config.min_parties)
         path = store.save(Path(self.config.out) / f"knn-store-{self.suffix}")

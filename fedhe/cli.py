@@ -39,6 +39,7 @@ _HELP = {
     "query": "knn: plain (the aggregator sees the query) or encrypted (it does not)",
     "query_batch": "knn: queries per batch (one ranking and one vote release each)",
     "querier": "knn: index of the party that asks the queries (it holds the test set)",
+    "standardize": "knn: measure distances on globally standardized features (true/false)",
 }
 _SIMULATION_ONLY = {"task", "keyholder_partition_id", "plaintext_twin"}
 
@@ -116,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         default = getattr(defaults, f.name)
         sim.add_argument(
             flag,
-            type=type(default),
+            type=_parse_bool if isinstance(default, bool) else type(default),
             default=default,
             help=f"{_HELP.get(f.name, '')} (default: {default!r})",
         )
@@ -132,6 +133,12 @@ def _parser() -> argparse.ArgumentParser:
         help="the file holds one job's records (a run folder's audit.jsonl)",
     )
     return parser
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in {"true", "1", "yes"}
 
 
 def _verify_audit(path: str, *, segment: bool) -> int:

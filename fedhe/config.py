@@ -53,6 +53,7 @@ class JobConfig:
     query: str = "plain"  # knn: the querier sends its queries in the clear or encrypted
     query_batch: int = 32  # knn: queries per batch (one ranking and one vote release each)
     querier: int = 0  # knn: the party index that asks the queries (the test set)
+    standardize: bool = True  # knn: distances on globally standardized features (else raw)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

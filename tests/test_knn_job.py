@@ -106,3 +106,22 @@ def test_too_few_parties_after_upload_stop_the_job(tmp_path):
     )
     with pytest.raises(ProtocolError, match="fewer than min_parties=2"):
         run_job(InProcessGrid(config.num_nodes), config)
+
+
+def test_raw_features_without_standardization(tmp_path):
+    config = JobConfig(
+        task="knn",
+        dataset="iris",
+        parties=3,
+        min_parties=2,
+        out=str(tmp_path),
+        k=3,
+        standardize=False,
+        query="encrypted",
+        query_batch=30,
+    )
+    run_job(InProcessGrid(config.num_nodes), config)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["agreement"]["prediction_agreement"] == 1.0
+    assert result["encrypted"]["accuracy"] > 0.9
+    assert result["knn"]["query"] == "encrypted"
