@@ -117,6 +117,9 @@ HANDLERS = [
     protocol.STATS,
     protocol.GRADIENT,
     protocol.MODEL_STEP,
+    protocol.KNN_UPLOAD,
+    protocol.KNN_QUERY,
+    protocol.KNN_ANSWER,
     protocol.DECLARE,
     protocol.DECRYPT,
     protocol.AUDIT,
@@ -153,12 +156,17 @@ def grid():
                 "output",
                 "contributors",
                 "w",
+                "segment",
+                "start",
+                "stop",
+                "query",
             ]
         ),
         st.text(max_size=6) | st.integers() | st.floats(allow_nan=True),
     ),
     payload=st.dictionaries(
-        st.sampled_from(["tensor", "public-context", "contribution"]), st.binary(max_size=64)
+        st.sampled_from(["tensor", "public-context", "contribution", "votes"]),
+        st.binary(max_size=64),
     ),
 )
 def test_handlers_answer_garbage_with_a_fedhe_error_and_keep_serving(

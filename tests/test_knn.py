@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 
 from fedhe.crypto import KeyRequest, PublicContext
 from fedhe.data.datasets import load_builtin
 from fedhe.errors import (
     ContextMismatchError,
+    FedHEError,
     InvalidCiphertextError,
     PolicyError,
     ProtocolError,
@@ -332,3 +335,29 @@ def test_a_store_under_other_keys_or_version_is_refused(tmp_path, iris):
         knn.KNNStore.load(folder, federation.context)
     with pytest.raises(ProtocolError, match="no readable"):
         knn.KNNStore.load(tmp_path / "nowhere", federation.context)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    key=st.sampled_from(["features-0", "extras-0"]),
+    flips=st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 7)), min_size=1, max_size=3),
+    cut=st.none() | st.integers(0, 2**31),
+)
+def test_fuzzed_uploads_are_refused_and_change_nothing(iris, key, flips, cut):
+    federation = iris[0]
+    segment = federation.segment("party-0")
+    good = federation.uploads["party-0"]
+    data = bytearray(good[key])
+    for position, bit in flips:
+        data[position % len(data)] ^= 1 << bit
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]
+    store = knn.KNNStore(federation.context, 4, 3, federation.layout)
+    try:
+        store.add(segment, {**good, key: bytes(data)})
+    except FedHEError:
+        assert store.blocks == {} and store.contributors == []
+        return
+    assert bytes(data) == good[key]  # only an unchanged upload may load
