@@ -18,7 +18,7 @@ import numpy as np
 from fedhe import protocol
 from fedhe.aggregator.job import Job
 from fedhe.crypto import CKKSParams, KeyRequest, Tensor
-from fedhe.errors import ProtocolError
+from fedhe.errors import FedHEError, ProtocolError
 from fedhe.progress import progress
 from fedhe.tasks import knn, linreg, moments
 
@@ -124,7 +124,7 @@ class KNNJob(Job):
         for name, reply in exchange.replies.items():
             try:
                 store.add(segments[name], protocol.payload_of(reply))
-            except Exception as err:  # one bad upload is excluded, the others are kept
+            except FedHEError as err:  # one bad upload is excluded, the others are kept
                 log.warning("upload of %s rejected: %s", name, err)
                 self.run.excluded[name] = f"knn upload: {err}"
         self.run.timings_s["compute"] += time.perf_counter() - started
