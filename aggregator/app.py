@@ -59,11 +59,18 @@ def run_job(grid: Grid, config: JobConfig) -> Path:
     return path
 
 
-_JOBS: dict[str, type[Job]] = {"aggregate": FedAvgJob, "knn": KNNJob}
+_JOBS: dict[str, type[Job]] = {"aggregate": FedAvgJob, "knn": KNNJob, "mlp": FedAvgJob}
 
 
 def _data_source(config: JobConfig, n_parties: int) -> DataSource:
-    source = DataSource(config.dataset_name, config.data_dir, config.target, config.seed, n_parties)
+    source = DataSource(
+        config.dataset_name,
+        config.data_dir,
+        config.target,
+        config.seed,
+        n_parties,
+        alpha=config.alpha,
+    )
     if not source.from_csv:
         return source
     files = count_party_files(source)

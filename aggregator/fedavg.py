@@ -27,7 +27,10 @@ class FedAvgJob(Job):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.spec = ModelSpec(
-            self.test.n_features, max(self.test.n_classes, 2), self.config.hidden_widths
+            self.test.n_features,
+            max(self.test.n_classes, 2),
+            self.config.hidden_widths,
+            self.config.activation_name,
         )
         self.model = build_model(self.spec, seed=self.config.seed)
         self.layout = aggregate.Layout.of(get_weights(self.model))

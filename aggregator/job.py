@@ -129,7 +129,7 @@ class Job:
             protocol.content(
                 config={
                     "declaration": declaration.to_dict(),
-                    "keys": {"relin": keys.relin, "galois": keys.galois},
+                    "keys": keys.to_dict(),
                 }
             ),
         )

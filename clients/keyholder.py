@@ -42,7 +42,7 @@ def keyholder_for(context: Context) -> KeyHolder:
 def declare(msg: Message, context: Context) -> Message:
     config = protocol.config_of(msg.content)
     job = JobDeclaration.from_dict(config["declaration"])
-    keys = KeyRequest(**config.get("keys", {}))
+    keys = KeyRequest.from_dict(config.get("keys", {}))
     started = time.perf_counter()
     public = keyholder_for(context).declare_job(job, keys)
     return Message(

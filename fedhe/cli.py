@@ -19,7 +19,7 @@ _HELP = {
     "min_parties": "fewest parties a sum may cover; the job stops below it",
     "rounds": "training rounds",
     "dataset": "built-in dataset: breast_cancer, iris, wine, digits, diabetes, synthetic "
-    "(default: breast_cancer; diabetes for linreg)",
+    "(default: breast_cancer; diabetes for linreg, digits for mlp)",
     "mode": "linreg: exact (masked normal equations, default), gradient or encrypted-model; "
     "logreg: gradient (default) or encrypted-model",
     "l2": "L2 penalty per sample on standardized coefficients",
@@ -31,7 +31,7 @@ _HELP = {
     "batch_size": "mini-batch size per party and step (gradient mode: 0 = all local samples)",
     "lr": "local SGD learning rate",
     "clip": "clip each update coordinate to ±clip (bounds the encrypted sum)",
-    "hidden": "MLP hidden widths, e.g. 32,16 (default: logistic/softmax regression)",
+    "hidden": "MLP hidden widths, e.g. 32,16 (default: logistic/softmax regression; mlp: 32)",
     "drop_party": "simulate a fault: this party index fails every training round",
     "timeout_s": "seconds to wait for replies to one message",
     "keyholder_retries": "more tries when the key holder does not answer (never on a refusal)",
@@ -40,6 +40,10 @@ _HELP = {
     "query_batch": "knn: queries per batch (one ranking and one vote release each)",
     "querier": "knn: index of the party that asks the queries (it holds the test set)",
     "standardize": "knn: measure distances on globally standardized features (true/false)",
+    "activation": "hidden activation: relu, or square, relu-poly, silu-poly (encryptable; "
+    "mlp default: relu-poly)",
+    "alpha": "Dirichlet(alpha) label skew across parties for built-in data (0: IID)",
+    "single_queries": "mlp: test samples also sent one at a time (single-sample latency path)",
 }
 _SIMULATION_ONLY = {"task", "keyholder_partition_id", "plaintext_twin"}
 

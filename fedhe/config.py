@@ -8,7 +8,7 @@ from typing import Any
 
 from fedhe.errors import FedHEError
 
-TASKS = ("aggregate", "linreg", "logreg", "knn")
+TASKS = ("aggregate", "linreg", "logreg", "knn", "mlp")
 QUERY_MODES = ("plain", "encrypted")
 MODES = ("exact", "gradient", "encrypted-model")
 DEFAULT_DATASET = {
@@ -16,7 +16,11 @@ DEFAULT_DATASET = {
     "linreg": "diabetes",
     "logreg": "breast_cancer",
     "knn": "breast_cancer",
+    "mlp": "digits",
 }
+ACTIVATIONS = ("relu", "square", "relu-poly", "silu-poly")
+DEFAULT_ACTIVATION = {"mlp": "relu-poly"}
+DEFAULT_HIDDEN = {"mlp": "32"}
 DEFAULT_MODE = {"linreg": "exact", "logreg": "gradient"}
 
 
@@ -54,6 +58,9 @@ class JobConfig:
     query_batch: int = 32  # knn: queries per batch (one ranking and one vote release each)
     querier: int = 0  # knn: the party index that asks the queries (the test set)
     standardize: bool = True  # knn: distances on globally standardized features (else raw)
+    activation: str = ""  # hidden activation: relu (aggregate's default), square, relu-poly, …
+    alpha: float = 0.0  # built-in data: Dirichlet(alpha) label skew across parties; 0: IID
+    single_queries: int = 3  # mlp: test samples also sent one by one (latency path)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -90,14 +97,28 @@ class JobConfig:
             raise ConfigError(f"query {self.query!r} is not one of {list(QUERY_MODES)}.")
         if not 0 <= self.querier < self.parties:
             raise ConfigError(f"querier must be a party index 0..{self.parties - 1}.")
+        if self.activation and self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation {self.activation!r} is not one of {list(ACTIVATIONS)}.")
+        if self.task == "mlp" and self.activation_name == "relu":
+            raise ConfigError(
+                "the mlp task evaluates the model on encrypted inputs: choose a polynomial "
+                "activation (square, relu-poly, silu-poly), not relu."
+            )
+        if self.alpha < 0 or self.single_queries < 0:
+            raise ConfigError("alpha and single-queries must be ≥ 0.")
         if self.data_dir and not self.target:
             raise ConfigError("--data-dir needs --target: the name of the label column.")
         self.hidden_widths  # noqa: B018 - validates the string
 
     @property
+    def activation_name(self) -> str:
+        return self.activation or DEFAULT_ACTIVATION.get(self.task, "relu")
+
+    @property
     def hidden_widths(self) -> tuple[int, ...]:
+        hidden = self.hidden or DEFAULT_HIDDEN.get(self.task, "")
         try:
-            widths = tuple(int(w) for w in self.hidden.split(",") if w.strip())
+            widths = tuple(int(w) for w in hidden.split(",") if w.strip())
         except ValueError as err:
             raise ConfigError(
                 f"hidden must be comma-separated widths, got {self.hidden!r}."

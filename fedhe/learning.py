@@ -13,16 +13,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedhe.tasks import mlp
 from fedhe.tasks.moments import Standardizer
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A logistic/softmax regression (no hidden layer) or an MLP with ReLU hidden layers."""
+    """A logistic/softmax regression (no hidden layer) or an MLP whose hidden layers use
+    `activation`: "relu", or a polynomial one that encrypted inference can evaluate
+    (`fedhe.tasks.mlp.ACTIVATIONS`: square, relu-poly, silu-poly)."""
 
     n_features: int
     n_classes: int
     hidden: tuple[int, ...] = ()
+    activation: str = "relu"
 
     @property
     def n_outputs(self) -> int:
@@ -33,11 +37,17 @@ class ModelSpec:
             "n_features": self.n_features,
             "n_classes": self.n_classes,
             "hidden": list(self.hidden),
+            "activation": self.activation,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> ModelSpec:
-        return cls(int(data["n_features"]), int(data["n_classes"]), tuple(data.get("hidden", ())))  # type: ignore[arg-type]
+        return cls(
+            int(data["n_features"]),  # type: ignore[arg-type]
+            int(data["n_classes"]),  # type: ignore[arg-type]
+            tuple(data.get("hidden", ())),  # type: ignore[arg-type]
+            str(data.get("activation", "relu")),
+        )
 
 
 @dataclass(frozen=True)
@@ -53,10 +63,28 @@ def build_model(spec: ModelSpec, *, seed: int) -> nn.Module:
     layers: list[nn.Module] = []
     width = spec.n_features
     for hidden in spec.hidden:
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        layers += [nn.Linear(width, hidden), _activation(spec.activation)]
         width = hidden
     layers.append(nn.Linear(width, spec.n_outputs))
     return nn.Sequential(*layers).double()
+
+
+class Polynomial(nn.Module):
+    """c₀ + c₁x + c₂x²: an activation that CKKS evaluates with one multiplication."""
+
+    def __init__(self, coefficients: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.coefficients = coefficients
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c0, c1, c2 = self.coefficients
+        return c0 + c1 * x + c2 * x * x
+
+
+def _activation(name: str) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU()
+    return Polynomial(mlp.activation(name).coefficients)
 
 
 def get_weights(model: nn.Module) -> dict[str, np.ndarray]:

@@ -361,3 +361,14 @@ def test_fuzzed_uploads_are_refused_and_change_nothing(iris, key, flips, cut):
         assert store.blocks == {} and store.contributors == []
         return
     assert bytes(data) == good[key]  # only an unchanged upload may load
+
+
+def test_a_planned_segment_not_yet_uploaded_counts_as_empty(tmp_path):
+    X, y, Xq, _, c = standardized("iris")
+    federation = Federation(tmp_path, X[:100], y[:100], c, n_parties=2)
+    store = federation.store
+    # party-0 announces 5000 more points (a second block) but has not uploaded them yet
+    store.layout.append("party-0", 5000)
+    assert store.n_points == 100 and store.layout.n_blocks == 2
+    reference = KNeighborsClassifier(K, algorithm="brute").fit(X[:100], y[:100]).predict(Xq)
+    assert np.mean(federation.ask(Xq) == reference) >= 0.99

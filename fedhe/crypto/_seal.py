@@ -39,6 +39,11 @@ def mod_switch_to(vector: ts.CKKSVector, context: ts.Context, level: int) -> ts.
     return ts.ckks_vector_from(context, _vector_proto(vector.size(), _save(ct), ct.scale))
 
 
+def vector_from(context: ts.Context, ct: sealapi.Ciphertext, size: int) -> ts.CKKSVector:
+    """Wrap a SEAL ciphertext as a TenSEAL vector of `size` values (a copy)."""
+    return ts.ckks_vector_from(context, _vector_proto(size, _save(ct), ct.scale))
+
+
 class LevelEncryptor:
     """Encrypts straight at a chosen level: about twice as fast as encrypting at the top level
     and switching down, and the ciphertext is identical in form (SEAL encrypts at any level)."""
@@ -108,3 +113,41 @@ def _varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+def _galois_elements(context: ts.Context, steps: tuple[int, ...]) -> list[int]:
+    """SEAL's Galois element of each left-rotation step: 3^step mod 2N (negative: inverse)."""
+    n = context.seal_context().data.key_context_data().parms().poly_modulus_degree()
+    slots = n // 2
+    return [pow(3, step % slots, 2 * n) for step in steps]
+
+
+def create_rotation_keys(context: ts.Context, steps: tuple[int, ...]) -> bytes:
+    """Galois keys for exactly `steps` (needs the secret key): one key per step."""
+    seal_context = context.seal_context().data
+    generator = sealapi.KeyGenerator(seal_context, context.secret_key().data)
+    keys = sealapi.GaloisKeys()
+    generator.create_galois_keys(_galois_elements(context, steps), keys)
+    return _save(keys)
+
+
+class RotationKeys:
+    """Loaded Galois keys for a fixed set of steps."""
+
+    def __init__(self, keys: sealapi.GaloisKeys, steps: tuple[int, ...]) -> None:
+        self.keys = keys
+        self.steps = steps
+
+    @classmethod
+    def load(cls, context: ts.Context, data: bytes, steps: tuple[int, ...]) -> RotationKeys:
+        keys = sealapi.GaloisKeys()
+        fd, path = tempfile.mkstemp(prefix="fedhe-gk-", dir=_tmp_dir())
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            keys.load(context.seal_context().data, path)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"rotation keys do not load: {err}") from err
+        finally:
+            os.unlink(path)
+        return cls(keys, steps)

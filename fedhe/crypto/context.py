@@ -13,6 +13,7 @@ from functools import cached_property
 
 import tenseal as ts
 
+from fedhe.crypto import _seal
 from fedhe.crypto.framing import frame, unframe
 from fedhe.crypto.params import CKKSParams
 from fedhe.errors import ContextMismatchError, ParameterError, SecretKeyLeakError
@@ -23,17 +24,56 @@ _VERSION = 1
 
 @dataclass(frozen=True)
 class KeyRequest:
-    """The evaluation keys a job needs; none by default (addition needs no key at all)."""
+    """The evaluation keys a job needs; none by default (addition needs no key at all).
+
+    `galois` asks for TenSEAL's keys for every power-of-two rotation (~34 MB at N=8192);
+    `rotations` for the keys of exactly these rotation steps (one key per step)."""
 
     relin: bool = False
     galois: bool = False
+    rotations: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rotations", tuple(sorted({int(r) for r in self.rotations})))
+
+    def to_dict(self) -> dict[str, object]:
+        return {"relin": self.relin, "galois": self.galois, "rotations": list(self.rotations)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KeyRequest:
+        try:
+            return cls(
+                bool(data.get("relin", False)),
+                bool(data.get("galois", False)),
+                tuple(int(r) for r in data.get("rotations", ())),
+            )
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ParameterError(f"malformed key request {data!r}: {err}") from err
 
 
 class _ContextBase:
-    def __init__(self, raw: ts.Context, params: CKKSParams, keys: KeyRequest) -> None:
+    def __init__(
+        self, raw: ts.Context, params: CKKSParams, keys: KeyRequest, rotation_keys: bytes = b""
+    ) -> None:
         self._raw = raw
         self.params = params
         self.keys = keys
+        self.rotation_key_bytes = rotation_keys
+        if bool(keys.rotations) != bool(rotation_keys):
+            raise ParameterError(
+                f"key request for rotations {list(keys.rotations)} does not match the "
+                f"{len(rotation_keys)} bytes of rotation keys."
+            )
+
+    @cached_property
+    def rotation_keys(self) -> _seal.RotationKeys:
+        """Keys for the rotation steps the job asked for (thin layer: fedhe.crypto only)."""
+        if not self.keys.rotations:
+            raise ParameterError(
+                "this context has no rotation keys: declare the job with "
+                "KeyRequest(rotations=(…)) naming the steps it rotates by."
+            )
+        return _seal.RotationKeys.load(self._raw, self.rotation_key_bytes, self.keys.rotations)
 
     @property
     def raw(self) -> ts.Context:
@@ -65,13 +105,15 @@ class _ContextBase:
 class PublicContext(_ContextBase):
     """Public key (and only the evaluation keys the job asked for): safe to send anywhere."""
 
-    def __init__(self, raw: ts.Context, params: CKKSParams, keys: KeyRequest) -> None:
+    def __init__(
+        self, raw: ts.Context, params: CKKSParams, keys: KeyRequest, rotation_keys: bytes = b""
+    ) -> None:
         if raw.is_private() or raw.has_secret_key():
             raise SecretKeyLeakError(
                 "refusing to wrap a context that holds a secret key as public; call "
                 "SecretContext.public() to drop the secret key first."
             )
-        super().__init__(raw, params, keys)
+        super().__init__(raw, params, keys, rotation_keys)
 
     def to_bytes(self) -> bytes:
         body = self._raw.serialize(
@@ -82,14 +124,16 @@ class PublicContext(_ContextBase):
         )
         header = {
             "params": self.params.to_dict(),
-            "keys": {"relin": self.keys.relin, "galois": self.keys.galois},
+            "keys": self.keys.to_dict(),
             "fingerprint": self.fingerprint,
+            "context_bytes": len(body),
         }
-        return frame(CONTEXT_MAGIC, _VERSION, header, body)
+        return frame(CONTEXT_MAGIC, _VERSION, header, body + self.rotation_key_bytes)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PublicContext:
-        header, body = _unframe_context(data)
+        header, payload = _unframe_context(data)
+        body, rotation_keys = _split_body(header, payload)
         try:
             raw = ts.context_from(body)
         except Exception as err:
@@ -100,8 +144,8 @@ class PublicContext(_ContextBase):
                 "it. Discard these bytes and ask the key holder for its public context."
             )
         params = CKKSParams.from_dict(header["params"])
-        keys = KeyRequest(**header.get("keys", {}))
-        context = cls(raw, params, keys)
+        keys = KeyRequest.from_dict(header.get("keys", {}))
+        context = cls(raw, params, keys, rotation_keys)
         context.check_same(header.get("fingerprint", ""), what="public context")
         raw.global_scale = 2.0**params.scale_bits
         return context
@@ -113,7 +157,7 @@ class SecretContext(_ContextBase):
     def public(self) -> PublicContext:
         raw = self._raw.copy()
         raw.make_context_public()
-        return PublicContext(raw, self.params, self.keys)
+        return PublicContext(raw, self.params, self.keys, self.rotation_key_bytes)
 
     def to_secret_bytes(self) -> bytes:
         """For the key holder's own storage only: it holds the secret key."""
@@ -125,20 +169,22 @@ class SecretContext(_ContextBase):
         )
         header = {
             "params": self.params.to_dict(),
-            "keys": {"relin": self.keys.relin, "galois": self.keys.galois},
+            "keys": self.keys.to_dict(),
             "secret": True,
+            "context_bytes": len(body),
         }
-        return frame(CONTEXT_MAGIC, _VERSION, header, body)
+        return frame(CONTEXT_MAGIC, _VERSION, header, body + self.rotation_key_bytes)
 
     @classmethod
     def from_secret_bytes(cls, data: bytes) -> SecretContext:
-        header, body = _unframe_context(data)
+        header, payload = _unframe_context(data)
+        body, rotation_keys = _split_body(header, payload)
         raw = ts.context_from(body)
         if not raw.has_secret_key():
             raise ParameterError("these context bytes hold no secret key.")
         params = CKKSParams.from_dict(header["params"])
         raw.global_scale = 2.0**params.scale_bits
-        return cls(raw, params, KeyRequest(**header.get("keys", {})))
+        return cls(raw, params, KeyRequest.from_dict(header.get("keys", {})), rotation_keys)
 
 
 def generate_keys(params: CKKSParams, keys: KeyRequest = KeyRequest()) -> SecretContext:
@@ -151,7 +197,16 @@ def generate_keys(params: CKKSParams, keys: KeyRequest = KeyRequest()) -> Secret
     raw.global_scale = 2.0**params.scale_bits
     if keys.galois:
         raw.generate_galois_keys()
-    return SecretContext(raw, params, keys)
+    rotation_keys = _seal.create_rotation_keys(raw, keys.rotations) if keys.rotations else b""
+    return SecretContext(raw, params, keys, rotation_keys)
+
+
+def _split_body(header: dict, payload: bytes) -> tuple[bytes, bytes]:
+    """The TenSEAL context and, after it, the rotation keys (absent in older contexts)."""
+    size = header.get("context_bytes", len(payload))
+    if not isinstance(size, int) or not 0 < size <= len(payload):
+        raise ParameterError(f"context header announces {size!r} bytes of {len(payload)}.")
+    return payload[:size], payload[size:]
 
 
 def _unframe_context(data: bytes) -> tuple[dict, bytes]:

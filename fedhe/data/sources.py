@@ -14,7 +14,7 @@ import pandas as pd
 from fedhe.data.csvdata import find_party_files as _find_party_files
 from fedhe.data.csvdata import load_party, load_test, read_header
 from fedhe.data.datasets import Dataset, load_builtin
-from fedhe.data.partition import partition_iid
+from fedhe.data.partition import partition_dirichlet, partition_iid
 from fedhe.errors import DataError
 
 
@@ -27,6 +27,7 @@ class DataSource:
     n_parties: int = 1
     classes: tuple[float, ...] = ()
     kind: str = ""  # CSV: "classification" or "regression"; empty: inferred from the target
+    alpha: float = 0.0  # built-in data: Dirichlet(alpha) label skew across parties; 0: IID
 
     @property
     def csv_task(self) -> str | None:
@@ -57,7 +58,12 @@ def party_data(source: DataSource, index: int) -> Dataset:
             classes=source.classes or None,
         )
     train, _ = load_builtin(source.dataset, seed=source.seed)
-    shares = partition_iid(train.n_samples, source.n_parties, seed=source.seed)
+    if source.alpha > 0 and train.task == "classification":
+        shares = partition_dirichlet(
+            train.y, source.n_parties, alpha=source.alpha, seed=source.seed
+        )
+    else:
+        shares = partition_iid(train.n_samples, source.n_parties, seed=source.seed)
     if not 0 <= index < len(shares):
         raise DataError(f"party index {index} is outside 0..{len(shares) - 1}.")
     return train.subset(shares[index])

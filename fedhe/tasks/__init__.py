@@ -8,7 +8,7 @@ import numpy as np
 
 from fedhe.errors import PolicyError
 from fedhe.keyholder import DecryptionRequest, JobDeclaration, KeyHolder
-from fedhe.tasks import aggregate, encrypted_model, knn, linreg, moments
+from fedhe.tasks import aggregate, encrypted_model, knn, linreg, mlp, moments
 
 Release = np.ndarray | dict[str, bytes]
 KeyholderStep = Callable[[KeyHolder, DecryptionRequest], Release]
@@ -52,6 +52,8 @@ ALLOWED_OUTPUTS: dict[str, frozenset[str]] = {
         }
     ),
     knn.TASK: frozenset({moments.OUTPUT, knn.RANK_OUTPUT, knn.VOTE_OUTPUT}),
+    mlp.TASK: frozenset({moments.OUTPUT, aggregate.OUTPUT}),
+    mlp.INFERENCE_TASK: frozenset({mlp.OUTPUT}),
 }
 
 
@@ -67,7 +69,7 @@ def check_declaration(job: JobDeclaration) -> None:
         raise PolicyError(
             f"task {job.task!r} may not declare {foreign}; it may: {sorted(allowed)}."
         )
-    if job.task == aggregate.TASK:
+    if job.task in (aggregate.TASK, mlp.TASK, mlp.INFERENCE_TASK):
         return
     if job.task == knn.TASK:
         _check_knn(job)

@@ -130,12 +130,12 @@ class StoreLayout:
     def blocks_of(self, segment: Segment) -> range:
         return range(segment.offset // self.slots, (segment.end - 1) // self.slots + 1)
 
-    def occupied(self, parties: Iterable[str]) -> np.ndarray:
-        """(n_blocks, slots) booleans: the positions that hold points of `parties`."""
-        keep = set(parties)
+    def occupied(self, stored: Iterable[tuple[str, int]]) -> np.ndarray:
+        """(n_blocks, slots) booleans: the positions of the `stored` (party, offset) segments."""
+        keep = set(stored)
         mask = np.zeros(self.n_blocks * self.slots, dtype=bool)
         for segment in self.segments:
-            if segment.party in keep:
+            if (segment.party, segment.offset) in keep:
                 mask[segment.offset : segment.end] = True
         return mask.reshape(self.n_blocks, self.slots)
 
@@ -285,7 +285,7 @@ class KNNStore:
         return int(self.occupied().sum())
 
     def occupied(self) -> np.ndarray:
-        return self.layout.occupied(self.contributors)
+        return self.layout.occupied(self.stored)
 
     # -- upload --------------------------------------------------------------------------------
 
@@ -360,8 +360,9 @@ class KNNStore:
             blocks = []
             for b in range(self.layout.n_blocks):
                 block = self.blocks.get(b)
-                if block is None:
-                    raise ProtocolError(f"block {b} of the store was never uploaded.")
+                if block is None:  # planned, nothing uploaded yet: every position is empty
+                    blocks.append(self._empty_distances(beta))
+                    continue
                 if plain:
                     total = _plain_products(block.features, -2.0 * alpha * query)
                 else:
@@ -370,6 +371,13 @@ class KNNStore:
                 blocks.append(total.add_plain(beta + empty[b]))
             per_query.append(stack(blocks))
         return stack(per_query)
+
+    def _empty_distances(self, beta: float) -> Tensor:
+        """What a block without points yields: β + EMPTY_OFFSET everywhere, at the level of
+        the computed distances."""
+        return encrypt_for_compute(
+            self.context, np.full(self.slots, beta + EMPTY_OFFSET), multiplications=0
+        )
 
     def votes(self, selection: Tensor, rho: Tensor) -> Tensor:
         """Σ_blocks Enc(label) ⊙ Enc(selection) + Z + Enc(ρ): (n_queries, n_labels, slots)."""
@@ -386,6 +394,8 @@ class KNNStore:
             for c in range(self.n_labels):
                 total = None
                 for b, sel in enumerate(chosen_blocks):
+                    if b not in self.blocks:
+                        continue  # empty positions are never selected
                     term = self.blocks[b].labels[c] * sel
                     total = term if total is None else total + term
                 rows.append(total.add_plain(_zero_sum_mask(rng, self.slots)) + label_masks[c])
