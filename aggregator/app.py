@@ -16,6 +16,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedhe.aggregator.fedavg import FedAvgJob
 from fedhe.aggregator.job import Job, JobRun
 from fedhe.aggregator.knn import KNNJob
+from fedhe.aggregator.mlp import MLPJob
+from fedhe.aggregator.plots import accuracy_per_round
 from fedhe.aggregator.regression import RegressionJob
 from fedhe.aggregator.report import build_result, write_run
 from fedhe.aggregator.roles import discover, wait_for_nodes
@@ -55,11 +57,13 @@ def run_job(grid: Grid, config: JobConfig) -> Path:
     he, twin = runs[0], (runs[1] if len(runs) > 1 else None)
     result = build_result(config, he, twin, test.feature_names)
     path = write_run(config.out, result, he.audit)
+    if config.task in ("aggregate", "mlp"):
+        accuracy_per_round(result, path.parent / "accuracy.png")
     log.info("result written to %s", path)
     return path
 
 
-_JOBS: dict[str, type[Job]] = {"aggregate": FedAvgJob, "knn": KNNJob, "mlp": FedAvgJob}
+_JOBS: dict[str, type[Job]] = {"aggregate": FedAvgJob, "knn": KNNJob, "mlp": MLPJob}
 
 
 def _data_source(config: JobConfig, n_parties: int) -> DataSource:

@@ -43,6 +43,7 @@ class FedAvgJob(Job):
 
     def phases(self) -> None:
         standardizer, total_samples = self.feature_moments()
+        self.standardizer = standardizer
         update_bound = total_samples * self.config.clip  # |Δw| ≤ clip ⇒ |Σ nᵢΔwᵢ| ≤ clip·Σnᵢ
         test_X = standardizer.features(self.test.X)
         kind = "encrypted" if self.run.encrypted else "plaintext twin"

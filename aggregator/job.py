@@ -75,6 +75,7 @@ class Job:
         self.run = JobRun(job_id, encrypted)
         self.parties = dict(federation.parties)
         self.samples: dict[str, int] = {}  # per party, as reported at setup
+        self.later_jobs: list[str] = []  # key-holder jobs this one declared (e.g. inference)
         self.context: PublicContext | None = None
         self.public_bytes = b""
 
@@ -215,14 +216,21 @@ class Job:
         released = self.release(output, total.tensor, total.contributors)
         return protocol.array_from_bytes(released["values"])
 
-    def release(self, output: str, tensor: bytes, contributors: Sequence[str]) -> dict[str, bytes]:
+    def release(
+        self,
+        output: str,
+        tensor: bytes,
+        contributors: Sequence[str],
+        *,
+        job_id: str | None = None,
+    ) -> dict[str, bytes]:
         """Ask the key holder for `output` of `tensor` (a sum over `contributors`): what it
         releases for that output kind, as message payload."""
         reply = self.ask_keyholder(
             protocol.DECRYPT,
             protocol.content(
                 config={
-                    "job-id": self.run.job_id,
+                    "job-id": job_id or self.run.job_id,
                     "output": output,
                     "contributors": sorted(contributors),
                 },
@@ -239,6 +247,23 @@ class Job:
             protocol.content(config={"job-id": self.run.job_id, **config}, **records),
             role="party",
         )
+
+    def ask_party(
+        self, name: str, message_type: str, settings: dict[str, Any], **records: Any
+    ) -> RecordDict:
+        """One party's reply (the querier, say); the job cannot go on without it."""
+        if name not in self.parties:
+            raise ProtocolError(f"{name} is not among the parties left: {sorted(self.parties)}.")
+        exchange = self.session.ask(
+            {name: self.parties[name]},
+            message_type,
+            protocol.content(config={"job-id": self.run.job_id, **settings}, **records),
+            role="party",
+        )
+        self.account(exchange)
+        if name not in exchange.replies:
+            raise ProtocolError(f"{name} failed {message_type}: {exchange.failures.get(name)}")
+        return exchange.replies[name]
 
     def ask_keyholder(self, message_type: str, content: RecordDict) -> RecordDict:
         """The job cannot go on without the key holder: a refusal stops it at once, silence
@@ -258,10 +283,13 @@ class Job:
         raise ProtocolError(f"key holder refused or failed {message_type}: {reason}")
 
     def fetch_audit(self) -> list[dict[str, Any]]:
-        reply = self.ask_keyholder(
-            protocol.AUDIT, protocol.content(config={"job-id": self.run.job_id})
-        )
-        return json.loads(protocol.config_of(reply)["entries"])
+        """The key holder's records of this job and of the jobs it declared after it (in
+        order: one contiguous stretch of the hash chain)."""
+        entries = []
+        for job_id in (self.run.job_id, *self.later_jobs):
+            reply = self.ask_keyholder(protocol.AUDIT, protocol.content(config={"job-id": job_id}))
+            entries += json.loads(protocol.config_of(reply)["entries"])
+        return entries
 
     def exclude(self, failures: dict[str, str], phase: str) -> None:
         for name, reason in failures.items():

@@ -18,7 +18,7 @@ import numpy as np
 from fedhe import protocol
 from fedhe.aggregator.job import Job
 from fedhe.crypto import CKKSParams, KeyRequest, Tensor
-from fedhe.errors import FedHEError, ProtocolError
+from fedhe.errors import FedHEError
 from fedhe.progress import progress
 from fedhe.tasks import knn, linreg, moments
 
@@ -56,8 +56,6 @@ class KNNJob(Job):
         }
 
     def phases(self) -> None:
-        if self.querier not in self.parties:
-            raise ProtocolError(f"the querier {self.querier} is not among the parties set up.")
         standardizer, _ = self.feature_moments(with_target=not self.n_classes)
         if not self.config.standardize:  # raw features; a regression target stays standardized
             standardizer = moments.Standardizer(
@@ -158,7 +156,7 @@ class KNNJob(Job):
             "query": self.config.query,
             "k": self.config.k,
         }
-        asked = self._ask_querier(protocol.KNN_QUERY, settings)
+        asked = self.ask_party(self.querier, protocol.KNN_QUERY, settings)
         payload = protocol.payload_of(asked)
         n = stop - start
         started = time.perf_counter()
@@ -172,8 +170,8 @@ class KNNJob(Job):
         votes = store.votes(selection, store.load_masks(payload["masks"], n))
         self.run.timings_s["compute"] += time.perf_counter() - started
         released = self.release(knn.VOTE_OUTPUT, votes.to_bytes(), contributors)
-        answer = self._ask_querier(
-            protocol.KNN_ANSWER, settings, payload={"votes": released["values"]}
+        answer = self.ask_party(
+            self.querier, protocol.KNN_ANSWER, settings, payload={"votes": released["values"]}
         )
         return np.asarray(protocol.config_of(answer)["predictions"], dtype=float)
 
@@ -182,21 +180,6 @@ class KNNJob(Job):
             return store.load_queries(data, n)
         queries = protocol.array_from_bytes(data)
         return knn.check_queries(queries, store.n_features)
-
-    def _ask_querier(self, message_type: str, settings: dict[str, Any], **records: Any):
-        exchange = self.session.ask(
-            {self.querier: self.parties[self.querier]},
-            message_type,
-            protocol.content(config={"job-id": self.run.job_id, **settings}, **records),
-            role="party",
-        )
-        self.account(exchange)
-        if self.querier not in exchange.replies:
-            raise ProtocolError(
-                f"the querier {self.querier} failed {message_type}: "
-                f"{exchange.failures.get(self.querier)}"
-            )
-        return exchange.replies[self.querier]
 
     # -- results -----------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from fedhe.learning import (
     local_train,
     set_weights,
 )
-from fedhe.tasks import aggregate, encrypted_model, knn, linreg, logreg, moments
+from fedhe.tasks import aggregate, encrypted_model, knn, linreg, logreg, mlp, moments
 from fedhe.tasks.moments import Standardizer
 
 _JOB_RECORD = "fedhe.job."
@@ -249,6 +249,61 @@ def knn_answer(msg: Message, context: Context) -> Message:
     return Message(
         protocol.content(config={"predictions": [float(p) for p in predictions]}),
         reply_to=msg,
+    )
+
+
+def mlp_query(msg: Message, context: Context) -> Message:
+    """MLP querier: Enc(input) (a batch, feature-major, or one sample in the replicated
+    layout) and Enc(ρ); ρ stays here until `mlp_answer`."""
+    config, job, _ = _open(msg, context)
+    public = PublicContext.from_bytes(protocol.payload_of(msg.content)["public-context"])
+    test = test_data(job["source"])
+    if test is None:
+        raise ProtocolError("the querier has no test set to ask queries from.")
+    start, stop = int(config["start"]), int(config["stop"])
+    standardizer = Standardizer.from_dict(config["standardizer"])
+    X = mlp.check_inputs(standardizer.features(test.X[start:stop]), test.n_features)
+    n_outputs, slots = int(config["n-outputs"]), public.params.slots
+    started = time.perf_counter()
+    if config["mode"] == "single":
+        layout = mlp.SingleLayout.plan(test.n_features, int(config["hidden"]), n_outputs, slots)
+        inputs = mlp.querier_encrypt_single(public, X[0], layout)
+        mask, rho = mlp.querier_mask(public, (slots,))
+    else:
+        inputs = mlp.querier_encrypt_batch(public, X)
+        mask, rho = mlp.querier_mask(public, (n_outputs, inputs.shape[1]))
+    context.state[f"{_QUERY_RECORD}{config['inference-id']}.{start}"] = ConfigRecord(
+        {"rho": protocol.array_to_bytes(rho)}
+    )
+    return Message(
+        protocol.content(
+            payload={"inputs": inputs.to_bytes(), "mask": mask.to_bytes()},
+            metrics={"encrypt-s": time.perf_counter() - started},
+        ),
+        reply_to=msg,
+    )
+
+
+def mlp_answer(msg: Message, context: Context) -> Message:
+    """MLP querier: unmask the released logits (reported back for this evaluation run)."""
+    config = protocol.config_of(msg.content)
+    key = f"{_QUERY_RECORD}{config['inference-id']}.{int(config['start'])}"
+    record = context.state.get(key)
+    if record is None:
+        raise ProtocolError(f"no open inference query starting at {config['start']} here.")
+    rho = protocol.array_from_bytes(bytes(record["rho"]))
+    released = protocol.array_from_bytes(protocol.payload_of(msg.content)["values"])
+    if released.shape != rho.shape:
+        raise ProtocolError(f"released logits have shape {released.shape}, expected {rho.shape}.")
+    n_outputs = int(config["n-outputs"])
+    if config["mode"] == "single":
+        logits = mlp.querier_unmask_single(released, rho, n_outputs)[None, :]
+    else:
+        n = int(config["stop"]) - int(config["start"])
+        logits = mlp.querier_unmask_batched(released, rho, n)
+    del context.state[key]
+    return Message(
+        protocol.content(payload={"logits": protocol.array_to_bytes(logits)}), reply_to=msg
     )
 
 

@@ -41,7 +41,7 @@ _HELP = {
     "querier": "knn: index of the party that asks the queries (it holds the test set)",
     "standardize": "knn: measure distances on globally standardized features (true/false)",
     "activation": "hidden activation: relu, or square, relu-poly, silu-poly (encryptable; "
-    "mlp default: relu-poly)",
+    "mlp default: square)",
     "alpha": "Dirichlet(alpha) label skew across parties for built-in data (0: IID)",
     "single_queries": "mlp: test samples also sent one at a time (single-sample latency path)",
 }

@@ -19,7 +19,7 @@ DEFAULT_DATASET = {
     "mlp": "digits",
 }
 ACTIVATIONS = ("relu", "square", "relu-poly", "silu-poly")
-DEFAULT_ACTIVATION = {"mlp": "relu-poly"}
+DEFAULT_ACTIVATION = {"mlp": "square"}
 DEFAULT_HIDDEN = {"mlp": "32"}
 DEFAULT_MODE = {"linreg": "exact", "logreg": "gradient"}
 

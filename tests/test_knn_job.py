@@ -90,7 +90,7 @@ def test_a_querier_that_fails_stops_the_job_with_a_clear_error(tmp_path, monkeyp
         out=str(tmp_path),
         plaintext_twin=False,
     )
-    with pytest.raises(ProtocolError, match=r"querier party-0 failed query\.knn_answer"):
+    with pytest.raises(ProtocolError, match=r"party-0 failed query\.knn_answer"):
         run_job(InProcessGrid(config.num_nodes), config)
 
 

@@ -115,6 +115,11 @@ class PublicContext(_ContextBase):
             )
         super().__init__(raw, params, keys, rotation_keys)
 
+    def encryption_only(self) -> PublicContext:
+        """The same public key without evaluation keys: all a party that only encrypts needs
+        (a fraction of the bytes when the job has relinearization or rotation keys)."""
+        return PublicContext(self._raw, self.params, KeyRequest())
+
     def to_bytes(self) -> bytes:
         body = self._raw.serialize(
             save_public_key=True,
