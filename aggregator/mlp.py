@@ -36,6 +36,9 @@ class MLPJob(FedAvgJob):
         self.test_X = None
 
     def phases(self) -> None:
+        # A network too deep for any 128-bit parameter set is refused before training.
+        mlp.activation(self.spec.activation)
+        mlp.inference_params(mlp.depth_of(len(self.spec.hidden)))
         super().phases()
         self.test_X = self.standardizer.features(self.test.X)
         if self.run.encrypted:  # the twin trains the same model in the clear; nothing to infer
