@@ -192,6 +192,27 @@ def _print_summary(result_path: Path) -> None:
     if "prediction_agreement" in agreement:
         share = f"{agreement['prediction_agreement']:.1%}"
         table.add_row("predictions equal to the twin", share, "")
+    inference = result.get("inference")
+    if inference:
+        table.add_row(
+            "inference accuracy (same weights)",
+            f"{inference['encrypted_accuracy']:.4f}",
+            f"{inference['plaintext_accuracy']:.4f}",
+        )
+        table.add_row("inference max |logit error|", f"{inference['max_abs_logit_error']:.2e}", "")
+        batched = inference["batched"]
+        table.add_row(
+            "batched: samples/s (full batch)", f"{batched['samples_per_s_at_capacity']:.0f}", ""
+        )
+        single = inference["single"]
+        if "aggregator_compute_s_median" in single:
+            table.add_row(
+                "single sample: aggregator (s)", f"{single['aggregator_compute_s_median']:.4f}", ""
+            )
+    if result.get("central"):
+        table.add_row(
+            "central model (pooled data) accuracy", "", f"{result['central']['accuracy']:.4f}"
+        )
     for phase, seconds in result.get("knn", {}).get("per_query_s", {}).items():
         table.add_row(f"per query: {phase} (s)", f"{seconds:.4f}", "-")
     plain_timings = result.get("plaintext_timings_s", {})
