@@ -416,3 +416,19 @@ def test_load_test_present_and_absent(tmp_path: Path) -> None:
     write(tmp_path / "test.csv", "a,z,y\n7,8,1\n")
     with pytest.raises(DataError, match=r"test\.csv"):
         load_test(tmp_path, "y", expected_columns=header)
+
+
+def test_alpha_gives_label_skewed_party_shares():
+    from fedhe.data.sources import DataSource, party_data
+
+    iid = DataSource("digits", n_parties=5, seed=0)
+    skewed = DataSource("digits", n_parties=5, seed=0, alpha=0.3)
+
+    def spread(source):
+        shares = [np.bincount(party_data(source, i).y, minlength=10) for i in range(5)]
+        fractions = np.array([s / s.sum() for s in shares])
+        return float(np.mean(np.std(fractions, axis=0)))
+
+    assert spread(skewed) > 3 * spread(iid)
+    total = sum(party_data(skewed, i).n_samples for i in range(5))
+    assert total == sum(party_data(iid, i).n_samples for i in range(5))
