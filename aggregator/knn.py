@@ -96,7 +96,7 @@ class KNNJob(Job):
     def _upload(self, standardizer: moments.Standardizer) -> knn.KNNStore:
         slots = knn.PARAMS.slots
         counts = {name: self.samples[name] for name in self.parties}
-        layout = knn.StoreLayout.plan(counts, slots, np.random.default_rng())
+        layout = knn.StoreLayout.plan(counts, slots)
         segments = {s.party: s for s in layout.segments}
         exchange = self.session.ask(
             self.parties,

@@ -190,7 +190,6 @@ def knn_upload(msg: Message, context: Context) -> Message:
         labels,
         knn.Segment(**config["segment"]),
         int(config["slots"]),
-        rng=np.random.default_rng(),
     )
     return Message(
         protocol.content(

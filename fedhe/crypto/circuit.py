@@ -104,9 +104,7 @@ class Circuit:
         if a.level != b.level:
             low = a_raw if a.level < b.level else b_raw
             high = sealapi.Ciphertext(self._seal)
-            self._evaluator.mod_switch_to(
-                b_raw if low is a_raw else a_raw, low.parms_id(), high
-            )
+            self._evaluator.mod_switch_to(b_raw if low is a_raw else a_raw, low.parms_id(), high)
             a_raw, b_raw = (low, high) if low is a_raw else (high, low)
         if not np.isclose(a_raw.scale, b_raw.scale, rtol=1e-12):
             raise ParameterError(f"cannot add scales {a_raw.scale:g} and {b_raw.scale:g}.")

@@ -148,7 +148,7 @@ class PublicContext(_ContextBase):
                 "received a context that holds a secret key: only the key holder may have "
                 "it. Discard these bytes and ask the key holder for its public context."
             )
-        params = CKKSParams.from_dict(header["params"])
+        params = CKKSParams.from_dict(header.get("params", {}))
         keys = KeyRequest.from_dict(header.get("keys", {}))
         context = cls(raw, params, keys, rotation_keys)
         context.check_same(header.get("fingerprint", ""), what="public context")
@@ -187,7 +187,7 @@ class SecretContext(_ContextBase):
         raw = ts.context_from(body)
         if not raw.has_secret_key():
             raise ParameterError("these context bytes hold no secret key.")
-        params = CKKSParams.from_dict(header["params"])
+        params = CKKSParams.from_dict(header.get("params", {}))
         raw.global_scale = 2.0**params.scale_bits
         return cls(raw, params, KeyRequest.from_dict(header.get("keys", {})), rotation_keys)
 

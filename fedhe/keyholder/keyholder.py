@@ -23,6 +23,7 @@ import numpy as np
 
 from fedhe.crypto.context import KeyRequest, PublicContext, SecretContext, generate_keys
 from fedhe.crypto.params import FRESH_NOISE_BITS
+from fedhe.crypto.randomness import secure_random
 from fedhe.crypto.tensor import EncryptedTensor, decrypt, digest, load_tensor
 from fedhe.errors import FedHEError, PolicyError
 from fedhe.keyholder.audit import AuditLog
@@ -170,7 +171,7 @@ class KeyHolder:
             values = decrypt(secret, tensor)
             sigma = self._flooding_sigma(tensor.scale)
             if sigma:
-                values = values + np.random.default_rng().normal(0.0, sigma, values.shape)
+                values = values + secure_random().normal(0.0, sigma, values.shape)
             return values, sigma
         return tensor.values, 0.0
 

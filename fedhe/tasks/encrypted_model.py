@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedhe.crypto import PublicContext, Tensor, encrypt_for_compute, load_tensor
+from fedhe.crypto.randomness import secure_random
 from fedhe.errors import ProtocolError
 from fedhe.keyholder import DecryptionRequest, KeyHolder
 from fedhe.tasks.aggregate import sum_valid
@@ -103,8 +104,8 @@ def aggregator_update(
 
 
 def aggregator_mask(model: Tensor) -> tuple[Tensor, np.ndarray]:
-    """Enc(w + r) for a fresh uniform mask r drawn from the OS's entropy."""
-    mask = np.random.default_rng().uniform(-MASK_BOUND, MASK_BOUND, model.shape)
+    """Enc(w + r) for a fresh uniform mask r drawn from the OS's CSPRNG."""
+    mask = secure_random().uniform(-MASK_BOUND, MASK_BOUND, model.shape)
     return model.add_plain(mask), mask
 
 

@@ -49,6 +49,7 @@ from fedhe.crypto import (
     stack,
     unstack,
 )
+from fedhe.crypto.randomness import SecureRandom, secure_random
 from fedhe.errors import PolicyError, ProtocolError, ShapeError, ValueRangeError
 from fedhe.keyholder import DecryptionRequest, KeyHolder
 
@@ -79,6 +80,8 @@ LABEL_BOUND = 2.0**8
 
 STORE_VERSION = 1
 
+Random = np.random.Generator | SecureRandom  # a seeded numpy generator in tests
+
 
 # -- layout ----------------------------------------------------------------------------------
 
@@ -104,11 +107,12 @@ class StoreLayout:
     segments: list[Segment] = field(default_factory=list)
 
     @classmethod
-    def plan(cls, counts: Mapping[str, int], slots: int, rng: np.random.Generator) -> StoreLayout:
-        """Contiguous segments, parties in random order."""
+    def plan(cls, counts: Mapping[str, int], slots: int, rng: Random | None = None) -> StoreLayout:
+        """Contiguous segments, parties in random order (the OS's CSPRNG by default)."""
         layout = cls(slots)
-        for name in rng.permutation(sorted(counts)):
-            layout.append(str(name), counts[str(name)])
+        names = sorted(counts)
+        for index in (rng or secure_random()).permutation(len(names)):
+            layout.append(names[index], counts[names[index]])
         return layout
 
     def append(self, party: str, count: int) -> Segment:
@@ -169,7 +173,7 @@ def party_upload(
     segment: Segment,
     slots: int,
     *,
-    rng: np.random.Generator,
+    rng: Random | None = None,
 ) -> dict[str, bytes]:
     """Encrypt standardized points `X` (n, d) with their label rows (L, n) at the segment's
     positions: ``features-<b>`` (d, slots) and ``extras-<b>`` (1 + L, slots) for each block b
@@ -181,7 +185,7 @@ def party_upload(
         )
     norms = np.sum(X**2, axis=1)
     _check_bound(norms, NORM_SQ_BOUND, "squared norm of a standardized point")
-    order = rng.permutation(segment.count)
+    order = (rng or secure_random()).permutation(segment.count)
     rows = np.vstack([X[order].T, norms[order][None, :], labels[:, order]])
     first_block = segment.offset // slots
     n_blocks = (segment.end - 1) // slots + 1 - first_block
@@ -227,7 +231,7 @@ def querier_masks(
     context: PublicContext | None, n_queries: int, n_labels: int, slots: int
 ) -> tuple[Tensor, np.ndarray]:
     """Enc(ρ) (n_queries, n_labels, slots) with ρ in the first slot, and ρ to keep."""
-    rho = np.random.default_rng().uniform(-VOTE_MASK_BOUND, VOTE_MASK_BOUND, (n_queries, n_labels))
+    rho = secure_random().uniform(-VOTE_MASK_BOUND, VOTE_MASK_BOUND, (n_queries, n_labels))
     placed = np.zeros((n_queries, n_labels, slots))
     placed[:, :, 0] = rho
     return encrypt_for_compute(context, placed, multiplications=0), rho
@@ -345,8 +349,8 @@ class KNNStore:
 
     def masked_distances(self, queries: np.ndarray | Tensor) -> Tensor:
         """Enc(α·(‖x‖² − 2q·x) + β) of every stored position, (n_queries, n_blocks, slots);
-        a fresh (α, β) per query, drawn from the OS's entropy and then forgotten."""
-        rng = np.random.default_rng()
+        a fresh (α, β) per query, drawn from the OS's CSPRNG and then forgotten."""
+        rng = secure_random()
         empty = EMPTY_OFFSET * (~self.occupied())
         plain = isinstance(queries, np.ndarray)
         rows = queries if plain else unstack(queries)
@@ -381,7 +385,7 @@ class KNNStore:
 
     def votes(self, selection: Tensor, rho: Tensor) -> Tensor:
         """Σ_blocks Enc(label) ⊙ Enc(selection) + Z + Enc(ρ): (n_queries, n_labels, slots)."""
-        rng = np.random.default_rng()
+        rng = secure_random()
         queries = unstack(selection)
         masks = unstack(rho)
         if len(masks) != len(queries):
@@ -512,7 +516,7 @@ def _add_blocks(a: Block, b: Block) -> Block:
     )
 
 
-def _zero_sum_mask(rng: np.random.Generator, size: int) -> np.ndarray:
+def _zero_sum_mask(rng: SecureRandom, size: int) -> np.ndarray:
     mask = rng.uniform(-VOTE_MASK_BOUND / 2, VOTE_MASK_BOUND / 2, size)
     return mask - mask.mean()
 

@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fedhe.crypto.randomness import secure_random
 from fedhe.errors import ProtocolError
 from fedhe.keyholder import DecryptionRequest, KeyHolder
 from fedhe.tasks.aggregate import Layout
@@ -63,9 +64,9 @@ def predict(coefficients: np.ndarray, X: np.ndarray) -> np.ndarray:
 def masking_matrix(dim: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """A random invertible R = Q₁·diag(s)·Q₂ with singular values s in MASK_SINGULAR_RANGE.
 
-    Drawn by the aggregator from the OS's entropy and never sent to the key holder.
+    Drawn by the aggregator from the OS's CSPRNG and never sent to the key holder.
     """
-    rng = np.random.default_rng() if rng is None else rng
+    rng = secure_random() if rng is None else rng
     low, high = np.log(MASK_SINGULAR_RANGE[0]), np.log(MASK_SINGULAR_RANGE[1])
     singular = np.exp(rng.uniform(low, high, dim))
     singular[:2] = MASK_SINGULAR_RANGE  # spread the extremes so R is never near-orthogonal

@@ -44,6 +44,7 @@ from fedhe.crypto import (
     load_tensor,
 )
 from fedhe.crypto.circuit import Cipher, Circuit
+from fedhe.crypto.randomness import secure_random
 from fedhe.errors import ParameterError, ShapeError, ValueRangeError
 
 TASK = "mlp"
@@ -341,7 +342,7 @@ def querier_encrypt_single(context: PublicContext, x: np.ndarray, layout: Single
 def querier_mask(context: PublicContext, shape: tuple[int, ...]) -> tuple[Tensor, np.ndarray]:
     """Enc(ρ) at the output level, ρ uniform over ± `mask_bound`, and ρ to keep."""
     bound = mask_bound(context.params)
-    rho = np.random.default_rng().uniform(-bound, bound, shape)
+    rho = secure_random().uniform(-bound, bound, shape)
     return encrypt_for_compute(context, rho, multiplications=0), rho
 
 
