@@ -69,6 +69,7 @@ class FedAvgJob(Job):
                 "epochs": self.config.local_epochs,
                 "batch-size": self.config.batch_size,
                 "lr": self.config.lr,
+                "optimizer": self.config.optimizer,
                 "model": self.spec.to_dict(),
                 "standardizer": standardizer.to_dict(),
                 "fail-party": self.config.drop_party,

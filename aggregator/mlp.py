@@ -223,6 +223,7 @@ class MLPJob(FedAvgJob):
                 batch_size=self.config.batch_size,
                 lr=lr,
                 seed=self.config.seed,
+                optimizer=self.config.optimizer,
             )
             if math.isfinite(local_train(model, X, train.y, config)):
                 break

@@ -90,6 +90,7 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=int(config["batch-size"]),
         lr=float(config["lr"]),
         seed=_round_seed(config, job),
+        optimizer=str(config.get("optimizer", "sgd")),
     )
     started = time.perf_counter()
     loss = local_train(model, X, data.y, train_config)

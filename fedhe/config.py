@@ -61,6 +61,7 @@ class JobConfig:
     activation: str = ""  # hidden activation: relu (aggregate's default), square, relu-poly, …
     alpha: float = 0.0  # built-in data: Dirichlet(alpha) label skew across parties; 0: IID
     single_queries: int = 3  # mlp: test samples also sent one by one (latency path)
+    optimizer: str = "sgd"  # local training: sgd or adam
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -104,6 +105,8 @@ class JobConfig:
                 "the mlp task evaluates the model on encrypted inputs: choose a polynomial "
                 "activation (square, relu-poly, silu-poly), not relu."
             )
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"optimizer {self.optimizer!r} is not one of ['sgd', 'adam'].")
         if self.alpha < 0 or self.single_queries < 0:
             raise ConfigError("alpha and single-queries must be ≥ 0.")
         if self.data_dir and not self.target:

@@ -50,12 +50,16 @@ class ModelSpec:
         )
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 2
     batch_size: int = 32
     lr: float = 0.1
     seed: int = 0
+    optimizer: str = "sgd"  # "sgd" or "adam" (fresh state each round: nothing carries over)
 
 
 def build_model(spec: ModelSpec, *, seed: int) -> nn.Module:
@@ -99,7 +103,7 @@ def local_train(model: nn.Module, X: np.ndarray, y: np.ndarray, config: TrainCon
     """Mini-batch SGD on one party's data; returns the mean training loss of the last epoch."""
     generator = torch.Generator().manual_seed(config.seed)
     features, labels = torch.as_tensor(X, dtype=torch.float64), torch.as_tensor(y)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    optimizer = _optimizer(model, config)
     loss_fn = _loss_fn(model)
     model.train()
     last = 0.0
@@ -115,6 +119,14 @@ def local_train(model: nn.Module, X: np.ndarray, y: np.ndarray, config: TrainCon
             total += loss.item() * len(batch)
         last = total / max(len(features), 1)
     return last
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr)
+    raise ValueError(f"optimizer {config.optimizer!r} is not one of {list(OPTIMIZERS)}.")
 
 
 def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
