@@ -13,6 +13,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedhe.aggregator.checkpoint import Checkpoint, checkpoint_path
 from fedhe.aggregator.fedavg import FedAvgJob
 from fedhe.aggregator.job import Job, JobRun
 from fedhe.aggregator.knn import KNNJob
@@ -42,7 +43,7 @@ def run_job(grid: Grid, config: JobConfig) -> Path:
         raise DataError(f"{config.data_dir} has no test.csv to evaluate the model on.")
     runs: list[JobRun] = []
     for encrypted in (True, False) if config.plaintext_twin else (True,):
-        job_id = f"{config.task}-{grid.run.run_id}-{'he' if encrypted else 'plain'}"
+        job_id = _job_id(config, grid.run.run_id, encrypted)
         job_class = _JOBS.get(config.task, RegressionJob)
         job = job_class(
             Session(grid, config.timeout_s),
@@ -61,6 +62,17 @@ def run_job(grid: Grid, config: JobConfig) -> Path:
         accuracy_per_round(result, path.parent / "accuracy.png")
     log.info("result written to %s", path)
     return path
+
+
+def _job_id(config: JobConfig, run_id: int, encrypted: bool) -> str:
+    """A fresh id per run, or the interrupted job's own id when resuming (the key holder then
+    recognizes it: same keys, budget already spent)."""
+    if config.resume:
+        checkpoint = Checkpoint.load(checkpoint_path(config.out, encrypted))
+        if checkpoint is not None:
+            log.info("resuming %s after round %d", checkpoint.job_id, checkpoint.round)
+            return checkpoint.job_id
+    return f"{config.task}-{run_id}-{'he' if encrypted else 'plain'}"
 
 
 _JOBS: dict[str, type[Job]] = {"aggregate": FedAvgJob, "knn": KNNJob, "mlp": MLPJob}

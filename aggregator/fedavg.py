@@ -42,18 +42,31 @@ class FedAvgJob(Job):
         }
 
     def phases(self) -> None:
-        standardizer, total_samples = self.feature_moments()
+        checkpoint = self.resumable()
+        if checkpoint is None:
+            standardizer, total_samples = self.feature_moments()
+            first_round = 1
+        else:  # the moments' budget is spent: take them from the checkpoint
+            standardizer = moments.Standardizer.from_dict(checkpoint.standardizer)
+            total_samples, first_round = checkpoint.total_samples, checkpoint.round + 1
+            set_weights(self.model, checkpoint.weights)
         self.standardizer = standardizer
         update_bound = total_samples * self.config.clip  # |Δw| ≤ clip ⇒ |Σ nᵢΔwᵢ| ≤ clip·Σnᵢ
         test_X = standardizer.features(self.test.X)
         kind = "encrypted" if self.run.encrypted else "plaintext twin"
         with progress(self.config.rounds, f"{kind}: rounds") as advance:
-            for round_number in range(1, self.config.rounds + 1):
+            for round_number in range(first_round, self.config.rounds + 1):
                 started = time.perf_counter()
                 self._train_round(round_number, standardizer, update_bound)
                 metrics = evaluate(self.model, test_X, self.test.y)
                 self.run.history[-1].update(metrics, round_s=time.perf_counter() - started)
                 log.info("%s round %d: %s", self.run.job_id, round_number, self.run.history[-1])
+                self.save_checkpoint(
+                    round=round_number,
+                    standardizer=standardizer.to_dict(),
+                    total_samples=total_samples,
+                    weights=get_weights(self.model),
+                )
                 advance(f"{kind}: round {round_number}, accuracy {metrics['accuracy']:.3f}")
         self.run.weights = get_weights(self.model)
 

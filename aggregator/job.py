@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import RecordDict
 
 from fedhe import protocol
+from fedhe.aggregator.checkpoint import Checkpoint, checkpoint_path
 from fedhe.aggregator.roles import Federation
 from fedhe.aggregator.session import Exchange, Session
 from fedhe.config import JobConfig
@@ -290,6 +291,34 @@ class Job:
             reply = self.ask_keyholder(protocol.AUDIT, protocol.content(config={"job-id": job_id}))
             entries += json.loads(protocol.config_of(reply)["entries"])
         return entries
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self):
+        return checkpoint_path(self.config.out, self.run.encrypted)
+
+    def resumable(self) -> Checkpoint | None:
+        """This job's checkpoint when the run resumes it (same job id), else None."""
+        if not self.config.resume:
+            return None
+        checkpoint = Checkpoint.load(self.checkpoint_path)
+        if checkpoint is None or checkpoint.job_id != self.run.job_id:
+            return None
+        self.run.history = checkpoint.history
+        self.run.contributors = checkpoint.contributors
+        self.run.excluded.update(checkpoint.excluded)
+        self.run.extras["resumed_after_round"] = checkpoint.round
+        return checkpoint
+
+    def save_checkpoint(self, **state: Any) -> None:
+        Checkpoint(
+            self.run.job_id,
+            history=self.run.history,
+            contributors=self.run.contributors,
+            excluded=self.run.excluded,
+            **state,
+        ).save(self.checkpoint_path)
 
     def exclude(self, failures: dict[str, str], phase: str) -> None:
         for name, reason in failures.items():

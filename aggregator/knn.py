@@ -56,23 +56,24 @@ class KNNJob(Job):
         }
 
     def phases(self) -> None:
-        standardizer, _ = self.feature_moments(with_target=not self.n_classes)
-        if not self.config.standardize:  # raw features; a regression target stays standardized
-            standardizer = moments.Standardizer(
-                np.zeros_like(standardizer.mean),
-                np.ones_like(standardizer.std),
-                standardizer.y_mean,
-                standardizer.y_std,
+        checkpoint = self.resumable()
+        store = None
+        if checkpoint is None:
+            standardizer = self._standardizer()
+        else:  # the moments' budget is spent: take them from the checkpoint, and the store
+            standardizer = moments.Standardizer.from_dict(checkpoint.standardizer)
+            store = self._saved_store()
+        if store is None:
+            store = self._upload(standardizer)
+            path = store.save(self.store_folder)
+            self.save_checkpoint(standardizer=standardizer.to_dict())
+            log.info(
+                "KNN store: %d points of %d parties, saved to %s",
+                store.n_points,
+                len(store.contributors),
+                path.parent,
             )
-        store = self._upload(standardizer)
         store.check_ready(self.config.k, self.config.min_parties)
-        path = store.save(Path(self.config.out) / f"knn-store-{self.suffix}")
-        log.info(
-            "KNN store: %d points of %d parties, saved to %s",
-            store.n_points,
-            len(store.contributors),
-            path.parent,
-        )
         before, started = dict(self.run.timings_s), time.perf_counter()
         predictions = self._ask_all(store, standardizer)
         per_query = self._per_query(before, time.perf_counter() - started)
@@ -88,8 +89,30 @@ class KNNJob(Job):
         self.run.metrics = self._evaluate(predictions)
 
     @property
-    def suffix(self) -> str:
-        return "he" if self.run.encrypted else "plain"
+    def store_folder(self) -> Path:
+        return Path(self.config.out) / f"knn-store-{'he' if self.run.encrypted else 'plain'}"
+
+    def _standardizer(self) -> moments.Standardizer:
+        standardizer, _ = self.feature_moments(with_target=not self.n_classes)
+        if self.config.standardize:
+            return standardizer
+        # raw features; a regression target stays standardized
+        return moments.Standardizer(
+            np.zeros_like(standardizer.mean),
+            np.ones_like(standardizer.std),
+            standardizer.y_mean,
+            standardizer.y_std,
+        )
+
+    def _saved_store(self) -> knn.KNNStore | None:
+        """The interrupted job's store, if it loads under this job's keys (else: upload again)."""
+        try:
+            store = knn.KNNStore.load(self.store_folder, self.context)
+        except FedHEError as err:
+            log.warning("saved KNN store not reused, parties upload again: %s", err)
+            return None
+        self.run.extras["store_reused"] = True
+        return store
 
     # -- upload ------------------------------------------------------------------------------------
 

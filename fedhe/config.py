@@ -62,6 +62,7 @@ class JobConfig:
     alpha: float = 0.0  # built-in data: Dirichlet(alpha) label skew across parties; 0: IID
     single_queries: int = 3  # mlp: test samples also sent one by one (latency path)
     optimizer: str = "sgd"  # local training: sgd or adam
+    resume: bool = False  # continue from the checkpoint in `out` after an aggregator crash
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

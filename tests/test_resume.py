@@ -1,0 +1,84 @@
+"""An aggregator that crashes mid-job resumes from its checkpoint (in-process Grid)."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from fedhe import protocol
+from fedhe.aggregator.app import run_job
+from fedhe.aggregator.fedavg import FedAvgJob
+from fedhe.aggregator.knn import KNNJob
+from fedhe.config import JobConfig
+from fedhe.errors import ProtocolError
+from tests.inprocess import InProcessGrid
+
+
+class Crash(RuntimeError):
+    """The aggregator process dying (anything but a fedhe error)."""
+
+
+def _crash_when(monkeypatch, cls, method, should_crash):
+    original = getattr(cls, method)
+
+    def crashing(self, *args, **kwargs):
+        if self.run.encrypted and should_crash(*args):
+            raise Crash("aggregator killed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, crashing)
+
+
+def test_fedavg_resumes_after_the_last_finished_round(tmp_path, monkeypatch):
+    config = JobConfig(parties=3, min_parties=2, rounds=4, out=str(tmp_path))
+    first = InProcessGrid(config.num_nodes)
+    with monkeypatch.context() as patch:
+        _crash_when(patch, FedAvgJob, "_train_round", lambda round_number, *_: round_number == 3)
+        with pytest.raises(Crash):
+            run_job(first, config)
+    # The same key holder (same state folder) and parties; a new aggregator process.
+    second = InProcessGrid(config.num_nodes, run_id=first.run_id)
+    run_job(second, replace(config, resume=True))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["resumed_after_round"] == 2
+    assert [h["round"] for h in result["encrypted"]["history"]] == [1, 2, 3, 4]
+    assert result["agreement"]["max_abs_weight_diff"] < 1e-4  # as if never interrupted
+    sums = [d for d in result["decryptions"] if d["output"] == "update_sum"]
+    assert len(sums) == 4  # rounds 1-2 before the crash, 3-4 after: no round decrypted twice
+    moments = [d for d in result["decryptions"] if d["output"] == "feature_moments"]
+    assert len(moments) == 1  # taken from the checkpoint, not asked again
+    he_rounds = {
+        protocol.config_of(m.content)["round"]
+        for _, m in second.log
+        if m.metadata.message_type == protocol.TRAIN
+        and protocol.config_of(m.content).get("job-id", "").endswith("-he")
+    }
+    assert he_rounds == {3, 4}
+
+
+def test_knn_resumes_with_its_encrypted_store(tmp_path, monkeypatch):
+    config = JobConfig(task="knn", dataset="iris", parties=3, min_parties=2, out=str(tmp_path))
+    first = InProcessGrid(config.num_nodes)
+    with monkeypatch.context() as patch:
+        _crash_when(patch, KNNJob, "_ask_all", lambda *_: True)
+        with pytest.raises(Crash):
+            run_job(first, config)
+    second = InProcessGrid(config.num_nodes, run_id=first.run_id)
+    run_job(second, replace(config, resume=True))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["store_reused"] is True
+    assert result["agreement"]["prediction_agreement"] == 1.0
+    he_uploads = [
+        m
+        for _, m in second.log
+        if m.metadata.message_type == protocol.KNN_UPLOAD
+        and protocol.config_of(m.content).get("job-id", "").endswith("-he")
+    ]
+    assert he_uploads == []  # the parties did not upload again
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "checkpoint-he.json").write_text("{not json")
+    config = JobConfig(parties=3, min_parties=2, rounds=1, out=str(tmp_path), resume=True)
+    with pytest.raises(ProtocolError, match="delete it to start the job afresh"):
+        run_job(InProcessGrid(config.num_nodes), config)
