@@ -161,11 +161,11 @@ def test_ranking_values_keep_the_order_but_not_the_distances(iris):
     true = np.sum(stored**2, axis=1) - 2 * stored @ query[0]
     first, second = seen[0, occupied], seen[1, occupied]
     # The same query twice gets two different masks: no fixed map from values to distances.
-    assert not np.allclose(first, second, atol=1.0)
+    assert not np.allclose(first, second, rtol=0, atol=1.0)
     for values in (first, second):
         alpha, _ = np.polyfit(true, values, 1)
         assert knn.ALPHA_RANGE[0] <= alpha < knn.ALPHA_RANGE[1]
-        assert not np.allclose(values, true, atol=1.0)
+        assert not np.allclose(values, true, rtol=0, atol=1.0)
         assert np.array_equal(np.argsort(values)[:K], np.argsort(true)[:K])
     # Empty positions are pushed beyond every real one, so they never rank.
     assert np.all(seen[:, ~occupied] > knn.VALID_BELOW)
@@ -203,7 +203,7 @@ def test_the_vote_ciphertexts_hide_single_slots(iris):
     sums = slots_seen.sum(axis=2)
     assert np.all(np.abs(sums - rho - np.rint(sums - rho)) < 0.01)
     assert np.rint(sums - rho).sum(axis=1).tolist() == [K] * n
-    assert not np.allclose(sums, np.rint(sums), atol=0.01)
+    assert not np.allclose(sums, np.rint(sums), rtol=0, atol=0.01), (sums, rho)
 
 
 # -- bad input --------------------------------------------------------------------------------
