@@ -125,3 +125,30 @@ def test_raw_features_without_standardization(tmp_path):
     assert result["agreement"]["prediction_agreement"] == 1.0
     assert result["encrypted"]["accuracy"] > 0.9
     assert result["knn"]["query"] == "encrypted"
+
+
+def test_a_party_lost_during_the_queries_does_not_matter(tmp_path, monkeypatch):
+    from fedhe.aggregator.knn import KNNJob
+
+    config = JobConfig(
+        task="knn",
+        dataset="iris",
+        parties=3,
+        min_parties=2,
+        out=str(tmp_path),
+        plaintext_twin=False,
+    )
+    grid = InProcessGrid(config.num_nodes)
+    original = KNNJob._ask_all
+
+    def lose_party_2_then_ask(self, *args):
+        grid.unreachable.add(2)  # party-2's node goes silent after its upload
+        return original(self, *args)
+
+    monkeypatch.setattr(KNNJob, "_ask_all", lose_party_2_then_ask)
+    run_job(grid, config)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["knn"]["stored_points"] == 120  # its points stay in the encrypted store
+    assert result["encrypted"]["accuracy"] > 0.9
+    ranks = [d for d in result["decryptions"] if d["output"] == knn.RANK_OUTPUT]
+    assert all(d["n_parties"] == 3 for d in ranks)
