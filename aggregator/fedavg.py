@@ -110,3 +110,4 @@ class FedAvgJob(Job):
                 "dropped": dict(exchange.failures),
             }
         )
+        self.note_dropped(exchange.failures, f"round {round_number}")

@@ -112,6 +112,7 @@ class Job:
         self.run.audit = self.fetch_audit()
         self.run.timings_s["total"] = time.perf_counter() - started
         self.run.bytes = dict(self.session.bytes)
+        self.run.extras["round_trips"] = self.session.round_trips
         return self.run
 
     def declare(self) -> None:
@@ -319,6 +320,11 @@ class Job:
             excluded=self.run.excluded,
             **state,
         ).save(self.checkpoint_path)
+
+    def note_dropped(self, failures: dict[str, str], phase: str) -> None:
+        """Record parties missing from one sum (they may come back in the next)."""
+        for name, reason in failures.items():
+            self.run.excluded.setdefault(name, f"{phase}: {reason}")
 
     def exclude(self, failures: dict[str, str], phase: str) -> None:
         for name, reason in failures.items():

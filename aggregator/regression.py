@@ -129,6 +129,7 @@ class RegressionJob(Job):
                 )
                 self._record(round_number, w, standardizer, time.perf_counter() - started)
                 self.run.history[-1]["dropped"] = dict(exchange.failures)
+                self.note_dropped(exchange.failures, f"gradient round {round_number}")
                 advance(f"{kind}: round {round_number}")
         return w
 

@@ -30,6 +30,7 @@ class Session:
     grid: Grid
     timeout_s: float
     bytes: Counter = field(default_factory=Counter)
+    round_trips: int = 0  # send-and-wait exchanges: the latency floor of a real deployment
 
     def ask(
         self,
@@ -47,6 +48,7 @@ class Session:
             messages.append(Message(body, dst_node_id=node_id, message_type=message_type))
             names[node_id] = name
         started = time.perf_counter()
+        self.round_trips += 1
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout_s))
         wall = time.perf_counter() - started
         got, failures = {}, {}

@@ -42,7 +42,8 @@ def setup(msg: Message, context: Context) -> Message:
         PublicContext.from_bytes(public_bytes)  # validates: no secret key, fingerprint matches
         context.state[_CONTEXT_RECORD + job_id] = ConfigRecord({"bytes": public_bytes})
     source = DataSource.from_dict(config["source"])
-    data = party_data(source, int(config["party-index"]))
+    local_file = context.node_config.get("data-path")  # deployment: the site's own CSV
+    data = party_data(source, int(config["party-index"]), str(local_file) if local_file else None)
     context.state[_JOB_RECORD + job_id] = ConfigRecord(
         {
             "source": protocol.to_json(source.to_dict()),
@@ -367,7 +368,9 @@ def _open(
     job = _job(context, str(config["job-id"]))
     if fault_injectable and int(config.get("fail-party", -1)) == job["party-index"]:
         raise ProtocolError(f"party {job['party-index']} drops out (simulated fault).")
-    return config, job, party_data(job["source"], job["party-index"])
+    local_file = context.node_config.get("data-path")  # deployment: the site's own CSV
+    data = party_data(job["source"], job["party-index"], str(local_file) if local_file else None)
+    return config, job, data
 
 
 def _round_seed(config: dict[str, Any], job: dict[str, Any]) -> int:

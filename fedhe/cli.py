@@ -54,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "audit":
         return _verify_audit(args.path, segment=args.segment)
+    if args.command == "deploy":
+        from fedhe.deploy_cli import deploy
+
+        try:
+            return deploy(args)
+        except FedHEError as err:
+            print(f"fedhe: error: {err}", file=sys.stderr)
+            return 2
     _configure_logging(args.verbose)
     try:
         config = JobConfig(
@@ -138,6 +146,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the file holds one job's records (a run folder's audit.jsonl)",
     )
+    from fedhe.deploy_cli import add_deploy_commands
+
+    add_deploy_commands(commands)
     return parser
 
 

@@ -7,12 +7,20 @@ loads only its own share; the aggregator loads only the test set.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from fedhe.data.csvdata import (
+    PARTY_GLOB,
+    TEST_FILE,
+    load_csv,
+    load_party,
+    load_test,
+    read_header,
+)
 from fedhe.data.csvdata import find_party_files as _find_party_files
-from fedhe.data.csvdata import load_party, load_test, read_header
 from fedhe.data.datasets import Dataset, load_builtin
 from fedhe.data.partition import partition_dirichlet, partition_iid
 from fedhe.errors import DataError
@@ -47,8 +55,18 @@ class DataSource:
         return cls(**{**data, "classes": tuple(float(c) for c in data.get("classes", ()))})
 
 
-def party_data(source: DataSource, index: int) -> Dataset:
-    """Party `index`'s training data: its IID share of a built-in set, or its CSV file."""
+def party_data(source: DataSource, index: int, local_file: str | None = None) -> Dataset:
+    """Party `index`'s training data: its share of a built-in set, its CSV file in the job's
+    data folder (simulation), or `local_file`, the CSV file on its own site (deployment: the
+    SuperNode's `data-path`)."""
+    if local_file:
+        return load_csv(
+            Path(local_file),
+            source.target,
+            task=source.csv_task,
+            expected_columns=_header(source) if source.from_csv else None,
+            classes=source.classes or None,
+        )
     if source.from_csv:
         return load_party(
             source.data_dir,
@@ -73,18 +91,33 @@ def test_data(source: DataSource) -> Dataset | None:
     """The held-out test set: the built-in split, or test.csv (None when the folder has none)."""
     if not source.from_csv:
         return load_builtin(source.dataset, seed=source.seed)[1]
-    header = read_header(_find_party_files(source.data_dir)[0])
     return load_test(
         source.data_dir,
         source.target,
         task=source.csv_task,
-        expected_columns=header,
+        expected_columns=_header(source),
         classes=source.classes or None,
     )
 
 
+def _header(source: DataSource) -> tuple[str, ...]:
+    """The columns every file of the job has: the party files' (simulation) or test.csv's
+    (deployment: the aggregator's folder holds test.csv only, each site its own file)."""
+    if site_data_only(source):
+        return read_header(Path(source.data_dir) / TEST_FILE)
+    return read_header(_find_party_files(source.data_dir)[0])
+
+
+def site_data_only(source: DataSource) -> bool:
+    """True when the job's folder has test.csv but no party files: parties read their own."""
+    folder = Path(source.data_dir)
+    return source.from_csv and (folder / TEST_FILE).is_file() and not any(folder.glob(PARTY_GLOB))
+
+
 def count_party_files(source: DataSource) -> int:
-    return len(_find_party_files(source.data_dir)) if source.from_csv else source.n_parties
+    if not source.from_csv or site_data_only(source):
+        return source.n_parties
+    return len(_find_party_files(source.data_dir))
 
 
 def csv_classes(source: DataSource) -> tuple[float, ...]:

@@ -1,0 +1,276 @@
+"""Deployment across institutions with Flower's own runtime: a SuperLink with TLS and SuperNode
+authentication, one SuperNode per site (parties and the key holder), `flwr run` for jobs.
+
+`init_federation` writes a federation folder for the coordinator:
+
+    ca/ca.crt, ca/ca.key            the federation's CA (ca.key never leaves the coordinator)
+    superlink/server.pem, .key      the SuperLink's TLS certificate (SAN: its host) and key
+    sites/<name>/<name>, .pub       each site's ECDSA P-384 SuperNode key pair (OpenSSH format);
+                                    a site gets its folder plus ca/ca.crt, and keeps <name> secret
+    flwr/config.toml                the coordinator's `flwr` connection (FLWR_HOME)
+    federation.json                 the SuperLink address and every site's role
+
+The other functions build the exact command line of each role; `fedhe deploy …` runs them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedhe.errors import FedHEError
+
+KEYHOLDER = "keyholder"
+ROLES = ("party", KEYHOLDER)
+CERT_DAYS = 365
+FEDERATION_NAME = "fedhe"
+
+
+class DeployError(FedHEError):
+    """A federation folder or a deployment command is not usable as asked."""
+
+
+@dataclass(frozen=True)
+class Federation:
+    folder: Path
+    host: str
+    port: int
+    sites: dict[str, str]  # name → role
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.folder / "ca" / "ca.crt"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.folder / "flwr"
+
+    def site_key(self, name: str) -> Path:
+        if name not in self.sites:
+            raise DeployError(f"no site {name!r} in {self.folder}; sites: {sorted(self.sites)}.")
+        return self.folder / "sites" / name / name
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Federation:
+        path = Path(folder) / "federation.json"
+        try:
+            data = json.loads(path.read_text())
+            return cls(Path(folder), data["host"], int(data["port"]), dict(data["sites"]))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DeployError(
+                f"{path} is missing or malformed ({err}); create it with `fedhe deploy init`."
+            ) from err
+
+
+def init_federation(
+    folder: str | Path, sites: dict[str, str], *, host: str = "127.0.0.1", port: int = 8000
+) -> Federation:
+    """Create the CA, the SuperLink certificate and one SuperNode key pair per site."""
+    folder = Path(folder)
+    if (folder / "federation.json").exists():
+        raise DeployError(f"{folder} already holds a federation; choose another folder.")
+    bad = {name: role for name, role in sites.items() if role not in ROLES}
+    if bad or list(sites.values()).count(KEYHOLDER) != 1:
+        raise DeployError(
+            f"sites need exactly one {KEYHOLDER!r} and parties, roles in {ROLES}; got {sites}."
+        )
+    federation = Federation(folder, host, port, dict(sites))
+    ca_key, ca_cert = _certificate_authority()
+    _write(folder / "ca" / "ca.key", _private_pem(ca_key), secret=True)
+    _write(folder / "ca" / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
+    server_key, server_cert = _server_certificate(ca_key, ca_cert, host)
+    _write(folder / "superlink" / "server.key", _private_pem(server_key), secret=True)
+    _write(
+        folder / "superlink" / "server.pem", server_cert.public_bytes(serialization.Encoding.PEM)
+    )
+    for name in sites:
+        write_site_key(folder / "sites" / name / name)
+        shutil.copy(folder / "ca" / "ca.crt", folder / "sites" / name / "ca.crt")
+    _write(folder / "flwr" / "config.toml", _flwr_config(federation).encode())
+    _write(
+        folder / "federation.json",
+        json.dumps({"host": host, "port": port, "sites": sites}, indent=2).encode(),
+    )
+    return federation
+
+
+def write_site_key(path: Path) -> None:
+    """An ECDSA P-384 key pair in OpenSSH format, as `flower-supernode` expects it."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    _write(path, private, secret=True)
+    _write(path.with_suffix(".pub"), public + b"\n")
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def environment(federation: Federation) -> dict[str, str]:
+    """Flower's home for the coordinator's CLI; no `uv sync` per run (fedhe is installed)."""
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(federation.flwr_home)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    bin_dir = str(Path(sys.executable).parent)  # flower-superexec must be on PATH
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def superlink_command(federation: Federation) -> list[str]:
+    folder = federation.folder
+    return [
+        _tool("flower-superlink"),
+        "--ssl-ca-certfile", str(federation.ca_cert),
+        "--ssl-certfile", str(folder / "superlink" / "server.pem"),
+        "--ssl-keyfile", str(folder / "superlink" / "server.key"),
+        "--enable-supernode-auth",
+        "--database", str(folder / "superlink" / "state.db"),
+        "--disable-runtime-dependency-installation",
+        "--port", str(federation.port),
+    ]  # fmt: skip
+
+
+def register_commands(federation: Federation) -> list[list[str]]:
+    """`flwr supernode register` of every site's public key, under its name."""
+    return [
+        [
+            _tool("flwr"),
+            "supernode",
+            "register",
+            str(federation.site_key(name).with_suffix(".pub")),
+            FEDERATION_NAME,
+            "--name",
+            name,
+        ]
+        for name in federation.sites
+    ]
+
+
+def site_command(
+    federation: Federation, name: str, *, port: int, data_path: str = "", superlink: str = ""
+) -> list[str]:
+    """The SuperNode of one site: its key, the CA, its role and where its data lives
+    (party: its CSV file, or nothing for built-in data; key holder: its state folder)."""
+    key = federation.site_key(name)
+    node_config = f'role="{federation.sites[name]}"'
+    if data_path:
+        node_config += f' data-path="{data_path}"'
+    return [
+        _tool("flower-supernode"),
+        "--superlink", superlink or federation.address,
+        "--root-certificates", str(key.parent / "ca.crt"),
+        "--auth-supernode-private-key", str(key),
+        "--port", str(port),
+        "--node-config", node_config,
+    ]  # fmt: skip
+
+
+def run_command(app_dir: str | Path, run_config: str = "") -> list[str]:
+    command = [_tool("flwr"), "run", str(app_dir), FEDERATION_NAME, "--stream"]
+    return command + (["--run-config", run_config] if run_config else [])
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _tool(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
+
+
+def _flwr_config(federation: Federation) -> str:
+    return (
+        "[superlink]\n"
+        f'default = "{FEDERATION_NAME}"\n\n'
+        f"[superlink.{FEDERATION_NAME}]\n"
+        f'address = "{federation.address}"\n'
+        f'root-certificates = "{federation.ca_cert.resolve()}"\n'
+    )
+
+
+def _certificate_authority() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedhe federation CA")])
+    cert = (
+        _builder(name, name, key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def _server_certificate(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, host: str
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP384R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    cert = (
+        _builder(subject, ca_cert.subject, key.public_key())
+        .add_extension(x509.SubjectAlternativeName(_alt_names(host)), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def _alt_names(host: str) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    try:
+        names.append(x509.IPAddress(ipaddress.ip_address(host)))
+    except ValueError:
+        names.append(x509.DNSName(host))
+    if host != "127.0.0.1":
+        names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    return names
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+    )
+
+
+def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write(path: Path, data: bytes, *, secret: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)

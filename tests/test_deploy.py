@@ -1,0 +1,196 @@
+"""A real deployment on 127.0.0.1: SuperLink with TLS and SuperNode authentication, three party
+SuperNodes and a key-holder SuperNode, jobs started with `flwr run` (processes, not threads).
+
+Slow (a SuperNode polls every few seconds: one round trip takes 3-10 s); every process is
+stopped by the fixture, every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import DNSName, IPAddress, SubjectAlternativeName, load_pem_x509_certificate
+
+from fedhe import deploy
+from fedhe.aggregator.app import run_job
+from fedhe.config import JobConfig
+from fedhe.deploy_cli import register
+from tests.inprocess import InProcessGrid
+
+REPO = Path(__file__).resolve().parents[1]
+SITES = {
+    "hospital-a": "party",
+    "hospital-b": "party",
+    "hospital-c": "party",
+    "keyholder": "keyholder",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_init_writes_a_ca_a_server_certificate_and_site_keys(tmp_path):
+    federation = deploy.init_federation(tmp_path / "fed", SITES, host="10.0.0.5", port=9000)
+    server = load_pem_x509_certificate((tmp_path / "fed/superlink/server.pem").read_bytes())
+    san = server.extensions.get_extension_for_class(SubjectAlternativeName).value
+    assert "10.0.0.5" in [str(ip) for ip in san.get_values_for_type(IPAddress)]
+    assert "localhost" in san.get_values_for_type(DNSName)
+    for name in SITES:
+        key = federation.site_key(name)
+        assert key.stat().st_mode & 0o777 == 0o600
+        serialization.load_ssh_private_key(key.read_bytes(), password=None)
+        assert key.with_suffix(".pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert (tmp_path / "fed/ca/ca.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "fed/superlink/server.key").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(deploy.DeployError, match="already holds"):
+        deploy.init_federation(tmp_path / "fed", SITES)
+    with pytest.raises(deploy.DeployError, match="exactly one"):
+        deploy.init_federation(tmp_path / "other", {"a": "party"})
+
+
+class Deployment:
+    """Processes of one federation; everything is killed at the end."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = _free_port()
+        self.federation = deploy.init_federation(folder, SITES, port=self.port)
+        self.env = deploy.environment(self.federation)
+        self.logs = folder / "logs"
+        self.logs.mkdir()
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("wb")
+        process = subprocess.Popen(
+            command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.processes[name] = process
+        return process
+
+    def start_site(self, name: str, **kwargs) -> subprocess.Popen:
+        command = deploy.site_command(self.federation, name, port=_free_port(), **kwargs)
+        return self.start(name, command)
+
+    def run(self, out: Path, settings: str, timeout_s: float = 420) -> dict:
+        command = deploy.run_command(REPO, f"{settings} out='{out}'")
+        with (self.logs / f"run-{out.name}.log").open("wb") as log:
+            subprocess.run(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                           timeout=timeout_s, check=True)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not (out / "result.json").exists():  # the ServerApp may finish after the stream
+            if time.monotonic() > deadline:
+                pytest.fail(f"no result.json; logs in {self.logs}")
+            time.sleep(1)
+        return json.loads((out / "result.json").read_text())
+
+    def stop(self, name: str) -> None:
+        process = self.processes.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            self.stop(name)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("federation")
+    running = Deployment(folder / "fed")
+    try:
+        running.start("superlink", deploy.superlink_command(running.federation))
+        assert register(running.federation, running.env, timeout_s=90) == 0
+        running.start_site("keyholder", data_path=str(folder / "keyholder-data"))
+        for name in ("hospital-a", "hospital-b", "hospital-c"):
+            running.start_site(name)
+        yield running
+    finally:
+        running.stop_all()
+
+
+@pytest.mark.slow
+def test_a_tls_deployment_runs_linreg_as_the_simulation_does(deployment, tmp_path):
+    started = time.monotonic()
+    result = deployment.run(
+        tmp_path / "run",
+        "task='linreg' parties=3 min-parties=2 plaintext-twin=false timeout-s=120",
+    )
+    wall = time.monotonic() - started
+    simulated_out = tmp_path / "simulated"
+    config = JobConfig(task="linreg", parties=3, min_parties=2, plaintext_twin=False,
+                       out=str(simulated_out))  # fmt: skip
+    run_job(InProcessGrid(config.num_nodes), config)
+    simulated = json.loads((simulated_out / "result.json").read_text())
+    deployed = np.array(result["coefficients"]["encrypted"])
+    expected = np.array(simulated["coefficients"]["encrypted"])
+    np.testing.assert_allclose(deployed, expected, rtol=1e-6, atol=1e-6)
+    assert result["parties"]["excluded"] == {}
+    print(f"deployment linreg: {wall:.0f} s wall, {result['round_trips']} round trips")
+
+
+@pytest.mark.slow
+def test_a_supernode_with_an_unregistered_key_is_refused(deployment, tmp_path):
+    rogue = tmp_path / "rogue" / "rogue"
+    deploy.write_site_key(rogue)
+    command = deploy.site_command(deployment.federation, "hospital-a", port=_free_port())
+    command[command.index("--auth-supernode-private-key") + 1] = str(rogue)
+    process = deployment.start("rogue", command)
+    try:
+        code = process.wait(timeout=120)
+    finally:
+        deployment.processes.pop("rogue", None)
+    log = (deployment.logs / "rogue.log").read_text()
+    assert code != 0
+    assert "Exit Code: 305" in log and "Failed to activate SuperNode" in log
+
+
+@pytest.mark.slow
+def test_a_party_that_dies_mid_job_is_left_out(deployment, tmp_path):
+    audit = deployment.federation.folder.parent / "keyholder-data" / "keyholder" / "audit.jsonl"
+    before = len(audit.read_text().splitlines()) if audit.exists() else 0
+    out = tmp_path / "run"
+    killer = _kill_after_first_decryption(deployment, audit, before, "hospital-c")
+    result = deployment.run(
+        out,
+        "task='linreg' mode='gradient' rounds=2 lr=0.4 batch-size=0 parties=3 min-parties=2 "
+        "plaintext-twin=false timeout-s=40 keyholder-retries=0",
+    )
+    killer.join(timeout=5)
+    excluded = result["parties"]["excluded"]
+    assert len(excluded) == 1 and "no reply" in next(iter(excluded.values())), excluded
+    assert result["parties"]["per_round"] == [2, 2]  # the rounds after its death went on
+    assert len(result["parties"]["contributors"][0]["parties"]) == 3  # it was there before
+    assert np.isfinite(result["encrypted"]["r2"])
+
+
+def _kill_after_first_decryption(deployment, audit: Path, before: int, site: str):
+    """Kill `site` once the key holder has decrypted the job's first sum (the moments)."""
+    import threading
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if audit.exists():
+                lines = audit.read_text().splitlines()[before:]
+                if any('"decision": "decrypted"' in line for line in lines):
+                    deployment.stop(site)
+                    return
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
