@@ -31,11 +31,13 @@ def keyholder_for(context: Context) -> KeyHolder:
         root = os.environ.get(STATE_ROOT_ENV) or Path(tempfile.gettempdir()) / "fedhe-keyholder"
         state_dir = Path(root) / f"{context.run_id}-{context.node_id}"
     flooding = int(context.node_config.get("flooding-bits", DEFAULT_FLOODING_BITS))
+    passphrase_file = context.node_config.get("passphrase-file")
     return KeyHolder(
         state_dir,
         min_parties_floor=int(context.node_config.get("min-parties-floor", 2)),
         flooding_bits=None if flooding < 0 else flooding,
         declaration_check=check_declaration,
+        passphrase=Path(str(passphrase_file)).read_bytes().strip() if passphrase_file else None,
     )
 
 

@@ -168,14 +168,25 @@ def register_commands(federation: Federation) -> list[list[str]]:
 
 
 def site_command(
-    federation: Federation, name: str, *, port: int, data_path: str = "", superlink: str = ""
+    federation: Federation,
+    name: str,
+    *,
+    port: int,
+    data_path: str = "",
+    superlink: str = "",
+    passphrase_file: str = "",
 ) -> list[str]:
     """The SuperNode of one site: its key, the CA, its role and where its data lives
-    (party: its CSV file, or nothing for built-in data; key holder: its state folder)."""
+    (party: its CSV file, or nothing for built-in data; key holder: its state folder, and
+    optionally the file holding the passphrase that seals its secret keys)."""
     key = federation.site_key(name)
     node_config = f'role="{federation.sites[name]}"'
     if data_path:
         node_config += f' data-path="{data_path}"'
+    if passphrase_file:
+        if federation.sites[name] != KEYHOLDER:
+            raise DeployError("only the key holder has secret keys to seal with a passphrase.")
+        node_config += f' passphrase-file="{passphrase_file}"'
     return [
         _tool("flower-supernode"),
         "--superlink", superlink or federation.address,

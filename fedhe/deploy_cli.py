@@ -33,6 +33,9 @@ def add_deploy_commands(commands) -> None:
     site.add_argument("--port", type=int, required=True, help="its local Runtime API port")
     site.add_argument("--data-path", default="", help="party: its CSV; key holder: its folder")
     site.add_argument("--superlink", default="", help="host:port (default: the federation's)")
+    site.add_argument(
+        "--passphrase-file", default="", help="key holder: seal its secret keys with this"
+    )
     run = sub.add_parser("run", help="coordinator: run a job on the federation")
     run.add_argument("folder")
     run.add_argument("--app", default=".", help="the fedhe app folder (pyproject.toml)")
@@ -62,6 +65,7 @@ def deploy(args: argparse.Namespace) -> int:
             port=args.port,
             data_path=args.data_path,
             superlink=args.superlink,
+            passphrase_file=args.passphrase_file,
         )
         return _exec(command, env)
     return subprocess.call(d.run_command(args.app, args.run_config), env=env)

@@ -1,6 +1,7 @@
 """The real ServerApp job loop and ClientApp handlers, wired by an in-process Grid (no Ray)."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -254,3 +255,36 @@ def test_a_silent_key_holder_is_tried_again_then_the_job_stops(tmp_path):
     with pytest.raises(ProtocolError, match="no reply"):
         run_job(grid, config)
     assert sent.count(protocol.DECLARE) == 2
+
+
+def test_sites_read_their_own_csv_in_deployment_mode(tmp_path):
+    """The aggregator's folder holds only test.csv; each party reads the file at its
+    SuperNode's data-path. Same data, same result as the simulation layout."""
+    shared, sites = tmp_path / "shared", tmp_path / "sites"
+    shared.mkdir()
+    sites.mkdir()
+    _write_csv_federation(shared, n_parties=3)
+    for i in range(3):
+        (shared / f"party-{i + 1}.csv").rename(sites / f"hospital-{i}.csv")
+    base = JobConfig(
+        parties=3,
+        min_parties=2,
+        rounds=2,
+        data_dir=str(shared),
+        target="target",
+        plaintext_twin=False,
+    )
+    node_configs = {
+        i: {"partition-id": i, "num-partitions": 4, "data-path": str(sites / f"hospital-{i}.csv")}
+        for i in range(3)
+    }
+    run_job(InProcessGrid(4, node_configs=node_configs), replace(base, out=str(tmp_path / "a")))
+    for i in range(3):
+        (sites / f"hospital-{i}.csv").rename(shared / f"party-{i + 1}.csv")
+    run_job(InProcessGrid(4), replace(base, out=str(tmp_path / "b")))
+    deployed = json.loads((tmp_path / "a" / "result.json").read_text())
+    simulated = json.loads((tmp_path / "b" / "result.json").read_text())
+    assert deployed["encrypted"]["accuracy"] == pytest.approx(
+        simulated["encrypted"]["accuracy"], abs=1e-9
+    )
+    assert deployed["parties"]["excluded"] == {}

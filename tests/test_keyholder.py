@@ -203,3 +203,24 @@ def test_unknown_tasks_are_refused(tmp_path):
     job = JobDeclaration("x", "mlp-v9", {"votes": OutputSpec(1)}, 2, SMALL_PARAMS)
     with pytest.raises(PolicyError, match="unknown to this key holder"):
         keyholder.declare_job(job)
+
+
+def test_a_passphrase_seals_the_secret_keys_at_rest(tmp_path):
+    from fedhe.crypto.context import SecretContext
+    from fedhe.errors import FedHEError
+
+    job = JobDeclaration("sealed", "aggregate", {"update_sum": OutputSpec(1)}, 2, SMALL_PARAMS)
+    public = KeyHolder(tmp_path, passphrase=b"correct horse").declare_job(job)
+    stored = (tmp_path / "jobs" / "sealed" / "secret.ctx").read_bytes()
+    assert stored.startswith(b"FHEK1")
+    with pytest.raises(FedHEError):
+        SecretContext.from_secret_bytes(stored)  # a copied folder yields no key
+    # restart with the passphrase: the same key pair, no new key for the job
+    again = KeyHolder(tmp_path, passphrase=b"correct horse")
+    assert again.declare_job(job) == public
+    with pytest.raises(PolicyError, match="passphrase-protected"):
+        KeyHolder(tmp_path).public_context("sealed")
+    with pytest.raises(PolicyError, match="wrong passphrase"):
+        KeyHolder(tmp_path, passphrase=b"wrong").public_context("sealed")
+    for folder in (tmp_path, tmp_path / "jobs", tmp_path / "jobs" / "sealed"):
+        assert folder.stat().st_mode & 0o777 == 0o700

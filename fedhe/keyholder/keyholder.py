@@ -26,6 +26,7 @@ from fedhe.crypto.params import FRESH_NOISE_BITS
 from fedhe.crypto.randomness import secure_random
 from fedhe.crypto.tensor import EncryptedTensor, decrypt, digest, load_tensor
 from fedhe.errors import FedHEError, PolicyError
+from fedhe.keyholder import sealing
 from fedhe.keyholder.audit import AuditLog
 from fedhe.keyholder.policy import DecryptionPolicy, DecryptionRequest, JobDeclaration
 
@@ -58,12 +59,14 @@ class KeyHolder:
         min_parties_floor: int = 2,
         flooding_bits: int | None = DEFAULT_FLOODING_BITS,
         declaration_check: Callable[[JobDeclaration], None] | None = None,
+        passphrase: bytes | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.policy = DecryptionPolicy(min_parties_floor=min_parties_floor)
         self.flooding_bits = flooding_bits
         self.declaration_check = declaration_check  # e.g. fedhe.tasks.check_declaration
+        self._passphrase = passphrase  # seals the secret keys on disk (scrypt + AES-GCM)
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
 
     # -- jobs and keys -----------------------------------------------------------------------
@@ -201,10 +204,14 @@ class KeyHolder:
 
     def _save_job(self, job: JobDeclaration, keys: KeyRequest) -> None:
         job_dir = self._job_dir(job.job_id)
-        job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        job_dir.parent.mkdir(exist_ok=True, mode=0o700)  # jobs/: no parents=True, it sets 0o777
+        job_dir.mkdir(exist_ok=True, mode=0o700)
         if job.params is not None:
             secret = generate_keys(job.params, keys)
-            _write_private(job_dir / "secret.ctx", secret.to_secret_bytes())
+            data = secret.to_secret_bytes()
+            if self._passphrase:
+                data = sealing.seal(self._passphrase, data)
+            _write_private(job_dir / "secret.ctx", data)
         _write_private(job_dir / "job.json", json.dumps(job.to_dict()).encode())
 
     def _declaration(self, job_id: str) -> JobDeclaration | None:
@@ -215,7 +222,10 @@ class KeyHolder:
 
     def _secret_context(self, job_id: str) -> SecretContext | None:
         path = self._job_dir(job_id) / "secret.ctx"
-        return SecretContext.from_secret_bytes(path.read_bytes()) if path.exists() else None
+        if not path.exists():
+            return None
+        data = sealing.unseal(self._passphrase, path.read_bytes(), f"secret key of job {job_id!r}")
+        return SecretContext.from_secret_bytes(data)
 
     def _spent(self, request: DecryptionRequest) -> int:
         """Budget spent, counted from the audit log itself so the two cannot disagree."""
