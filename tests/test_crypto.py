@@ -19,6 +19,7 @@ from fedhe.crypto import (
     load_tensor,
 )
 from fedhe.crypto.context import SecretContext
+from fedhe.crypto.tensor import COMPLEX, REAL
 from fedhe.errors import (
     ContextMismatchError,
     FedHEError,
@@ -42,16 +43,23 @@ shapes = st.one_of(
 @settings(
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(shape=shapes, n_terms=st.integers(1, 6), seed=st.integers(0, 2**31))
-def test_encrypted_sum_equals_plaintext_sum(secret, public, shape, n_terms, seed):
+@given(
+    shape=shapes,
+    n_terms=st.integers(1, 6),
+    seed=st.integers(0, 2**31),
+    packing=st.sampled_from([REAL, COMPLEX]),
+)
+def test_encrypted_sum_equals_plaintext_sum(secret, public, shape, n_terms, seed, packing):
     """Tolerance: n_terms · 2^(15 − scale_bits) absolute (CKKSParams.abs_error_bound)."""
     rng = np.random.default_rng(seed)
     arrays = [rng.uniform(-100, 100, size=shape) for _ in range(n_terms)]
-    total = encrypt(public, arrays[0])
+    total = encrypt(public, arrays[0], packing=packing)
     for array in arrays[1:]:
-        total = total + load_tensor(encrypt(public, array).to_bytes(), public, shape=shape)
+        data = encrypt(public, array, packing=packing).to_bytes()
+        total = total + load_tensor(data, public, shape=shape, packing=packing)
     assert total.shape == shape
-    assert len(total.chunks) == math.ceil(np.prod(shape) / SLOTS)
+    per_ciphertext = SLOTS * (2 if packing == COMPLEX else 1)
+    assert len(total.chunks) == math.ceil(np.prod(shape) / per_ciphertext)
     got = decrypt(secret, total)
     assert got.shape == shape
     np.testing.assert_allclose(
@@ -289,3 +297,24 @@ def test_mod_switch_drops_primes_exactly(agg_secret, agg_public):
     np.testing.assert_allclose(decrypt(agg_secret, low), values, atol=1e-6)
     with pytest.raises(ValueError, match="cannot raise"):
         low.mod_switch_to(2)
+
+
+def test_complex_packing_halves_the_bytes_and_allows_only_sums(secret, public):
+    values = np.linspace(-50, 50, 3 * SLOTS + 1)
+    real = encrypt(public, values)
+    paired = encrypt(public, values, packing=COMPLEX)
+    assert len(paired.chunks) == 2 and len(real.chunks) == 4
+    assert len(paired.to_bytes()) < 0.55 * len(real.to_bytes())
+    np.testing.assert_allclose(decrypt(secret, paired + paired), 2 * values, atol=1e-3)
+    for operation in (
+        lambda t: t.mul_plain(np.ones(values.size)),
+        lambda t: t.mul_scalar(2.0),
+        lambda t: t.add_plain(np.ones(values.size)),
+        lambda t: t + real,
+    ):
+        with pytest.raises(ShapeError):
+            operation(paired)
+    with pytest.raises(InvalidCiphertextError, match="complex-packed"):
+        load_tensor(paired.to_bytes(), public, packing=REAL)
+    with pytest.raises(InvalidCiphertextError, match="real-packed"):
+        load_tensor(real.to_bytes(), public, packing=COMPLEX)

@@ -10,6 +10,7 @@ import os
 import struct
 import tempfile
 
+import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
@@ -62,11 +63,28 @@ class LevelEncryptor:
         self._encryptor = sealapi.Encryptor(self._seal_context, context.public_key().data)
 
     def encrypt(self, values: list[float]) -> ts.CKKSVector:
+        return self._encrypt(values)
+
+    def encrypt_complex(self, values: list[complex]) -> ts.CKKSVector:
+        """Two real values per slot (real and imaginary part): a vector of len(values) slots."""
+        return self._encrypt(values)
+
+    def _encrypt(self, values: list) -> ts.CKKSVector:
         plain = sealapi.Plaintext()
         self._encoder.encode(values, self._parms_id, self._scale, plain)
         ct = sealapi.Ciphertext(self._seal_context)
         self._encryptor.encrypt(plain, ct)
         return ts.ckks_vector_from(self._context, _vector_proto(len(values), _save(ct), ct.scale))
+
+
+def decrypt_complex(context: ts.Context, vector: ts.CKKSVector) -> np.ndarray:
+    """The complex slots of a vector (needs the context's secret key; key holder only)."""
+    seal_context = context.seal_context().data
+    (ct,) = vector.ciphertext()
+    plain = sealapi.Plaintext()
+    sealapi.Decryptor(seal_context, context.secret_key().data).decrypt(ct, plain)
+    values = sealapi.CKKSEncoder(seal_context).decode_complex(plain)
+    return np.asarray(values[: vector.size()], dtype=np.complex128)
 
 
 def _save(ct: sealapi.Ciphertext) -> bytes:

@@ -31,6 +31,14 @@ _VERSION = 1
 CKKS_KIND = "ckks"
 PLAIN_KIND = "plain"
 
+# How values sit in slots. "real": one value per slot (any arithmetic). "complex": two values
+# per slot, as the real and imaginary part of one complex number (CKKS encodes complex vectors
+# natively): half the ciphertexts, bytes and encryption time, for tensors that are only added
+# (secure sums). Products with plaintexts would mix the two halves, so they are refused.
+REAL = "real"
+COMPLEX = "complex"
+PACKINGS = (REAL, COMPLEX)
+
 Shape = tuple[int, ...]
 Context = PublicContext | SecretContext
 
@@ -81,16 +89,29 @@ class EncryptedTensor:
 
     kind = CKKS_KIND
 
-    def __init__(self, chunks: Sequence[ts.CKKSVector], shape: Shape, context: Context) -> None:
+    def __init__(
+        self,
+        chunks: Sequence[ts.CKKSVector],
+        shape: Shape,
+        context: Context,
+        packing: str = REAL,
+    ) -> None:
         self.chunks = tuple(chunks)
         self.shape = tuple(int(s) for s in shape)
         self.context = context
-        expected = n_ciphertexts(math.prod(self.shape), context.params.slots)
+        if packing not in PACKINGS:
+            raise InvalidCiphertextError(f"unknown packing {packing!r}; expected {PACKINGS}.")
+        self.packing = packing
+        expected = n_ciphertexts(math.prod(self.shape), self.values_per_ciphertext)
         if len(self.chunks) != expected:
             raise ShapeError(
-                f"shape {self.shape} needs {expected} ciphertexts of {context.params.slots} "
-                f"slots, got {len(self.chunks)}."
+                f"shape {self.shape} needs {expected} ciphertexts of "
+                f"{self.values_per_ciphertext} values, got {len(self.chunks)}."
             )
+
+    @property
+    def values_per_ciphertext(self) -> int:
+        return self.context.params.slots * (2 if self.packing == COMPLEX else 1)
 
     @property
     def fingerprint(self) -> str:
@@ -101,21 +122,32 @@ class EncryptedTensor:
         return math.prod(self.shape)
 
     def __add__(self, other: EncryptedTensor) -> EncryptedTensor:
-        _check_same_kind(self, other)
-        _check_same_shape(self.shape, other.shape)
-        self.context.check_same(other.fingerprint)
+        self._check_compatible(other)
         return EncryptedTensor(
             [a + b for a, b in zip(self.chunks, other.chunks, strict=True)],
             self.shape,
             self.context,
+            self.packing,
         )
 
     def __sub__(self, other: EncryptedTensor) -> EncryptedTensor:
+        self._check_compatible(other)
+        chunks = [a - b for a, b in zip(self.chunks, other.chunks, strict=True)]
+        return EncryptedTensor(chunks, self.shape, self.context, self.packing)
+
+    def _check_compatible(self, other: EncryptedTensor) -> None:
         _check_same_kind(self, other)
         _check_same_shape(self.shape, other.shape)
         self.context.check_same(other.fingerprint)
-        chunks = [a - b for a, b in zip(self.chunks, other.chunks, strict=True)]
-        return EncryptedTensor(chunks, self.shape, self.context)
+        if self.packing != other.packing:
+            raise ShapeError(f"cannot add {self.packing}- and {other.packing}-packed tensors.")
+
+    def _require_real(self, operation: str) -> None:
+        if self.packing != REAL:
+            raise ShapeError(
+                f"{operation} is not defined on a complex-packed tensor (it would mix the two "
+                "values of a slot): complex packing is for sums; use encrypt_for_compute."
+            )
 
     def add_plain(self, values: np.ndarray) -> EncryptedTensor:
         return self._with_plain(values, lambda chunk, part: chunk + part)
@@ -126,6 +158,7 @@ class EncryptedTensor:
 
     def mul_scalar(self, value: float) -> EncryptedTensor:
         """Product with one plaintext number: half the cost of `mul_plain`; one level."""
+        self._require_real("mul_scalar")
         factor = _scalar(value)
         return EncryptedTensor([c * factor for c in self.chunks], self.shape, self.context)
 
@@ -133,9 +166,8 @@ class EncryptedTensor:
         """Slot-wise ciphertext × ciphertext product (relinearized, rescaled): one level.
 
         Needs the relinearization key in the context (`KeyRequest(relin=True)`)."""
-        _check_same_kind(self, other)
-        _check_same_shape(self.shape, other.shape)
-        self.context.check_same(other.fingerprint)
+        self._check_compatible(other)
+        self._require_real("a ciphertext product")
         if not self.context.keys.relin:
             raise ParameterError(
                 "multiplying two ciphertexts needs the relinearization key: declare the job "
@@ -145,6 +177,7 @@ class EncryptedTensor:
         return EncryptedTensor(chunks, self.shape, self.context)
 
     def _with_plain(self, values: np.ndarray, op) -> EncryptedTensor:
+        self._require_real("a plaintext operation")
         flat = _plain_operand(values, self.shape).ravel()
         slots = self.context.params.slots
         chunks = [
@@ -165,7 +198,7 @@ class EncryptedTensor:
     def mod_switch_to(self, level: int) -> EncryptedTensor:
         """Keep only the first `level` primes before the tensor travels (exact, no noise)."""
         chunks = [_seal.mod_switch_to(c, self.context.raw, level) for c in self.chunks]
-        return EncryptedTensor(chunks, self.shape, self.context)
+        return EncryptedTensor(chunks, self.shape, self.context, self.packing)
 
     def to_bytes(self) -> bytes:
         blobs = [chunk.serialize() for chunk in self.chunks]
@@ -173,6 +206,7 @@ class EncryptedTensor:
         header = {
             "kind": CKKS_KIND,
             "shape": list(self.shape),
+            "packing": self.packing,
             "fingerprint": self.fingerprint,
             "chunk_bytes": [len(b) for b in blobs],
             "body_sha256": hashlib.sha256(body).hexdigest(),
@@ -261,13 +295,15 @@ def encrypt(
     sum_bound: float | None = None,
     n_terms: int = 1,
     min_scale_bits: int | None = None,
+    packing: str = REAL,
 ) -> EncryptedTensor:
     """Encrypt an array of any shape, at the lowest level that still holds `sum_bound`.
 
     `sum_bound` bounds |value| of the sum this tensor will join (default: what the lowest level
     holds); `n_terms` is how many such tensors that sum adds up, so each one must stay within
     `sum_bound / n_terms` (checked here: CKKS overflow is silent). `min_scale_bits` asks for
-    more precision than the nominal scale, at the cost of more primes if needed.
+    more precision than the nominal scale, at the cost of more primes if needed. `packing`
+    COMPLEX puts two values in each slot (for tensors that are only summed).
     """
     params = context.params
     bound = params.max_abs_value if sum_bound is None else sum_bound
@@ -275,6 +311,15 @@ def encrypt(
     array = check_values(values, bound / max(n_terms, 1))
     flat = array.ravel()
     encryptor = _seal.LevelEncryptor(context.raw, level, 2.0**scale_bits)
+    if packing == COMPLEX:
+        paired = np.zeros(2 * math.ceil(max(flat.size, 1) / 2))
+        paired[: flat.size] = flat
+        pairs = (paired[0::2] + 1j * paired[1::2]).tolist()
+        chunks = [
+            encryptor.encrypt_complex(pairs[start : start + params.slots])
+            for start in range(0, len(pairs), params.slots)
+        ]
+        return EncryptedTensor(chunks, array.shape, context, COMPLEX)
     chunks = [
         encryptor.encrypt(flat[start : start + params.slots].tolist())
         for start in range(0, max(flat.size, 1), params.slots)
@@ -307,6 +352,10 @@ def encrypt_for_compute(
 def decrypt(context: SecretContext, tensor: EncryptedTensor) -> np.ndarray:
     """Decrypt to the tensor's shape. Key-holder side: the caller has checked the policy."""
     context.check_same(tensor.fingerprint)
+    if tensor.packing == COMPLEX:
+        pairs = np.concatenate([_seal.decrypt_complex(context.raw, c) for c in tensor.chunks])
+        flat = np.column_stack([pairs.real, pairs.imag]).ravel()
+        return flat[: tensor.size].reshape(tensor.shape)
     secret_key = context.raw.secret_key()
     flat = np.concatenate(
         [np.asarray(c.decrypt(secret_key), dtype=np.float64) for c in tensor.chunks]
@@ -322,14 +371,15 @@ def load_tensor(
     sum_bound: float | None = None,
     min_scale_bits: int | None = None,
     level: int | None = None,
+    packing: str | None = None,
 ) -> Tensor:
     """Parse and validate tensor bytes: encrypted when `context` is given, plaintext otherwise.
 
     With `sum_bound`, the ciphertexts must sit at the level and scale `encrypt` uses for that
     bound, so that every term of a sum agrees. With `level`, they must keep that many primes at
     the nominal scale, as `encrypt_for_compute` makes them. Raises InvalidCiphertextError
-    (malformed, truncated, garbage, other level or scale), ContextMismatchError (made under
-    other keys) or ShapeError (not the shape the job expects).
+    (malformed, truncated, garbage, other level or scale, other `packing` than asked),
+    ContextMismatchError (made under other keys) or ShapeError (not the shape the job expects).
     """
     header, body = unframe(
         data, magic=_MAGIC, version=_VERSION, what="tensor", error=InvalidCiphertextError
@@ -347,6 +397,10 @@ def load_tensor(
     if context is None:
         return _load_plain(body, tensor_shape)
     tensor = _load_encrypted(header, body, tensor_shape, context)
+    if packing is not None and tensor.packing != packing:
+        raise InvalidCiphertextError(
+            f"tensor is {tensor.packing}-packed, this step expects {packing} packing."
+        )
     if sum_bound is not None:
         sum_level, scale_bits = context.params.encoding_for(sum_bound, min_scale_bits)
         if (tensor.level, tensor.scale) != (sum_level, 2.0**scale_bits):
@@ -389,9 +443,12 @@ def _load_encrypted(
         raise InvalidCiphertextError("ciphertext header has no context fingerprint.")
     context.check_same(fingerprint)
     sizes = header.get("chunk_bytes")
-    slots = context.params.slots
+    packing = header.get("packing", REAL)
+    if packing not in PACKINGS:
+        raise InvalidCiphertextError(f"unknown packing {packing!r}; expected one of {PACKINGS}.")
+    per_chunk = context.params.slots * (2 if packing == COMPLEX else 1)
     size = math.prod(shape)
-    expected_chunks = n_ciphertexts(size, slots)
+    expected_chunks = n_ciphertexts(size, per_chunk)
     if (
         not isinstance(sizes, list)
         or len(sizes) != expected_chunks
@@ -413,7 +470,8 @@ def _load_encrypted(
         )
     chunks, offset = [], 0
     for index, n_bytes in enumerate(sizes):
-        expected_len = min(slots, size - index * slots)
+        values = min(per_chunk, size - index * per_chunk)
+        expected_len = math.ceil(values / 2) if packing == COMPLEX else values
         chunks.append(_load_chunk(body[offset : offset + n_bytes], context, index, expected_len))
         offset += n_bytes
     levels = {_seal.ciphertext_info(c)[1] for c in chunks}
@@ -421,7 +479,7 @@ def _load_encrypted(
         raise InvalidCiphertextError(
             f"ciphertexts of one tensor sit at mixed levels {sorted(levels)}."
         )
-    return EncryptedTensor(chunks, shape, context)
+    return EncryptedTensor(chunks, shape, context, packing)
 
 
 def _load_chunk(blob: bytes, context: Context, index: int, expected_len: int) -> ts.CKKSVector:

@@ -27,6 +27,7 @@ from fedhe.crypto import (
     load_tensor,
 )
 from fedhe.crypto import encrypt as encrypt_tensor
+from fedhe.crypto.tensor import COMPLEX
 from fedhe.errors import FedHEError, ProtocolError, ShapeError, ValueRangeError
 from fedhe.keyholder import DecryptionRequest, JobDeclaration, KeyHolder, OutputSpec
 
@@ -163,7 +164,12 @@ def party_contribution(
     if context is None:
         return PlainTensor(vector).to_bytes()
     return encrypt_tensor(
-        context, vector, sum_bound=sum_bound, n_terms=n_terms, min_scale_bits=min_scale_bits
+        context,
+        vector,
+        sum_bound=sum_bound,
+        n_terms=n_terms,
+        min_scale_bits=min_scale_bits,
+        packing=COMPLEX,  # two values per slot: a secure sum only adds
     ).to_bytes()
 
 
@@ -195,7 +201,12 @@ def aggregator_sum(
     total, accepted, rejected = sum_valid(
         contributions,
         lambda data: load_tensor(
-            data, context, shape=(layout.size,), sum_bound=sum_bound, min_scale_bits=min_scale_bits
+            data,
+            context,
+            shape=(layout.size,),
+            sum_bound=sum_bound,
+            min_scale_bits=min_scale_bits,
+            packing=COMPLEX,
         ),
         min_parties=min_parties,
     )
