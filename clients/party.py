@@ -6,6 +6,7 @@ holds or accepts a secret key (`PublicContext.from_bytes` refuses one).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -392,4 +393,11 @@ def _job(context: Context, job_id: str) -> dict[str, Any]:
 
 def _public_context(context: Context, job_id: str) -> PublicContext | None:
     record = context.state.get(_CONTEXT_RECORD + job_id)
-    return None if record is None else PublicContext.from_bytes(bytes(record["bytes"]))
+    return None if record is None else _load_public(bytes(record["bytes"]))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_public(data: bytes) -> PublicContext:
+    """Deserializing a public context costs ~20 ms; one simulation process serves many parties
+    of the same job, a deployed party many messages. Public material only: safe to share."""
+    return PublicContext.from_bytes(data)
