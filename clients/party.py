@@ -222,9 +222,7 @@ def knn_query(msg: Message, context: Context) -> Message:
     else:
         query_bytes = protocol.array_to_bytes(queries)
     masks, rho = knn.querier_masks(public, len(queries), max(1, int(config["n-classes"])), slots)
-    context.state[f"{_QUERY_RECORD}{job['job-id']}.{start}"] = ConfigRecord(
-        {"rho": protocol.array_to_bytes(rho)}
-    )
+    _keep_mask(context, f"{job['job-id']}.{start}", rho)
     return Message(
         protocol.content(
             payload={"queries": query_bytes, "masks": masks.to_bytes()},
@@ -237,17 +235,12 @@ def knn_query(msg: Message, context: Context) -> Message:
 def knn_answer(msg: Message, context: Context) -> Message:
     """KNN querier: unmask the released votes of a batch into predictions (original units)."""
     config, job, _ = _open(msg, context)
-    key = f"{_QUERY_RECORD}{job['job-id']}.{int(config['start'])}"
-    record = context.state.get(key)
-    if record is None:
-        raise ProtocolError(f"no open query batch starting at {config['start']} on this party.")
-    rho = protocol.array_from_bytes(bytes(record["rho"]))
+    rho = _take_mask(context, f"{job['job-id']}.{int(config['start'])}")
     released = protocol.array_from_bytes(protocol.payload_of(msg.content)["votes"])
     n_classes = int(config["n-classes"])
     predictions = knn.querier_answer(released, rho, int(config["k"]), n_classes)
     if not n_classes:
         predictions = Standardizer.from_dict(config["standardizer"]).target_to_original(predictions)
-    del context.state[key]
     return Message(
         protocol.content(config={"predictions": [float(p) for p in predictions]}),
         reply_to=msg,
@@ -274,9 +267,7 @@ def mlp_query(msg: Message, context: Context) -> Message:
     else:
         inputs = mlp.querier_encrypt_batch(public, X)
         mask, rho = mlp.querier_mask(public, (n_outputs, inputs.shape[1]))
-    context.state[f"{_QUERY_RECORD}{config['inference-id']}.{start}"] = ConfigRecord(
-        {"rho": protocol.array_to_bytes(rho)}
-    )
+    _keep_mask(context, f"{config['inference-id']}.{start}", rho)
     return Message(
         protocol.content(
             payload={"inputs": inputs.to_bytes(), "mask": mask.to_bytes()},
@@ -289,11 +280,7 @@ def mlp_query(msg: Message, context: Context) -> Message:
 def mlp_answer(msg: Message, context: Context) -> Message:
     """MLP querier: unmask the released logits (reported back for this evaluation run)."""
     config = protocol.config_of(msg.content)
-    key = f"{_QUERY_RECORD}{config['inference-id']}.{int(config['start'])}"
-    record = context.state.get(key)
-    if record is None:
-        raise ProtocolError(f"no open inference query starting at {config['start']} here.")
-    rho = protocol.array_from_bytes(bytes(record["rho"]))
+    rho = _take_mask(context, f"{config['inference-id']}.{int(config['start'])}")
     released = protocol.array_from_bytes(protocol.payload_of(msg.content)["values"])
     if released.shape != rho.shape:
         raise ProtocolError(f"released logits have shape {released.shape}, expected {rho.shape}.")
@@ -303,10 +290,22 @@ def mlp_answer(msg: Message, context: Context) -> Message:
     else:
         n = int(config["stop"]) - int(config["start"])
         logits = mlp.querier_unmask_batched(released, rho, n)
-    del context.state[key]
     return Message(
         protocol.content(payload={"logits": protocol.array_to_bytes(logits)}), reply_to=msg
     )
+
+
+def _keep_mask(context: Context, batch: str, rho: np.ndarray) -> None:
+    """The querier's mask ρ of one query batch stays on this node until its answer comes."""
+    context.state[_QUERY_RECORD + batch] = ConfigRecord({"rho": protocol.array_to_bytes(rho)})
+
+
+def _take_mask(context: Context, batch: str) -> np.ndarray:
+    record = context.state.get(_QUERY_RECORD + batch)
+    if record is None:
+        raise ProtocolError(f"no open query batch {batch!r} on this party.")
+    del context.state[_QUERY_RECORD + batch]
+    return protocol.array_from_bytes(bytes(record["rho"]))
 
 
 def _regression_data(
