@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from machine import machine_info  # simulations/machine.py, beside this script
+from machine import fmt_bytes, machine_info  # simulations/machine.py, beside this script
 from rich.console import Console
 from rich.table import Table
 
@@ -679,7 +679,7 @@ def _print_in_process(console: Console, report: dict[str, Any]) -> None:
         )
 
     def size(key: str, label: str) -> None:
-        table.add_row(label, _bytes(ps[key]), _bytes(hs[key]), _ratio(hs[key], ps[key]))
+        table.add_row(label, fmt_bytes(ps[key]), fmt_bytes(hs[key]), _ratio(hs[key], ps[key]))
 
     ms("train_s_median", "train / party (median)")
     ms("encrypt_s_median", "encrypt / party (median)")
@@ -701,7 +701,7 @@ def _print_in_process(console: Console, report: dict[str, Any]) -> None:
         _ratio(hs["bytes_per_param_upload"], ps["bytes_per_param_upload"]),
     )
     table.add_row(
-        "public context (once)", "-", _bytes(report["modes"]["he"]["public_context_bytes"]), ""
+        "public context (once)", "-", fmt_bytes(report["modes"]["he"]["public_context_bytes"]), ""
     )
     table.add_row(
         "keygen at declare (once)", "-", f"{report['modes']['he']['keygen_s'] * 1e3:.1f} ms", ""
@@ -743,9 +743,9 @@ def _print_flower(console: Console, flower: dict[str, Any]) -> None:
     for direction in flower["directions"]:
         h, p = he["bytes"].get(direction, 0), plain["bytes"].get(direction, 0)
         label = direction.replace("->", "→").replace("aggregator", "agg")
-        table.add_row(f"bytes {label}", _bytes(p), _bytes(h), _ratio(h, p))
+        table.add_row(f"bytes {label}", fmt_bytes(p), fmt_bytes(h), _ratio(h, p))
     h, p = he["update_upload_bytes"], plain["update_upload_bytes"]
-    table.add_row("bytes / update upload", _bytes(p), _bytes(h), _ratio(h, p))
+    table.add_row("bytes / update upload", fmt_bytes(p), fmt_bytes(h), _ratio(h, p))
     h, p = he["bytes_per_param_update_upload"], plain["bytes_per_param_update_upload"]
     table.add_row("[bold]B/param, update upload[/bold]", f"{p:.2f}", f"{h:.2f}", _ratio(h, p))
     h, p = he["bytes_per_param_all_uploads"], plain["bytes_per_param_all_uploads"]
@@ -763,15 +763,6 @@ def _secs(value: float | None) -> str:
 
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}×" if b else "-"
-
-
-def _bytes(n: float) -> str:
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 if __name__ == "__main__":

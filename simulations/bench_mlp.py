@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 import torch
-from machine import machine_info  # simulations/machine.py, beside this script
+from machine import fmt_bytes, fmt_time, machine_info  # simulations/machine.py, beside this script
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -722,22 +722,6 @@ def summary_lines(report: dict[str, Any]) -> str:
         f"Machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, Python "
         f"{m['python']}, numpy {m['numpy']}, torch {m['torch']}, tenseal {m['tenseal']}."
     )
-
-
-def fmt_time(seconds: float) -> str:
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds * 1e6:.1f} µs"
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.2f} GB"
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import machine_info  # simulations/machine.py, beside this script
+from machine import fmt_bytes, fmt_time, machine_info  # simulations/machine.py, beside this script
 from rich.console import Console
 from rich.table import Table
 from sklearn.linear_model import LinearRegression
@@ -419,8 +419,8 @@ def _print(console: Console, report: dict[str, Any]) -> None:
         f"error: exact = max relative coefficient error vs sklearn LinearRegression on the "
         f"pooled data; gradient = max |averaged gradient − pooled gradient|; encrypted model = "
         f"max |w − the same step in numpy on the pooled data|. Public context (once per job): "
-        f"{_bytes(he['public_context_bytes'])}, CKKS {config['ckks_params']}; encrypted model: "
-        f"{_bytes(he['encrypted_model']['public_context_bytes'])}, CKKS "
+        f"{fmt_bytes(he['public_context_bytes'])}, CKKS {config['ckks_params']}; encrypted model: "
+        f"{fmt_bytes(he['encrypted_model']['public_context_bytes'])}, CKKS "
         f"{config['model_ckks_params']}; machine: {report['machine']['cpu_count']} CPUs, shared."
     )
 
@@ -430,17 +430,17 @@ def _row(kind: str, n: int, plain: dict[str, Any], he: dict[str, Any]) -> list[s
     if kind == "encrypted_model":
         times = ("party_s_median", "party_s_total", "aggregate_s", "refresh_s")
         times += ("refresh_keyholder_s", "decrypt_s")
-        sizes = [_bytes(h[f"{k}_bytes_per_party"]) for k in ("broadcast", "upload")]
-        sizes += [_bytes(h[f"refresh_{k}_keyholder_bytes"]) for k in ("to", "from")]
+        sizes = [fmt_bytes(h[f"{k}_bytes_per_party"]) for k in ("broadcast", "upload")]
+        sizes += [fmt_bytes(h[f"refresh_{k}_keyholder_bytes"]) for k in ("to", "from")]
     else:
         times = ("encrypt_s_total", "aggregate_s", "keyholder_s")
-        sizes = [_bytes(m[k]) for k in ("upload_bytes_per_party", "bytes_total") for m in (p, h)]
+        sizes = [fmt_bytes(m[k]) for k in ("upload_bytes_per_party", "bytes_total") for m in (p, h)]
     ratio = f"{h['wall_s'] / p['wall_s']:.1f}×"
     return [
         str(n),
-        *(_time(m["wall_s"]) for m in (p, h)),
+        *(fmt_time(m["wall_s"]) for m in (p, h)),
         ratio,
-        *(_time(h[k]) for k in times),
+        *(fmt_time(h[k]) for k in times),
         *sizes,
         *(f"{m[ERRORS[kind]]:.1e}" for m in (p, h)),
     ]
@@ -453,18 +453,6 @@ def _table(title: str, caption: str, columns: str, rows: list[list[str]]) -> Tab
     for row in rows:
         table.add_row(*row)
     return table
-
-
-def _time(seconds: float) -> str:
-    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.2f} GB"
 
 
 if __name__ == "__main__":

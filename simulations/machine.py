@@ -1,4 +1,5 @@
-"""What every benchmark records about the machine it ran on, so figures can be compared."""
+"""What every benchmark shares: the machine it ran on (so figures can be compared) and how
+times and sizes are printed."""
 
 from __future__ import annotations
 
@@ -24,3 +25,20 @@ def machine_info() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             info[package] = "not installed"
     return info
+
+
+def fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.1f} µs" if seconds < 1e-4 else f"{seconds * 1e6:.0f} µs"
+
+
+def fmt_bytes(n: float) -> str:
+    n = float(n)
+    for unit in ("B", "KB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
