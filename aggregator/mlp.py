@@ -18,7 +18,7 @@ import numpy as np
 
 from fedhe import protocol
 from fedhe.aggregator.fedavg import FedAvgJob
-from fedhe.crypto import KeyRequest, PublicContext
+from fedhe.crypto import CKKSParams, KeyRequest, PublicContext
 from fedhe.data.datasets import load_builtin
 from fedhe.errors import FedHEError
 from fedhe.learning import TrainConfig, build_model, evaluate, local_train
@@ -88,7 +88,7 @@ class MLPJob(FedAvgJob):
     def _declare_inference(
         self,
         model: mlp.HEModel,
-        params,
+        params: CKKSParams,
         single: mlp.SingleLayout | None,
         inference_id: str,
     ) -> PublicContext:
