@@ -476,7 +476,8 @@ def _flower_report(
     result: dict[str, Any], path: Path, wall_s: float, config: Any
 ) -> dict[str, Any]:
     """The figures of one result.json, with the update uploads separated from the moments."""
-    from fedhe.aggregator.fedavg import MOMENTS, MOMENTS_SUM_BOUND
+    from fedhe.tasks.moments import OUTPUT as MOMENTS
+    from fedhe.tasks.moments import SUM_BOUND as MOMENTS_SUM_BOUND
 
     if result.get("plaintext") is None:
         raise RuntimeError(f"{path} has no plaintext twin run to compare with.")
@@ -576,8 +577,8 @@ def _moments_upload_bytes(
     config: Any, indices: list[int], n_terms: int, context: PublicContext | None
 ) -> int:
     """Bytes of the feature-moments uploads of parties `indices`, built as clients/party.py does."""
-    from fedhe.aggregator.fedavg import MOMENTS_SUM_BOUND
     from fedhe.data.sources import DataSource, party_data
+    from fedhe.tasks.moments import SUM_BOUND as MOMENTS_SUM_BOUND
 
     source = DataSource(config.dataset, "", "", config.seed, config.parties)
     total = 0
