@@ -6,8 +6,10 @@ Payloads are fedhe bytes (framed tensors, framed contexts) inside `ConfigRecord`
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -67,8 +69,20 @@ def content(
 
 def ensure_public(data: bytes, *, what: str = "payload") -> None:
     """Refuse to put a context that holds a secret key into any message (every role, every type)."""
-    if data[:4] == CONTEXT_MAGIC:
-        PublicContext.from_bytes(data)  # raises SecretKeyLeakError if a secret key is inside
+    if data[:4] != CONTEXT_MAGIC:
+        return
+    # The same context goes to every party (~10 ms to parse each time): remember the digests
+    # of contexts that passed; a refused one is parsed and refused every time.
+    digest = hashlib.sha256(data).digest()
+    if digest in _PUBLIC_DIGESTS:
+        return
+    PublicContext.from_bytes(data)  # raises SecretKeyLeakError if a secret key is inside
+    _PUBLIC_DIGESTS[digest] = None
+    while len(_PUBLIC_DIGESTS) > 64:
+        _PUBLIC_DIGESTS.popitem(last=False)
+
+
+_PUBLIC_DIGESTS: OrderedDict[bytes, None] = OrderedDict()
 
 
 def config_of(records: RecordDict) -> dict[str, Any]:
