@@ -24,6 +24,10 @@ from fedhe.tasks import knn, linreg, moments
 
 log = logging.getLogger("fedhe.aggregator")
 
+# Parties per upload message round: bounds the ciphertexts the aggregator holds at once (a
+# party's upload is up to (d + 2 + classes) ciphertexts of ~330 KB per block it touches).
+UPLOAD_WAVE = 32
+
 
 class KNNJob(Job):
     """`knn`: classification (majority vote) or regression (mean of the k nearest targets)."""
@@ -117,12 +121,31 @@ class KNNJob(Job):
     # -- upload ------------------------------------------------------------------------------------
 
     def _upload(self, standardizer: moments.Standardizer) -> knn.KNNStore:
+        """Parties upload in waves of UPLOAD_WAVE, each wave added to the store before the
+        next: the aggregator never holds more than one wave of ciphertexts in memory."""
         slots = knn.PARAMS.slots
-        counts = {name: self.samples[name] for name in self.parties}
+        counts = {name: self.samples[name] for name in self.parties if self.samples[name]}
+        for name in set(self.parties) - set(counts):  # it may still ask queries
+            self.run.excluded[name] = "knn upload: no points to store"
         layout = knn.StoreLayout.plan(counts, slots)
         segments = {s.party: s for s in layout.segments}
+        store = knn.KNNStore(self.context, self.test.n_features, self.n_classes, layout)
+        names = list(counts)
+        for start in range(0, len(names), UPLOAD_WAVE):
+            wave = {name: self.parties[name] for name in names[start : start + UPLOAD_WAVE]}
+            self._upload_wave(wave, standardizer, segments, store)
+        self.run.contributors.append({"output": "knn_store", "parties": sorted(store.contributors)})
+        return store
+
+    def _upload_wave(
+        self,
+        wave: dict[str, int],
+        standardizer: moments.Standardizer,
+        segments: dict[str, knn.Segment],
+        store: knn.KNNStore,
+    ) -> None:
         exchange = self.session.ask(
-            self.parties,
+            wave,
             protocol.KNN_UPLOAD,
             {
                 name: protocol.content(
@@ -131,18 +154,18 @@ class KNNJob(Job):
                         "standardizer": standardizer.to_dict(),
                         "n-classes": self.n_classes,
                         "segment": vars(segments[name]),
-                        "slots": slots,
+                        "slots": store.slots,
                         "fail-party": self.config.drop_party,
                     }
                 )
-                for name in self.parties
+                for name in wave
             },
             role="party",
         )
         self.account(exchange)
-        store = knn.KNNStore(self.context, self.test.n_features, self.n_classes, layout)
         started = time.perf_counter()
-        for name, reply in exchange.replies.items():
+        for name in list(exchange.replies):
+            reply = exchange.replies.pop(name)  # let each upload go once it is in the store
             try:
                 store.add(segments[name], protocol.payload_of(reply))
             except FedHEError as err:  # one bad upload is excluded, the others are kept
@@ -151,8 +174,6 @@ class KNNJob(Job):
         self.run.timings_s["compute"] += time.perf_counter() - started
         for name, reason in exchange.failures.items():
             self.run.excluded[name] = f"knn upload: {reason}"
-        self.run.contributors.append({"output": "knn_store", "parties": sorted(store.contributors)})
-        return store
 
     # -- queries -----------------------------------------------------------------------------------
 

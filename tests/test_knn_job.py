@@ -152,3 +152,30 @@ def test_a_party_lost_during_the_queries_does_not_matter(tmp_path, monkeypatch):
     assert result["encrypted"]["accuracy"] > 0.9
     ranks = [d for d in result["decryptions"] if d["output"] == knn.RANK_OUTPUT]
     assert all(d["n_parties"] == 3 for d in ranks)
+
+
+def test_uploads_arrive_in_waves(tmp_path, monkeypatch):
+    from fedhe.aggregator import knn as knn_job
+
+    waves = []
+    original = knn_job.KNNJob._upload_wave
+
+    def recording(self, wave, *args):
+        waves.append(sorted(wave))
+        return original(self, wave, *args)
+
+    monkeypatch.setattr(knn_job, "UPLOAD_WAVE", 2)
+    monkeypatch.setattr(knn_job.KNNJob, "_upload_wave", recording)
+    config = JobConfig(
+        task="knn",
+        dataset="iris",
+        parties=5,
+        min_parties=3,
+        out=str(tmp_path),
+        plaintext_twin=False,
+    )
+    run_job(InProcessGrid(config.num_nodes), config)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert [len(w) for w in waves] == [2, 2, 1]  # the store fills wave by wave
+    assert result["knn"]["stored_points"] == 120
+    assert result["encrypted"]["accuracy"] > 0.9
