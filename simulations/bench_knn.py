@@ -38,14 +38,19 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import fmt_bytes, fmt_time, machine_info  # simulations/machine.py, beside this script
+from machine import (  # simulations/machine.py, beside this script
+    Timings,
+    fmt_bytes,
+    fmt_time,
+    machine_info,
+    summarize,
+    timed,
+)
 from rich.console import Console
 from rich.table import Table
 from sklearn.datasets import make_classification
@@ -61,7 +66,6 @@ DEFAULT_OUT = {False: Path("benchmarks/knn.json"), True: Path("benchmarks/knn-qu
 BAR_S = 0.5  # aggregator compute per plaintext query
 BUDGET = 100_000  # decryptions per output kind: every request of the benchmark is a new one
 SLOTS = knn.PARAMS.slots
-Timings = dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -450,20 +454,6 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def timed(into: Timings, key: str) -> Iterator[None]:
-    """Add the block's wall time to `into[key]`."""
-    started = time.perf_counter()
-    yield
-    into[key] = into.get(key, 0.0) + time.perf_counter() - started
-
-
-def summarize(runs: list[Timings]) -> dict[str, Any]:
-    """Median of every measure over the repeats, and the raw lists."""
-    raw = {key: [run[key] for run in runs] for key in runs[0]}
-    return {"median": {key: statistics.median(values) for key, values in raw.items()}, "raw": raw}
 
 
 # -- report ----------------------------------------------------------------------------------

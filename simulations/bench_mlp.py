@@ -47,10 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +55,14 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 import torch
-from machine import fmt_bytes, fmt_time, machine_info  # simulations/machine.py, beside this script
+from machine import (  # simulations/machine.py, beside this script
+    Timings,
+    fmt_bytes,
+    fmt_time,
+    machine_info,
+    summarize,
+    timed,
+)
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -86,7 +90,6 @@ SINGLE_BAR_S = 0.100  # aggregator compute per sample
 BATCH_BAR = 1_000.0  # samples per second, aggregator compute of one full batch
 ACCURACY_BAR = 0.01  # encrypted accuracy within one point of plaintext
 MAX_LR_HALVINGS = 6
-Timings = dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -532,20 +535,6 @@ def bars(results: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def timed(into: Timings, key: str) -> Iterator[None]:
-    """Add the block's wall time to `into[key]`."""
-    started = time.perf_counter()
-    yield
-    into[key] = into.get(key, 0.0) + time.perf_counter() - started
-
-
-def summarize(runs: list[Timings]) -> dict[str, Any]:
-    """Median of every measure over the repeats, and the raw lists."""
-    raw = {key: [run[key] for run in runs] for key in runs[0]}
-    return {"median": {key: statistics.median(values) for key, values in raw.items()}, "raw": raw}
 
 
 # -- report ----------------------------------------------------------------------------------

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from typing import Any
+
+Timings = dict[str, float]
 
 PACKAGES = ("numpy", "torch", "tenseal", "flwr")
 
@@ -42,3 +48,17 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.2f} GB"
+
+
+@contextmanager
+def timed(into: Timings, key: str) -> Iterator[None]:
+    """Add the block's wall time to `into[key]`."""
+    started = time.perf_counter()
+    yield
+    into[key] = into.get(key, 0.0) + time.perf_counter() - started
+
+
+def summarize(runs: list[Timings]) -> dict[str, Any]:
+    """Median of every measure over the repeats, and the raw lists."""
+    raw = {key: [run[key] for run in runs] for key in runs[0]}
+    return {"median": {key: statistics.median(values) for key, values in raw.items()}, "raw": raw}
