@@ -88,13 +88,31 @@ class FedAvgJob(Job):
                 "fail-party": self.config.drop_party,
                 "clip": self.config.clip,
                 "sum-bound": update_bound,
+                "packing": self.config.packing,
+                "lane-terms": len(self.parties),
             },
             weights=weights,
         )
-        flat = self.secure_sum(exchange, self.layout, aggregate.OUTPUT, update_bound)
+        flat = self.secure_sum(
+            exchange,
+            self.layout,
+            aggregate.OUTPUT,
+            update_bound,
+            packing=self.config.packing,
+            parties=len(self.parties),
+        )
         update, total_samples = aggregate.average_update(flat, self.layout)
         set_weights(self.model, {k: weights[k] + update[k] for k in weights})
         party_metrics = [protocol.metrics_of(r) for r in exchange.replies.values()]
+        quantization = {}
+        if self.context is not None and self.config.packing == aggregate.QUANTIZED:
+            quantization["quantization_bound"] = aggregate.quantization_error_bound(
+                self.layout,
+                self.context.params,
+                sum_bound=update_bound,
+                parties=len(self.parties),
+                total_samples=total_samples,
+            )
         self.run.timings_s["train"] += max(m.get("train-s", 0.0) for m in party_metrics)
         self.run.history.append(
             {
@@ -108,6 +126,7 @@ class FedAvgJob(Job):
                 ),
                 "samples": round(total_samples),
                 "dropped": dict(exchange.failures),
+                **quantization,
             }
         )
         self.note_dropped(exchange.failures, f"round {round_number}")

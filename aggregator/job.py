@@ -195,6 +195,8 @@ class Job:
         sum_bound: float,
         *,
         min_scale_bits: int | None = None,
+        packing: str = aggregate.COMPLEX,
+        parties: int | None = None,
     ) -> np.ndarray:
         """Sum the contributions that arrived and validate; return what the key holder releases."""
         contributions = {
@@ -210,6 +212,8 @@ class Job:
             sum_bound=sum_bound,
             min_parties=self.config.min_parties,
             min_scale_bits=min_scale_bits,
+            packing=packing,
+            parties=parties,
         )
         self.run.timings_s["compute"] += time.perf_counter() - started
         for name, reason in total.rejected.items():

@@ -71,7 +71,10 @@ def _weight_agreement(he: JobRun, twin: JobRun) -> dict[str, float]:
     if not he.weights:
         return {}
     diff = max(float(np.max(np.abs(he.weights[k] - twin.weights[k]))) for k in he.weights)
-    return {"max_abs_weight_diff": diff}
+    bounds = [r["quantization_bound"] for r in he.history if "quantization_bound" in r]
+    # What rounding to the lanes' steps may add over the rounds (before training amplifies it).
+    quantization = {"quantization_bound": float(sum(bounds))} if bounds else {}
+    return {"max_abs_weight_diff": diff, **quantization}
 
 
 def _prediction_agreement(he: JobRun, twin: JobRun) -> dict[str, float]:

@@ -108,6 +108,8 @@ def train(msg: Message, context: Context) -> Message:
         delta,
         data.n_samples,
         sum_bound=float(config["sum-bound"]),
+        packing=str(config.get("packing", aggregate.COMPLEX)),
+        parties=int(config.get("lane-terms", job["n-parties"])),
         metrics={"train-loss": loss, "train-s": train_s},
     )
 
@@ -337,6 +339,8 @@ def _contribute(
     sum_bound: float,
     n_terms: int = 1,
     min_scale_bits: int | None = None,
+    packing: str = aggregate.COMPLEX,
+    parties: int | None = None,
     metrics: dict[str, float] | None = None,
 ) -> Message:
     """Reply with this party's secure-aggregation contribution and how long encryption took."""
@@ -349,6 +353,8 @@ def _contribute(
         sum_bound=sum_bound,
         n_terms=n_terms,
         min_scale_bits=min_scale_bits,
+        packing=packing,
+        parties=parties,
     )
     encrypt_s = time.perf_counter() - started
     return Message(

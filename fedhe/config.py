@@ -10,6 +10,7 @@ from fedhe.errors import FedHEError
 
 TASKS = ("aggregate", "linreg", "logreg", "knn", "mlp")
 QUERY_MODES = ("plain", "encrypted")
+UPDATE_PACKINGS = ("quantized", "complex")  # fedhe.crypto.tensor QUANTIZED, COMPLEX
 MODES = ("exact", "gradient", "encrypted-model")
 DEFAULT_DATASET = {
     "aggregate": "breast_cancer",
@@ -62,6 +63,7 @@ class JobConfig:
     alpha: float = 0.0  # built-in data: Dirichlet(alpha) label skew across parties; 0: IID
     single_queries: int = 3  # mlp: test samples also sent one by one (latency path)
     optimizer: str = "sgd"  # local training: sgd or adam
+    packing: str = "quantized"  # model-update sums: quantized (4 values per slot) or complex (2)
     resume: bool = False  # continue from the checkpoint in `out` after an aggregator crash
 
     def __post_init__(self) -> None:
@@ -108,6 +110,8 @@ class JobConfig:
             )
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"optimizer {self.optimizer!r} is not one of ['sgd', 'adam'].")
+        if self.packing not in UPDATE_PACKINGS:
+            raise ConfigError(f"packing {self.packing!r} is not one of {list(UPDATE_PACKINGS)}.")
         if self.alpha < 0 or self.single_queries < 0:
             raise ConfigError("alpha and single-queries must be ≥ 0.")
         if self.data_dir and not self.target:

@@ -32,7 +32,10 @@ def test_simulated_federation_matches_the_plaintext_twin(tmp_path):
     assert result["task"] == "aggregate" and result["parties"]["registered"] == 5
     assert he["accuracy"] == pytest.approx(plain["accuracy"], abs=0.01)
     assert he["loss"] == pytest.approx(plain["loss"], abs=1e-3)
-    assert result["agreement"]["max_abs_weight_diff"] < 1e-4
+    agreement = result["agreement"]
+    # Quantized lanes round each party's update to a step; training may amplify that a little.
+    assert 0 < agreement["quantization_bound"] < 1e-3
+    assert agreement["max_abs_weight_diff"] < 1e-5 + 2 * agreement["quantization_bound"]
     assert he["accuracy"] > 0.85
     updates = [d for d in result["decryptions"] if d["output"] == "update_sum"]
     assert len(updates) == 2

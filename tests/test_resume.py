@@ -42,7 +42,12 @@ def test_fedavg_resumes_after_the_last_finished_round(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["resumed_after_round"] == 2
     assert [h["round"] for h in result["encrypted"]["history"]] == [1, 2, 3, 4]
-    assert result["agreement"]["max_abs_weight_diff"] < 1e-4  # as if never interrupted
+    agreement = result["agreement"]
+    # Quantized lanes round each party's update to a step; training may amplify that a little.
+    assert 0 < agreement["quantization_bound"] < 1e-3
+    assert (
+        agreement["max_abs_weight_diff"] < 1e-5 + 2 * agreement["quantization_bound"]
+    )  # as if never interrupted
     sums = [d for d in result["decryptions"] if d["output"] == "update_sum"]
     assert len(sums) == 4  # rounds 1-2 before the crash, 3-4 after: no round decrypted twice
     moments = [d for d in result["decryptions"] if d["output"] == "feature_moments"]

@@ -22,10 +22,12 @@ import tenseal as ts
 from fedhe.crypto import _seal
 from fedhe.crypto.context import PublicContext, SecretContext
 from fedhe.crypto.framing import frame, unframe
+from fedhe.crypto.lanes import VALUES_PER_SLOT, Lanes
 from fedhe.crypto.params import MAX_PRIME_BITS
 from fedhe.errors import InvalidCiphertextError, ParameterError, ShapeError, ValueRangeError
 
 _MAGIC = b"FHET"
+MIN_SCALE_BITS = 12  # quantized lanes use small scales (their guard bits); anything lower is junk
 _VERSION = 1
 
 CKKS_KIND = "ckks"
@@ -35,9 +37,13 @@ PLAIN_KIND = "plain"
 # per slot, as the real and imaginary part of one complex number (CKKS encodes complex vectors
 # natively): half the ciphertexts, bytes and encryption time, for tensors that are only added
 # (secure sums). Products with plaintexts would mix the two halves, so they are refused.
+# "quantized": four values per slot in integer lanes (`fedhe.crypto.lanes`), half the
+# ciphertexts again, at the cost of rounding each value to a step; also for sums only.
 REAL = "real"
 COMPLEX = "complex"
-PACKINGS = (REAL, COMPLEX)
+QUANTIZED = "quantized"
+PACKINGS = (REAL, COMPLEX, QUANTIZED)
+_VALUES_PER_SLOT = {REAL: 1, COMPLEX: 2, QUANTIZED: VALUES_PER_SLOT}
 
 Shape = tuple[int, ...]
 Context = PublicContext | SecretContext
@@ -95,13 +101,19 @@ class EncryptedTensor:
         shape: Shape,
         context: Context,
         packing: str = REAL,
+        lanes: Lanes | None = None,
     ) -> None:
         self.chunks = tuple(chunks)
         self.shape = tuple(int(s) for s in shape)
         self.context = context
         if packing not in PACKINGS:
             raise InvalidCiphertextError(f"unknown packing {packing!r}; expected {PACKINGS}.")
+        if (packing == QUANTIZED) != (lanes is not None):
+            raise InvalidCiphertextError("quantized packing needs lanes, and only it has them.")
+        if lanes is not None and lanes.size != math.prod(self.shape):
+            raise ShapeError(f"lanes for {lanes.size} values, tensor of shape {self.shape}.")
         self.packing = packing
+        self.lanes = lanes
         expected = n_ciphertexts(math.prod(self.shape), self.values_per_ciphertext)
         if len(self.chunks) != expected:
             raise ShapeError(
@@ -111,7 +123,7 @@ class EncryptedTensor:
 
     @property
     def values_per_ciphertext(self) -> int:
-        return self.context.params.slots * (2 if self.packing == COMPLEX else 1)
+        return self.context.params.slots * _VALUES_PER_SLOT[self.packing]
 
     @property
     def fingerprint(self) -> str:
@@ -128,12 +140,13 @@ class EncryptedTensor:
             self.shape,
             self.context,
             self.packing,
+            self.lanes,
         )
 
     def __sub__(self, other: EncryptedTensor) -> EncryptedTensor:
         self._check_compatible(other)
         chunks = [a - b for a, b in zip(self.chunks, other.chunks, strict=True)]
-        return EncryptedTensor(chunks, self.shape, self.context, self.packing)
+        return EncryptedTensor(chunks, self.shape, self.context, self.packing, self.lanes)
 
     def _check_compatible(self, other: EncryptedTensor) -> None:
         _check_same_kind(self, other)
@@ -141,12 +154,14 @@ class EncryptedTensor:
         self.context.check_same(other.fingerprint)
         if self.packing != other.packing:
             raise ShapeError(f"cannot add {self.packing}- and {other.packing}-packed tensors.")
+        if self.lanes != other.lanes:
+            raise ShapeError("cannot add tensors quantized with different lanes or steps.")
 
     def _require_real(self, operation: str) -> None:
         if self.packing != REAL:
             raise ShapeError(
-                f"{operation} is not defined on a complex-packed tensor (it would mix the two "
-                "values of a slot): complex packing is for sums; use encrypt_for_compute."
+                f"{operation} is not defined on a {self.packing}-packed tensor (it would mix "
+                "the values of a slot): that packing is for sums; use encrypt_for_compute."
             )
 
     def add_plain(self, values: np.ndarray) -> EncryptedTensor:
@@ -198,7 +213,7 @@ class EncryptedTensor:
     def mod_switch_to(self, level: int) -> EncryptedTensor:
         """Keep only the first `level` primes before the tensor travels (exact, no noise)."""
         chunks = [_seal.mod_switch_to(c, self.context.raw, level) for c in self.chunks]
-        return EncryptedTensor(chunks, self.shape, self.context, self.packing)
+        return EncryptedTensor(chunks, self.shape, self.context, self.packing, self.lanes)
 
     def to_bytes(self) -> bytes:
         blobs = [chunk.serialize() for chunk in self.chunks]
@@ -207,6 +222,7 @@ class EncryptedTensor:
             "kind": CKKS_KIND,
             "shape": list(self.shape),
             "packing": self.packing,
+            **({"lanes": self.lanes.to_dict()} if self.lanes else {}),
             "fingerprint": self.fingerprint,
             "chunk_bytes": [len(b) for b in blobs],
             "body_sha256": hashlib.sha256(body).hexdigest(),
@@ -296,6 +312,7 @@ def encrypt(
     n_terms: int = 1,
     min_scale_bits: int | None = None,
     packing: str = REAL,
+    lanes: Lanes | None = None,
 ) -> EncryptedTensor:
     """Encrypt an array of any shape, at the lowest level that still holds `sum_bound`.
 
@@ -303,13 +320,24 @@ def encrypt(
     holds); `n_terms` is how many such tensors that sum adds up, so each one must stay within
     `sum_bound / n_terms` (checked here: CKKS overflow is silent). `min_scale_bits` asks for
     more precision than the nominal scale, at the cost of more primes if needed. `packing`
-    COMPLEX puts two values in each slot (for tensors that are only summed).
+    COMPLEX puts two values in each slot, QUANTIZED four (rounded as `lanes` says, which then
+    fix the level and scale); both are for tensors that are only summed.
     """
     params = context.params
     bound = params.max_abs_value if sum_bound is None else sum_bound
-    level, scale_bits = params.encoding_for(bound, min_scale_bits)
     array = check_values(values, bound / max(n_terms, 1))
     flat = array.ravel()
+    if packing == QUANTIZED:
+        if lanes is None:
+            raise ParameterError("quantized packing needs lanes (fedhe.crypto.lanes.Lanes.plan).")
+        slots = lanes.pack(flat)
+        encryptor = _seal.LevelEncryptor(context.raw, 1, lanes.scale)
+        chunks = [
+            encryptor.encrypt_complex(slots[start : start + params.slots].tolist())
+            for start in range(0, slots.size, params.slots)
+        ]
+        return EncryptedTensor(chunks, array.shape, context, QUANTIZED, lanes)
+    level, scale_bits = params.encoding_for(bound, min_scale_bits)
     encryptor = _seal.LevelEncryptor(context.raw, level, 2.0**scale_bits)
     if packing == COMPLEX:
         paired = np.zeros(2 * math.ceil(max(flat.size, 1) / 2))
@@ -352,6 +380,10 @@ def encrypt_for_compute(
 def decrypt(context: SecretContext, tensor: EncryptedTensor) -> np.ndarray:
     """Decrypt to the tensor's shape. Key-holder side: the caller has checked the policy."""
     context.check_same(tensor.fingerprint)
+    if tensor.packing == QUANTIZED:
+        assert tensor.lanes is not None
+        slots = np.concatenate([_seal.decrypt_complex(context.raw, c) for c in tensor.chunks])
+        return tensor.lanes.unpack(slots).reshape(tensor.shape)
     if tensor.packing == COMPLEX:
         pairs = np.concatenate([_seal.decrypt_complex(context.raw, c) for c in tensor.chunks])
         flat = np.column_stack([pairs.real, pairs.imag]).ravel()
@@ -372,14 +404,17 @@ def load_tensor(
     min_scale_bits: int | None = None,
     level: int | None = None,
     packing: str | None = None,
+    lanes: Lanes | None = None,
 ) -> Tensor:
     """Parse and validate tensor bytes: encrypted when `context` is given, plaintext otherwise.
 
     With `sum_bound`, the ciphertexts must sit at the level and scale `encrypt` uses for that
     bound, so that every term of a sum agrees. With `level`, they must keep that many primes at
-    the nominal scale, as `encrypt_for_compute` makes them. Raises InvalidCiphertextError
-    (malformed, truncated, garbage, other level or scale, other `packing` than asked),
-    ContextMismatchError (made under other keys) or ShapeError (not the shape the job expects).
+    the nominal scale, as `encrypt_for_compute` makes them. With `lanes`, the tensor must be
+    quantized with exactly those lanes (they fix its level and scale). Raises
+    InvalidCiphertextError (malformed, truncated, garbage, other level or scale, other `packing`
+    or lanes than asked), ContextMismatchError (made under other keys) or ShapeError (not the
+    shape the job expects).
     """
     header, body = unframe(
         data, magic=_MAGIC, version=_VERSION, what="tensor", error=InvalidCiphertextError
@@ -401,6 +436,13 @@ def load_tensor(
         raise InvalidCiphertextError(
             f"tensor is {tensor.packing}-packed, this step expects {packing} packing."
         )
+    if lanes is not None:  # they fix level and scale
+        if tensor.lanes != lanes:
+            raise InvalidCiphertextError(
+                "tensor is quantized with other lanes or steps than this step expects: the "
+                "sender used another sum bound or number of parties."
+            )
+        return tensor
     if sum_bound is not None:
         sum_level, scale_bits = context.params.encoding_for(sum_bound, min_scale_bits)
         if (tensor.level, tensor.scale) != (sum_level, 2.0**scale_bits):
@@ -446,7 +488,9 @@ def _load_encrypted(
     packing = header.get("packing", REAL)
     if packing not in PACKINGS:
         raise InvalidCiphertextError(f"unknown packing {packing!r}; expected one of {PACKINGS}.")
-    per_chunk = context.params.slots * (2 if packing == COMPLEX else 1)
+    lanes = Lanes.from_dict(header["lanes"]) if "lanes" in header else None
+    per_slot = _VALUES_PER_SLOT[packing]
+    per_chunk = context.params.slots * per_slot
     size = math.prod(shape)
     expected_chunks = n_ciphertexts(size, per_chunk)
     if (
@@ -471,15 +515,22 @@ def _load_encrypted(
     chunks, offset = [], 0
     for index, n_bytes in enumerate(sizes):
         values = min(per_chunk, size - index * per_chunk)
-        expected_len = math.ceil(values / 2) if packing == COMPLEX else values
+        expected_len = math.ceil(values / per_slot)
         chunks.append(_load_chunk(body[offset : offset + n_bytes], context, index, expected_len))
         offset += n_bytes
-    levels = {_seal.ciphertext_info(c)[1] for c in chunks}
-    if len(levels) > 1:
+    infos = {_seal.ciphertext_info(c)[1:] for c in chunks}
+    if len(infos) > 1:
         raise InvalidCiphertextError(
-            f"ciphertexts of one tensor sit at mixed levels {sorted(levels)}."
+            f"ciphertexts of one tensor sit at mixed levels and scales {sorted(infos)}."
         )
-    return EncryptedTensor(chunks, shape, context, packing)
+    if lanes is not None and infos != {(1, lanes.scale)}:
+        raise InvalidCiphertextError(
+            f"quantized ciphertexts must keep 1 prime at scale 2^{lanes.guard_bits}, got {infos}."
+        )
+    try:
+        return EncryptedTensor(chunks, shape, context, packing, lanes)
+    except ShapeError as err:
+        raise InvalidCiphertextError(str(err)) from err
 
 
 def _load_chunk(blob: bytes, context: Context, index: int, expected_len: int) -> ts.CKKSVector:
@@ -494,7 +545,7 @@ def _load_chunk(blob: bytes, context: Context, index: int, expected_len: int) ->
         )
     if polys != 2:
         raise InvalidCiphertextError(f"ciphertext {index} has {polys} polynomials, expected 2.")
-    if not 2.0**20 <= scale <= 2.0**MAX_PRIME_BITS:
+    if not 2.0**MIN_SCALE_BITS <= scale <= 2.0**MAX_PRIME_BITS:
         raise InvalidCiphertextError(f"ciphertext {index} has an implausible scale {scale:g}.")
     return vector
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedhe.crypto.context import KeyRequest, PublicContext, SecretContext, generate_keys
+from fedhe.crypto.lanes import min_guard_bits
 from fedhe.crypto.params import FRESH_NOISE_BITS
 from fedhe.crypto.randomness import secure_random
 from fedhe.crypto.tensor import EncryptedTensor, decrypt, digest, load_tensor
@@ -150,7 +151,7 @@ class KeyHolder:
             job = self._declaration(request.job_id)
             spec = self.policy.check_request(job, request, self._spent(request))
             assert job is not None
-            values, sigma = self._open(job, request.tensor)
+            values, sigma = self._open(job, request)
             _check_size(values, spec.size, request.output_kind)
             _check_count(values, spec.count_index, len(request.contributors))
         except FedHEError as err:
@@ -166,13 +167,16 @@ class KeyHolder:
         )
         return Decryption(values, record)
 
-    def _open(self, job: JobDeclaration, tensor_bytes: bytes) -> tuple[np.ndarray, float]:
+    def _open(self, job: JobDeclaration, request: DecryptionRequest) -> tuple[np.ndarray, float]:
         secret = self._secret_context(job.job_id)
-        tensor = load_tensor(tensor_bytes, secret)
+        tensor = load_tensor(request.tensor, secret)
         if isinstance(tensor, EncryptedTensor):
             assert secret is not None
+            _check_guard(tensor, len(request.contributors))
             values = decrypt(secret, tensor)
-            sigma = self._flooding_sigma(tensor.scale)
+            # Quantized lanes decode by rounding to integers: the release is a function of the
+            # plaintext sum alone, so there is no decryption noise to flood.
+            sigma = 0.0 if tensor.lanes is not None else self._flooding_sigma(tensor.scale)
             if sigma:
                 values = values + secure_random().normal(0.0, sigma, values.shape)
             return values, sigma
@@ -235,6 +239,17 @@ class KeyHolder:
             if r.get("event") == "decrypt"
             and r.get("decision") == "decrypted"
             and r.get("output") == request.output_kind
+        )
+
+
+def _check_guard(tensor: EncryptedTensor, contributors: int) -> None:
+    """Quantized lanes are released without flooding because rounding removes the noise: only
+    true when the guard bits exceed the noise of that many contributions (a smaller claimed
+    scale would let the rounded values carry noise bits, hence key information)."""
+    if tensor.lanes is not None and tensor.lanes.guard_bits < min_guard_bits(contributors):
+        raise PolicyError(
+            f"quantized lanes with {tensor.lanes.guard_bits} guard bits cannot absorb the noise "
+            f"of {contributors} contributions (need {min_guard_bits(contributors)})."
         )
 
 
