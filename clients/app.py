@@ -8,6 +8,7 @@ from flwr.clientapp import ClientApp
 from fedhe import protocol
 from fedhe.clients import keyholder, party
 from fedhe.clients.roles import partition_id, require_role, resolve_role
+from fedhe.crypto import pause_precompute
 from fedhe.errors import FedHEError, ProtocolError
 
 app = ClientApp()
@@ -28,7 +29,8 @@ def _as(role: str, handler):
     def checked(msg: Message, context: Context) -> Message:
         require_role(context, role)
         try:
-            return handler(msg, context)
+            with pause_precompute():  # next round's Enc(0)s wait until this message is done
+                return handler(msg, context)
         except FedHEError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:

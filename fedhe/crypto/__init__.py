@@ -1,5 +1,6 @@
 """CKKS parameters, keys, public/secret contexts and encrypted tensors (over TenSEAL)."""
 
+from fedhe.crypto._seal import pause_precompute
 from fedhe.crypto.context import KeyRequest, PublicContext, SecretContext, generate_keys
 from fedhe.crypto.params import AGGREGATION_PARAMS, MAX_LOG_Q_128, MODEL_PARAMS, CKKSParams
 from fedhe.crypto.tensor import (
@@ -34,6 +35,7 @@ __all__ = [
     "encrypt_for_compute",
     "generate_keys",
     "load_tensor",
+    "pause_precompute",
     "stack",
     "unstack",
 ]

@@ -313,6 +313,7 @@ def encrypt(
     min_scale_bits: int | None = None,
     packing: str = REAL,
     lanes: Lanes | None = None,
+    precompute: bool = False,
 ) -> EncryptedTensor:
     """Encrypt an array of any shape, at the lowest level that still holds `sum_bound`.
 
@@ -321,7 +322,9 @@ def encrypt(
     `sum_bound / n_terms` (checked here: CKKS overflow is silent). `min_scale_bits` asks for
     more precision than the nominal scale, at the cost of more primes if needed. `packing`
     COMPLEX puts two values in each slot, QUANTIZED four (rounded as `lanes` says, which then
-    fix the level and scale); both are for tensors that are only summed.
+    fix the level and scale); both are for tensors that are only summed. `precompute` draws on
+    this process's encryptions of zero made in the background (`_seal.ZeroPool`) and tops them
+    up for the next call: for a party that encrypts one such tensor per round.
     """
     params = context.params
     bound = params.max_abs_value if sum_bound is None else sum_bound
@@ -331,28 +334,25 @@ def encrypt(
         if lanes is None:
             raise ParameterError("quantized packing needs lanes (fedhe.crypto.lanes.Lanes.plan).")
         slots = lanes.pack(flat)
-        encryptor = _seal.LevelEncryptor(context.raw, 1, lanes.scale)
-        chunks = [
-            encryptor.encrypt_complex(slots[start : start + params.slots].tolist())
-            for start in range(0, slots.size, params.slots)
-        ]
-        return EncryptedTensor(chunks, array.shape, context, QUANTIZED, lanes)
-    level, scale_bits = params.encoding_for(bound, min_scale_bits)
-    encryptor = _seal.LevelEncryptor(context.raw, level, 2.0**scale_bits)
-    if packing == COMPLEX:
-        paired = np.zeros(2 * math.ceil(max(flat.size, 1) / 2))
-        paired[: flat.size] = flat
-        pairs = (paired[0::2] + 1j * paired[1::2]).tolist()
-        chunks = [
-            encryptor.encrypt_complex(pairs[start : start + params.slots])
-            for start in range(0, len(pairs), params.slots)
-        ]
-        return EncryptedTensor(chunks, array.shape, context, COMPLEX)
+        level, scale = 1, lanes.scale
+    else:
+        level, scale_bits = params.encoding_for(bound, min_scale_bits)
+        scale = 2.0**scale_bits
+        if packing == COMPLEX:
+            paired = np.zeros(2 * math.ceil(max(flat.size, 1) / 2))
+            paired[: flat.size] = flat
+            slots = paired[0::2] + 1j * paired[1::2]
+        else:
+            slots = flat
+    zeros = _seal.zero_pool(context.raw, context.fingerprint, level) if precompute else None
+    encryptor = _seal.LevelEncryptor(context.raw, level, scale, zeros)
     chunks = [
-        encryptor.encrypt(flat[start : start + params.slots].tolist())
-        for start in range(0, max(flat.size, 1), params.slots)
+        encryptor.encrypt(slots[start : start + params.slots].tolist())
+        for start in range(0, max(slots.size, 1), params.slots)
     ]
-    return EncryptedTensor(chunks, array.shape, context)
+    if zeros is not None:
+        zeros.refill(len(chunks))
+    return EncryptedTensor(chunks, array.shape, context, packing, lanes)
 
 
 def encrypt_for_compute(

@@ -179,6 +179,7 @@ def party_contribution(
         min_scale_bits=min_scale_bits,
         packing=packing,
         lanes=_lanes(packing, layout, context, sum_bound, parties),
+        precompute=True,  # a party encrypts one contribution per round: Enc(0)s made ahead
     ).to_bytes()
 
 
