@@ -67,7 +67,13 @@ from machine import fmt_bytes, machine_info  # simulations/machine.py, beside th
 from rich.console import Console
 from rich.table import Table
 
-from fedhe.crypto import AGGREGATION_PARAMS, PublicContext, generate_keys
+from fedhe.crypto import (
+    AGGREGATION_PARAMS,
+    PublicContext,
+    generate_keys,
+    pause_precompute,
+    wait_for_precompute,
+)
 from fedhe.data import load_builtin, partition_iid
 from fedhe.keyholder import KeyHolder
 from fedhe.keyholder.keyholder import DEFAULT_FLOODING_BITS
@@ -98,6 +104,7 @@ class RoundResult:
     decrypt_s: float = 0.0
     apply_s: float = 0.0
     sequential_s: float = 0.0
+    precompute_s: float = 0.0  # all parties' Enc(0)s for the next round, made while idle
     sum_bytes: int = 0
     decrypted_bytes: int = 0
     update: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -120,6 +127,7 @@ class RoundResult:
             "apply_s": self.apply_s,
             "round_sequential_s": self.sequential_s,
             "round_critical_path_s": self.critical_path_s,
+            "precompute_s_per_party": self.precompute_s / len(self.train_s),
             # The cost of protecting the update: encrypt (or serialize) + sum + decrypt (or load).
             "overhead_critical_path_s": (
                 statistics.median(self.encrypt_s) + self.aggregate_s + self.decrypt_s
@@ -187,7 +195,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--flower-only", action="store_true", help="run only the Flower mode (implies --flower)"
     )
-    parser.add_argument("--flower-rounds", type=int, default=3, help="rounds of the Flower job (3)")
+    parser.add_argument(
+        "--flower-rounds", type=int, default=12, help="rounds of the Flower job (12)"
+    )
+    parser.add_argument(
+        "--packing",
+        choices=("quantized", "complex"),
+        default="quantized",
+        help="how updates sit in slots: quantized (4 per slot, the job's default) or complex",
+    )
     parser.add_argument(
         "--flower-out",
         type=Path,
@@ -310,52 +326,99 @@ def _fedavg_round(
     global_weights = mode.weights
     round_started = time.perf_counter()
     contributions: dict[str, bytes] = {}
-    for index, (X, y) in enumerate(party_data):
+    # Parties at their own sites make their next Enc(0)s while idle between rounds: here the
+    # pools fill after the round (timed apart as `precompute_s`), never during the round.
+    with pause_precompute():
+        for index, (X, y) in enumerate(party_data):
+            contributions[f"party-{index}"] = _party_step(
+                mode,
+                spec,
+                layout,
+                X,
+                y,
+                global_weights,
+                sum_bound,
+                index,
+                round_number,
+                args,
+                result,
+            )
+
+        started = time.perf_counter()
+        total = aggregate.aggregator_sum(
+            contributions,
+            layout,
+            mode.context,
+            sum_bound=sum_bound,
+            min_parties=args.min_parties,
+            packing=args.packing,
+            parties=len(party_data),
+        )
+        result.aggregate_s = time.perf_counter() - started
+        result.sum_bytes = len(total.tensor)
+
+        started = time.perf_counter()
+        request = aggregate.request_decryption(mode.job_id, total)
+        flat = aggregate.keyholder_decrypt_sum(keyholder, request)
+        result.decrypt_s = time.perf_counter() - started
+        result.decrypted_bytes = 8 * int(np.asarray(flat).size)
+
+        started = time.perf_counter()
+        update, _ = aggregate.average_update(flat, layout)
         model = build_model(spec, seed=0)
-        set_weights(model, global_weights)
-        config = TrainConfig(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed * 1000 + round_number * 100 + index,
-        )
-        started = time.perf_counter()
-        local_train(model, X, y, config)
-        result.train_s.append(time.perf_counter() - started)
-        new_weights = get_weights(model)
-        delta = {
-            k: np.clip(new_weights[k] - global_weights[k], -args.clip, args.clip)
-            for k in global_weights
-        }
-        started = time.perf_counter()
-        contribution = aggregate.party_contribution(
-            delta, len(y), layout, mode.context, sum_bound=sum_bound
-        )
-        result.encrypt_s.append(time.perf_counter() - started)
-        result.upload_bytes.append(len(contribution))
-        contributions[f"party-{index}"] = contribution
-
+        set_weights(model, {k: global_weights[k] + update[k] for k in global_weights})
+        result.apply_s = time.perf_counter() - started
+        result.sequential_s = time.perf_counter() - round_started
+        result.update = layout.flatten(update)
     started = time.perf_counter()
-    total = aggregate.aggregator_sum(
-        contributions, layout, mode.context, sum_bound=sum_bound, min_parties=args.min_parties
-    )
-    result.aggregate_s = time.perf_counter() - started
-    result.sum_bytes = len(total.tensor)
-
-    started = time.perf_counter()
-    request = aggregate.request_decryption(mode.job_id, total)
-    flat = aggregate.keyholder_decrypt_sum(keyholder, request)
-    result.decrypt_s = time.perf_counter() - started
-    result.decrypted_bytes = 8 * int(np.asarray(flat).size)
-
-    started = time.perf_counter()
-    update, _ = aggregate.average_update(flat, layout)
-    model = build_model(spec, seed=0)
-    set_weights(model, {k: global_weights[k] + update[k] for k in global_weights})
-    result.apply_s = time.perf_counter() - started
-    result.sequential_s = time.perf_counter() - round_started
-    result.update = layout.flatten(update)
+    wait_for_precompute()
+    result.precompute_s = time.perf_counter() - started
     return result
+
+
+def _party_step(
+    mode: Mode,
+    spec: ModelSpec,
+    layout: aggregate.Layout,
+    X: np.ndarray,
+    y: np.ndarray,
+    global_weights: dict[str, np.ndarray],
+    sum_bound: float,
+    index: int,
+    round_number: int,
+    args: argparse.Namespace,
+    result: RoundResult,
+) -> bytes:
+    """One party's local training and contribution, timed into `result`."""
+    model = build_model(spec, seed=0)
+    set_weights(model, global_weights)
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed * 1000 + round_number * 100 + index,
+    )
+    started = time.perf_counter()
+    local_train(model, X, y, config)
+    result.train_s.append(time.perf_counter() - started)
+    new_weights = get_weights(model)
+    delta = {
+        k: np.clip(new_weights[k] - global_weights[k], -args.clip, args.clip)
+        for k in global_weights
+    }
+    started = time.perf_counter()
+    contribution = aggregate.party_contribution(
+        delta,
+        len(y),
+        layout,
+        mode.context,
+        sum_bound=sum_bound,
+        packing=args.packing,
+        parties=args.parties,
+    )
+    result.encrypt_s.append(time.perf_counter() - started)
+    result.upload_bytes.append(len(contribution))
+    return contribution
 
 
 def _median_over_rounds(rounds: list[RoundResult]) -> dict[str, Any]:
@@ -421,6 +484,8 @@ def _report(
             "torch_threads": args.threads,
             "total_samples": total_samples,
             "sum_bound": sum_bound,
+            "packing": args.packing,
+            "encoding": _encoding_text(layout, sum_bound, args.packing, args.parties),
             "keyholder_flooding_bits": DEFAULT_FLOODING_BITS,
             "timing": "time.perf_counter; median over measured rounds; per-party phases "
             "summarized over parties",
@@ -459,6 +524,7 @@ def _run_flower(console: Console, args: argparse.Namespace) -> dict[str, Any]:
         clip=args.clip,
         seed=args.seed,
         out=str(args.flower_out),
+        packing=args.packing,
     )
     # simulate() only checks that result.json exists: never read a previous run's file.
     (args.flower_out / "result.json").unlink(missing_ok=True)
@@ -483,7 +549,8 @@ def _flower_report(
         raise RuntimeError(f"{path} has no plaintext twin run to compare with.")
     _, test = load_builtin(config.dataset, seed=config.seed)
     spec = ModelSpec(test.n_features, max(test.n_classes, 2), config.hidden_widths)
-    n_params = aggregate.Layout.of(get_weights(build_model(spec, seed=config.seed))).n_params
+    layout = aggregate.Layout.of(get_weights(build_model(spec, seed=config.seed)))
+    n_params = layout.n_params
 
     moments_parties = next(
         (c["parties"] for c in result["parties"]["contributors"] if c["output"] == MOMENTS), []
@@ -545,7 +612,10 @@ def _flower_report(
         "n_params": n_params,
         "ckks": {
             "params": AGGREGATION_PARAMS.to_dict(),
-            "update": _encoding(update_bound),
+            "update": {
+                **_encoding(update_bound),
+                "encoding": _encoding_text(layout, update_bound, config.packing, config.parties),
+            },
             "moments": _encoding(MOMENTS_SUM_BOUND),
         },
         "he": he,
@@ -603,6 +673,20 @@ def _encoding(sum_bound: float) -> dict[str, Any]:
     return {"sum_bound": sum_bound, "level": level, "scale_bits": scale_bits}
 
 
+def _encoding_text(layout: aggregate.Layout, sum_bound: float, packing: str, parties: int) -> str:
+    """How an update sits in the ciphertexts, in words."""
+    if packing == "quantized":
+        lanes = aggregate.lanes_for(
+            layout, AGGREGATION_PARAMS, sum_bound=sum_bound, parties=parties
+        )
+        return (
+            f"quantized: 4 values per slot, guard 2^{lanes.guard_bits}, "
+            f"{lanes.lane_bits}-bit lanes, step 2^{lanes.steps[0][1]}"
+        )
+    level, scale_bits = AGGREGATION_PARAMS.encoding_for(sum_bound)
+    return f"complex: 2 values per slot, level {level}, scale 2^{scale_bits}"
+
+
 def _target(value: float, limit: float) -> dict[str, Any]:
     return {"value": value, "limit": limit, "pass": bool(value <= limit)}
 
@@ -612,8 +696,8 @@ def _print(console: Console, report: dict[str, Any]) -> None:
     if "modes" in report:
         _print_in_process(console, report)
         labels = {
-            "round_time_ratio_sequential": "round time HE/plain, sequential",
-            "round_time_ratio_critical_path": "round time HE/plain, critical path",
+            "round_time_ratio_sequential": "in process, no Flower: round HE/plain, sequential",
+            "round_time_ratio_critical_path": "in process, no Flower: round HE/plain, critical",
             "bytes_per_param_upload": "bytes per parameter on the wire (upload)",
         }
         target_rows += [(labels[k], t) for k, t in report["targets"].items()]
@@ -639,8 +723,7 @@ def _print(console: Console, report: dict[str, Any]) -> None:
         console.print(
             f"in process: max |HE update − plaintext update| = {report['max_abs_diff']:.3e}; "
             f"CKKS N={report['ckks_params']['poly_modulus_degree']}, "
-            f"level {report['ckks_level']}, scale 2^{report['ckks_scale_bits']} "
-            f"(sum bound {report['config']['sum_bound']:g}); "
+            f"{report['config']['encoding']} (sum bound {report['config']['sum_bound']:g}); "
             f"torch threads {report['config']['torch_threads']}; "
             f"{report['config']['warmup_rounds']} unmeasured warm-up round(s) per mode"
         )
@@ -652,8 +735,8 @@ def _print(console: Console, report: dict[str, Any]) -> None:
             f"Flower: max |HE weights − plaintext weights| = "
             f"{agreement.get('max_abs_weight_diff', float('nan')):.3e}, "
             f"|Δ accuracy| = {agreement.get('accuracy_diff', float('nan')):.4f}; "
-            f"updates at level {update['level']}, scale 2^{update['scale_bits']} "
-            f"(sum bound {update['sum_bound']:g}), moments at level {moments['level']}, "
+            f"updates {update['encoding']} (sum bound {update['sum_bound']:g}), "
+            f"moments at level {moments['level']}, "
             f"scale 2^{moments['scale_bits']}; {flower['config']['parties']} parties + key "
             f"holder, {flower['config']['rounds']} round(s), simulate() took "
             f"{flower['simulate_wall_s']:.1f} s (Ray start included); {flower['result_json']}"
@@ -684,6 +767,7 @@ def _print_in_process(console: Console, report: dict[str, Any]) -> None:
 
     ms("train_s_median", "train / party (median)")
     ms("encrypt_s_median", "encrypt / party (median)")
+    ms("precompute_s_per_party", "Enc(0)s made while idle / party")
     ms("aggregate_s", "aggregate (sum)")
     ms("decrypt_s", "decrypt (key holder)")
     ms("apply_s", "average + apply")

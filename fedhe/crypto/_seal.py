@@ -152,6 +152,14 @@ def pause_precompute() -> Iterator[None]:
                 _IDLE.set()
 
 
+def wait_for_precompute() -> None:
+    """Block until every pool of this process is filled (benchmarks, tests)."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+    for pool in pools:
+        pool.wait()
+
+
 def _wait_until_settled() -> int:
     """Wait until no message has been handled for IDLE_SETTLE_S; the message count then."""
     while True:
