@@ -83,6 +83,8 @@ TOP_PROCESSES = 6
 RSS_BAR_GB = 6.0
 GB = 1e9
 REPO = Path(__file__).resolve().parent.parent
+FEDAVG_BENCH = Path(__file__).resolve().with_name("bench_aggregate.py")
+FEDAVG_PARTIES = 10  # the issue's bar: HE-FedAvg round ≤ 1.5× plaintext, 100k params, 10 parties
 DEFAULT_OUT = {False: REPO / "benchmarks", True: REPO / "benchmarks" / "quick"}
 
 
@@ -200,6 +202,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="runs per small job (3; --quick 1)")
     parser.add_argument("--large-repeats", type=int, default=1, help="runs per large job (1)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run (1800)")
+    parser.add_argument(
+        "--fedavg-rounds",
+        type=int,
+        help="rounds of the HE-FedAvg round-time benchmark (bench_aggregate.py, 100k params, "
+        "10 parties; 12, --quick 4; 0: off)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: small size, 1 repeat")
     parser.add_argument("--out-dir", type=Path, help="report folder (benchmarks/)")
     parser.add_argument("--keep-runs", type=Path, help="keep run folders here (default: temp)")
@@ -215,6 +223,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.sweep = "10,20" if args.quick else "10,100,1000"
     args.sweep = sorted({int(p) for p in args.sweep.split(",") if p.strip()})
     args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.fedavg_rounds is None:
+        args.fedavg_rounds = 4 if args.quick else 12
     if args.quick:
         args.large = 0
     args.out_dir = args.out_dir or DEFAULT_OUT[args.quick]
@@ -242,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="fedhe-benchmark-") as tmp:
         runs_dir = args.keep_runs or Path(tmp)
         records = [run_job(job, runs_dir, args.timeout, console) for job in jobs]
+    fedavg = run_fedavg(args.fedavg_rounds, args.out_dir, args.timeout, console)
     report = {
         "benchmark": "every fedhe job through `fedhe simulate`: HE vs plaintext twin",
         "command": shlex.join(["python", "simulations/benchmark.py", *(argv or sys.argv[1:])]),
@@ -250,9 +261,132 @@ def main(argv: list[str] | None = None) -> None:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "jobs": records,
         "sweep_fit": sweep_fit(records),
+        "fedavg": fedavg,
         "wall_s": time.perf_counter() - started,
     }
     write_report(report, args.out_dir, console)
+
+
+# -- the HE-FedAvg round ---------------------------------------------------------------------
+
+
+def run_fedavg(
+    rounds: int, out_dir: Path, timeout: float, console: Console
+) -> dict[str, Any] | None:
+    """bench_aggregate.py in process and through Flower; its figures for the report."""
+    if rounds < 1:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "aggregate.json"
+    out.unlink(missing_ok=True)
+    command = [
+        sys.executable,
+        str(FEDAVG_BENCH),
+        "--parties",
+        str(FEDAVG_PARTIES),
+        "--rounds",
+        "3",
+        "--flower",
+        "--flower-rounds",
+        str(rounds),
+        "--out",
+        str(out),
+    ]
+    console.print(f"HE-FedAvg round: {shlex.join(command)}")
+    try:
+        subprocess.run(command, cwd=REPO, timeout=timeout, check=True, capture_output=True)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+        tail = getattr(err, "stderr", b"") or b""
+        return {"error": f"{err}: {tail.decode(errors='replace')[-2000:]}"}
+    return fedavg_figures(json.loads(out.read_text()))
+
+
+def fedavg_figures(raw: dict[str, Any]) -> dict[str, Any]:
+    flower, inproc = raw["flower"], raw["modes"]
+    he, plain = inproc["he"]["summary"], inproc["plaintext"]["summary"]
+    both = (flower["he"], flower["plaintext"])
+    return {
+        "n_params": raw["n_params"],
+        "parties": raw["config"]["parties"],
+        "encoding": raw["config"]["encoding"],
+        "flower_rounds": len(flower["he"]["round_s"]),
+        "round_s": dict(zip(("he", "plain"), (f["round_s_median"] for f in both), strict=True)),
+        "round_ratio": flower["ratios_he_over_plaintext"]["round_s_median"],
+        "bytes_per_param": flower["he"]["bytes_per_param_update_upload"],
+        "accuracy": dict(zip(("he", "plain"), (f["final"]["accuracy"] for f in both), strict=True)),
+        "max_abs_weight_diff": flower["agreement"].get("max_abs_weight_diff"),
+        "quantization_bound": flower["agreement"].get("quantization_bound"),
+        "in_process_ms": {
+            key: {"he": he[key] * 1e3, "plain": plain[key] * 1e3}
+            for key in (
+                "train_s_median",
+                "encrypt_s_median",
+                "precompute_s_per_party",
+                "aggregate_s",
+                "decrypt_s",
+                "round_critical_path_s",
+            )
+        },
+    }
+
+
+FEDAVG_LABELS = {
+    "train_s_median": "local training / party",
+    "encrypt_s_median": "encrypt in the round / party",
+    "precompute_s_per_party": "Enc(0)s made while idle / party",
+    "aggregate_s": "aggregator: sum of 10",
+    "decrypt_s": "key holder: decrypt",
+    "round_critical_path_s": "round, critical path (parties in parallel)",
+}
+
+
+def fedavg_section(report: dict[str, Any]) -> str:
+    figures = report.get("fedavg")
+    if not figures:
+        return ""
+    if "error" in figures:
+        return f"## HE-FedAvg round\n\nFailed: `{figures['error'][:500]}`\n"
+    ratio = figures["round_ratio"]
+    flower_rows = [
+        [
+            f"{figures['round_s']['he']:.3f} s",
+            f"{figures['round_s']['plain']:.3f} s",
+            f"**{ratio:.2f}×** ({'meets' if ratio <= 1.5 else 'misses'} ≤ 1.5×)",
+            f"{figures['bytes_per_param']:.2f}",
+            f"{figures['accuracy']['he']:.4f} / {figures['accuracy']['plain']:.4f}",
+            f"{figures['max_abs_weight_diff']:.2e} "
+            f"(rounding bound {figures['quantization_bound'] or 0:.2e})",
+        ]
+    ]
+    phase_rows = [
+        [FEDAVG_LABELS[k], f"{v['he']:.1f} ms", f"{v['plain']:.1f} ms"]
+        for k, v in figures["in_process_ms"].items()
+    ]
+    return "\n".join(
+        [
+            f"## HE-FedAvg round: {figures['n_params']:,} parameters, "
+            f"{figures['parties']} parties\n",
+            "`simulations/bench_aggregate.py` (run by this script): a torch MLP on digits, one "
+            "local epoch per round, updates "
+            f"{figures['encoding']}. Flower: `fedhe simulate aggregate` end to end, the "
+            f"aggregator's `round_s`, median over {figures['flower_rounds']} rounds (the HE job's "
+            "first round pays the nodes' warm-up), the same nodes for both jobs.\n",
+            md_table(
+                (
+                    "Flower round HE",
+                    "plaintext",
+                    "HE / plain",
+                    "B/param (upload)",
+                    "accuracy HE / plain",
+                    "max abs Δw, HE − plain",
+                ),
+                flower_rows,
+            )
+            + "\n",
+            "In process (no Flower, the protocol alone; medians over 3 rounds):\n",
+            md_table(("phase", "HE", "plaintext"), phase_rows) + "\n",
+        ]
+    )
 
 
 # -- planning --------------------------------------------------------------------------------
@@ -817,6 +951,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
             heading = f"## {title}: {', '.join(map(str, parties))} parties\n"
             parts += [heading, md_table(COLUMNS, rows) + "\n", bar_line(records, size)]
     parts += ["```\n" + fit_lines(report["sweep_fit"]) + "\n```\n"]
+    parts += [fedavg_section(report)]
     parts += [f"![{p}]({p})\n" for p in plots]
     parts += [
         memory_section(records),
