@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import fields
 from pathlib import Path
 
-from fedhe.config import TASKS, JobConfig
+from fedhe.config import TASKS, ConfigError, JobConfig
 from fedhe.errors import FedHEError
 
 _HELP = {
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             task=args.task,
             plaintext_twin=not args.encrypted_only,
         )
-        result_path = simulate(config)
+        result_path = simulate(config, workers=args.workers)
     except FedHEError as err:
         print(f"fedhe: error: {err}", file=sys.stderr)
         return 2
@@ -82,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def simulate(config: JobConfig) -> Path:
-    """Run `config` in Flower's simulation engine: `parties` SuperNodes plus the key holder."""
+def simulate(config: JobConfig, workers: int | None = None) -> Path:
+    """Run `config` in Flower's simulation engine: `parties` SuperNodes plus the key holder,
+    on `workers` Ray actors (default: one per CPU core, at most one per node)."""
+    if workers is not None and workers < 1:
+        raise ConfigError(f"workers must be ≥ 1, got {workers}.")
+    workers = workers or min(os.cpu_count() or 1, config.num_nodes)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 
@@ -103,7 +107,7 @@ def simulate(config: JobConfig) -> Path:
                 backend_config={
                     "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                     "init_args": {
-                        "num_cpus": max(1, min(os.cpu_count() or 1, config.num_nodes)),
+                        "num_cpus": max(1, workers),
                         "include_dashboard": False,
                     },
                 },
@@ -137,6 +141,12 @@ def _parser() -> argparse.ArgumentParser:
             help=f"{_HELP.get(f.name, '')} (default: {default!r})",
         )
     sim.add_argument("--encrypted-only", action="store_true", help="skip the plaintext twin run")
+    sim.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="Ray actors running the nodes (default: one per CPU core)",
+    )
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     audit = commands.add_parser("audit", help="check a key holder's audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)

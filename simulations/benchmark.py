@@ -68,6 +68,9 @@ from rich.table import Table
 from fedhe.config import DEFAULT_DATASET, TASKS
 from fedhe.data.datasets import BUILTIN_DATASETS, load_builtin
 
+# Both cores: the same job on 1 Ray actor and on 2 (every node's work, parties' encryption
+# included, runs on these actors; the aggregator and Ray's own processes share the machine).
+CORES_JOBS = (("aggregate", 10), ("linreg", 100))
 TASK_ARGS: dict[str, list[str]] = {
     "aggregate": ["--min-parties", "2", "--rounds", "3"],
     "linreg": ["--min-parties", "2"],
@@ -110,9 +113,17 @@ class Job:
 
     task: str
     parties: int
-    size: str  # "small", "large" or "sweep"
+    size: str  # "small", "large", "sweep" or "cores"
     repeats: int
     dataset: str  # "" = the task's default
+    workers: int | None = None  # Ray actors (`--workers`); None: one per core
+
+    @property
+    def label(self) -> str:
+        """The data set, and the workers when they are set."""
+        if self.workers is None:
+            return self.dataset_name
+        return f"{self.dataset_name}, {self.workers} worker{'s' * (self.workers > 1)}"
 
     @property
     def dataset_name(self) -> str:
@@ -122,6 +133,8 @@ class Job:
         args = ["simulate", self.task, "--parties", str(self.parties), *TASK_ARGS[self.task]]
         if self.dataset:
             args += ["--dataset", self.dataset]
+        if self.workers is not None:
+            args += ["--workers", str(self.workers)]
         return [*args, "--out", out]
 
     def display(self) -> str:
@@ -200,6 +213,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "synthetic when diabetes has fewer training rows than the largest sweep point)",
     )
     parser.add_argument("--repeats", type=int, help="runs per small job (3; --quick 1)")
+    parser.add_argument(
+        "--cores",
+        default="1,2",
+        help="Ray worker counts to compare on CORES_JOBS (1,2; empty: off)",
+    )
     parser.add_argument("--large-repeats", type=int, default=1, help="runs per large job (1)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run (1800)")
     parser.add_argument(
@@ -223,6 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.sweep = "10,20" if args.quick else "10,100,1000"
     args.sweep = sorted({int(p) for p in args.sweep.split(",") if p.strip()})
     args.repeats = args.repeats or (1 if args.quick else 3)
+    args.cores = sorted({int(w) for w in args.cores.split(",") if w.strip()})
     if args.fedavg_rounds is None:
         args.fedavg_rounds = 4 if args.quick else 12
     if args.quick:
@@ -265,6 +284,33 @@ def main(argv: list[str] | None = None) -> None:
         "wall_s": time.perf_counter() - started,
     }
     write_report(report, args.out_dir, console)
+
+
+def cores_section(records: list[dict[str, Any]]) -> str:
+    """What the second core buys: the same job on 1 and on 2 Ray workers."""
+    by_job: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+    for record in records:
+        if record["size"] == "cores" and record["median"] is not None:
+            by_job.setdefault((record["task"], record["parties"]), {})[record["workers"]] = record
+    lines = []
+    for (task, parties), runs in sorted(by_job.items()):
+        if len(runs) < 2:
+            continue
+        fewest, most = min(runs), max(runs)
+        one, many = runs[fewest]["median"], runs[most]["median"]
+        lines.append(
+            f"| {task} | {parties} | {one['he_total_s']:.1f} → {many['he_total_s']:.1f} s "
+            f"(**{one['he_total_s'] / many['he_total_s']:.2f}×**) | "
+            f"{one['plain_total_s']:.1f} → {many['plain_total_s']:.1f} s "
+            f"({one['plain_total_s'] / many['plain_total_s']:.2f}×) |"
+        )
+    if not lines:
+        return ""
+    header = (
+        "Speed-up from the second core (the same job on 1 → 2 Ray workers; HE and plaintext "
+        "job totals, medians):\n\n| task | parties | HE | plaintext twin |\n|---|---|---|---|\n"
+    )
+    return header + "\n".join(lines) + "\n"
 
 
 # -- the HE-FedAvg round ---------------------------------------------------------------------
@@ -421,6 +467,10 @@ def plan(args: argparse.Namespace) -> list[Job]:
         dataset = args.sweep_dataset or choose_dataset("linreg", max(args.sweep))
         repeats = 1 if args.quick else args.large_repeats
         jobs += [Job("linreg", p, "sweep", repeats, dataset) for p in args.sweep]
+    for task, parties in CORES_JOBS:
+        if task in args.tasks and args.cores:
+            dataset = choose_dataset(task, parties)
+            jobs += [Job(task, parties, "cores", args.repeats, dataset, w) for w in args.cores]
     return jobs
 
 
@@ -438,7 +488,8 @@ def fedhe_executable() -> str:
 def run_job(job: Job, runs_dir: Path, timeout: float, console: Console) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for repeat in range(job.repeats):
-        out = runs_dir / f"{job.size}-{job.task}-{job.parties}-{job.dataset_name}-{repeat}"
+        workers = "" if job.workers is None else f"-w{job.workers}"
+        out = runs_dir / f"{job.size}-{job.task}-{job.parties}-{job.dataset_name}{workers}-{repeat}"
         console.print(f"[bold]{job.display()}[/] ({job.size}, run {repeat + 1}/{job.repeats}) …")
         run = run_once(job, out, timeout)
         runs.append(run)
@@ -449,7 +500,8 @@ def run_job(job: Job, runs_dir: Path, timeout: float, console: Console) -> dict[
         "task": job.task,
         "parties": job.parties,
         "size": job.size,
-        "dataset": job.dataset_name,
+        "dataset": job.label,
+        "workers": job.workers,
         "command": job.display(),
         "repeats_planned": job.repeats,
         "runs": runs,
@@ -759,7 +811,7 @@ def fmt_bytes(n: float | None) -> str:
 def write_report(report: dict[str, Any], out_dir: Path, console: Console) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     records = report["jobs"]
-    for size in ("small", "large", "sweep"):
+    for size in ("small", "large", "sweep", "cores"):
         rows = table_rows(records, size)
         if rows:
             print_table(console, f"{size} size" if size != "sweep" else "linreg sweep", rows)
@@ -944,14 +996,15 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         jobs_section(report),
     ]
     records = report["jobs"]
-    for size, title in (("small", "Small size"), ("large", "Large size"), ("sweep", "Sweep")):
+    titles = {"small": "Small size", "large": "Large size", "sweep": "Sweep", "cores": "Cores"}
+    for size, title in titles.items():
         rows = table_rows(records, size)
         if rows:
             parties = sorted({r["parties"] for r in records if r["size"] == size})
             heading = f"## {title}: {', '.join(map(str, parties))} parties\n"
             parts += [heading, md_table(COLUMNS, rows) + "\n", bar_line(records, size)]
     parts += ["```\n" + fit_lines(report["sweep_fit"]) + "\n```\n"]
-    parts += [fedavg_section(report)]
+    parts += [cores_section(records), fedavg_section(report)]
     parts += [f"![{p}]({p})\n" for p in plots]
     parts += [
         memory_section(records),

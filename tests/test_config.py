@@ -42,3 +42,14 @@ def test_cli_reports_bad_settings_without_starting_flower(capsys):
     code = main(["simulate", "aggregate", "--parties", "3", "--min-parties", "5"])
     assert code == 2
     assert "min-parties must be between 1 and parties=3" in capsys.readouterr().err
+
+
+def test_cli_refuses_zero_simulation_workers(capsys):
+    assert main(["simulate", "aggregate", "--workers", "0"]) == 2
+    assert "workers must be ≥ 1" in capsys.readouterr().err
+
+
+def test_quantized_packing_is_the_default_for_updates_and_others_are_refused():
+    assert JobConfig().packing == "quantized"
+    with pytest.raises(ConfigError, match="packing 'real'"):
+        JobConfig(packing="real")

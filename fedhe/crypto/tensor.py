@@ -27,8 +27,8 @@ from fedhe.crypto.params import MAX_PRIME_BITS
 from fedhe.errors import InvalidCiphertextError, ParameterError, ShapeError, ValueRangeError
 
 _MAGIC = b"FHET"
-MIN_SCALE_BITS = 12  # quantized lanes use small scales (their guard bits); anything lower is junk
 _VERSION = 1
+MIN_SCALE_BITS = 12  # quantized lanes use small scales (their guard bits); anything lower is junk
 
 CKKS_KIND = "ckks"
 PLAIN_KIND = "plain"
