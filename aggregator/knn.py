@@ -38,6 +38,7 @@ class KNNJob(Job):
         self.n_queries = self.test.n_samples
         self.n_batches = math.ceil(self.n_queries / self.config.query_batch)
         self.querier = f"party-{self.config.querier}"
+        self.encrypted_queries = self.config.query == "encrypted"  # else a smaller store
 
     def source_classes(self) -> int:
         return self.test.n_classes if self.test.task == "classification" else 0
@@ -115,6 +116,9 @@ class KNNJob(Job):
         except FedHEError as err:
             log.warning("saved KNN store not reused, parties upload again: %s", err)
             return None
+        if self.encrypted_queries and not store.encrypted_queries:
+            log.warning("saved KNN store takes plaintext queries only, parties upload again")
+            return None
         self.run.extras["store_reused"] = True
         return store
 
@@ -129,7 +133,13 @@ class KNNJob(Job):
             self.run.excluded[name] = "knn upload: no points to store"
         layout = knn.StoreLayout.plan(counts, slots)
         segments = {s.party: s for s in layout.segments}
-        store = knn.KNNStore(self.context, self.test.n_features, self.n_classes, layout)
+        store = knn.KNNStore(
+            self.context,
+            self.test.n_features,
+            self.n_classes,
+            layout,
+            encrypted_queries=self.encrypted_queries,
+        )
         names = list(counts)
         for start in range(0, len(names), UPLOAD_WAVE):
             wave = {name: self.parties[name] for name in names[start : start + UPLOAD_WAVE]}
@@ -155,6 +165,7 @@ class KNNJob(Job):
                         "n-classes": self.n_classes,
                         "segment": vars(segments[name]),
                         "slots": store.slots,
+                        "encrypted-queries": store.encrypted_queries,
                         "fail-party": self.config.drop_party,
                     }
                 )

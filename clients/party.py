@@ -195,6 +195,7 @@ def knn_upload(msg: Message, context: Context) -> Message:
         labels,
         knn.Segment(**config["segment"]),
         int(config["slots"]),
+        encrypted_queries=bool(config.get("encrypted-queries", True)),
     )
     return Message(
         protocol.content(

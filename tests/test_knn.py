@@ -29,7 +29,18 @@ K = 5
 class Federation:
     """A key holder, its job, and the parties' points split in `n_parties` shares."""
 
-    def __init__(self, tmp_path, X, y, n_classes, *, encrypted=True, n_parties=3, job="j"):
+    def __init__(
+        self,
+        tmp_path,
+        X,
+        y,
+        n_classes,
+        *,
+        encrypted=True,
+        n_parties=3,
+        job="j",
+        encrypted_queries=True,
+    ):
         self.keyholder = KeyHolder(tmp_path / job, declaration_check=check_declaration)
         declaration = aggregate.declare(
             job,
@@ -48,7 +59,9 @@ class Federation:
         shares = np.array_split(np.arange(len(X)), n_parties)
         counts = {f"party-{i}": len(s) for i, s in enumerate(shares)}
         self.layout = knn.StoreLayout.plan(counts, SLOTS, self.rng)
-        self.store = knn.KNNStore(self.context, X.shape[1], n_classes, self.layout)
+        self.store = knn.KNNStore(
+            self.context, X.shape[1], n_classes, self.layout, encrypted_queries=encrypted_queries
+        )
         self.uploads = {}
         for i, share in enumerate(shares):
             segment = self.segment(f"party-{i}")
@@ -59,6 +72,7 @@ class Federation:
                 segment,
                 SLOTS,
                 rng=self.rng,
+                encrypted_queries=encrypted_queries,
             )
             self.store.add(segment, self.uploads[segment.party])
 
@@ -104,6 +118,31 @@ def test_iris_agrees_with_sklearn(iris, encrypted_query):
     reference = KNeighborsClassifier(K, algorithm="brute").fit(X, y).predict(Xq)
     assert np.mean(predicted == reference) >= 0.99
     assert np.mean(predicted == yq) > 0.9
+
+
+def test_a_store_for_plaintext_queries_has_smaller_features_and_refuses_encrypted_ones(
+    iris, tmp_path
+):
+    full, X, y, Xq, _ = iris
+    c = full.n_classes
+    lean = Federation(tmp_path, X, y, c, job="lean", encrypted_queries=False)
+
+    def feature_bytes(federation):
+        return sum(
+            len(blob)
+            for upload in federation.uploads.values()
+            for name, blob in upload.items()
+            if name.startswith("features-")
+        )
+
+    # features drop the 40-bit middle prime of 60+40+40; ‖x‖² and the labels keep their two
+    assert feature_bytes(lean) < 0.75 * feature_bytes(full)
+    reference = KNeighborsClassifier(K, algorithm="brute").fit(X, y).predict(Xq)
+    assert np.mean(lean.ask(Xq) == reference) >= 0.99
+    with pytest.raises(ProtocolError, match="uploaded for plaintext queries"):
+        lean.ask(Xq[:2], encrypted_query=True)
+    lean.store.save(tmp_path / "lean-store")
+    assert not knn.KNNStore.load(tmp_path / "lean-store", lean.context).encrypted_queries
 
 
 def test_breast_cancer_agrees_with_sklearn(tmp_path):

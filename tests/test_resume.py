@@ -82,6 +82,20 @@ def test_knn_resumes_with_its_encrypted_store(tmp_path, monkeypatch):
     assert he_uploads == []  # the parties did not upload again
 
 
+def test_a_store_for_plaintext_queries_is_not_reused_for_encrypted_ones(tmp_path, monkeypatch):
+    config = JobConfig(task="knn", dataset="iris", parties=3, min_parties=2, out=str(tmp_path))
+    first = InProcessGrid(config.num_nodes)
+    with monkeypatch.context() as patch:
+        _crash_when(patch, KNNJob, "_ask_all", lambda *_: True)
+        with pytest.raises(Crash):
+            run_job(first, config)
+    second = InProcessGrid(config.num_nodes, run_id=first.run_id)
+    run_job(second, replace(config, resume=True, query="encrypted"))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert "store_reused" not in result  # features one level short: the parties upload again
+    assert result["agreement"]["prediction_agreement"] == 1.0
+
+
 def test_a_damaged_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "checkpoint-he.json").write_text("{not json")
     config = JobConfig(parties=3, min_parties=2, rounds=1, out=str(tmp_path), resume=True)

@@ -57,12 +57,20 @@ TASK = "knn"
 RANK_OUTPUT = "knn_rank"
 VOTE_OUTPUT = "knn_vote"
 
-# N=8192, primes [60, 40, 40 | 60] at 2^40: features keep three primes (an encrypted query
-# takes two products: q·x, then the mask α), ‖x‖² and labels two, results land on the 60-bit
-# prime, which holds |value| < 2^18.
+# N=8192, primes [60, 40, 40 | 60] at 2^40: features keep three primes when queries come
+# encrypted (two products: q·x, then the mask α) and two when they come in the clear (one
+# product: (−2α·q)·x), ‖x‖² and labels two, results land on the 60-bit prime, which holds
+# |value| < 2^18. A store for plaintext queries has ~30% smaller features and refuses encrypted
+# queries.
 PARAMS = MODEL_PARAMS
 FEATURE_MULTIPLICATIONS = 2
+PLAIN_QUERY_FEATURE_MULTIPLICATIONS = 1
 EXTRA_MULTIPLICATIONS = 1
+
+
+def feature_multiplications(encrypted_queries: bool) -> int:
+    return FEATURE_MULTIPLICATIONS if encrypted_queries else PLAIN_QUERY_FEATURE_MULTIPLICATIONS
+
 
 # Standardized points (and queries) must keep ‖x‖² ≤ NORM_SQ_BOUND, so |‖x‖² − 2q·x| < 3·2^14
 # and, with α ∈ [2^-2, 2^-1) and |β| ≤ 2^15, every masked distance lies within ±2^16; empty
@@ -174,6 +182,7 @@ def party_upload(
     slots: int,
     *,
     rng: Random | None = None,
+    encrypted_queries: bool = True,
 ) -> dict[str, bytes]:
     """Encrypt standardized points `X` (n, d) with their label rows (L, n) at the segment's
     positions: ``features-<b>`` (d, slots) and ``extras-<b>`` (1 + L, slots) for each block b
@@ -197,7 +206,7 @@ def party_upload(
     for i in range(n_blocks):
         block = placed[:, i * slots : (i + 1) * slots]
         payload[f"features-{first_block + i}"] = encrypt_for_compute(
-            context, block[:d], multiplications=FEATURE_MULTIPLICATIONS
+            context, block[:d], multiplications=feature_multiplications(encrypted_queries)
         ).to_bytes()
         payload[f"extras-{first_block + i}"] = encrypt_for_compute(
             context, block[d:], multiplications=EXTRA_MULTIPLICATIONS
@@ -267,11 +276,14 @@ class KNNStore:
         n_features: int,
         n_classes: int,
         layout: StoreLayout,
+        *,
+        encrypted_queries: bool = True,
     ) -> None:
         self.context = context
         self.n_features = n_features
         self.n_classes = n_classes
         self.layout = layout
+        self.encrypted_queries = encrypted_queries  # features keep room for a second product
         self.blocks: dict[int, Block] = {}
         self.contributors: list[str] = []
         self.stored: set[tuple[str, int]] = set()  # (party, offset) of each stored segment
@@ -321,7 +333,7 @@ class KNNStore:
             payload[f"features-{b}"],
             self.context,
             shape=(d, slots),
-            level=FEATURE_MULTIPLICATIONS + 1 if self.context else None,
+            level=feature_multiplications(self.encrypted_queries) + 1 if self.context else None,
         )
         extras = load_tensor(
             payload[f"extras-{b}"],
@@ -353,6 +365,11 @@ class KNNStore:
         rng = secure_random()
         empty = EMPTY_OFFSET * (~self.occupied())
         plain = isinstance(queries, np.ndarray)
+        if not plain and not self.encrypted_queries:
+            raise ProtocolError(
+                "this KNN store was uploaded for plaintext queries (features one level deep): "
+                "run the job with --query encrypted to store points that take encrypted ones."
+            )
         rows = queries if plain else unstack(queries)
         if plain:
             check_queries(queries, self.n_features)
@@ -445,6 +462,7 @@ class KNNStore:
             "fingerprint": self.context.fingerprint if self.context else None,
             "n_features": self.n_features,
             "n_classes": self.n_classes,
+            "encrypted_queries": self.encrypted_queries,
             "layout": self.layout.to_dict(),
             "contributors": self.contributors,
             "stored": sorted(self.stored),
@@ -478,6 +496,7 @@ class KNNStore:
             int(manifest["n_features"]),
             int(manifest["n_classes"]),
             StoreLayout.from_dict(manifest["layout"]),
+            encrypted_queries=bool(manifest.get("encrypted_queries", True)),
         )
         store.contributors = list(manifest["contributors"])
         store.stored.update((p, int(o)) for p, o in manifest["stored"])
