@@ -52,6 +52,7 @@ class FedAvgJob(Job):
             set_weights(self.model, checkpoint.weights)
         self.standardizer = standardizer
         update_bound = total_samples * self.config.clip  # |Δw| ≤ clip ⇒ |Σ nᵢΔwᵢ| ≤ clip·Σnᵢ
+        self.packing = self._update_packing(update_bound, total_samples)
         test_X = standardizer.features(self.test.X)
         kind = "encrypted" if self.run.encrypted else "plaintext twin"
         with progress(self.config.rounds, f"{kind}: rounds") as advance:
@@ -69,6 +70,23 @@ class FedAvgJob(Job):
                 )
                 advance(f"{kind}: round {round_number}, accuracy {metrics['accuracy']:.3f}")
         self.run.weights = get_weights(self.model)
+
+    def _update_packing(self, update_bound: float, total_samples: float) -> str:
+        """How the updates sit in the ciphertexts (`--packing`; auto: quantized while its
+        rounding is small for this federation), reported in result.json."""
+        if self.context is None:
+            return aggregate.COMPLEX  # the twin sends float64 whatever the packing
+        packing = aggregate.choose_packing(
+            self.config.packing,
+            self.layout,
+            self.context.params,
+            sum_bound=update_bound,
+            parties=len(self.parties),
+            total_samples=total_samples,
+        )
+        self.run.extras["update_packing"] = packing
+        log.info("%s: model updates use %s packing", self.run.job_id, packing)
+        return packing
 
     def _train_round(
         self, round_number: int, standardizer: moments.Standardizer, update_bound: float
@@ -88,7 +106,7 @@ class FedAvgJob(Job):
                 "fail-party": self.config.drop_party,
                 "clip": self.config.clip,
                 "sum-bound": update_bound,
-                "packing": self.config.packing,
+                "packing": self.packing,
                 "lane-terms": len(self.parties),
             },
             weights=weights,
@@ -98,14 +116,14 @@ class FedAvgJob(Job):
             self.layout,
             aggregate.OUTPUT,
             update_bound,
-            packing=self.config.packing,
+            packing=self.packing,
             parties=len(self.parties),
         )
         update, total_samples = aggregate.average_update(flat, self.layout)
         set_weights(self.model, {k: weights[k] + update[k] for k in weights})
         party_metrics = [protocol.metrics_of(r) for r in exchange.replies.values()]
         quantization = {}
-        if self.context is not None and self.config.packing == aggregate.QUANTIZED:
+        if self.context is not None and self.packing == aggregate.QUANTIZED:
             quantization["quantization_bound"] = aggregate.quantization_error_bound(
                 self.layout,
                 self.context.params,

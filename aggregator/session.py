@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -72,27 +72,43 @@ class Session:
 
 # Flower's own send_and_receive sleeps a fixed interval between pulls (0.1 s in simulation, 3 s
 # against a SuperLink), so every exchange ends on that grid. Sleeping an eighth of the time
-# waited so far finds a reply within ~12% of its arrival and still polls a SuperLink at most 4×/s.
+# since the last reply finds the next within ~12% and still polls a SuperLink at most 4×/s.
 FIRST_POLL_S = 0.002
 MAX_POLL_S = 0.25
+# Messages in flight per exchange. Flower's in-memory link state scans every stored message for
+# each node it polls (every 0.1 s in simulation), so a whole federation's messages at once cost
+# O(nodes²) per poll; a sliding window keeps that O(nodes·WINDOW) and the workers busy.
+WINDOW = 64
 
 
-def send_and_receive(grid: Grid, messages: list[Message], *, timeout_s: float) -> list[Message]:
-    """Push `messages`, then pull replies until all are in or `timeout_s` has passed."""
+def send_and_receive(
+    grid: Grid, messages: list[Message], *, timeout_s: float, window: int = WINDOW
+) -> list[Message]:
+    """Push `messages`, at most `window` awaiting a reply at a time, and pull replies until all
+    are in or `timeout_s` has passed (messages not yet pushed by then are never sent)."""
     if not hasattr(grid, "push_messages"):  # a grid that offers only send_and_receive
         return list(grid.send_and_receive(messages, timeout=timeout_s))
-    pending = set(grid.push_messages(messages))
-    started = time.monotonic()
+    queue = deque(messages)
+    pending: set[str] = set()
     replies: list[Message] = []
-    while pending:
+    started = last_reply = time.monotonic()
+    while True:
+        batch = [queue.popleft() for _ in range(min(window - len(pending), len(queue)))]
+        if batch:
+            pending.update(grid.push_messages(batch))
+        if not pending:
+            break
         pulled = list(grid.pull_messages(pending))
         replies.extend(pulled)
         pending -= {reply.metadata.reply_to_message_id for reply in pulled}
-        waited = time.monotonic() - started
-        if not pending or waited >= timeout_s:
+        now = time.monotonic()
+        if pulled:
+            last_reply = now
+        if (not pending and not queue) or now - started >= timeout_s:
             break
-        interval = min(max(FIRST_POLL_S, waited / 8), MAX_POLL_S, timeout_s - waited)
-        time.sleep(interval)
+        if not pulled:
+            backoff = max(FIRST_POLL_S, (now - last_reply) / 8)
+            time.sleep(min(backoff, MAX_POLL_S, timeout_s - (now - started)))
     return replies
 
 

@@ -45,7 +45,9 @@ _HELP = {
     "alpha": "Dirichlet(alpha) label skew across parties for built-in data (0: IID)",
     "single_queries": "mlp: test samples also sent one at a time (single-sample latency path)",
     "optimizer": "local training optimizer: sgd or adam",
-    "packing": "model-update sums: quantized (4 values per slot, ~2^-17 rounding) or complex",
+    "packing": "model-update sums: quantized (4 values per slot, rounded to ~2^-17 of the "
+    "bound), complex (2 per slot, CKKS precision) or auto (quantized while the rounding stays "
+    "≤ 1e-3 per round)",
     "resume": "continue an interrupted job from the checkpoint in --out (true/false)",
 }
 _SIMULATION_ONLY = {"task", "keyholder_partition_id", "plaintext_twin"}

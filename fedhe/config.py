@@ -10,7 +10,8 @@ from fedhe.errors import FedHEError
 
 TASKS = ("aggregate", "linreg", "logreg", "knn", "mlp")
 QUERY_MODES = ("plain", "encrypted")
-UPDATE_PACKINGS = ("quantized", "complex")  # fedhe.crypto.tensor QUANTIZED, COMPLEX
+# auto: quantized while its rounding stays small (fedhe.tasks.aggregate.choose_packing)
+UPDATE_PACKINGS = ("auto", "quantized", "complex")
 MODES = ("exact", "gradient", "encrypted-model")
 DEFAULT_DATASET = {
     "aggregate": "breast_cancer",
@@ -63,7 +64,7 @@ class JobConfig:
     alpha: float = 0.0  # built-in data: Dirichlet(alpha) label skew across parties; 0: IID
     single_queries: int = 3  # mlp: test samples also sent one by one (latency path)
     optimizer: str = "sgd"  # local training: sgd or adam
-    packing: str = "quantized"  # model-update sums: quantized (4 values per slot) or complex (2)
+    packing: str = "auto"  # model-update sums: quantized (4 values per slot), complex (2), auto
     resume: bool = False  # continue from the checkpoint in `out` after an aggregator crash
 
     def __post_init__(self) -> None:

@@ -200,9 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--packing",
-        choices=("quantized", "complex"),
-        default="quantized",
-        help="how updates sit in slots: quantized (4 per slot, the job's default) or complex",
+        choices=("auto", "quantized", "complex"),
+        default="auto",
+        help="how updates sit in slots: auto (the job's default), quantized (4 per slot), complex",
     )
     parser.add_argument(
         "--flower-out",
@@ -259,6 +259,14 @@ def _run_in_process(console: Console, args: argparse.Namespace) -> dict[str, Any
     initial = get_weights(build_model(spec, seed=args.seed))
     layout = aggregate.Layout.of(initial)
     n_params = layout.n_params
+    args.update_packing = aggregate.choose_packing(  # what the job would use (auto resolved)
+        args.packing,
+        layout,
+        AGGREGATION_PARAMS,
+        sum_bound=sum_bound,
+        parties=args.parties,
+        total_samples=total_samples,
+    )
     console.print(
         f"model {spec.to_dict()}: [bold]{n_params:,}[/bold] parameters; "
         f"{args.parties} parties, {total_samples} samples, sum bound {sum_bound:g}"
@@ -351,7 +359,7 @@ def _fedavg_round(
             mode.context,
             sum_bound=sum_bound,
             min_parties=args.min_parties,
-            packing=args.packing,
+            packing=args.update_packing,
             parties=len(party_data),
         )
         result.aggregate_s = time.perf_counter() - started
@@ -413,7 +421,7 @@ def _party_step(
         layout,
         mode.context,
         sum_bound=sum_bound,
-        packing=args.packing,
+        packing=args.update_packing,
         parties=args.parties,
     )
     result.encrypt_s.append(time.perf_counter() - started)
@@ -484,8 +492,8 @@ def _report(
             "torch_threads": args.threads,
             "total_samples": total_samples,
             "sum_bound": sum_bound,
-            "packing": args.packing,
-            "encoding": _encoding_text(layout, sum_bound, args.packing, args.parties),
+            "packing": args.update_packing,
+            "encoding": _encoding_text(layout, sum_bound, args.update_packing, args.parties),
             "keyholder_flooding_bits": DEFAULT_FLOODING_BITS,
             "timing": "time.perf_counter; median over measured rounds; per-party phases "
             "summarized over parties",
@@ -614,7 +622,12 @@ def _flower_report(
             "params": AGGREGATION_PARAMS.to_dict(),
             "update": {
                 **_encoding(update_bound),
-                "encoding": _encoding_text(layout, update_bound, config.packing, config.parties),
+                "encoding": _encoding_text(
+                    layout,
+                    update_bound,
+                    result.get("update_packing", config.packing),  # what auto chose
+                    config.parties,
+                ),
             },
             "moments": _encoding(MOMENTS_SUM_BOUND),
         },

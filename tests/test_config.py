@@ -49,7 +49,7 @@ def test_cli_refuses_zero_simulation_workers(capsys):
     assert "workers must be ≥ 1" in capsys.readouterr().err
 
 
-def test_quantized_packing_is_the_default_for_updates_and_others_are_refused():
-    assert JobConfig().packing == "quantized"
+def test_auto_packing_is_the_default_for_updates_and_others_are_refused():
+    assert JobConfig().packing == "auto"
     with pytest.raises(ConfigError, match="packing 'real'"):
         JobConfig(packing="real")

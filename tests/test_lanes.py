@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedhe.crypto import PublicContext, decrypt, encrypt, load_tensor
+from fedhe.crypto import AGGREGATION_PARAMS, PublicContext, decrypt, encrypt, load_tensor
 from fedhe.crypto.framing import frame, unframe
 from fedhe.crypto.lanes import MIN_ROOM, Lanes, min_guard_bits
 from fedhe.crypto.tensor import COMPLEX, QUANTIZED
@@ -173,3 +173,24 @@ def test_contributions_quantized_for_another_federation_size_are_excluded(public
     )
     assert total.contributors == ("a", "b") and "other lanes" in total.rejected["c"]
     assert load_tensor(total.tensor, public).packing == QUANTIZED
+
+
+@pytest.mark.parametrize(
+    ("requested", "parties", "total_samples", "chosen"),
+    [
+        ("auto", 10, 1437, QUANTIZED),  # digits over 10 parties: rounding ≤ 4.4e-4 per round
+        ("auto", 100, 1437, COMPLEX),  # 14 samples each: half a step × 100 parties is too much
+        ("auto", 100_000, 10**7, COMPLEX),  # more parties than lanes can hold
+        ("quantized", 100, 1437, QUANTIZED),  # asked for: the user accepts the rounding
+        ("complex", 10, 1437, COMPLEX),
+    ],
+)
+def test_auto_packing_quantizes_only_while_the_rounding_stays_small(
+    requested, parties, total_samples, chosen
+):
+    layout = aggregate.Layout.of({"w": np.zeros(1000)})
+    kwargs = {"sum_bound": 10.0 * total_samples, "parties": parties, "total_samples": total_samples}
+    assert aggregate.choose_packing(requested, layout, AGGREGATION_PARAMS, **kwargs) == chosen
+    if chosen == QUANTIZED and requested == "auto":
+        bound = aggregate.quantization_error_bound(layout, AGGREGATION_PARAMS, **kwargs)
+        assert bound <= aggregate.QUANTIZATION_TOLERANCE

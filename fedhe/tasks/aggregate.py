@@ -33,7 +33,7 @@ from fedhe.crypto import (
 from fedhe.crypto import encrypt as encrypt_tensor
 from fedhe.crypto.lanes import Lanes
 from fedhe.crypto.tensor import COMPLEX, QUANTIZED
-from fedhe.errors import FedHEError, ProtocolError, ShapeError, ValueRangeError
+from fedhe.errors import FedHEError, ParameterError, ProtocolError, ShapeError, ValueRangeError
 from fedhe.keyholder import DecryptionRequest, JobDeclaration, KeyHolder, OutputSpec
 
 TASK = "aggregate"
@@ -200,6 +200,35 @@ def quantization_error_bound(
     Σnᵢ·Δwᵢ / Σnᵢ: half a step per party (the CKKS noise itself is rounded away)."""
     lanes = lanes_for(layout, params, sum_bound=sum_bound, parties=parties)
     return parties * math.ldexp(0.5, lanes.steps[0][1]) / total_samples
+
+
+# Worst-case rounding per coordinate of the averaged update, per round, under which `auto`
+# quantizes: it grows with the number of parties (half a step each), so large federations of
+# small parties keep complex packing's precision.
+QUANTIZATION_TOLERANCE = 1e-3
+AUTO = "auto"
+
+
+def choose_packing(
+    requested: str,
+    layout: Layout,
+    params: CKKSParams,
+    *,
+    sum_bound: float,
+    parties: int,
+    total_samples: float,
+) -> str:
+    """QUANTIZED or COMPLEX for the update sums: `requested`, or for AUTO quantized while its
+    rounding stays within QUANTIZATION_TOLERANCE."""
+    if requested != AUTO:
+        return requested
+    try:
+        bound = quantization_error_bound(
+            layout, params, sum_bound=sum_bound, parties=parties, total_samples=total_samples
+        )
+    except ParameterError:  # too many parties for lanes at all
+        return COMPLEX
+    return QUANTIZED if bound <= QUANTIZATION_TOLERANCE else COMPLEX
 
 
 def _lanes(
