@@ -61,7 +61,9 @@ def test_fedavg_resumes_after_the_last_finished_round(tmp_path, monkeypatch):
     assert he_rounds == {3, 4}
 
 
-def test_knn_resumes_with_its_encrypted_store(tmp_path, monkeypatch):
+def _knn_resumed_after_upload(tmp_path, monkeypatch, **changes):
+    """A KNN job that crashes right after its upload, resumed with `changes`: the second grid
+    and result.json."""
     config = JobConfig(task="knn", dataset="iris", parties=3, min_parties=2, out=str(tmp_path))
     first = InProcessGrid(config.num_nodes)
     with monkeypatch.context() as patch:
@@ -69,8 +71,12 @@ def test_knn_resumes_with_its_encrypted_store(tmp_path, monkeypatch):
         with pytest.raises(Crash):
             run_job(first, config)
     second = InProcessGrid(config.num_nodes, run_id=first.run_id)
-    run_job(second, replace(config, resume=True))
-    result = json.loads((tmp_path / "result.json").read_text())
+    run_job(second, replace(config, resume=True, **changes))
+    return second, json.loads((tmp_path / "result.json").read_text())
+
+
+def test_knn_resumes_with_its_encrypted_store(tmp_path, monkeypatch):
+    second, result = _knn_resumed_after_upload(tmp_path, monkeypatch)
     assert result["store_reused"] is True
     assert result["agreement"]["prediction_agreement"] == 1.0
     he_uploads = [
@@ -83,15 +89,7 @@ def test_knn_resumes_with_its_encrypted_store(tmp_path, monkeypatch):
 
 
 def test_a_store_for_plaintext_queries_is_not_reused_for_encrypted_ones(tmp_path, monkeypatch):
-    config = JobConfig(task="knn", dataset="iris", parties=3, min_parties=2, out=str(tmp_path))
-    first = InProcessGrid(config.num_nodes)
-    with monkeypatch.context() as patch:
-        _crash_when(patch, KNNJob, "_ask_all", lambda *_: True)
-        with pytest.raises(Crash):
-            run_job(first, config)
-    second = InProcessGrid(config.num_nodes, run_id=first.run_id)
-    run_job(second, replace(config, resume=True, query="encrypted"))
-    result = json.loads((tmp_path / "result.json").read_text())
+    _, result = _knn_resumed_after_upload(tmp_path, monkeypatch, query="encrypted")
     assert "store_reused" not in result  # features one level short: the parties upload again
     assert result["agreement"]["prediction_agreement"] == 1.0
 
