@@ -216,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cores",
         default="1,2",
-        help="Ray worker counts to compare on CORES_JOBS (1,2; empty: off)",
+        help="Ray worker counts to compare on CORES_JOBS (1,2; empty or --quick: off)",
     )
     parser.add_argument("--large-repeats", type=int, default=1, help="runs per large job (1)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run (1800)")
@@ -246,6 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.fedavg_rounds = 4 if args.quick else 12
     if args.quick:
         args.large = 0
+        args.cores = []
     args.out_dir = args.out_dir or DEFAULT_OUT[args.quick]
     if (
         args.small == 1
