@@ -48,11 +48,12 @@ from machine import (  # simulations/machine.py, beside this script
     fmt_bytes,
     fmt_time,
     machine_info,
+    print_phase_table,
+    row,
     summarize,
     timed,
 )
 from rich.console import Console
-from rich.table import Table
 from sklearn.datasets import make_classification
 from sklearn.neighbors import KNeighborsClassifier
 
@@ -466,13 +467,7 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
         f"KNN benchmark: {cfg['points']} points, d={cfg['features']}, {cfg['parties']} parties, "
         f"{cfg['classes']} classes, k={cfg['k']}; median of {cfg['repeats']} repeats"
     )
-    table = Table(title=title, caption=caption(he, cfg))
-    for column, justify in (("phase", "left"), ("seconds", "right"), ("bytes", "right")):
-        table.add_column(column, justify=justify)
-    table.add_column("note", justify="left")
-    for row in rows(results, cfg):
-        table.add_row(*row)
-    console.print(table)
+    print_phase_table(console, title, caption(he, cfg), "seconds", rows(results, cfg))
     console.print(summary_lines(report))
 
 
@@ -565,15 +560,6 @@ def reference_rows(results: dict[str, Any]) -> list[list[str]]:
             f"enc. {r['he_encrypted_query_end_to_end_vs_sklearn_single']:.0f}×",
         ),
         row("sklearn KNN (brute), batched, per query", ref["sklearn_batch_s"]),
-    ]
-
-
-def row(phase: str, seconds: float | None, size: float | None = None, note: str = "") -> list[str]:
-    return [
-        phase,
-        "" if seconds is None else fmt_time(seconds),
-        "" if size is None else fmt_bytes(size),
-        note,
     ]
 
 

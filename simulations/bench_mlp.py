@@ -57,14 +57,14 @@ import tenseal as ts
 import torch
 from machine import (  # simulations/machine.py, beside this script
     Timings,
-    fmt_bytes,
     fmt_time,
     machine_info,
+    print_phase_table,
+    row,
     summarize,
     timed,
 )
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from fedhe.crypto import KeyRequest, PublicContext, SecretContext, decrypt, generate_keys
@@ -547,13 +547,7 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
         f"MLP inference benchmark: digits {arch} ({cfg['activation']}); median of "
         f"{cfg['repeats']} single / {cfg['batch_repeats']} batch repeats"
     )
-    table = Table(title=title, caption=caption(results, cfg))
-    for column, justify in (("phase", "left"), ("time", "right"), ("bytes", "right")):
-        table.add_column(column, justify=justify)
-    table.add_column("note", justify="left")
-    for line in rows(results, cfg):
-        table.add_row(*line)
-    console.print(table)
+    print_phase_table(console, title, caption(results, cfg), "time", rows(results, cfg))
     console.print(summary_lines(report))
 
 
@@ -675,15 +669,6 @@ def reference_rows(results: dict[str, Any]) -> list[list[str]]:
         ),
         row("torch forward, 1 sample per call", ref["torch_single_s"], None, "per sample"),
         row("torch forward, batch, per sample", ref["torch_batch_s"]),
-    ]
-
-
-def row(phase: str, seconds: float | None, size: float | None = None, note: str = "") -> list[str]:
-    return [
-        phase,
-        "" if seconds is None else fmt_time(seconds),
-        "" if size is None else fmt_bytes(size),
-        note,
     ]
 
 

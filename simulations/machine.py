@@ -62,3 +62,28 @@ def summarize(runs: list[Timings]) -> dict[str, Any]:
     """Median of every measure over the repeats, and the raw lists."""
     raw = {key: [run[key] for run in runs] for key in runs[0]}
     return {"median": {key: statistics.median(values) for key, values in raw.items()}, "raw": raw}
+
+
+def row(phase: str, seconds: float | None, size: float | None = None, note: str = "") -> list[str]:
+    """One line of a phase table: time and bytes formatted, blank where unknown."""
+    return [
+        phase,
+        "" if seconds is None else fmt_time(seconds),
+        "" if size is None else fmt_bytes(size),
+        note,
+    ]
+
+
+def print_phase_table(
+    console: Any, title: str, caption: str, value_column: str, rows: list[list[str]]
+) -> None:
+    """The benchmarks' phase table: phase, a time column, bytes, note."""
+    from rich.table import Table
+
+    table = Table(title=title, caption=caption)
+    for column, justify in (("phase", "left"), (value_column, "right"), ("bytes", "right")):
+        table.add_column(column, justify=justify)
+    table.add_column("note", justify="left")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)

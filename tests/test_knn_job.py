@@ -15,18 +15,18 @@ from fedhe.tasks import knn
 from tests.inprocess import InProcessGrid
 
 
+def iris_knn(out, **settings) -> JobConfig:
+    """A KNN job on iris over 3 parties (min 2) writing to `out`, with `settings` changed."""
+    return JobConfig(
+        **{"task": "knn", "dataset": "iris", "parties": 3, "min_parties": 2, "out": str(out)}
+        | settings
+    )
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("knn")
-    config = JobConfig(
-        task="knn",
-        dataset="iris",
-        parties=4,
-        min_parties=3,
-        out=str(out),
-        drop_party=1,
-        query_batch=16,
-    )
+    config = iris_knn(out, parties=4, min_parties=3, drop_party=1, query_batch=16)
     grid = InProcessGrid(config.num_nodes)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEDHE_STATE_ROOT", str(out / "keyholder-state"))
@@ -82,44 +82,19 @@ def test_a_querier_that_fails_stops_the_job_with_a_clear_error(tmp_path, monkeyp
         raise ProtocolError("querier lost its masks")
 
     monkeypatch.setattr(knn, "querier_answer", broken)
-    config = JobConfig(
-        task="knn",
-        dataset="iris",
-        parties=3,
-        min_parties=2,
-        out=str(tmp_path),
-        plaintext_twin=False,
-    )
+    config = iris_knn(tmp_path, plaintext_twin=False)
     with pytest.raises(ProtocolError, match=r"party-0 failed query\.knn_answer"):
         run_job(InProcessGrid(config.num_nodes), config)
 
 
 def test_too_few_parties_after_upload_stop_the_job(tmp_path):
-    config = JobConfig(
-        task="knn",
-        dataset="iris",
-        parties=2,
-        min_parties=2,
-        out=str(tmp_path),
-        drop_party=1,
-        plaintext_twin=False,
-    )
+    config = iris_knn(tmp_path, parties=2, drop_party=1, plaintext_twin=False)
     with pytest.raises(ProtocolError, match="fewer than min_parties=2"):
         run_job(InProcessGrid(config.num_nodes), config)
 
 
 def test_raw_features_without_standardization(tmp_path):
-    config = JobConfig(
-        task="knn",
-        dataset="iris",
-        parties=3,
-        min_parties=2,
-        out=str(tmp_path),
-        k=3,
-        standardize=False,
-        query="encrypted",
-        query_batch=30,
-    )
+    config = iris_knn(tmp_path, k=3, standardize=False, query="encrypted", query_batch=30)
     run_job(InProcessGrid(config.num_nodes), config)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["agreement"]["prediction_agreement"] == 1.0
@@ -130,14 +105,7 @@ def test_raw_features_without_standardization(tmp_path):
 def test_a_party_lost_during_the_queries_does_not_matter(tmp_path, monkeypatch):
     from fedhe.aggregator.knn import KNNJob
 
-    config = JobConfig(
-        task="knn",
-        dataset="iris",
-        parties=3,
-        min_parties=2,
-        out=str(tmp_path),
-        plaintext_twin=False,
-    )
+    config = iris_knn(tmp_path, plaintext_twin=False)
     grid = InProcessGrid(config.num_nodes)
     original = KNNJob._ask_all
 
@@ -166,14 +134,7 @@ def test_uploads_arrive_in_waves(tmp_path, monkeypatch):
 
     monkeypatch.setattr(knn_job, "UPLOAD_WAVE", 2)
     monkeypatch.setattr(knn_job.KNNJob, "_upload_wave", recording)
-    config = JobConfig(
-        task="knn",
-        dataset="iris",
-        parties=5,
-        min_parties=3,
-        out=str(tmp_path),
-        plaintext_twin=False,
-    )
+    config = iris_knn(tmp_path, parties=5, min_parties=3, plaintext_twin=False)
     run_job(InProcessGrid(config.num_nodes), config)
     result = json.loads((tmp_path / "result.json").read_text())
     assert [len(w) for w in waves] == [2, 2, 1]  # the store fills wave by wave
