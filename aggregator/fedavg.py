@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from fedhe import protocol
-from fedhe.aggregator.job import Job
+from fedhe.aggregator.job import Job, contribution_settings
 from fedhe.learning import ModelSpec, build_model, evaluate, get_weights, set_weights
 from fedhe.progress import progress
 from fedhe.tasks import aggregate, moments
@@ -108,6 +108,7 @@ class FedAvgJob(Job):
                 "sum-bound": update_bound,
                 "packing": self.packing,
                 "lane-terms": len(self.parties),
+                **contribution_settings(aggregate.OUTPUT, round_number - 1),
             },
             weights=weights,
         )
@@ -118,6 +119,7 @@ class FedAvgJob(Job):
             update_bound,
             packing=self.packing,
             parties=len(self.parties),
+            round_=round_number - 1,
         )
         update, total_samples = aggregate.average_update(flat, self.layout)
         set_weights(self.model, {k: weights[k] + update[k] for k in weights})

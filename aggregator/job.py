@@ -54,6 +54,12 @@ class JobRun:
         return self.metrics or (self.history[-1] if self.history else {})
 
 
+def contribution_settings(output: str, round_: int) -> dict[str, Any]:
+    """What a party tags its contribution with: the output it enters and that output's release
+    (0 ≤ round < budget). The key holder releases each (output, round) once."""
+    return {"output": output, "release-round": round_}
+
+
 class Job:
     """Steps shared by every job; subclasses implement `outputs()` and `phases()`."""
 
@@ -79,6 +85,7 @@ class Job:
         self.later_jobs: list[str] = []  # key-holder jobs this one declared (e.g. inference)
         self.context: PublicContext | None = None
         self.public_bytes = b""
+        self.keyholder_identity = b""
 
     # -- to implement --------------------------------------------------------------------------
 
@@ -141,6 +148,7 @@ class Job:
         # The aggregator, like every party, accepts only a public context (raises on a secret key).
         self.context = PublicContext.from_bytes(public) if public else None
         self.public_bytes = public
+        self.keyholder_identity = protocol.payload_of(reply).get("keyholder-identity", b"")
 
     def setup_parties(self) -> None:
         contents = {
@@ -151,7 +159,12 @@ class Job:
                     "party-index": index,
                     "n-parties": len(self.parties),
                 },
-                payload={"public-context": self.public_bytes},
+                payload={
+                    "public-context": self.public_bytes,
+                    "keyholder-identity": self.keyholder_identity,
+                }
+                if self.public_bytes
+                else {},
             )
             for index, name in enumerate(self.parties)
         }
@@ -162,6 +175,37 @@ class Job:
         }
         self.exclude(exchange.failures, "setup")
         self.require_quorum("setup")
+        if self.context is not None:
+            self.register_parties(exchange)
+
+    def register_parties(self, setup: Exchange) -> None:
+        """Relay each party's sealed seed to the key holder and its sealed envelope back: the
+        job's MAC key, which this aggregator never learns (`fedhe.keyholder.registry`)."""
+        payload: dict[str, bytes] = {}
+        for name, reply in setup.replies.items():
+            link = protocol.payload_of(reply)
+            payload[f"identity/{name}"] = link["identity"]
+            payload[f"mac-seed/{name}"] = link["mac-seed"]
+        reply = self.ask_keyholder(
+            protocol.REGISTER,
+            protocol.content(
+                config={"job-id": self.run.job_id, "parties": sorted(setup.replies)},
+                payload=payload,
+            ),
+        )
+        envelopes = protocol.payload_of(reply)
+        refused = protocol.config_of(reply).get("refused", {})
+        self.exclude(dict(refused), "registration")
+        contents = {
+            name: protocol.content(
+                config={"job-id": self.run.job_id},
+                payload={"envelope": envelopes[f"envelope/{name}"]},
+            )
+            for name in self.parties
+        }
+        exchange = self.session.ask(self.parties, protocol.MAC_KEY, contents, role="party")
+        self.exclude(exchange.failures, "registration")
+        self.require_quorum("registration")
 
     def feature_moments(self, *, with_target: bool = False) -> tuple[moments.Standardizer, int]:
         """Global standardization and Σnᵢ by one secure sum: no party's own statistics leak."""
@@ -173,6 +217,7 @@ class Job:
                     "job-id": self.run.job_id,
                     "sum-bound": moments.SUM_BOUND,
                     "with-target": with_target,
+                    **contribution_settings(moments.OUTPUT, 0),
                 }
             ),
             role="party",
@@ -180,7 +225,7 @@ class Job:
         self.exclude(exchange.failures, "moments")
         self.require_quorum("moments")
         layout = moments.layout(self.test.n_features + int(with_target))
-        flat = self.secure_sum(exchange, layout, moments.OUTPUT, moments.SUM_BOUND)
+        flat = self.secure_sum(exchange, layout, moments.OUTPUT, moments.SUM_BOUND, round_=0)
         averaged, total_samples = aggregate.average_update(flat, layout)
         standardizer = moments.Standardizer.from_moments(
             averaged["mean"], averaged["meansq"], with_target=with_target
@@ -197,8 +242,10 @@ class Job:
         min_scale_bits: int | None = None,
         packing: str = aggregate.COMPLEX,
         parties: int | None = None,
+        round_: int,
     ) -> np.ndarray:
-        """Sum the contributions that arrived and validate; return what the key holder releases."""
+        """Sum the contributions that arrived and validate; return what the key holder releases
+        (it checks the sum against the parties' sealed tags, which this aggregator relays)."""
         contributions = {
             name: protocol.payload_of(reply)["contribution"]
             for name, reply in exchange.replies.items()
@@ -219,7 +266,12 @@ class Job:
         for name, reason in total.rejected.items():
             self.run.excluded.setdefault(name, f"{output}: {reason}")
         self.run.contributors.append({"output": output, "parties": sorted(total.contributors)})
-        released = self.release(output, total.tensor, total.contributors)
+        tags = {
+            name: protocol.payload_of(reply).get("tag", b"")
+            for name, reply in exchange.replies.items()
+            if name in total.contributors
+        }
+        released = self.release(output, total.tensor, total.contributors, round_=round_, tags=tags)
         return protocol.array_from_bytes(released["values"])
 
     def release(
@@ -229,18 +281,21 @@ class Job:
         contributors: Sequence[str],
         *,
         job_id: str | None = None,
+        round_: int = 0,
+        tags: dict[str, bytes] | None = None,
     ) -> dict[str, bytes]:
-        """Ask the key holder for `output` of `tensor` (a sum over `contributors`): what it
-        releases for that output kind, as message payload."""
+        """Ask the key holder for `output` of `tensor` (over `contributors`), the release of
+        `round_`: what it releases for that output kind, as message payload."""
         reply = self.ask_keyholder(
             protocol.DECRYPT,
             protocol.content(
                 config={
                     "job-id": job_id or self.run.job_id,
                     "output": output,
+                    "round": round_,
                     "contributors": sorted(contributors),
                 },
-                payload={"tensor": tensor},
+                payload={"tensor": tensor, **{f"tag/{k}": v for k, v in (tags or {}).items()}},
             ),
         )
         self.run.timings_s["decrypt"] += protocol.metrics_of(reply)["decrypt-s"]

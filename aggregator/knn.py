@@ -50,7 +50,7 @@ class KNNJob(Job):
         return KeyRequest(relin=True)  # Enc(label) × Enc(selection), Enc(x) × Enc(q)
 
     def meta(self) -> dict[str, Any]:
-        return {"k": self.config.k}
+        return {"k": self.config.k, "querier": self.querier}
 
     def outputs(self) -> dict[str, tuple[int, Any]]:
         columns = self.test.n_features + (0 if self.n_classes else 1)
@@ -219,14 +219,18 @@ class KNNJob(Job):
         distances = store.masked_distances(queries)
         self.run.timings_s["compute"] += time.perf_counter() - started
         contributors = store.contributors
-        ranked = self.release(knn.RANK_OUTPUT, distances.to_bytes(), contributors)
+        batch = start // self.config.query_batch  # each batch is one release of each output
+        ranked = self.release(knn.RANK_OUTPUT, distances.to_bytes(), contributors, round_=batch)
         started = time.perf_counter()
         selection = store.load_selection(ranked["selection"], n)
         votes = store.votes(selection, store.load_masks(payload["masks"], n))
         self.run.timings_s["compute"] += time.perf_counter() - started
-        released = self.release(knn.VOTE_OUTPUT, votes.to_bytes(), contributors)
+        released = self.release(knn.VOTE_OUTPUT, votes.to_bytes(), contributors, round_=batch)
         answer = self.ask_party(
-            self.querier, protocol.KNN_ANSWER, settings, payload={"votes": released["values"]}
+            self.querier,
+            protocol.KNN_ANSWER,
+            {**settings, "output": knn.VOTE_OUTPUT, "round": batch},
+            payload={"sealed": released["sealed"]},
         )
         return np.asarray(protocol.config_of(answer)["predictions"], dtype=float)
 

@@ -99,6 +99,8 @@ class MLPJob(FedAvgJob):
             min_parties=self.config.min_parties,
             params=params,
             task=mlp.INFERENCE_TASK,
+            # The logits are sealed to the querier, registered with the training job.
+            meta={"querier": self.querier, "parent": self.run.job_id},
         )
         keys = KeyRequest(relin=True, rotations=single.steps if single else ())
         reply = self.ask_keyholder(
@@ -190,8 +192,17 @@ class MLPJob(FedAvgJob):
         output = evaluate_step(model, context, payload["inputs"], payload["mask"])
         seconds = time.perf_counter() - started
         self.run.timings_s["compute"] += seconds
-        released = self.release(mlp.OUTPUT, output.to_bytes(), contributors, job_id=job_id)
-        answer = self.ask_party(self.querier, protocol.MLP_ANSWER, settings, payload=released)
+        round_ = self.inference_releases
+        self.inference_releases += 1
+        released = self.release(
+            mlp.OUTPUT, output.to_bytes(), contributors, job_id=job_id, round_=round_
+        )
+        answer = self.ask_party(
+            self.querier,
+            protocol.MLP_ANSWER,
+            {**settings, "output": mlp.OUTPUT, "round": round_},
+            payload=released,
+        )
         logits = protocol.array_from_bytes(protocol.payload_of(answer)["logits"])
         return logits, seconds
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from fedhe import protocol
-from fedhe.aggregator.job import Job
+from fedhe.aggregator.job import Job, contribution_settings
 from fedhe.crypto import MODEL_PARAMS, CKKSParams, Tensor
 from fedhe.progress import progress
 from fedhe.tasks import aggregate, encrypted_model, linreg, logreg, moments
@@ -66,6 +66,8 @@ class RegressionJob(Job):
             w = self._gradient_descent(standardizer, total_samples)
         else:
             w = self._encrypted_model(standardizer, total_samples)
+            if w is None:  # the model stays with the parties: nothing to evaluate here
+                return
         self.run.weights = {"coefficients": self._coefficients(w, standardizer)}
         self.run.metrics = self._evaluate(w, standardizer)
 
@@ -84,6 +86,7 @@ class RegressionJob(Job):
                 "l2": self.config.l2,
                 "sum-bound": bound,
                 "min-scale-bits": linreg.STATISTICS_SCALE_BITS,
+                **contribution_settings(linreg.MASKED_OUTPUT, 0),
             },
         )
         w = self.secure_sum(
@@ -92,6 +95,7 @@ class RegressionJob(Job):
             linreg.MASKED_OUTPUT,
             bound,
             min_scale_bits=linreg.STATISTICS_SCALE_BITS,
+            round_=0,
         )
         return w
 
@@ -118,10 +122,15 @@ class RegressionJob(Job):
                         "clip": self.config.clip,
                         "sum-bound": bound,
                         "fail-party": self.config.drop_party,
+                        **contribution_settings(linreg.GRADIENT_OUTPUT, round_number - 1),
                     },
                 )
                 flat = self.secure_sum(
-                    exchange, self.gradient_layout, linreg.GRADIENT_OUTPUT, bound
+                    exchange,
+                    self.gradient_layout,
+                    linreg.GRADIENT_OUTPUT,
+                    bound,
+                    round_=round_number - 1,
                 )
                 gradient, _ = aggregate.average_update(flat, self.gradient_layout)
                 w = linreg.gradient_step(
@@ -137,7 +146,7 @@ class RegressionJob(Job):
 
     def _encrypted_model(
         self, standardizer: moments.Standardizer, total_samples: int
-    ) -> np.ndarray:
+    ) -> np.ndarray | None:
         """Full-batch gradient descent on a model that stays encrypted until the last round."""
         dim = self.n_features + 1
         vector = encrypted_model.encrypt_model(self.context, np.zeros(dim))
@@ -150,7 +159,7 @@ class RegressionJob(Job):
                     round_number, vector, columns, standardizer, total_samples
                 )
                 if round_number < self.config.rounds:
-                    vector, columns = self._refresh(vector, contributors)
+                    vector, columns = self._refresh(vector, contributors, round_number - 1)
                 self.run.history.append(
                     {
                         "round": round_number,
@@ -160,7 +169,7 @@ class RegressionJob(Job):
                 )
                 advance(f"{kind}: round {round_number}")
         final = self.release(encrypted_model.MODEL_OUTPUT, vector.to_bytes(), contributors)
-        return protocol.array_from_bytes(final["values"])
+        return self._hand_out_model(final)
 
     def _model_step(
         self,
@@ -198,12 +207,41 @@ class RegressionJob(Job):
         self.run.contributors.append({"output": "model_step", "parties": sorted(contributors)})
         return vector, contributors
 
+    def _hand_out_model(self, released: dict[str, bytes]) -> np.ndarray | None:
+        """The final model reached the parties sealed; it comes back here only from the parties
+        whose node config shares it (None when none does). The twin's comes in the clear."""
+        if "values" in released:
+            return protocol.array_from_bytes(released["values"])
+        exchange = self.session.ask(
+            self.parties,
+            protocol.MODEL_RELEASE,
+            {
+                name: protocol.content(
+                    config={
+                        "job-id": self.run.job_id,
+                        "output": encrypted_model.MODEL_OUTPUT,
+                        "round": 0,
+                    },
+                    payload={"sealed": released[f"sealed/{name}"]},
+                )
+                for name in self.parties
+                if f"sealed/{name}" in released
+            },
+            role="party",
+        )
+        shared = [protocol.payload_of(r).get("model") for r in exchange.replies.values()]
+        shared = [protocol.array_from_bytes(m) for m in shared if m]
+        self.run.extras["model_released_to"] = sorted(exchange.replies)
+        return shared[0] if shared else None
+
     def _refresh(
-        self, vector: Tensor, contributors: tuple[str, ...]
+        self, vector: Tensor, contributors: tuple[str, ...], round_: int
     ) -> tuple[Tensor, list[Tensor]]:
         """Masked re-encryption: the key holder sees w + r only, the aggregator never w."""
         masked, mask = encrypted_model.aggregator_mask(vector)
-        payload = self.release(encrypted_model.REFRESH_OUTPUT, masked.to_bytes(), contributors)
+        payload = self.release(
+            encrypted_model.REFRESH_OUTPUT, masked.to_bytes(), contributors, round_=round_
+        )
         fresh, columns = encrypted_model.unpack_refresh(payload, self.context, len(mask))
         return encrypted_model.aggregator_unmask(fresh, columns, mask)
 

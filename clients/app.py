@@ -43,9 +43,11 @@ def _as(role: str, handler):
 
 
 app.query("declare")(_as(protocol.ROLE_KEYHOLDER, keyholder.declare))
+app.query("register")(_as(protocol.ROLE_KEYHOLDER, keyholder.register))
 app.query("decrypt")(_as(protocol.ROLE_KEYHOLDER, keyholder.decrypt))
 app.query("audit")(_as(protocol.ROLE_KEYHOLDER, keyholder.audit))
 app.query("setup")(_as(protocol.ROLE_PARTY, party.setup))
+app.query("mac_key")(_as(protocol.ROLE_PARTY, party.mac_key))
 app.query("moments")(_as(protocol.ROLE_PARTY, party.feature_moments))
 app.query("stats")(_as(protocol.ROLE_PARTY, party.masked_statistics))
 app.query("gradient")(_as(protocol.ROLE_PARTY, party.gradient))
@@ -55,4 +57,5 @@ app.query("knn_query")(_as(protocol.ROLE_PARTY, party.knn_query))
 app.query("knn_answer")(_as(protocol.ROLE_PARTY, party.knn_answer))
 app.query("mlp_query")(_as(protocol.ROLE_PARTY, party.mlp_query))
 app.query("mlp_answer")(_as(protocol.ROLE_PARTY, party.mlp_answer))
+app.query("model_release")(_as(protocol.ROLE_PARTY, party.model_release))
 app.train()(_as(protocol.ROLE_PARTY, party.train))

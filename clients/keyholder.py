@@ -2,33 +2,37 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 
 from fedhe import protocol
 from fedhe.crypto import KeyRequest
+from fedhe.errors import ProtocolError
 from fedhe.keyholder import DEFAULT_FLOODING_BITS, DecryptionRequest, JobDeclaration, KeyHolder
 from fedhe.tasks import check_declaration, keyholder_release
 
 STATE_ROOT_ENV = "FEDHE_STATE_ROOT"
+_PRIVATE_ROOT_RECORD = "fedhe.keyholder-state"
 
 
 def keyholder_for(context: Context) -> KeyHolder:
     """The key holder keeps its keys and audit log on its own disk, never in a message.
 
-    Deployment: under `data-path` from node_config. Simulation: a private folder per run and
-    node below $FEDHE_STATE_ROOT (the `fedhe` CLI points it at a temporary folder it deletes
-    after the run) or the system's temporary folder."""
+    Deployment: under `data-path` from node_config. Simulation: a folder per run and node
+    below $FEDHE_STATE_ROOT (the `fedhe` CLI points it at a temporary folder it deletes after
+    the run) or, under `flwr run`, below a private temporary folder (`_private_state_root`)."""
     data_path = context.node_config.get("data-path")
     if data_path:
         state_dir = Path(str(data_path)) / "keyholder"
     else:
-        root = os.environ.get(STATE_ROOT_ENV) or Path(tempfile.gettempdir()) / "fedhe-keyholder"
+        root = os.environ.get(STATE_ROOT_ENV) or _private_state_root(context)
         state_dir = Path(root) / f"{context.run_id}-{context.node_id}"
     flooding = int(context.node_config.get("flooding-bits", DEFAULT_FLOODING_BITS))
     passphrase_file = context.node_config.get("passphrase-file")
@@ -41,16 +45,55 @@ def keyholder_for(context: Context) -> KeyHolder:
     )
 
 
+def _private_state_root(context: Context) -> str:
+    """A folder only this user can enter (mkdtemp: mode 0700, unguessable name), removed when
+    the process that made it exits. Its path stays in the node's state: Flower's simulation
+    hands a node's later messages to other Ray workers, which must find the same keys."""
+    if "role" in context.node_config:  # a deployed SuperNode: each message is a new process
+        raise ProtocolError(
+            "this key holder SuperNode has no data-path: its secret keys would vanish after "
+            "every message. Start it with --node-config 'data-path=\"/its/state/folder\"' "
+            "(fedhe deploy site … --data-path)."
+        )
+    record = context.state.get(_PRIVATE_ROOT_RECORD)
+    if record is not None and Path(str(record["path"])).is_dir():
+        return str(record["path"])
+    root = tempfile.mkdtemp(prefix="fedhe-keyholder-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    context.state[_PRIVATE_ROOT_RECORD] = ConfigRecord({"path": root})
+    return root
+
+
 def declare(msg: Message, context: Context) -> Message:
     config = protocol.config_of(msg.content)
     job = JobDeclaration.from_dict(config["declaration"])
     keys = KeyRequest.from_dict(config.get("keys", {}))
     started = time.perf_counter()
-    public = keyholder_for(context).declare_job(job, keys)
+    keyholder = keyholder_for(context)
+    public = keyholder.declare_job(job, keys)
     return Message(
         protocol.content(
-            payload={"public-context": public},
+            payload={"public-context": public, "keyholder-identity": keyholder.identity.public},
             metrics={"keygen-s": time.perf_counter() - started},
+        ),
+        reply_to=msg,
+    )
+
+
+def register(msg: Message, context: Context) -> Message:
+    """Agree on the job's MAC seed with its parties: sealed seeds in, sealed envelopes out."""
+    config = protocol.config_of(msg.content)
+    payload = protocol.payload_of(msg.content)
+    parties = [str(p) for p in config["parties"]]
+    envelopes, refused = keyholder_for(context).register_parties(
+        str(config["job-id"]),
+        {p: payload[f"identity/{p}"] for p in parties if f"identity/{p}" in payload},
+        {p: payload[f"mac-seed/{p}"] for p in parties if f"mac-seed/{p}" in payload},
+    )
+    return Message(
+        protocol.content(
+            config={"refused": refused},
+            payload={f"envelope/{p}": e for p, e in envelopes.items()},
         ),
         reply_to=msg,
     )
@@ -58,11 +101,14 @@ def declare(msg: Message, context: Context) -> Message:
 
 def decrypt(msg: Message, context: Context) -> Message:
     config = protocol.config_of(msg.content)
+    payload = protocol.payload_of(msg.content)
     request = DecryptionRequest(
         job_id=str(config["job-id"]),
         output_kind=str(config["output"]),
         contributors=tuple(str(p) for p in config["contributors"]),
-        tensor=protocol.payload_of(msg.content)["tensor"],
+        tensor=payload["tensor"],
+        round=int(config.get("round", 0)),
+        tags={k.removeprefix("tag/"): v for k, v in payload.items() if k.startswith("tag/")},
     )
     started = time.perf_counter()
     released = keyholder_release(keyholder_for(context), request)
@@ -78,6 +124,12 @@ def decrypt(msg: Message, context: Context) -> Message:
 
 
 def audit(msg: Message, context: Context) -> Message:
+    """One job's audit records: the aggregator names the job (other jobs are not its business)."""
     job_id = protocol.config_of(msg.content).get("job-id")
-    entries = keyholder_for(context).audit.entries(job_id)
+    if job_id is None or job_id == "":
+        raise ProtocolError(
+            "an audit request must name its job: set config 'job-id' to the job whose records "
+            "you want (the key holder hands out one job's records at a time)."
+        )
+    entries = keyholder_for(context).audit.job_entries(str(job_id))
     return Message(protocol.content(config={"entries": json.dumps(entries)}), reply_to=msg)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 
 from fedhe import protocol
+from fedhe.clients import trust
+from fedhe.clients.roles import allows_plaintext
 from fedhe.crypto import PublicContext
 from fedhe.data.datasets import Dataset
 from fedhe.data.sources import DataSource, party_data, test_data
@@ -32,16 +35,29 @@ from fedhe.tasks.moments import Standardizer
 _JOB_RECORD = "fedhe.job."
 _CONTEXT_RECORD = "fedhe.context."
 _QUERY_RECORD = "fedhe.knn-query."
+_OUTPUT_RECORD = "fedhe.output."
 
 
 def setup(msg: Message, context: Context) -> Message:
     """Accept the job's public context (refusing any secret key) and check the local data."""
     config = protocol.config_of(msg.content)
     job_id = str(config["job-id"])
-    public_bytes = protocol.payload_of(msg.content).get("public-context", b"")
+    payload = protocol.payload_of(msg.content)
+    public_bytes = payload.get("public-context", b"")
     if public_bytes:
-        PublicContext.from_bytes(public_bytes)  # validates: no secret key, fingerprint matches
+        PublicContext.from_bytes(public_bytes)  # validates: no secret key, real parameters
         context.state[_CONTEXT_RECORD + job_id] = ConfigRecord({"bytes": public_bytes})
+        link = trust.join(
+            context, job_id, _party_name(config), payload.get("keyholder-identity", b"")
+        )
+    elif allows_plaintext(context):
+        link = {}
+    else:
+        raise ProtocolError(
+            f"job {job_id!r} comes without a public context: it would have this party send its "
+            "data in the clear. Only a simulation node with allow-plaintext in its node config "
+            "takes part in a plaintext twin."
+        )
     source = DataSource.from_dict(config["source"])
     local_file = context.node_config.get("data-path")  # deployment: the site's own CSV
     data = party_data(source, int(config["party-index"]), str(local_file) if local_file else None)
@@ -54,12 +70,43 @@ def setup(msg: Message, context: Context) -> Message:
     )
     return Message(
         protocol.content(
+            payload=link,
             metrics={
                 "n-samples": data.n_samples,
                 "n-features": data.n_features,
                 "n-classes": data.n_classes,
-            }
+            },
         ),
+        reply_to=msg,
+    )
+
+
+def mac_key(msg: Message, context: Context) -> Message:
+    """Open the key holder's envelope: the job's MAC key, checked to include this party's seed."""
+    config = protocol.config_of(msg.content)
+    trust.accept_mac_key(
+        context, str(config["job-id"]), protocol.payload_of(msg.content)["envelope"]
+    )
+    return Message(protocol.content(metrics={}), reply_to=msg)
+
+
+def model_release(msg: Message, context: Context) -> Message:
+    """Encrypted-model mode: the final model, sealed to this party. It stays here (under the
+    node's output folder when it has one); it goes back to the aggregator only from a node whose
+    config says share-model."""
+    config = protocol.config_of(msg.content)
+    job_id = str(config["job-id"])
+    model = trust.open_release(
+        context,
+        job_id,
+        str(config["output"]),
+        int(config["round"]),
+        protocol.payload_of(msg.content)["sealed"],
+    )
+    _keep_output(context, job_id, "model", model)
+    shared = _flag(context, "share-model")
+    return Message(
+        protocol.content(payload={"model": protocol.array_to_bytes(model)} if shared else {}),
         reply_to=msg,
     )
 
@@ -85,6 +132,8 @@ def train(msg: Message, context: Context) -> Message:
     config, job, data = _open(msg, context, fault_injectable=True)
     X = Standardizer.from_dict(config["standardizer"]).features(data.X)
     global_weights = protocol.weights_of(msg.content)
+    if _public_context(context, job["job-id"]) is not None:
+        trust.check_new_model(context, job["job-id"], global_weights)
     model = build_model(ModelSpec.from_dict(config["model"]), seed=0)
     set_weights(model, global_weights)
     train_config = TrainConfig(
@@ -239,7 +288,7 @@ def knn_answer(msg: Message, context: Context) -> Message:
     """KNN querier: unmask the released votes of a batch into predictions (original units)."""
     config, job, _ = _open(msg, context)
     rho = _take_mask(context, f"{job['job-id']}.{int(config['start'])}")
-    released = protocol.array_from_bytes(protocol.payload_of(msg.content)["votes"])
+    released = _released(msg, context, job["job-id"], config)
     n_classes = int(config["n-classes"])
     predictions = knn.querier_answer(released, rho, int(config["k"]), n_classes)
     if not n_classes:
@@ -284,7 +333,7 @@ def mlp_answer(msg: Message, context: Context) -> Message:
     """MLP querier: unmask the released logits (reported back for this evaluation run)."""
     config = protocol.config_of(msg.content)
     rho = _take_mask(context, f"{config['inference-id']}.{int(config['start'])}")
-    released = protocol.array_from_bytes(protocol.payload_of(msg.content)["values"])
+    released = _released(msg, context, str(config["inference-id"]), config, via=config["job-id"])
     if released.shape != rho.shape:
         raise ProtocolError(f"released logits have shape {released.shape}, expected {rho.shape}.")
     n_outputs = int(config["n-outputs"])
@@ -295,6 +344,21 @@ def mlp_answer(msg: Message, context: Context) -> Message:
         logits = mlp.querier_unmask_batched(released, rho, n)
     return Message(
         protocol.content(payload={"logits": protocol.array_to_bytes(logits)}), reply_to=msg
+    )
+
+
+def _released(
+    msg: Message, context: Context, job_id: str, config: dict[str, Any], via: str = ""
+) -> np.ndarray:
+    """What the key holder sealed to this querier (the aggregator relayed it unread); the
+    plaintext twin's answers come as they are."""
+    payload = protocol.payload_of(msg.content)
+    if "sealed" not in payload:
+        if not allows_plaintext(context):
+            raise ProtocolError("an answer in the clear reached a node that refuses plaintext.")
+        return protocol.array_from_bytes(payload["values"])
+    return trust.open_release(
+        context, job_id, str(config["output"]), int(config["round"]), payload["sealed"], via=via
     )
 
 
@@ -309,6 +373,28 @@ def _take_mask(context: Context, batch: str) -> np.ndarray:
         raise ProtocolError(f"no open query batch {batch!r} on this party.")
     del context.state[_QUERY_RECORD + batch]
     return protocol.array_from_bytes(bytes(record["rho"]))
+
+
+def _party_name(config: dict[str, Any]) -> str:
+    return f"party-{int(config['party-index'])}"
+
+
+def _flag(context: Context, key: str) -> bool:
+    value = context.node_config.get(key, False)
+    return value is True or str(value).lower() == "true"
+
+
+def _keep_output(context: Context, job_id: str, name: str, values: np.ndarray) -> None:
+    """What the job released to this party: written under the node's `output-dir` when its
+    config names one (deployment), and kept in the node's state for this run."""
+    context.state[_OUTPUT_RECORD + f"{job_id}.{name}"] = ConfigRecord(
+        {"values": protocol.array_to_bytes(values)}
+    )
+    folder = context.node_config.get("output-dir")
+    if folder:
+        path = Path(str(folder)) / job_id
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        np.save(path / f"{name}.npy", values, allow_pickle=False)
 
 
 def _regression_data(
@@ -357,10 +443,22 @@ def _contribute(
         packing=packing,
         parties=parties,
     )
+    public = _public_context(context, job["job-id"])
+    payload = {"contribution": contribution}
+    if public is not None:
+        config = protocol.config_of(msg.content)
+        payload["tag"] = trust.tag(
+            context,
+            job["job-id"],
+            contribution,
+            public,
+            str(config["output"]),
+            int(config["release-round"]),
+        )
     encrypt_s = time.perf_counter() - started
     return Message(
         protocol.content(
-            payload={"contribution": contribution},
+            payload=payload,
             metrics={"n-samples": n_samples, "encrypt-s": encrypt_s, **(metrics or {})},
         ),
         reply_to=msg,

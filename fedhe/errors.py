@@ -41,3 +41,11 @@ class PolicyError(FedHEError):
 
 class ProtocolError(FedHEError):
     """A message between roles is missing a field, has the wrong role, or the job cannot go on."""
+
+
+class ChannelError(FedHEError):
+    """A sealed end-to-end message does not open: altered, relabelled or from another peer."""
+
+
+class TagError(PolicyError):
+    """A sum's authentication tags do not verify: it is not the sum the parties contributed."""

@@ -11,6 +11,7 @@ import struct
 import tempfile
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
+import zstandard
 
 
 def ciphertext_info(vector: ts.CKKSVector) -> tuple[int, int, float]:
@@ -316,3 +318,41 @@ class RotationKeys:
         finally:
             os.unlink(path)
         return cls(keys, steps)
+
+
+# SEAL's serialization header: magic, header size, version, compression mode, reserved, size.
+_SEAL_HEADER = struct.Struct("<HBBBBHQ")
+_COMPRESSION_NONE, _COMPRESSION_ZLIB, _COMPRESSION_ZSTD = 0, 1, 2
+# Ciphertext members after the header: parms_id (4 u64), NTT flag (u8), size, degree and
+# prime count (3 u64), scale (f64), correction factor (u64); then its DynArray of residues.
+_CIPHERTEXT_MEMBERS = struct.Struct("<4QB3QdQ")
+
+
+def residues(vector: ts.CKKSVector, context: ts.Context) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The vector's ciphertext as raw RNS residues (polynomials, primes, N) and its primes.
+
+    Addition of ciphertexts is addition of these arrays modulo each prime, which is what
+    makes a linear MAC over them check a homomorphic sum.
+    """
+    (ct,) = vector.ciphertext()
+    data = _save(ct)
+    try:
+        _, _, _, _, compression, _, total = _SEAL_HEADER.unpack_from(data)
+        body = data[_SEAL_HEADER.size : total]
+        if compression == _COMPRESSION_ZSTD:
+            body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+        elif compression == _COMPRESSION_ZLIB:
+            body = zlib.decompress(body)
+        *_, size, degree, n_primes, _, _ = _CIPHERTEXT_MEMBERS.unpack_from(body)
+        offset = _CIPHERTEXT_MEMBERS.size + _SEAL_HEADER.size + 8  # DynArray header and count
+        count = size * degree * n_primes
+        array = np.frombuffer(body, dtype="<u8", count=count, offset=offset)
+    except (struct.error, ValueError) as err:
+        raise ValueError(f"ciphertext does not parse as SEAL data: {err}") from err
+    data_context = context.seal_context().data.get_context_data(ct.parms_id())
+    if data_context is None:
+        raise ValueError("ciphertext is at a level this context does not have.")
+    primes = tuple(m.value() for m in data_context.parms().coeff_modulus())
+    if len(primes) != n_primes:
+        raise ValueError(f"ciphertext has {n_primes} primes, its level has {len(primes)}.")
+    return array.reshape(size, n_primes, degree).astype(np.uint64), primes

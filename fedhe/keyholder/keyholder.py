@@ -15,21 +15,24 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedhe.crypto.channel import Identity, fingerprint
 from fedhe.crypto.context import KeyRequest, PublicContext, SecretContext, generate_keys
 from fedhe.crypto.lanes import min_guard_bits
+from fedhe.crypto.mac import MacKey, Tag, content_digest, mac_label
 from fedhe.crypto.params import FRESH_NOISE_BITS
 from fedhe.crypto.randomness import secure_random
 from fedhe.crypto.tensor import EncryptedTensor, decrypt, digest, load_tensor
-from fedhe.errors import FedHEError, PolicyError
-from fedhe.keyholder import sealing
+from fedhe.errors import ChannelError, FedHEError, PolicyError, TagError
+from fedhe.keyholder import registry, sealing
 from fedhe.keyholder.audit import AuditLog
+from fedhe.keyholder.ledger import DEFAULT_MAX_REFUSALS, Ledger
 from fedhe.keyholder.policy import DecryptionPolicy, DecryptionRequest, JobDeclaration
 
 # Noise flooding (Li–Micciancio, EUROCRYPT 2021): a CKKS decryption reveals the ciphertext's
@@ -40,7 +43,8 @@ from fedhe.keyholder.policy import DecryptionPolicy, DecryptionRequest, JobDecla
 # which would leave no precision at the scales addition jobs use. None turns it off.
 DEFAULT_FLOODING_BITS = FRESH_NOISE_BITS + 5
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+# Starts with a letter or digit: "." and ".." would name the state folder or its parent.
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,8 @@ class KeyHolder:
         flooding_bits: int | None = DEFAULT_FLOODING_BITS,
         declaration_check: Callable[[JobDeclaration], None] | None = None,
         passphrase: bytes | None = None,
+        trusted_parties: Mapping[str, bytes] | None = None,
+        max_refusals: int = DEFAULT_MAX_REFUSALS,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -70,6 +76,10 @@ class KeyHolder:
         self.declaration_check = declaration_check  # e.g. fedhe.tasks.check_declaration
         self._passphrase = passphrase  # seals the secret keys on disk (scrypt + AES-GCM)
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
+        # Party identities pinned out of band (deployment); None: trust the job's registration.
+        self.trusted_parties = None if trusted_parties is None else dict(trusted_parties)
+        self.max_refusals = max_refusals
+        self._identity: Identity | None = None
 
     # -- jobs and keys -----------------------------------------------------------------------
 
@@ -118,70 +128,223 @@ class KeyHolder:
         secret = self._secret_context(job_id)
         return None if secret is None else secret.public()
 
+    # -- parties and channels -----------------------------------------------------------------
+
+    @property
+    def identity(self) -> Identity:
+        """This key holder's long-term X25519 identity (its public half goes to every party)."""
+        if self._identity is None:
+            self._identity = registry.load_identity(self.state_dir / "identity.key")
+        return self._identity
+
+    def register_parties(
+        self, job_id: str, identities: Mapping[str, bytes], sealed_seeds: Mapping[str, bytes]
+    ) -> tuple[dict[str, bytes], dict[str, str]]:
+        """Agree on the job's MAC seed with its parties (see `fedhe.keyholder.registry`).
+
+        Returns a sealed envelope per registered party and the parties refused, with why. A job
+        registers once: a second registration is refused (it would let the aggregator pick the
+        parties again after seeing the first seed's envelopes)."""
+        try:
+            job = self.declaration(job_id)
+            if not job.encrypted:
+                raise PolicyError(f"job {job_id!r} is a plaintext twin: it has nothing to tag.")
+            if (self._job_dir(job_id) / "parties.json").exists():
+                raise PolicyError(f"job {job_id!r} has registered its parties already.")
+            registration, envelopes, refused = registry.register(
+                self.identity, job_id, identities, sealed_seeds, self.trusted_parties
+            )
+            if len(registration.parties) < job.min_parties:
+                raise PolicyError(
+                    f"{len(registration.parties)} parties registered, fewer than the job's "
+                    f"min_parties={job.min_parties}; refused: {refused}."
+                )
+        except FedHEError as err:
+            self.audit.append(job=job_id, event="register", decision="refused", reason=str(err))
+            raise
+        _write_private(self._job_dir(job_id) / "parties.json", registration.to_json())
+        self.audit.append(
+            job=job_id,
+            event="register",
+            parties={k: fingerprint(v) for k, v in sorted(registration.parties.items())},
+            refused=refused,
+            decision="registered",
+        )
+        return envelopes, refused
+
+    def registration(self, job_id: str) -> registry.Registration:
+        path = self._job_dir(job_id) / "parties.json"
+        if not path.exists():
+            raise PolicyError(f"job {job_id!r} has no registered parties: register them first.")
+        return registry.Registration.from_json(path.read_bytes())
+
+    def seal_for(self, job_id: str, party: str, data: bytes, label: str) -> bytes:
+        """`data` sealed end to end to `party` (a party registered with this key holder)."""
+        public = self._identity_of(job_id, party)
+        return self.identity.channel(public, job_id).seal(data, label)
+
+    def seal_release(self, request: DecryptionRequest, party: str, values: np.ndarray) -> bytes:
+        """Released values sealed to `party`, labelled with the request's output and round."""
+        label = registry.release_label(request.job_id, request.output_kind, request.round, party)
+        return self.seal_for(request.job_id, party, registry.array_bytes(values), label)
+
+    def release_to_querier(
+        self, request: DecryptionRequest, values: np.ndarray
+    ) -> dict[str, bytes]:
+        """Answers (KNN votes, MLP logits) go to the job's declared querier only, sealed; a
+        plaintext twin (nothing encrypted, simulation only) gets them as they are."""
+        job = self.declaration(request.job_id)
+        if not job.encrypted:
+            return {"values": registry.array_bytes(values)}
+        querier = job.meta.get("querier")
+        if not isinstance(querier, str) or not querier:
+            raise PolicyError(f"job {request.job_id!r} declares no querier for its answers.")
+        return {"sealed": self.seal_release(request, querier, values)}
+
+    def release_to_parties(
+        self, request: DecryptionRequest, values: np.ndarray
+    ) -> dict[str, bytes]:
+        """A result for every registered party of the job, each sealed to it."""
+        if not self.declaration(request.job_id).encrypted:
+            return {"values": registry.array_bytes(values)}
+        parties = self.registration(request.job_id).parties
+        return {f"sealed/{name}": self.seal_release(request, name, values) for name in parties}
+
+    def _identity_of(self, job_id: str, party: str) -> bytes:
+        """A party's identity from this job's registration, else from the job it serves (an
+        inference job names its training job as `meta["parent"]`)."""
+        for candidate in (job_id, self.declaration(job_id).meta.get("parent")):
+            if not isinstance(candidate, str) or not candidate:
+                continue
+            path = self._job_dir(candidate) / "parties.json"
+            if path.exists():
+                parties = registry.Registration.from_json(path.read_bytes()).parties
+                if party in parties:
+                    return parties[party]
+        raise PolicyError(f"{party} is not a registered party of job {job_id!r}.")
+
     # -- decryption ---------------------------------------------------------------------------
 
-    def decrypt(self, request: DecryptionRequest) -> Decryption:
-        """Decrypt `request.tensor` if the policy allows; every outcome goes to the audit log.
+    def decrypt_sum(self, request: DecryptionRequest) -> Decryption:
+        """Decrypt a sum for release in the clear, after checking it *is* the sum of the
+        contributions the parties tagged (`fedhe.crypto.mac`) for this output and round."""
+        return self._decide(request, verify=True)
 
-        A request identical to one already decrypted (the aggregator retrying after a lost
-        reply) gets the same released values again, without spending budget: decrypting the
-        same ciphertext twice with fresh flooding noise would let the noise be averaged away.
-        """
-        replay = self._released_path(request)
-        if replay is not None and replay.exists():
-            values = np.load(replay, allow_pickle=False)
-            record = self.audit.append(
-                job=request.job_id,
-                event="decrypt",
-                output=request.output_kind,
-                parties=sorted(request.contributors),
-                digest=digest(request.tensor),
-                decision="replayed",
-                shape=list(values.shape),
-            )
-            return Decryption(values, record)
+    def decrypt_unverified(self, request: DecryptionRequest) -> Decryption:
+        """Decrypt without a proof of origin. DANGEROUS: the values must never leave in the
+        clear to the aggregator (a chosen ciphertext (0, K) decrypts to K·s); callers re-encrypt
+        them or seal them end to end to the job's declared recipient."""
+        return self._decide(request, verify=False)
+
+    def _decide(self, request: DecryptionRequest, *, verify: bool) -> Decryption:
+        """Every outcome goes to the audit log; a refusal counts against the job's refusal
+        budget and carries no decrypted value.
+
+        Each (output, round) is released once. The same ciphertext asked again (the aggregator
+        retrying after a lost reply, whatever the framing) gets the same values back without
+        spending budget: decrypting it again with fresh flooding noise would let the noise be
+        averaged away. Another ciphertext under a released label is refused."""
         base = {
             "job": request.job_id,
             "event": "decrypt",
             "output": request.output_kind,
+            "round": request.round,
             "parties": sorted(request.contributors),
             "n_parties": len(set(request.contributors)),
             "digest": digest(request.tensor),
         }
+        ledger = None
         try:
+            _check_job_id(request.job_id)
             job = self._declaration(request.job_id)
-            spec = self.policy.check_request(job, request, self._spent(request))
-            assert job is not None
-            values, sigma = self._open(job, request)
+            ledger = self._ledger(request.job_id) if job is not None else None
+            if ledger is not None:
+                ledger.check_open(request.job_id)
+            # Budget: each release takes one round label in [0, budget), each label once.
+            spec = self.policy.check_request(job, request, spent=0)
+            assert job is not None and ledger is not None
+            _check_round(request, spec.budget)
+            secret = self._secret_context(job.job_id)
+            tensor = load_tensor(request.tensor, secret)
+            if not isinstance(tensor, EncryptedTensor):
+                return self._replay_or_open_plain(request, tensor.values, base, ledger)
+            content = content_digest(tensor)
+            replay = self._replay(request, content, ledger)
+            if replay is not None:
+                return Decryption(replay, self.audit.append(**base, decision="replayed"))
+            if verify:
+                self._verify_tags(request, tensor)
+            values, sigma = self._open(secret, tensor, len(request.contributors))
             _check_size(values, spec.size, request.output_kind)
             _check_count(values, spec.count_index, len(request.contributors))
         except FedHEError as err:
             self.audit.append(**base, decision="refused", reason=str(err))
+            if ledger is not None and not ledger.stopped:
+                ledger.record_refusal(self.max_refusals)
             raise PolicyError(f"decryption refused: {err}") from err
-        if replay is not None:
-            _write_private(replay, _npy_bytes(values))
+        _write_private(self._release_path(request), _npy_bytes(values))
+        ledger.record_release(request.output_kind, request.round, content)
         record = self.audit.append(
-            **base,
-            decision="decrypted",
-            shape=list(values.shape),
-            flooding_sigma=sigma,
+            **base, decision="decrypted", shape=list(values.shape), flooding_sigma=sigma
         )
         return Decryption(values, record)
 
-    def _open(self, job: JobDeclaration, request: DecryptionRequest) -> tuple[np.ndarray, float]:
-        secret = self._secret_context(job.job_id)
-        tensor = load_tensor(request.tensor, secret)
-        if isinstance(tensor, EncryptedTensor):
-            assert secret is not None
-            _check_guard(tensor, len(request.contributors))
-            values = decrypt(secret, tensor)
-            # Quantized lanes decode by rounding to integers: the release is a function of the
-            # plaintext sum alone, so there is no decryption noise to flood.
-            sigma = 0.0 if tensor.lanes is not None else self._flooding_sigma(tensor.scale)
-            if sigma:
-                values = values + secure_random().normal(0.0, sigma, values.shape)
-            return values, sigma
-        return tensor.values, 0.0
+    def _replay_or_open_plain(
+        self, request: DecryptionRequest, values: np.ndarray, base: dict, ledger: Ledger
+    ) -> Decryption:
+        """A plaintext twin's values: nothing to decrypt, budget and labels as for ciphertexts."""
+        content = hashlib.sha256(request.tensor).hexdigest()
+        if self._replay(request, content, ledger) is None:
+            ledger.record_release(request.output_kind, request.round, content)
+        return Decryption(values, self.audit.append(**base, decision="plaintext"))
+
+    def _replay(
+        self, request: DecryptionRequest, content: str, ledger: Ledger
+    ) -> np.ndarray | None:
+        released = ledger.released_digest(request.output_kind, request.round)
+        if released is None:
+            return None
+        if released != content:
+            raise PolicyError(
+                f"{request.output_kind!r} of round {request.round} was released already, for "
+                "another ciphertext."
+            )
+        path = self._release_path(request)
+        return np.load(path, allow_pickle=False) if path.exists() else None
+
+    def _verify_tags(self, request: DecryptionRequest, tensor: EncryptedTensor) -> None:
+        registration = self.registration(request.job_id)
+        tags = []
+        for party in sorted(request.contributors):
+            public = registration.parties.get(party)
+            if public is None:
+                raise TagError(f"{party} is not a registered party of job {request.job_id!r}.")
+            sealed = request.tags.get(party)
+            if sealed is None:
+                raise TagError(f"the request carries no tag from {party}.")
+            label = registry.tag_label(request.job_id, request.output_kind, request.round, party)
+            try:
+                opened = self.identity.channel(public, request.job_id).open(sealed, label)
+                tags.append(Tag.from_dict(json.loads(opened)))
+            except (ChannelError, ValueError) as err:
+                raise TagError(f"{party}'s tag does not open for this output and round.") from err
+        MacKey(registration.mac_seed).verify(
+            tensor, tags, mac_label(request.output_kind, request.round)
+        )
+
+    def _open(
+        self, secret: SecretContext | None, tensor: EncryptedTensor, contributors: int
+    ) -> tuple[np.ndarray, float]:
+        if secret is None:
+            raise PolicyError("this job has no secret key on this key holder.")
+        _check_guard(tensor, contributors)
+        values = decrypt(secret, tensor)
+        # Quantized lanes decode by rounding to integers: the release is a function of the
+        # plaintext sum alone, so there is no decryption noise to flood.
+        sigma = 0.0 if tensor.lanes is not None else self._flooding_sigma(tensor.scale)
+        if sigma:
+            values = values + secure_random().normal(0.0, sigma, values.shape)
+        return values, sigma
 
     def _flooding_sigma(self, scale: float) -> float:
         """Noise lives in the coefficient domain: σ is 2^flooding_bits over the ciphertext scale."""
@@ -191,17 +354,13 @@ class KeyHolder:
 
     # -- storage ------------------------------------------------------------------------------
 
-    def _released_path(self, request: DecryptionRequest) -> Path | None:
-        """Where this exact request's release is kept (None for an unknown or invalid job id)."""
-        if not _JOB_ID.match(request.job_id) or self._declaration(request.job_id) is None:
-            return None
-        key = hashlib.sha256(
-            json.dumps([request.output_kind, sorted(request.contributors)]).encode()
-            + request.tensor
-        ).hexdigest()
+    def _release_path(self, request: DecryptionRequest) -> Path:
         folder = self._job_dir(request.job_id) / "released"
         folder.mkdir(mode=0o700, exist_ok=True)
-        return folder / f"{key}.npy"
+        return folder / f"{request.output_kind}-{request.round}.npy"
+
+    def _ledger(self, job_id: str) -> Ledger:
+        return Ledger.load(self._job_dir(job_id) / "ledger.json")
 
     def _job_dir(self, job_id: str) -> Path:
         _check_job_id(job_id)
@@ -215,7 +374,7 @@ class KeyHolder:
             secret = generate_keys(job.params, keys)
             data = secret.to_secret_bytes()
             if self._passphrase:
-                data = sealing.seal(self._passphrase, data)
+                data = sealing.seal(self._passphrase, data, binding=job.job_id)
             _write_private(job_dir / "secret.ctx", data)
         _write_private(job_dir / "job.json", json.dumps(job.to_dict()).encode())
 
@@ -233,16 +392,6 @@ class KeyHolder:
             return None
         return _load_secret(str(path), stat.st_mtime_ns, stat.st_size, self._passphrase, job_id)
 
-    def _spent(self, request: DecryptionRequest) -> int:
-        """Budget spent, counted from the audit log itself so the two cannot disagree."""
-        return sum(
-            1
-            for r in self.audit.entries(request.job_id)
-            if r.get("event") == "decrypt"
-            and r.get("decision") == "decrypted"
-            and r.get("output") == request.output_kind
-        )
-
 
 # One key holder process serves many messages of one job (a KeyHolder per message): parsing the
 # secret context (and unsealing it: scrypt) once per file version, not per message, saves
@@ -251,7 +400,8 @@ class KeyHolder:
 def _load_secret(
     path: str, mtime_ns: int, size: int, passphrase: bytes | None, job_id: str
 ) -> SecretContext:
-    data = sealing.unseal(passphrase, Path(path).read_bytes(), f"secret key of job {job_id!r}")
+    what = f"secret key of job {job_id!r} ({path})"
+    data = sealing.unseal(passphrase, Path(path).read_bytes(), what, binding=job_id)
     return SecretContext.from_secret_bytes(data)
 
 
@@ -274,21 +424,31 @@ def _check_size(values: np.ndarray, size: int | None, output: str) -> None:
 
 
 def _check_count(values: np.ndarray, count_index: int, claimed: int) -> None:
+    """The count slot must hold the number of contributors. The refusal names no value: a
+    refusal that quoted the slot would be a free decryption."""
     if count_index < 0:
         return
     flat = values.ravel()
-    if count_index >= flat.size:
-        raise PolicyError(f"count slot {count_index} lies outside a tensor of {flat.size} values.")
-    counted = flat[count_index]
-    if not abs(counted - claimed) < 0.5:
+    if count_index >= flat.size or not abs(flat[count_index] - claimed) < 0.5:
         raise PolicyError(
-            f"the aggregate holds {counted:.3f} contributions, the aggregator claims {claimed}."
+            f"the aggregate's count slot does not hold the {claimed} contributions claimed."
+        )
+
+
+def _check_round(request: DecryptionRequest, budget: int) -> None:
+    if not 0 <= request.round < budget:
+        raise PolicyError(
+            f"round {request.round} of {request.output_kind!r} is outside its budget of "
+            f"{budget} releases (rounds 0-{budget - 1})."
         )
 
 
 def _check_job_id(job_id: str) -> None:
     if not _JOB_ID.match(job_id):
-        raise PolicyError(f"job id {job_id!r} must be 1-128 letters, digits, '.', '_' or '-'.")
+        raise PolicyError(
+            f"job id {job_id!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit."
+        )
 
 
 def _npy_bytes(values: np.ndarray) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,12 +76,16 @@ class JobDeclaration:
 
 @dataclass(frozen=True)
 class DecryptionRequest:
-    """The aggregator's ask: decrypt `tensor` (bytes) as `output_kind` of `job_id`."""
+    """The aggregator's ask: decrypt `tensor` (bytes) as `output_kind` of `job_id`, the
+    release of `round` (0 ≤ round < the output's budget; each round is released once), with
+    each contributor's sealed tag when the output is a sum released in the clear."""
 
     job_id: str
     output_kind: str
     contributors: tuple[str, ...]
     tensor: bytes
+    round: int = 0
+    tags: Mapping[str, bytes] = field(default_factory=dict)
 
 
 class DecryptionPolicy:

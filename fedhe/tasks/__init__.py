@@ -13,20 +13,30 @@ from fedhe.tasks import aggregate, encrypted_model, knn, linreg, mlp, moments
 Release = np.ndarray | dict[str, bytes]
 KeyholderStep = Callable[[KeyHolder, DecryptionRequest], Release]
 
-# What the key holder releases per output kind: the decrypted values unless a task says
-# otherwise: the masked normal equations are solved there and only the coefficients leave; a
-# masked encrypted model comes back re-encrypted, never in the clear; KNN distances come back
-# as an encrypted selection of the nearest, KNN votes as slot sums only.
+# What the key holder releases per output kind, by the release principle: a value leaves in
+# the clear only to the aggregator and only as a sum the key holder verified against the
+# parties' tags (moments, update sums, gradient sums, the masked normal equations, of which
+# only the solved coefficients leave); otherwise sealed end to end to its recipient (KNN
+# votes and MLP logits to the querier, the encrypted-model's final model to the parties) or
+# as fresh ciphertexts (the refreshed model, the KNN selection). An output kind without a step
+# here is refused.
 KEYHOLDER_STEPS: dict[str, KeyholderStep] = {
+    moments.OUTPUT: aggregate.keyholder_decrypt_sum,
+    aggregate.OUTPUT: aggregate.keyholder_decrypt_sum,
+    linreg.GRADIENT_OUTPUT: aggregate.keyholder_decrypt_sum,
     linreg.MASKED_OUTPUT: linreg.keyholder_solve,
     encrypted_model.REFRESH_OUTPUT: encrypted_model.keyholder_refresh,
+    encrypted_model.MODEL_OUTPUT: encrypted_model.keyholder_model,
     knn.RANK_OUTPUT: knn.keyholder_rank,
     knn.VOTE_OUTPUT: knn.keyholder_vote,
+    mlp.OUTPUT: mlp.keyholder_logits,
 }
 
 
 def keyholder_release(keyholder: KeyHolder, request: DecryptionRequest) -> Release:
-    step = KEYHOLDER_STEPS.get(request.output_kind, aggregate.keyholder_decrypt_sum)
+    step = KEYHOLDER_STEPS.get(request.output_kind)
+    if step is None:
+        raise PolicyError(f"output kind {request.output_kind!r} has no release rule.")
     return step(keyholder, request)
 
 

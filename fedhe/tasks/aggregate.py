@@ -340,8 +340,9 @@ def request_decryption(
 
 
 def keyholder_decrypt_sum(keyholder: KeyHolder, request: DecryptionRequest) -> np.ndarray:
-    """Decrypt the update sum, only if it is the declared output over enough parties."""
-    return keyholder.decrypt(request).values
+    """Decrypt a sum, only if it is the declared output over enough parties and its tags prove
+    it is the sum of what they contributed."""
+    return keyholder.decrypt_sum(request).values
 
 
 def _named_arrays(arrays: Mapping[str, Any] | Sequence[Any]) -> dict[str, np.ndarray]:

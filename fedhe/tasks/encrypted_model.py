@@ -117,19 +117,27 @@ def aggregator_unmask(
 
 
 def keyholder_refresh(keyholder: KeyHolder, request: DecryptionRequest) -> dict[str, bytes]:
-    """Decrypt the masked model under policy and return it freshly encrypted, both layouts."""
-    values = keyholder.decrypt(request).values
+    """Decrypt the masked model under policy and return it freshly encrypted, both layouts
+    (unverified: the masked model is no sum of contributions, so nothing leaves in the clear)."""
+    values = keyholder.decrypt_unverified(request).values
     public = keyholder.public_context(request.job_id)
     limit = MASK_BOUND * 4
-    if np.max(np.abs(values)) > limit:
+    if not np.all(np.abs(values) <= limit):
         raise ProtocolError(
-            f"the masked model reaches {np.max(np.abs(values)):.4g}, beyond {limit:g}: the model "
-            "is diverging (|w| ≫ 1 on standardized features); lower the learning rate."
+            f"the masked model leaves ±{limit:g}: the model is diverging (|w| ≫ 1 on "
+            "standardized features); lower the learning rate."
         )
     fresh = {"vector": encrypt_model(public, values).to_bytes()}
     for j, column in enumerate(broadcast(public, values)):
         fresh[f"broadcast-{j}"] = column.to_bytes()
     return fresh
+
+
+def keyholder_model(keyholder: KeyHolder, request: DecryptionRequest) -> dict[str, bytes]:
+    """The final model goes to the job's parties only, sealed to each: the chain of refreshes
+    and encrypted steps that made it is no sum the key holder can verify, so the aggregator
+    (which could have put any ciphertext there) gets no decrypted value."""
+    return keyholder.release_to_parties(request, keyholder.decrypt_unverified(request).values)
 
 
 def unpack_refresh(

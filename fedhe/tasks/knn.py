@@ -547,7 +547,9 @@ def keyholder_rank(keyholder: KeyHolder, request: DecryptionRequest) -> dict[str
     """Decrypt masked distances (n_queries, n_blocks, slots) under policy; return Enc(selection)
     of the k smallest valid positions of each query, never the distances themselves."""
     k = declared_k(keyholder, request.job_id)
-    values = keyholder.decrypt(request).values
+    # Unverified (the distances are no sum of contributions): only a fresh encryption of the
+    # selection leaves, never a decrypted value.
+    values = keyholder.decrypt_unverified(request).values
     if values.ndim != 3:
         raise PolicyError(f"masked distances must be 3-D, got shape {values.shape}.")
     flat = values.reshape(values.shape[0], -1)
@@ -555,7 +557,7 @@ def keyholder_rank(keyholder: KeyHolder, request: DecryptionRequest) -> dict[str
     for q, distances in enumerate(flat):
         valid = np.flatnonzero(distances < VALID_BELOW)
         if len(valid) < k:
-            raise PolicyError(f"query {q} has {len(valid)} valid stored points, fewer than k={k}.")
+            raise PolicyError(f"a query has fewer valid stored points than k={k}.")
         nearest = valid[np.argsort(distances[valid], kind="stable")[:k]]
         selection[q, nearest] = 1.0
     public = keyholder.public_context(request.job_id)
@@ -565,13 +567,14 @@ def keyholder_rank(keyholder: KeyHolder, request: DecryptionRequest) -> dict[str
     return {"selection": tensor.to_bytes()}
 
 
-def keyholder_vote(keyholder: KeyHolder, request: DecryptionRequest) -> np.ndarray:
+def keyholder_vote(keyholder: KeyHolder, request: DecryptionRequest) -> dict[str, bytes]:
     """Decrypt masked votes (n_queries, n_labels, slots) under policy; release the slot sums
-    (vote + the querier's mask), never a slot."""
-    values = keyholder.decrypt(request).values
+    (vote + the querier's mask), never a slot, sealed end to end to the querier: the
+    aggregator relays bytes it cannot read."""
+    values = keyholder.decrypt_unverified(request).values
     if values.ndim != 3:
         raise PolicyError(f"masked votes must be 3-D, got shape {values.shape}.")
-    return values.sum(axis=2)
+    return keyholder.release_to_querier(request, values.sum(axis=2))
 
 
 def declared_k(keyholder: KeyHolder, job_id: str) -> int:

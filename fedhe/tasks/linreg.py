@@ -110,7 +110,7 @@ def solve_masked(values: np.ndarray, layout: Layout) -> np.ndarray:
 def keyholder_solve(keyholder: KeyHolder, request: DecryptionRequest) -> np.ndarray:
     """Decrypt under policy, solve, release only the coefficients (standardized units)."""
     declared = keyholder.declaration(request.job_id).meta["layouts"][request.output_kind]
-    return solve_masked(keyholder.decrypt(request).values, Layout.from_dict(declared))
+    return solve_masked(keyholder.decrypt_sum(request).values, Layout.from_dict(declared))
 
 
 # -- gradient mode (shared with logreg) ------------------------------------------------------------

@@ -46,6 +46,7 @@ from fedhe.crypto import (
 from fedhe.crypto.circuit import Cipher, Circuit
 from fedhe.crypto.randomness import secure_random
 from fedhe.errors import ParameterError, ShapeError, ValueRangeError
+from fedhe.keyholder import DecryptionRequest, KeyHolder
 
 TASK = "mlp"
 INFERENCE_TASK = "mlp-inference"
@@ -391,6 +392,13 @@ def querier_unmask_batched(released: np.ndarray, rho: np.ndarray, n_samples: int
 
 def querier_unmask_single(released: np.ndarray, rho: np.ndarray, n_outputs: int) -> np.ndarray:
     return (np.asarray(released) - rho)[:n_outputs]
+
+
+def keyholder_logits(keyholder: KeyHolder, request: DecryptionRequest) -> dict[str, bytes]:
+    """Decrypt the masked logits (logits + the querier's ρ) and seal them to the querier: the
+    aggregator, which evaluated the model and could have sent any ciphertext, reads nothing."""
+    values = keyholder.decrypt_unverified(request).values
+    return keyholder.release_to_querier(request, values)
 
 
 def predict(logits: np.ndarray) -> np.ndarray:

@@ -1,0 +1,153 @@
+"""Who the key holder talks to end to end: its own identity, the parties', each job's MAC seed.
+
+Registration (once per job, relayed by the aggregator): each party sends its public identity
+and a random seed sealed to the key holder; the key holder opens the seeds, adds its own, and
+derives the job's MAC seed from all of them (`fedhe.crypto.mac.seed_from`): no single role
+chooses r. It returns to each party, sealed, its own seed and every contribution, so a party
+checks that its seed went in and derives the same MAC seed. The aggregator sees only sealed
+bytes.
+
+Identities arrive through the aggregator. A deployment pins them (`trusted` below: the party
+public keys each site exported, in the key holder's node config); without pins the key holder
+trusts what the first registration of a job shows, and an aggregator that deviates *at
+registration* could stand in for a party. The README states it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedhe.crypto.channel import Channel, Identity, check_public_key, fingerprint
+from fedhe.crypto.mac import MAC_SEED_BYTES, seed_from
+from fedhe.errors import ChannelError, PolicyError
+
+
+def mac_seed_label(job_id: str, party: str) -> str:
+    return f"mac-seed/{job_id}/{party}"
+
+
+def mac_key_label(job_id: str, party: str) -> str:
+    return f"mac-key/{job_id}/{party}"
+
+
+def tag_label(job_id: str, output: str, round_: int, party: str) -> str:
+    return f"tag/{job_id}/{output}/{round_}/{party}"
+
+
+def release_label(job_id: str, output: str, round_: int, party: str) -> str:
+    return f"release/{job_id}/{output}/{round_}/{party}"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The parties of one job (name → public identity) and the job's MAC seed."""
+
+    parties: dict[str, bytes]
+    mac_seed: bytes
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "parties": {k: v.hex() for k, v in self.parties.items()},
+                "mac_seed": self.mac_seed.hex(),
+            }
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Registration:
+        raw = json.loads(data)
+        return cls(
+            {k: bytes.fromhex(v) for k, v in raw["parties"].items()},
+            bytes.fromhex(raw["mac_seed"]),
+        )
+
+
+def load_identity(path: Path) -> Identity:
+    """The key holder's long-term identity, made on first use (file mode 0600)."""
+    if path.exists():
+        return Identity.from_private_bytes(path.read_bytes())
+    identity = Identity.generate()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, identity.private_bytes())
+    finally:
+        os.close(fd)
+    return identity
+
+
+def register(
+    identity: Identity,
+    job_id: str,
+    identities: Mapping[str, bytes],
+    sealed_seeds: Mapping[str, bytes],
+    trusted: Mapping[str, bytes] | None,
+) -> tuple[Registration, dict[str, bytes], dict[str, str]]:
+    """Open every party's seed; return the registration, a sealed envelope per party and the
+    parties refused (pinned key mismatch, seed that does not open) with the reason."""
+    seeds: dict[str, bytes] = {}
+    refused: dict[str, str] = {}
+    for name in sorted(identities):
+        try:
+            public = identities[name]
+            check_public_key(public)
+            if trusted is not None and trusted.get(name) != public:
+                raise PolicyError(
+                    f"{name}'s identity {fingerprint(public)} is not the one pinned for it."
+                )
+            seed = identity.channel(public, job_id).open(
+                sealed_seeds[name], mac_seed_label(job_id, name)
+            )
+            if len(seed) != MAC_SEED_BYTES:
+                raise ChannelError(f"{name}'s MAC seed has {len(seed)} bytes.")
+            seeds[name] = seed
+        except (PolicyError, ChannelError, KeyError) as err:
+            refused[name] = str(err) if not isinstance(err, KeyError) else "no sealed seed"
+    own = os.urandom(MAC_SEED_BYTES)
+    registration = Registration(
+        {name: identities[name] for name in seeds}, seed_from(_contributions(own, seeds))
+    )
+    envelope = json.dumps(
+        {"keyholder": own.hex(), "seeds": {k: v.hex() for k, v in seeds.items()}}
+    ).encode()
+    envelopes = {
+        name: identity.channel(identities[name], job_id).seal(envelope, mac_key_label(job_id, name))
+        for name in seeds
+    }
+    return registration, envelopes, refused
+
+
+def party_mac_seed(channel: Channel, job_id: str, party: str, envelope: bytes, own: bytes) -> bytes:
+    """Party side: open the key holder's envelope, check that this party's seed went in, and
+    derive the job's MAC seed."""
+    data = json.loads(channel.open(envelope, mac_key_label(job_id, party)))
+    seeds = {k: bytes.fromhex(v) for k, v in data["seeds"].items()}
+    if seeds.get(party) != own:
+        raise ChannelError(
+            f"the key holder's MAC envelope does not hold {party}'s own seed: refusing the key."
+        )
+    return seed_from(_contributions(bytes.fromhex(data["keyholder"]), seeds))
+
+
+def _contributions(keyholder_seed: bytes, seeds: Mapping[str, bytes]) -> list[bytes]:
+    return [keyholder_seed, *(name.encode() + b"\x00" + seeds[name] for name in sorted(seeds))]
+
+
+def array_bytes(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(values, dtype=np.float64), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def open_release(
+    channel: Channel, job_id: str, output: str, round_: int, party: str, sealed: bytes
+) -> np.ndarray:
+    """Recipient side: the values the key holder sealed to this party for (output, round)."""
+    data = channel.open(sealed, release_label(job_id, output, round_, party))
+    return np.load(io.BytesIO(data), allow_pickle=False)
