@@ -230,7 +230,7 @@ class KNNJob(Job):
             self.querier,
             protocol.KNN_ANSWER,
             {**settings, "output": knn.VOTE_OUTPUT, "round": batch},
-            payload={"sealed": released["sealed"]},
+            payload=released,  # sealed to the querier (the twin's in the clear)
         )
         return np.asarray(protocol.config_of(answer)["predictions"], dtype=float)
 

@@ -34,6 +34,7 @@ class MLPJob(FedAvgJob):
         super().__init__(*args, **kwargs)
         self.querier = f"party-{self.config.querier}"
         self.test_X = None
+        self.inference_releases = 0  # one release label per logits batch or sample
 
     def phases(self) -> None:
         # A network too deep for any 128-bit parameter set is refused before training.

@@ -79,7 +79,12 @@ def check_declaration(job: JobDeclaration) -> None:
         raise PolicyError(
             f"task {job.task!r} may not declare {foreign}; it may: {sorted(allowed)}."
         )
-    if job.task in (aggregate.TASK, mlp.TASK, mlp.INFERENCE_TASK):
+    _check_single_releases(job)
+    if job.task in (aggregate.TASK, mlp.TASK):
+        _check_layouts(job)
+        return
+    if job.task == mlp.INFERENCE_TASK:
+        _check_recipient(job)
         return
     if job.task == knn.TASK:
         _check_knn(job)
@@ -91,6 +96,42 @@ def check_declaration(job: JobDeclaration) -> None:
             f"declared sizes {wrong} do not fit a {job.task} job over "
             f"{expected['features']} features (expected {expected})."
         )
+
+
+# Outputs a job releases once, whatever the aggregator declares as their budget.
+SINGLE_RELEASES = (moments.OUTPUT, linreg.MASKED_OUTPUT, encrypted_model.MODEL_OUTPUT)
+
+
+def _check_single_releases(job: JobDeclaration) -> None:
+    more = {k: v.budget for k, v in job.outputs.items() if k in SINGLE_RELEASES and v.budget != 1}
+    if more:
+        raise PolicyError(f"{sorted(more)} are released once per job, not {more}.")
+
+
+def _check_layouts(job: JobDeclaration) -> None:
+    """Sums of model-shaped updates: size and count slot follow from the layout (the model's
+    parameter shapes plus the weight and count slots), not from the aggregator's numbers."""
+    layouts = job.meta.get("layouts")
+    if not isinstance(layouts, dict):
+        raise PolicyError(f"a {job.task} job must declare the layout of each sum in its meta.")
+    for kind, spec in job.outputs.items():
+        if kind not in layouts:
+            raise PolicyError(f"{kind!r} of a {job.task} job comes without its layout.")
+        try:
+            layout = aggregate.Layout.from_dict(layouts[kind])
+        except (KeyError, TypeError, ValueError) as err:
+            raise PolicyError(f"the layout of {kind!r} is malformed: {err!r}") from err
+        if (spec.size, spec.count_index) != (layout.size, layout.count_index):
+            raise PolicyError(
+                f"{kind!r} declares size {spec.size} and count slot {spec.count_index}; its "
+                f"layout has {layout.size} values with the count in slot {layout.count_index}."
+            )
+
+
+def _check_recipient(job: JobDeclaration) -> None:
+    querier = job.meta.get("querier")
+    if not isinstance(querier, str) or not querier.startswith("party-"):
+        raise PolicyError(f"a {job.task} job must name the party its answers go to: {querier!r}.")
 
 
 def _regression_sizes(job: JobDeclaration) -> dict[str, int]:
@@ -111,6 +152,7 @@ def _regression_sizes(job: JobDeclaration) -> dict[str, int]:
 
 
 def _check_knn(job: JobDeclaration) -> None:
+    _check_recipient(job)
     k = job.meta.get("k")
     if not isinstance(k, int) or k < 1:
         raise PolicyError(f"a knn job must declare k ≥ 1 in its meta, got {k!r}.")
