@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import tenseal as ts
+import tenseal.sealapi  # registers seal::Modulus, which coeff_modulus() returns
 
 from fedhe.crypto import _seal
 from fedhe.crypto.framing import frame, unframe
-from fedhe.crypto.params import CKKSParams
+from fedhe.crypto.params import CKKSParams, check_security
 from fedhe.errors import ContextMismatchError, ParameterError, SecretKeyLeakError
 
 CONTEXT_MAGIC = b"FHEC"
@@ -149,6 +150,7 @@ class PublicContext(_ContextBase):
                 "it. Discard these bytes and ask the key holder for its public context."
             )
         params = CKKSParams.from_dict(header.get("params", {}))
+        check_real_params(raw, params, what="public context")
         keys = KeyRequest.from_dict(header.get("keys", {}))
         context = cls(raw, params, keys, rotation_keys)
         context.check_same(header.get("fingerprint", ""), what="public context")
@@ -184,10 +186,17 @@ class SecretContext(_ContextBase):
     def from_secret_bytes(cls, data: bytes) -> SecretContext:
         header, payload = _unframe_context(data)
         body, rotation_keys = _split_body(header, payload)
-        raw = ts.context_from(body)
+        try:
+            raw = ts.context_from(body)
+        except Exception as err:  # TenSEAL raises TypeError, ValueError or RuntimeError
+            raise ParameterError(
+                f"secret context bytes do not load ({err}): the key file is corrupt or "
+                "truncated; restore it from a backup or declare the job under a new id."
+            ) from err
         if not raw.has_secret_key():
             raise ParameterError("these context bytes hold no secret key.")
         params = CKKSParams.from_dict(header.get("params", {}))
+        check_real_params(raw, params, what="secret context")
         raw.global_scale = 2.0**params.scale_bits
         return cls(raw, params, KeyRequest.from_dict(header.get("keys", {})), rotation_keys)
 
@@ -204,6 +213,66 @@ def generate_keys(params: CKKSParams, keys: KeyRequest = KeyRequest()) -> Secret
         raw.generate_galois_keys()
     rotation_keys = _seal.create_rotation_keys(raw, keys.rotations) if keys.rotations else b""
     return SecretContext(raw, params, keys, rotation_keys)
+
+
+@dataclass(frozen=True)
+class SealParams:
+    """The parameters a deserialized context really holds (not what its header claims)."""
+
+    scheme: str
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: tuple[int, ...]
+    all_prime: bool
+    scale: float | None  # None: the context carries no global scale
+
+    @classmethod
+    def of(cls, raw: ts.Context) -> SealParams:
+        parms = raw.seal_context().data.key_context_data().parms()  # the full chain
+        moduli = parms.coeff_modulus()
+        try:
+            scale: float | None = raw.global_scale
+        except ValueError:  # TenSEAL: "no global scale"
+            scale = None
+        return cls(
+            parms.scheme().name,
+            parms.poly_modulus_degree(),
+            tuple(m.bit_count() for m in moduli),
+            all(m.is_prime() for m in moduli),
+            scale,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.scheme} N={self.poly_modulus_degree} primes of "
+            f"{list(self.coeff_mod_bit_sizes)} bits, scale {self.scale}"
+        )
+
+
+def check_real_params(raw: ts.Context, params: CKKSParams, *, what: str = "context") -> None:
+    """Refuse a context whose real SEAL parameters are outside the 128-bit table or differ from
+    the header's `params` (a header is a claim: N=2048 behind a header of N=8192 breaks
+    security). Microseconds: it reads parameters SEAL already parsed."""
+    real = SealParams.of(raw)
+    if real.scheme != "CKKS" or not real.all_prime:
+        raise ParameterError(
+            f"{what} holds {real.describe()} (prime moduli: {real.all_prime}), not a CKKS "
+            "context: discard these bytes and ask the key holder for its context again."
+        )
+    try:
+        check_security(real.poly_modulus_degree, real.coeff_mod_bit_sizes)
+    except ParameterError as err:
+        raise ParameterError(
+            f"{what} really holds {real.describe()}, whatever its header says: {err} "
+            "Discard these bytes; they do not come from a fedhe key holder."
+        ) from err
+    claimed = (params.poly_modulus_degree, params.coeff_mod_bit_sizes, params.scale)
+    if (real.poly_modulus_degree, real.coeff_mod_bit_sizes, real.scale) != claimed:
+        raise ContextMismatchError(
+            f"{what} header claims N={params.poly_modulus_degree}, primes of "
+            f"{list(params.coeff_mod_bit_sizes)} bits, scale 2^{params.scale_bits}, but the "
+            f"context inside holds {real.describe()}: the bytes were altered or forged. "
+            "Discard them and fetch the job's context from the key holder again."
+        )
 
 
 def _split_body(header: dict, payload: bytes) -> tuple[bytes, bytes]:

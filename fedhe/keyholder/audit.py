@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedhe.errors import ProtocolError
+
 GENESIS = "0" * 64
 
 
@@ -44,11 +46,24 @@ class AuditLog:
         return record
 
     def entries(self, job_id: str | None = None) -> list[dict[str, Any]]:
+        """Every record (the key holder's own view), or job `job_id`'s records."""
+        records = self._records()
+        return records if job_id is None else [r for r in records if r.get("job") == job_id]
+
+    def job_entries(self, job_id: str) -> list[dict[str, Any]]:
+        """One job's records, for whoever asks about that job: a missing id is refused, never
+        read as "every job"."""
+        if not isinstance(job_id, str) or not job_id:
+            raise ProtocolError(
+                f"audit records are read one job at a time; got job id {job_id!r}: name the job."
+            )
+        return self.entries(job_id)
+
+    def _records(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
         with self.path.open() as handle:
-            records = [json.loads(line) for line in handle if line.strip()]
-        return [r for r in records if job_id is None or r.get("job") == job_id]
+            return [json.loads(line) for line in handle if line.strip()]
 
     def _last_hash(self) -> str:
         if not self.path.exists() or self.path.stat().st_size == 0:
