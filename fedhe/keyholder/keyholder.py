@@ -134,7 +134,9 @@ class KeyHolder:
     def identity(self) -> Identity:
         """This key holder's long-term X25519 identity (its public half goes to every party)."""
         if self._identity is None:
-            self._identity = registry.load_identity(self.state_dir / "identity.key")
+            self._identity = registry.load_identity(
+                self.state_dir / "identity.key", self._passphrase
+            )
         return self._identity
 
     def register_parties(

@@ -27,6 +27,7 @@ import numpy as np
 from fedhe.crypto.channel import Channel, Identity, check_public_key, fingerprint
 from fedhe.crypto.mac import MAC_SEED_BYTES, seed_from
 from fedhe.errors import ChannelError, PolicyError
+from fedhe.keyholder import sealing
 
 
 def mac_seed_label(job_id: str, party: str) -> str:
@@ -69,14 +70,20 @@ class Registration:
         )
 
 
-def load_identity(path: Path) -> Identity:
-    """The key holder's long-term identity, made on first use (file mode 0600)."""
+def load_identity(path: Path, passphrase: bytes | None = None) -> Identity:
+    """A node's long-term identity, made on first use (file mode 0600; sealed like the secret
+    keys when the node has a passphrase)."""
+    binding = "identity"
     if path.exists():
-        return Identity.from_private_bytes(path.read_bytes())
+        data = sealing.unseal(passphrase, path.read_bytes(), f"identity {path}", binding=binding)
+        return Identity.from_private_bytes(data)
     identity = Identity.generate()
+    data = identity.private_bytes()
+    if passphrase:
+        data = sealing.seal(passphrase, data, binding=binding)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, identity.private_bytes())
+        os.write(fd, data)
     finally:
         os.close(fd)
     return identity
