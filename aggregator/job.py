@@ -82,6 +82,7 @@ class Job:
         self.run = JobRun(job_id, encrypted)
         self.parties = dict(federation.parties)
         self.samples: dict[str, int] = {}  # per party, as reported at setup
+        self.queries: dict[str, int] = {}
         self.later_jobs: list[str] = []  # key-holder jobs this one declared (e.g. inference)
         self.context: PublicContext | None = None
         self.public_bytes = b""
@@ -171,6 +172,10 @@ class Job:
         exchange = self.session.ask(self.parties, protocol.SETUP, contents, role="party")
         self.samples = {
             name: int(protocol.metrics_of(reply)["n-samples"])
+            for name, reply in exchange.replies.items()
+        }
+        self.queries = {  # how many test rows a party holds to query with (KNN, MLP)
+            name: int(protocol.metrics_of(reply).get("n-queries", 0))
             for name, reply in exchange.replies.items()
         }
         self.exclude(exchange.failures, "setup")

@@ -20,7 +20,7 @@ from fedhe.aggregator.job import Job
 from fedhe.crypto import CKKSParams, KeyRequest, Tensor
 from fedhe.errors import FedHEError
 from fedhe.progress import progress
-from fedhe.tasks import knn, linreg, moments
+from fedhe.tasks import knn, moments, scores
 
 log = logging.getLogger("fedhe.aggregator")
 
@@ -80,9 +80,8 @@ class KNNJob(Job):
             )
         store.check_ready(self.config.k, self.config.min_parties)
         before, started = dict(self.run.timings_s), time.perf_counter()
-        predictions = self._ask_all(store, standardizer)
+        reports = self._ask_all(store, standardizer)
         per_query = self._per_query(before, time.perf_counter() - started)
-        self.run.extras["predictions"] = predictions.tolist()
         self.run.extras["knn"] = {
             "k": self.config.k,
             "query": self.config.query,
@@ -91,7 +90,8 @@ class KNNJob(Job):
             "queries": self.n_queries,
             "per_query_s": per_query,
         }
-        self.run.metrics = self._evaluate(predictions)
+        # The predictions stay with the querier; its opt-in counts are all that comes back.
+        self.run.metrics = scores.combine(reports, self.n_classes)
 
     @property
     def store_folder(self) -> Path:
@@ -188,20 +188,22 @@ class KNNJob(Job):
 
     # -- queries -----------------------------------------------------------------------------------
 
-    def _ask_all(self, store: knn.KNNStore, standardizer: moments.Standardizer) -> np.ndarray:
+    def _ask_all(
+        self, store: knn.KNNStore, standardizer: moments.Standardizer
+    ) -> list[dict[str, float]]:
         batch = self.config.query_batch
-        predictions = []
+        reports = []
         kind = "encrypted" if self.run.encrypted else "plaintext twin"
         with progress(self.n_batches, f"{kind}: query batches") as advance:
             for start in range(0, self.n_queries, batch):
                 stop = min(start + batch, self.n_queries)
-                predictions.append(self._ask_batch(store, standardizer, start, stop))
+                reports.append(self._ask_batch(store, standardizer, start, stop))
                 advance(f"{kind}: queries {stop}/{self.n_queries}")
-        return np.concatenate(predictions)
+        return reports
 
     def _ask_batch(
         self, store: knn.KNNStore, standardizer: moments.Standardizer, start: int, stop: int
-    ) -> np.ndarray:
+    ) -> dict[str, float]:
         settings = {
             "standardizer": standardizer.to_dict(),
             "n-classes": self.n_classes,
@@ -232,7 +234,7 @@ class KNNJob(Job):
             {**settings, "output": knn.VOTE_OUTPUT, "round": batch},
             payload=released,  # sealed to the querier (the twin's in the clear)
         )
-        return np.asarray(protocol.config_of(answer)["predictions"], dtype=float)
+        return protocol.metrics_of(answer)
 
     def _load_queries(self, store: knn.KNNStore, data: bytes, n: int) -> np.ndarray | Tensor:
         if self.config.query == "encrypted":
@@ -254,8 +256,3 @@ class KNNJob(Job):
         parts["transfer"] = max(0.0, wall_s - sum(parts.values()))
         parts["total"] = wall_s
         return {k: round(v / self.n_queries, 6) for k, v in parts.items()}
-
-    def _evaluate(self, predictions: np.ndarray) -> dict[str, float]:
-        if self.n_classes:
-            return {"accuracy": float(np.mean(predictions == self.test.y))}
-        return linreg.regression_metrics(self.test.y, predictions)

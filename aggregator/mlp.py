@@ -22,7 +22,7 @@ from fedhe.crypto import CKKSParams, KeyRequest, PublicContext
 from fedhe.data.datasets import load_builtin
 from fedhe.errors import FedHEError
 from fedhe.learning import TrainConfig, build_model, evaluate, local_train
-from fedhe.tasks import aggregate, mlp
+from fedhe.tasks import aggregate, mlp, scores
 
 log = logging.getLogger("fedhe.aggregator")
 
@@ -35,6 +35,11 @@ class MLPJob(FedAvgJob):
         self.querier = f"party-{self.config.querier}"
         self.test_X = None
         self.inference_releases = 0  # one release label per logits batch or sample
+
+    @property
+    def n_queries(self) -> int:
+        """Test rows the querier holds (it said so at setup); the rows themselves stay there."""
+        return self.queries.get(self.querier, 0)
 
     def phases(self) -> None:
         # A network too deep for any 128-bit parameter set is refused before training.
@@ -56,25 +61,19 @@ class MLPJob(FedAvgJob):
         inference_id = f"{self.run.job_id}-inference"
         context = self._declare_inference(model, params, single, inference_id)
         contributors = self.run.contributors[-1]["parties"]
-        plain_logits = model.logits(self.test_X)
         report: dict[str, Any] = {
             "ckks": {**params.to_dict(), "slots": slots, "depth": model.depth},
             "activation": self.spec.activation,
-            "out_of_interval": model.out_of_interval(self.test_X),
             "context_bytes": {
                 "aggregator": len(context.to_bytes()),
                 "querier": len(context.encryption_only().to_bytes()),
             },
         }
-        logits, batched = self._batched(model, context, inference_id, contributors)
+        counts, batched = self._batched(model, context, inference_id, contributors)
         report["batched"] = batched
-        report.update(self._compare(logits, plain_logits))
+        report.update(self._compare(counts))
         if single is not None and self.config.single_queries:
             report["single"] = self._single(model, context, inference_id, contributors, single)
-            first = plain_logits[: self.config.single_queries]
-            report["single"]["max_abs_logit_error"] = float(
-                np.max(np.abs(report["single"].pop("logits") - first))
-            )
         else:
             report["single"] = {"skipped": "the network does not fit the single-sample layout"}
         return report
@@ -93,7 +92,7 @@ class MLPJob(FedAvgJob):
         single: mlp.SingleLayout | None,
         inference_id: str,
     ) -> PublicContext:
-        n_batches = math.ceil(self.test.n_samples / params.slots)
+        n_batches = math.ceil(self.n_queries / params.slots)
         declaration = aggregate.declare(
             inference_id,
             outputs={mlp.OUTPUT: (n_batches + self.config.single_queries, None)},
@@ -116,17 +115,17 @@ class MLPJob(FedAvgJob):
         self, model: mlp.HEModel, context: PublicContext, job_id: str, contributors: list[str]
     ) -> tuple[np.ndarray, dict[str, Any]]:
         width = context.params.slots
-        logits, compute, wall = [], 0.0, 0.0
-        for start in range(0, self.test.n_samples, width):
-            stop = min(start + width, self.test.n_samples)
+        counts, compute, wall = [], 0.0, 0.0
+        for start in range(0, self.n_queries, width):
+            stop = min(start + width, self.n_queries)
             began = time.perf_counter()
             batch, seconds = self._ask(model, context, job_id, contributors, "batched", start, stop)
             wall += time.perf_counter() - began
             compute += seconds
-            logits.append(batch)
-        n = self.test.n_samples
+            counts.append(batch)
+        n = self.n_queries
         capacity = math.ceil(n / width) * width  # a batch costs the same however full it is
-        return np.vstack(logits), {
+        return counts, {
             "samples": n,
             "capacity": capacity,
             "aggregator_compute_s": compute,
@@ -143,8 +142,8 @@ class MLPJob(FedAvgJob):
         contributors: list[str],
         layout: mlp.SingleLayout,
     ) -> dict[str, Any]:
-        count = min(self.config.single_queries, self.test.n_samples)
-        logits, compute, wall = [], [], []
+        count = min(self.config.single_queries, self.n_queries)
+        counts, compute, wall = [], [], []
         for index in range(count):
             began = time.perf_counter()
             sample, seconds = self._ask(
@@ -152,13 +151,13 @@ class MLPJob(FedAvgJob):
             )
             wall.append(time.perf_counter() - began)
             compute.append(seconds)
-            logits.append(sample)
+            counts.append(sample)
         return {
             "samples": count,
             "rotation_steps": list(layout.steps),
             "aggregator_compute_s_median": float(np.median(compute)),
             "round_trip_s_median": float(np.median(wall)),
-            "logits": np.vstack(logits),
+            **{k: v for k, v in self._compare(counts).items() if k == "max_abs_logit_error"},
         }
 
     def _ask(
@@ -170,8 +169,9 @@ class MLPJob(FedAvgJob):
         mode: str,
         start: int,
         stop: int,
-    ) -> tuple[np.ndarray, float]:
-        """One querier round trip: Enc(x), Enc(ρ) → evaluate → release → unmask."""
+    ) -> tuple[dict[str, float], float]:
+        """One querier round trip: Enc(x), Enc(ρ) → evaluate → release (sealed to the
+        querier) → the querier's counts, if it reports them."""
         settings = {
             "inference-id": job_id,
             "mode": mode,
@@ -201,20 +201,23 @@ class MLPJob(FedAvgJob):
         answer = self.ask_party(
             self.querier,
             protocol.MLP_ANSWER,
-            {**settings, "output": mlp.OUTPUT, "round": round_},
+            {**settings, "output": mlp.OUTPUT, "round": round_, "activation": self.spec.activation},
             payload=released,
+            weights=self.run.weights,
         )
-        logits = protocol.array_from_bytes(protocol.payload_of(answer)["logits"])
-        return logits, seconds
+        return protocol.metrics_of(answer), seconds
 
-    def _compare(self, logits: np.ndarray, plain_logits: np.ndarray) -> dict[str, float]:
-        encrypted = mlp.predict(logits)
-        plain = mlp.predict(plain_logits)
+    def _compare(self, counts: list[dict[str, float]]) -> dict[str, float]:
+        """The querier's counts, summed: its accuracy with the encrypted answers and with the
+        plaintext model, their agreement, the largest logit error ({} if it reports none)."""
+        combined = scores.combine(counts, n_classes=1)
+        if not combined:
+            return {}
         return {
-            "encrypted_accuracy": float(np.mean(encrypted == self.test.y)),
-            "plaintext_accuracy": float(np.mean(plain == self.test.y)),
-            "prediction_agreement": float(np.mean(encrypted == plain)),
-            "max_abs_logit_error": float(np.max(np.abs(logits - plain_logits))),
+            "encrypted_accuracy": combined["accuracy"],
+            "plaintext_accuracy": combined["compared_accuracy"],
+            "prediction_agreement": combined["agreement"],
+            "max_abs_logit_error": combined["max_abs_logit_error"],
         }
 
     # -- upper bound ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message
 
 from fedhe import protocol
 from fedhe.clients import trust
-from fedhe.clients.roles import allows_plaintext
+from fedhe.clients.roles import REPORT_METRICS, SHARE_MODEL, allows_plaintext, node_flag
 from fedhe.crypto import PublicContext
 from fedhe.data.datasets import Dataset
 from fedhe.data.sources import DataSource, party_data, test_data
@@ -29,7 +29,7 @@ from fedhe.learning import (
     local_train,
     set_weights,
 )
-from fedhe.tasks import aggregate, encrypted_model, knn, linreg, logreg, mlp, moments
+from fedhe.tasks import aggregate, encrypted_model, knn, linreg, logreg, mlp, moments, scores
 from fedhe.tasks.moments import Standardizer
 
 _JOB_RECORD = "fedhe.job."
@@ -61,6 +61,7 @@ def setup(msg: Message, context: Context) -> Message:
     source = DataSource.from_dict(config["source"])
     local_file = context.node_config.get("data-path")  # deployment: the site's own CSV
     data = party_data(source, int(config["party-index"]), str(local_file) if local_file else None)
+    test = test_data(source)  # the rows this party would query with, if it is the querier
     context.state[_JOB_RECORD + job_id] = ConfigRecord(
         {
             "source": protocol.to_json(source.to_dict()),
@@ -75,6 +76,7 @@ def setup(msg: Message, context: Context) -> Message:
                 "n-samples": data.n_samples,
                 "n-features": data.n_features,
                 "n-classes": data.n_classes,
+                "n-queries": 0 if test is None else test.n_samples,
             },
         ),
         reply_to=msg,
@@ -104,7 +106,7 @@ def model_release(msg: Message, context: Context) -> Message:
         protocol.payload_of(msg.content)["sealed"],
     )
     _keep_output(context, job_id, "model", model)
-    shared = _flag(context, "share-model")
+    shared = node_flag(context, SHARE_MODEL)
     return Message(
         protocol.content(payload={"model": protocol.array_to_bytes(model)} if shared else {}),
         reply_to=msg,
@@ -114,6 +116,9 @@ def model_release(msg: Message, context: Context) -> Message:
 def feature_moments(msg: Message, context: Context) -> Message:
     """Contribute Enc(n_i·(E_i[x] ‖ E_i[x²])) so the job standardizes with global statistics."""
     config, job, data = _open(msg, context)
+    again = _sent_before(msg, context, job, data.n_samples)
+    if again is not None:
+        return again
     columns = np.column_stack([data.X, data.y]) if config.get("with-target") else data.X
     arrays = moments.party_moments(columns)
     return _contribute(
@@ -130,6 +135,9 @@ def feature_moments(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train on local data from the global model; send Enc(n_i·Δw_i ‖ n_i ‖ 1)."""
     config, job, data = _open(msg, context, fault_injectable=True)
+    again = _sent_before(msg, context, job, data.n_samples)
+    if again is not None:
+        return again
     X = Standardizer.from_dict(config["standardizer"]).features(data.X)
     global_weights = protocol.weights_of(msg.content)
     if _public_context(context, job["job-id"]) is not None:
@@ -166,6 +174,9 @@ def train(msg: Message, context: Context) -> Message:
 def masked_statistics(msg: Message, context: Context) -> Message:
     """Exact linreg: contribute Enc(R·(ZᵢᵀZᵢ + α·nᵢ·I') ‖ R·Zᵢᵀyᵢ ‖ nᵢ ‖ 1)."""
     config, job, data = _open(msg, context)
+    again = _sent_before(msg, context, job, data.n_samples)
+    if again is not None:
+        return again
     standardizer = Standardizer.from_dict(config["standardizer"])
     arrays = linreg.party_masked_statistics(
         standardizer.features(data.X),
@@ -187,6 +198,9 @@ def masked_statistics(msg: Message, context: Context) -> Message:
 def gradient(msg: Message, context: Context) -> Message:
     """Gradient mode: contribute Enc(nᵢ·clip(mean gradient at w) ‖ nᵢ ‖ 1)."""
     config, job, data = _open(msg, context, fault_injectable=True)
+    again = _sent_before(msg, context, job, data.n_samples)
+    if again is not None:
+        return again
     Z, y, logistic = _regression_data(config, job, data)
     batch = _batch(data.n_samples, int(config["batch-size"]), _round_seed(config, job))
     started = time.perf_counter()
@@ -261,9 +275,7 @@ def knn_query(msg: Message, context: Context) -> Message:
     ρ stays here until `knn_answer`: only this node can unmask the batch's answer."""
     config, job, _ = _open(msg, context)
     standardizer = Standardizer.from_dict(config["standardizer"])
-    test = test_data(job["source"])
-    if test is None:
-        raise ProtocolError("the querier has no test set to ask queries from.")
+    test = _test_set(job)
     start, stop = int(config["start"]), int(config["stop"])
     queries = knn.check_queries(standardizer.features(test.X[start:stop]), test.n_features)
     public = _public_context(context, job["job-id"])
@@ -285,18 +297,24 @@ def knn_query(msg: Message, context: Context) -> Message:
 
 
 def knn_answer(msg: Message, context: Context) -> Message:
-    """KNN querier: unmask the released votes of a batch into predictions (original units)."""
+    """KNN querier: unmask the released votes of a batch into predictions (original units).
+
+    The predictions stay here; the aggregator gets the batch's counts (correct answers, or
+    squared errors) only from a querier whose node config says report-metrics."""
     config, job, _ = _open(msg, context)
-    rho = _take_mask(context, f"{job['job-id']}.{int(config['start'])}")
+    start, stop = int(config["start"]), int(config["stop"])
+    rho = _take_mask(context, f"{job['job-id']}.{start}")
     released = _released(msg, context, job["job-id"], config)
     n_classes = int(config["n-classes"])
     predictions = knn.querier_answer(released, rho, int(config["k"]), n_classes)
     if not n_classes:
         predictions = Standardizer.from_dict(config["standardizer"]).target_to_original(predictions)
-    return Message(
-        protocol.content(config={"predictions": [float(p) for p in predictions]}),
-        reply_to=msg,
-    )
+    _keep_output(context, job["job-id"], f"predictions-{start}", predictions)
+    report = {"n": float(stop - start)}
+    if node_flag(context, REPORT_METRICS):
+        test = _test_set(job)
+        report = scores.batch_counts(test.y[start:stop], predictions, n_classes)
+    return Message(protocol.content(metrics=report), reply_to=msg)
 
 
 def mlp_query(msg: Message, context: Context) -> Message:
@@ -304,9 +322,7 @@ def mlp_query(msg: Message, context: Context) -> Message:
     layout) and Enc(ρ); ρ stays here until `mlp_answer`."""
     config, job, _ = _open(msg, context)
     public = PublicContext.from_bytes(protocol.payload_of(msg.content)["public-context"])
-    test = test_data(job["source"])
-    if test is None:
-        raise ProtocolError("the querier has no test set to ask queries from.")
+    test = _test_set(job)
     start, stop = int(config["start"]), int(config["stop"])
     standardizer = Standardizer.from_dict(config["standardizer"])
     X = mlp.check_inputs(standardizer.features(test.X[start:stop]), test.n_features)
@@ -330,7 +346,9 @@ def mlp_query(msg: Message, context: Context) -> Message:
 
 
 def mlp_answer(msg: Message, context: Context) -> Message:
-    """MLP querier: unmask the released logits (reported back for this evaluation run)."""
+    """MLP querier: unmask the released logits. They stay here; a querier whose node config
+    says report-metrics reports the batch's counts: correct answers, agreement with the
+    plaintext model (the aggregator's trained model, sent along) and the largest logit error."""
     config = protocol.config_of(msg.content)
     rho = _take_mask(context, f"{config['inference-id']}.{int(config['start'])}")
     released = _released(msg, context, str(config["inference-id"]), config, via=config["job-id"])
@@ -342,9 +360,25 @@ def mlp_answer(msg: Message, context: Context) -> Message:
     else:
         n = int(config["stop"]) - int(config["start"])
         logits = mlp.querier_unmask_batched(released, rho, n)
-    return Message(
-        protocol.content(payload={"logits": protocol.array_to_bytes(logits)}), reply_to=msg
-    )
+    start, stop = int(config["start"]), int(config["stop"])
+    _keep_output(context, str(config["inference-id"]), f"logits-{config['mode']}-{start}", logits)
+    report = {"n": float(stop - start)}
+    if node_flag(context, REPORT_METRICS):
+        test = _test_set(_job(context, str(config["job-id"])))
+        X = Standardizer.from_dict(config["standardizer"]).features(test.X[start:stop])
+        model = mlp.HEModel.from_weights(protocol.weights_of(msg.content), config["activation"])
+        plain = model.logits(X)
+        report = scores.batch_counts(
+            test.y[start:stop], mlp.predict(logits), 1, compared=mlp.predict(plain)
+        ) | {"max_abs_logit_error": float(np.max(np.abs(logits - plain)))}
+    return Message(protocol.content(metrics=report), reply_to=msg)
+
+
+def _test_set(job: dict[str, Any]) -> Dataset:
+    test = test_data(job["source"])
+    if test is None:
+        raise ProtocolError("the querier has no test set to ask queries from.")
+    return test
 
 
 def _released(
@@ -375,13 +409,26 @@ def _take_mask(context: Context, batch: str) -> np.ndarray:
     return protocol.array_from_bytes(bytes(record["rho"]))
 
 
+def _sent_before(
+    msg: Message, context: Context, job: dict[str, Any], n_samples: int
+) -> Message | None:
+    """The same contribution again when this (output, round) was asked before: a lost reply
+    or a resumed job gets identical bytes, never a second contribution under one label."""
+    config = protocol.config_of(msg.content)
+    if "output" not in config or _public_context(context, job["job-id"]) is None:
+        return None
+    payload = trust.cached(
+        context, job["job-id"], str(config["output"]), int(config["release-round"])
+    )
+    if payload is None:
+        return None
+    return Message(
+        protocol.content(payload=payload, metrics={"n-samples": n_samples}), reply_to=msg
+    )
+
+
 def _party_name(config: dict[str, Any]) -> str:
     return f"party-{int(config['party-index'])}"
-
-
-def _flag(context: Context, key: str) -> bool:
-    value = context.node_config.get(key, False)
-    return value is True or str(value).lower() == "true"
 
 
 def _keep_output(context: Context, job_id: str, name: str, values: np.ndarray) -> None:

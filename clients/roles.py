@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
 
 from fedhe import protocol
 from fedhe.errors import ProtocolError
 
 _ROLE_RECORD = "fedhe.role"
+# node_config key: this node may send its data in the clear (the plaintext twin). Simulated
+# nodes set it (`fedhe simulate`); `fedhe deploy site` never writes it.
+ALLOW_PLAINTEXT = "allow-plaintext"
+# What a simulated site opts into, each set by its own node config (a deployment chooses per
+# site): the querier reports counts about its answers (accuracy, errors); a party hands the
+# encrypted-model job's final model back to the aggregator.
+REPORT_METRICS = "report-metrics"
+SHARE_MODEL = "share-model"
+SIMULATION_NODE_CONFIG = {ALLOW_PLAINTEXT: True, REPORT_METRICS: True, SHARE_MODEL: True}
 
 
 def resolve_role(context: Context, message_config: dict[str, Any]) -> str:
@@ -41,3 +52,30 @@ def require_role(context: Context, expected: str) -> None:
 
 def partition_id(context: Context) -> int:
     return int(context.node_config.get("partition-id", -1))
+
+
+def allows_plaintext(context: Context) -> bool:
+    """True only when this node's own config says `allow-plaintext=true` (bool or "true"): a
+    job's messages alone can never make a party send its data unencrypted."""
+    return node_flag(context, ALLOW_PLAINTEXT)
+
+
+def node_flag(context: Context, key: str) -> bool:
+    """A yes/no setting of this node's own config: only True or "true" say yes."""
+    value = context.node_config.get(key, False)
+    return value is True or value == "true"
+
+
+class WithNodeConfig(ClientApp):
+    """`app` on nodes whose config gets `extra` on top of their own. Flower's simulation engine
+    fixes a simulated node's config to its partition (`partition-id`, `num-partitions`), so
+    `fedhe simulate` adds `allow-plaintext` this way."""
+
+    def __init__(self, app: ClientApp, extra: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.app = app
+        self.extra = dict(extra)
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        context.node_config = {**context.node_config, **self.extra}
+        return self.app(message, context)

@@ -49,10 +49,14 @@ def join(context: Context, job_id: str, party: str, keyholder_public: bytes) -> 
             f"in this node's config ({pinned}): refusing the job."
         )
     own = identity(context)
-    seed = os.urandom(MAC_SEED_BYTES)
-    context.state[_TRUST_RECORD + job_id] = ConfigRecord(
-        {"party": party, "keyholder": keyholder_public, "own-seed": seed, "used": "[]"}
-    )
+    record = context.state.get(_TRUST_RECORD + job_id)
+    if record is not None and bytes(record["keyholder"]) == keyholder_public:
+        seed = bytes(record["own-seed"])  # the job resumes: same seed, same MAC key
+    else:
+        seed = os.urandom(MAC_SEED_BYTES)
+        context.state[_TRUST_RECORD + job_id] = ConfigRecord(
+            {"party": party, "keyholder": keyholder_public, "own-seed": seed, "used": "[]"}
+        )
     sealed = _channel(own, keyholder_public, job_id).seal(
         seed, registry.mac_seed_label(job_id, party)
     )
@@ -78,7 +82,8 @@ def tag(
 ) -> bytes:
     """This contribution's tag for (output, round), sealed to the key holder. One tag per label:
     a second contribution under a label this party has tagged is refused (it would let two
-    sums of one round differ by this party's value)."""
+    sums of one round differ by this party's value); the same request again gets the same
+    contribution back (`cached`)."""
     record = _record(context, job_id)
     if "mac-seed" not in record:
         raise ProtocolError(f"job {job_id!r} has no MAC key on this party: register first.")
@@ -91,10 +96,29 @@ def tag(
     record["used"] = json.dumps([*used, label])
     party = str(record["party"])
     channel = _channel(identity(context), bytes(record["keyholder"]), job_id)
-    return channel.seal(
+    sealed = channel.seal(
         json.dumps(value.to_dict()).encode(),
         registry.tag_label(job_id, output, round_, party),
     )
+    # The latest contribution per output, for an aggregator that asks again (a lost reply, a
+    # resumed round): it gets these very bytes, never a second contribution under the label.
+    record[f"last/{output}"] = json.dumps(label)
+    record[f"last-contribution/{output}"] = contribution
+    record[f"last-tag/{output}"] = sealed
+    return sealed
+
+
+def cached(context: Context, job_id: str, output: str, round_: int) -> dict[str, bytes] | None:
+    """The contribution and tag this party already sent for (output, round), if it did."""
+    record = context.state.get(_TRUST_RECORD + job_id)
+    if record is None or str(record.get(f"last/{output}", "")) != json.dumps(
+        mac_label(output, round_)
+    ):
+        return None
+    return {
+        "contribution": bytes(record[f"last-contribution/{output}"]),
+        "tag": bytes(record[f"last-tag/{output}"]),
+    }
 
 
 def open_release(

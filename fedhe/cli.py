@@ -10,9 +10,13 @@ import sys
 import tempfile
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedhe.config import TASKS, ConfigError, JobConfig
 from fedhe.errors import FedHEError
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 _HELP = {
     "parties": "number of parties (data owners); one more node runs the key holder",
@@ -94,7 +98,6 @@ def simulate(config: JobConfig, workers: int | None = None) -> Path:
     from flwr.simulation import run_simulation
 
     from fedhe.aggregator.app import build_server_app
-    from fedhe.clients.app import app as client_app
     from fedhe.clients.keyholder import STATE_ROOT_ENV
 
     # The simulated key holder's secret keys live in a folder that is gone after the run.
@@ -104,7 +107,7 @@ def simulate(config: JobConfig, workers: int | None = None) -> Path:
         try:
             run_simulation(
                 server_app=build_server_app(config),
-                client_app=client_app,
+                client_app=simulation_client_app(),
                 num_supernodes=config.num_nodes,
                 backend_config={
                     "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -125,6 +128,16 @@ def simulate(config: JobConfig, workers: int | None = None) -> Path:
     return result
 
 
+def simulation_client_app() -> ClientApp:
+    """fedhe's ClientApp on simulated nodes: each node's config gets `allow-plaintext`, so its
+    parties may run the plaintext twin (Flower's simulation engine sets no node config of its
+    own; a deployed site never has it)."""
+    from fedhe.clients.app import app
+    from fedhe.clients.roles import SIMULATION_NODE_CONFIG, WithNodeConfig
+
+    return WithNodeConfig(app, SIMULATION_NODE_CONFIG)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedhe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -142,7 +155,11 @@ def _parser() -> argparse.ArgumentParser:
             default=default,
             help=f"{_HELP.get(f.name, '')} (default: {default!r})",
         )
-    sim.add_argument("--encrypted-only", action="store_true", help="skip the plaintext twin run")
+    sim.add_argument(
+        "--encrypted-only",
+        action="store_true",
+        help="skip the plaintext twin run (which `fedhe simulate` runs by default)",
+    )
     sim.add_argument(
         "--workers",
         type=int,

@@ -51,7 +51,9 @@ class JobConfig:
     mode: str = ""  # linreg: exact (default), gradient, encrypted-model; logreg: the last two
     l2: float = 0.0  # L2 penalty per sample on standardized coefficients (not the intercept)
     hidden: str = ""  # MLP hidden widths, e.g. "32,16"; empty: logistic/softmax regression
-    plaintext_twin: bool = True  # also run the same job in the clear, for result.json
+    # Also run the same job in the clear, for result.json. Off: `fedhe simulate` turns it on;
+    # a deployment never does, and parties refuse plaintext unless node config allows it.
+    plaintext_twin: bool = False
     drop_party: int = -1  # simulation fault: this party index fails every training round
     timeout_s: float = 600.0
     keyholder_retries: int = 2  # more tries when the key holder stays silent (not on refusal)

@@ -21,20 +21,24 @@ import json
 import os
 import shutil
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedhe.config import ConfigError, JobConfig
 from fedhe.errors import FedHEError
 
 KEYHOLDER = "keyholder"
 ROLES = ("party", KEYHOLDER)
 CERT_DAYS = 365
 FEDERATION_NAME = "fedhe"
+TWIN_SETTING = "plaintext-twin"  # forced off in every deployed job (deployment_run_config)
 
 
 class DeployError(FedHEError):
@@ -180,13 +184,13 @@ def site_command(
     (party: its CSV file, or nothing for built-in data; key holder: its state folder, and
     optionally the file holding the passphrase that seals its secret keys)."""
     key = federation.site_key(name)
-    node_config = f'role="{federation.sites[name]}"'
+    node_config = _setting("role", federation.sites[name])
     if data_path:
-        node_config += f' data-path="{data_path}"'
+        node_config += " " + _setting("data-path", data_path)
     if passphrase_file:
         if federation.sites[name] != KEYHOLDER:
             raise DeployError("only the key holder has secret keys to seal with a passphrase.")
-        node_config += f' passphrase-file="{passphrase_file}"'
+        node_config += " " + _setting("passphrase-file", passphrase_file)
     return [
         _tool("flower-supernode"),
         "--superlink", superlink or federation.address,
@@ -199,10 +203,73 @@ def site_command(
 
 def run_command(app_dir: str | Path, run_config: str = "") -> list[str]:
     command = [_tool("flwr"), "run", str(app_dir), FEDERATION_NAME, "--stream"]
-    return command + (["--run-config", run_config] if run_config else [])
+    for overrides in deployment_run_config(run_config):
+        command += ["--run-config", overrides]
+    return command
+
+
+def deployment_run_config(run_config: str = "") -> list[str]:
+    """The `--run-config` values of a deployed job: the coordinator's `key=value` settings,
+    then `plaintext-twin=false` last (Flower applies them in order). Real parties' data is never
+    sent in the clear, so a setting that turns the plaintext twin on is refused."""
+    if run_config.strip().endswith(".toml"):
+        raise DeployError(
+            f"fedhe deploy run takes key=value settings, not a TOML file ({run_config.strip()!r}): "
+            'pass them as --run-config "key=value …".'
+        )
+    for key, value in _parse_run_config(run_config).items():
+        if key.replace("_", "-") == TWIN_SETTING and _turns_on(value):
+            raise DeployError(
+                f"{key}={value!r}: a deployment never runs the plaintext twin (the parties' real "
+                "data would leave them unencrypted); remove it from --run-config, or compare "
+                "with the clear run in a simulation (`fedhe simulate`)."
+            )
+    return ([run_config] if run_config.strip() else []) + [f"{TWIN_SETTING}=false"]
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def _setting(key: str, value: str) -> str:
+    """One `key="value"` of a SuperNode's --node-config, which Flower reads back as a TOML
+    string: a backslash is escaped (TOML would read `\\t` as a tab); a quote would end the
+    value early and let the rest pass as settings of its own, and control characters or
+    undecodable bytes cannot be passed at all, so those are refused."""
+    bad = sorted({c for c in value if c == '"' or unicodedata.category(c) in ("Cc", "Cs")})
+    if bad:
+        raise DeployError(
+            f"{key} {value!r} contains {', '.join(map(_char_name, bad))}, which a "
+            "SuperNode's --node-config cannot carry; rename the path (or link it) without them."
+        )
+    escaped = value.replace("\\", "\\\\")
+    return f'{key}="{escaped}"'
+
+
+def _char_name(char: str) -> str:
+    return "a double quote" if char == '"' else repr(char)
+
+
+def _parse_run_config(run_config: str) -> dict[str, Any]:
+    """`run_config` read as `flwr run` reads it (Flower's own parser)."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    try:
+        return parse_config_args([run_config])
+    except (click.ClickException, ValueError) as err:
+        message = err.format_message() if isinstance(err, click.ClickException) else str(err)
+        raise DeployError(
+            f"--run-config {run_config!r} is not key=value settings: {message}"
+        ) from err
+
+
+def _turns_on(value: Any) -> bool:
+    """Whether the ServerApp would read `value` as true (JobConfig's coercion); a value it
+    cannot read counts as on."""
+    try:
+        return JobConfig.from_run_config({TWIN_SETTING: value}).plaintext_twin
+    except ConfigError:
+        return True
 
 
 def _tool(name: str) -> str:

@@ -39,7 +39,11 @@ def add_deploy_commands(commands) -> None:
     run = sub.add_parser("run", help="coordinator: run a job on the federation")
     run.add_argument("folder")
     run.add_argument("--app", default=".", help="the fedhe app folder (pyproject.toml)")
-    run.add_argument("--run-config", default="", help="e.g. task='linreg' parties=3")
+    run.add_argument(
+        "--run-config",
+        default="",
+        help="e.g. task='linreg' parties=3 (plaintext-twin is always false here)",
+    )
 
 
 def deploy(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedhe.clients.app import app as client_app
+from fedhe.clients.roles import SIMULATION_NODE_CONFIG
 
 
 @dataclass
@@ -39,7 +40,12 @@ class InProcessGrid:
                 run_id=self.run_id,
                 node_id=1000 + i,
                 node_config=self.node_configs.get(
-                    i, {"partition-id": i, "num-partitions": self.num_nodes}
+                    i,
+                    {
+                        "partition-id": i,
+                        "num-partitions": self.num_nodes,
+                        **SIMULATION_NODE_CONFIG,
+                    },
                 ),
                 state=RecordDict(),
                 run_config={},
@@ -70,3 +76,22 @@ class InProcessGrid:
             self.log.append(("received", reply))
             replies.append(reply)
         return replies
+
+
+def kept_answers(grid: InProcessGrid, kind: str, *, encrypted: bool, node: int = 1000):
+    """What the querier (party-0: node 1000) kept of a job's answers, in query order:
+    `kind` "predictions" (KNN) or "logits-batched" (MLP). They never leave its node."""
+    import numpy as np
+
+    from fedhe import protocol
+
+    suffix = "-he" if encrypted else "-plain"
+    found = []
+    for key, record in grid.contexts[node].state.items():
+        if not key.startswith("fedhe.output."):
+            continue
+        job, _, name = key.removeprefix("fedhe.output.").rpartition(".")
+        if suffix in job and name.startswith(kind + "-"):
+            start = int(name.rsplit("-", 1)[1])
+            found.append((start, protocol.array_from_bytes(bytes(record["values"]))))
+    return np.concatenate([values for _, values in sorted(found, key=lambda f: f[0])])

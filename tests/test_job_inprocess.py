@@ -18,7 +18,9 @@ from tests.inprocess import InProcessGrid
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    config = JobConfig(parties=4, min_parties=3, rounds=2, out=str(out), drop_party=1)
+    config = JobConfig(
+        parties=4, min_parties=3, rounds=2, out=str(out), drop_party=1, plaintext_twin=True
+    )
     grid = InProcessGrid(config.num_nodes)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEDHE_STATE_ROOT", str(out / "keyholder-state"))
@@ -162,6 +164,7 @@ def test_csv_federation_with_one_malformed_file_goes_on_without_it(tmp_path, cap
         out=str(tmp_path / "out"),
         data_dir=str(data_dir),
         target="target",
+        plaintext_twin=True,
     )
     run_job(InProcessGrid(config.num_nodes), config)
     result = json.loads((tmp_path / "out" / "result.json").read_text())

@@ -18,7 +18,13 @@ from tests.inprocess import InProcessGrid
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("mlp")
     config = JobConfig(
-        task="mlp", parties=4, min_parties=3, rounds=4, out=str(out), single_queries=2
+        task="mlp",
+        parties=4,
+        min_parties=3,
+        rounds=4,
+        out=str(out),
+        single_queries=2,
+        plaintext_twin=True,
     )
     grid = InProcessGrid(config.num_nodes)
     with pytest.MonkeyPatch.context() as patch:

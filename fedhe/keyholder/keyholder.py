@@ -145,16 +145,16 @@ class KeyHolder:
         """Agree on the job's MAC seed with its parties (see `fedhe.keyholder.registry`).
 
         Returns a sealed envelope per registered party and the parties refused, with why. A job
-        registers once: a second registration is refused (it would let the aggregator pick the
-        parties again after seeing the first seed's envelopes)."""
+        registers once; registering again (a resumed job) must bring the same parties,
+        identities and seeds, and gets the same MAC seed."""
         try:
             job = self.declaration(job_id)
             if not job.encrypted:
                 raise PolicyError(f"job {job_id!r} is a plaintext twin: it has nothing to tag.")
-            if (self._job_dir(job_id) / "parties.json").exists():
-                raise PolicyError(f"job {job_id!r} has registered its parties already.")
+            path = self._job_dir(job_id) / "parties.json"
+            previous = registry.Registration.from_json(path.read_bytes()) if path.exists() else None
             registration, envelopes, refused = registry.register(
-                self.identity, job_id, identities, sealed_seeds, self.trusted_parties
+                self.identity, job_id, identities, sealed_seeds, self.trusted_parties, previous
             )
             if len(registration.parties) < job.min_parties:
                 raise PolicyError(

@@ -48,16 +48,23 @@ def release_label(job_id: str, output: str, round_: int, party: str) -> str:
 
 @dataclass(frozen=True)
 class Registration:
-    """The parties of one job (name → public identity) and the job's MAC seed."""
+    """The parties of one job (name → public identity), every seed that went into the job's
+    MAC seed, and the MAC seed."""
 
     parties: dict[str, bytes]
-    mac_seed: bytes
+    seeds: dict[str, bytes]
+    keyholder_seed: bytes
+
+    @property
+    def mac_seed(self) -> bytes:
+        return seed_from(_contributions(self.keyholder_seed, self.seeds))
 
     def to_json(self) -> bytes:
         return json.dumps(
             {
                 "parties": {k: v.hex() for k, v in self.parties.items()},
-                "mac_seed": self.mac_seed.hex(),
+                "seeds": {k: v.hex() for k, v in self.seeds.items()},
+                "keyholder_seed": self.keyholder_seed.hex(),
             }
         ).encode()
 
@@ -66,7 +73,8 @@ class Registration:
         raw = json.loads(data)
         return cls(
             {k: bytes.fromhex(v) for k, v in raw["parties"].items()},
-            bytes.fromhex(raw["mac_seed"]),
+            {k: bytes.fromhex(v) for k, v in raw["seeds"].items()},
+            bytes.fromhex(raw["keyholder_seed"]),
         )
 
 
@@ -95,9 +103,14 @@ def register(
     identities: Mapping[str, bytes],
     sealed_seeds: Mapping[str, bytes],
     trusted: Mapping[str, bytes] | None,
+    previous: Registration | None = None,
 ) -> tuple[Registration, dict[str, bytes], dict[str, str]]:
     """Open every party's seed; return the registration, a sealed envelope per party and the
-    parties refused (pinned key mismatch, seed that does not open) with the reason."""
+    parties refused (pinned key mismatch, seed that does not open) with the reason.
+
+    With `previous` (the job registered before: an aggregator resuming after a crash), only
+    the same parties with the same identities and seeds register again, and get envelopes of
+    the same MAC seed: a resumed job cannot swap a party's key or pick a new r."""
     seeds: dict[str, bytes] = {}
     refused: dict[str, str] = {}
     for name in sorted(identities):
@@ -116,12 +129,21 @@ def register(
             seeds[name] = seed
         except (PolicyError, ChannelError, KeyError) as err:
             refused[name] = str(err) if not isinstance(err, KeyError) else "no sealed seed"
-    own = os.urandom(MAC_SEED_BYTES)
-    registration = Registration(
-        {name: identities[name] for name in seeds}, seed_from(_contributions(own, seeds))
-    )
+    parties = {name: identities[name] for name in seeds}
+    if previous is None:
+        registration = Registration(parties, seeds, os.urandom(MAC_SEED_BYTES))
+    elif (parties, seeds) == (previous.parties, previous.seeds):
+        registration = previous
+    else:
+        raise PolicyError(
+            "the job registered other parties, identities or seeds before; a resumed job "
+            "registers the same ones (declare a new job to start over)."
+        )
     envelope = json.dumps(
-        {"keyholder": own.hex(), "seeds": {k: v.hex() for k, v in seeds.items()}}
+        {
+            "keyholder": registration.keyholder_seed.hex(),
+            "seeds": {k: v.hex() for k, v in seeds.items()},
+        }
     ).encode()
     envelopes = {
         name: identity.channel(identities[name], job_id).seal(envelope, mac_key_label(job_id, name))
