@@ -42,7 +42,22 @@ def keyholder_for(context: Context) -> KeyHolder:
         flooding_bits=None if flooding < 0 else flooding,
         declaration_check=check_declaration,
         passphrase=Path(str(passphrase_file)).read_bytes().strip() if passphrase_file else None,
+        trusted_parties=_trusted_parties(context.node_config.get("trusted-parties")),
     )
+
+
+def _trusted_parties(path: object) -> dict[str, bytes] | None:
+    """Party identities pinned out of band: a JSON file {"party-0": "<public key hex>", …}
+    (each site's `fedhe.crypto.channel` public key). None: trust each job's registration."""
+    if not path:
+        return None
+    try:
+        pinned = json.loads(Path(str(path)).read_text())
+        return {str(name): bytes.fromhex(str(key)) for name, key in pinned.items()}
+    except (OSError, ValueError, AttributeError) as err:
+        raise ProtocolError(
+            f"trusted-parties file {path} does not read as {{party: public key hex}}: {err}"
+        ) from err
 
 
 def _private_state_root(context: Context) -> str:

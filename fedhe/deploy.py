@@ -187,6 +187,8 @@ def site_command(
     node_config = _setting("role", federation.sites[name])
     if data_path:
         node_config += " " + _setting("data-path", data_path)
+    if federation.sites[name] != KEYHOLDER:  # its end-to-end identity, kept at the site
+        node_config += " " + _setting("identity-path", str(key.parent / "identity.key"))
     if passphrase_file:
         if federation.sites[name] != KEYHOLDER:
             raise DeployError("only the key holder has secret keys to seal with a passphrase.")

@@ -18,7 +18,12 @@ from fedhe.aggregator.app import run_job
 from fedhe.aggregator.job import JobRun
 from fedhe.aggregator.report import build_result
 from fedhe.cli import main, simulate, simulation_client_app
-from fedhe.clients.roles import ALLOW_PLAINTEXT, WithNodeConfig, allows_plaintext
+from fedhe.clients.roles import (
+    ALLOW_PLAINTEXT,
+    SIMULATION_NODE_CONFIG,
+    WithNodeConfig,
+    allows_plaintext,
+)
 from fedhe.config import JobConfig
 from fedhe.errors import FedHEError
 from tests.inprocess import InProcessGrid
@@ -88,7 +93,7 @@ def test_simulated_nodes_get_allow_plaintext(monkeypatch):
     )
     context = _context({"partition-id": 2, "num-partitions": 6})
     simulation_client_app()(None, context)
-    assert seen == [{"partition-id": 2, "num-partitions": 6, ALLOW_PLAINTEXT: True}]
+    assert seen == [{"partition-id": 2, "num-partitions": 6, **SIMULATION_NODE_CONFIG}]
     assert allows_plaintext(context)
 
 
@@ -100,7 +105,7 @@ def test_fedhe_simulate_hands_flower_the_simulated_nodes_app(tmp_path, monkeypat
     with pytest.raises(FedHEError, match="without writing"):
         simulate(JobConfig(out=str(tmp_path), plaintext_twin=True), workers=1)
     assert len(apps) == 1 and isinstance(apps[0], WithNodeConfig)
-    assert apps[0].extra == {ALLOW_PLAINTEXT: True}
+    assert apps[0].extra == SIMULATION_NODE_CONFIG
 
 
 def test_the_in_process_grid_simulates_nodes_that_allow_plaintext():
