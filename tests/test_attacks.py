@@ -262,3 +262,70 @@ def test_job_ids_that_name_folders_are_refused(tmp_path):
         job = JobDeclaration(job_id, "aggregate", {"update_sum": OutputSpec(1)}, 2, SMALL_PARAMS)
         with pytest.raises(PolicyError, match="job id"):
             keyholder.declare_job(job)
+
+
+def test_a_pinned_party_identity_cannot_be_swapped_at_registration(tmp_path):
+    """The aggregator relays registration: without pins it could stand in for a party (and
+    learn r). A key holder with pinned identities refuses the swapped one."""
+    honest = {name: Identity.generate() for name in PARTIES}
+    keyholder = KeyHolder(tmp_path / "kh", trusted_parties={n: i.public for n, i in honest.items()})
+    job = JobDeclaration("job-1", "aggregate", {"update_sum": OutputSpec(1)}, 2, SMALL_PARAMS)
+    keyholder.declare_job(job)
+    sent = dict(honest, **{"party-2": Identity.generate()})  # the aggregator's own key
+    sealed = {
+        name: identity.channel(keyholder.identity.public, "job-1").seal(
+            os.urandom(32), registry.mac_seed_label("job-1", name)
+        )
+        for name, identity in sent.items()
+    }
+    envelopes, refused = keyholder.register_parties(
+        "job-1", {n: i.public for n, i in sent.items()}, sealed
+    )
+    assert set(envelopes) == {"party-0", "party-1"} and "not the one pinned" in refused["party-2"]
+
+
+def test_a_party_refuses_a_key_holder_other_than_the_pinned_one():
+    from flwr.app import Context, RecordDict
+
+    from fedhe.clients import trust
+    from fedhe.crypto.channel import fingerprint
+
+    genuine, impostor = Identity.generate(), Identity.generate()
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"keyholder-fingerprint": fingerprint(genuine.public)},
+        state=RecordDict(),
+        run_config={},
+    )
+    with pytest.raises(ChannelError, match="pinned"):
+        trust.join(context, "job-1", "party-0", impostor.public)
+    assert "mac-seed" in trust.join(context, "job-1", "party-0", genuine.public)
+
+
+def test_a_party_never_tags_two_contributions_for_one_round_nor_trains_twice_on_one_model(
+    tmp_path,
+):
+    """Attack 3A from the party's side: the aggregator asks again under a label, or resends the
+    same global model so that two rounds' updates differ only by sampling."""
+    from flwr.app import Context, RecordDict
+
+    from fedhe.clients import trust
+    from fedhe.errors import ProtocolError
+
+    fed = Federation(tmp_path, {"update_sum": OutputSpec(3)})
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    link = trust.join(context, fed.job_id, "party-0", fed.keyholder.identity.public)
+    record = context.state["fedhe.trust." + fed.job_id]
+    record["mac-seed"] = fed.mac_seeds["party-0"]  # as accept_mac_key would store it
+    assert link["identity"]
+    first = encrypt(fed.public, np.ones(4)).to_bytes()
+    trust.tag(context, fed.job_id, first, fed.public, "update_sum", 0)
+    other = encrypt(fed.public, np.ones(4)).to_bytes()
+    with pytest.raises(ProtocolError, match="already"):
+        trust.tag(context, fed.job_id, other, fed.public, "update_sum", 0)
+    assert trust.cached(context, fed.job_id, "update_sum", 0)["contribution"] == first
+    model = {"w": np.arange(3.0)}
+    trust.check_new_model(context, fed.job_id, model)
+    with pytest.raises(ProtocolError, match="trained on before"):
+        trust.check_new_model(context, fed.job_id, {"w": np.arange(3.0)})
