@@ -4,7 +4,10 @@ In process: no Flower, no network, no Ray; the parties run one after another in 
 through the code the Flower job uses (`aggregator/regression.py`, `clients/party.py`):
 `fedhe.tasks.aggregate` (``encrypted=False`` in ``declare``, context None: the plaintext twin),
 `fedhe.tasks.moments`, `fedhe.tasks.linreg`, `fedhe.tasks.encrypted_model` and
-`fedhe.tasks.keyholder_release`.
+`fedhe.tasks.keyholder_release`. The parties' link with the key holder is `clients/trust.py`'s,
+in process (`_Parties`): each HE job registers its parties (sealed seeds → the job's MAC key,
+outside every timing, like key generation); each party tags its contribution and seals the tag
+to the key holder, which releases a sum only after the tags verify.
 
 * Data: synthetic linear data, ``--features`` (20) features on different scales and offsets,
   ``--samples-per-party`` (100) per party (contiguous slices), known coefficients plus
@@ -19,16 +22,20 @@ through the code the Flower job uses (`aggregator/regression.py`, `clients/party
   3. Encrypted-model mode, ONE round (own job and `MODEL_PARAMS` keys, the standardizer of
      step 1): the aggregator encrypts w = 0 (vector, broadcast); each party loads the broadcast
      (the same bytes for all) and sends Enc(step·(Aᵢw − bᵢ)), step = ``--lr``/Σn; the aggregator
-     updates w; one masked refresh; the key holder decrypts w. Checked against the same step in
-     numpy on the pooled data (key-holder noise flooding, σ = 2^-20: HE error near 1e-6).
-* Per phase (``time.perf_counter``): party local statistics and encryption (median, total),
-  aggregator sum, key holder (decrypt; + solve for the masked statistics), total wall time.
-  Bytes: party→aggregator per party and total, aggregator→key holder (the sums), key
-  holder→aggregator (released float64 values: moments, then coefficients, 8 bytes each), the
-  public context once. Downlinks (mask, standardizer, w) match in both modes: not counted.
-  Encrypted model: party (statistics + load + step), aggregator encryption, update, refresh
-  (all; key holder), final decryption; bytes aggregator→party (the broadcast), party→aggregator,
-  aggregator↔key holder (refresh, final model).
+     updates w; one masked refresh; the key holder decrypts w and seals it to every party (the
+     aggregator relays bytes it cannot read); party p0000 opens it. Checked against the same
+     step in numpy on the pooled data (key-holder noise flooding, σ = 2^-20: HE error near
+     1e-6).
+* Per phase (``time.perf_counter``): party local statistics, encryption and (HE) tagging
+  (median, total), aggregator sum, key holder (verify the tags, decrypt; + solve for the
+  masked statistics), total wall time. Bytes: party→aggregator per party and total (with the
+  sealed tag), aggregator→key holder (the sums and the tags), key holder→aggregator (released
+  float64 values: moments, then coefficients, 8 bytes each), the public context once.
+  Downlinks (mask, standardizer, w) match in both modes: not counted. Encrypted model: party
+  (statistics + load + step), aggregator encryption, update, refresh (all; key holder), final
+  release (decryption, sealing to every party, p0000 opening its copy); bytes aggregator→party
+  (the broadcast), party→aggregator, aggregator↔key holder (refresh, final model: sealed
+  copies).
 * All contributions of one secure sum stay in memory (1000 × ~0.25 MB) and one
   ``aggregator_sum`` call sums them, as the aggregator does: simpler than batched sums.
 
@@ -40,7 +47,9 @@ Run:  .venv/bin/python simulations/bench_regression.py [--parties 10,100,1000]
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -55,8 +64,16 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.linear_model import LinearRegression
 
-from fedhe.crypto import AGGREGATION_PARAMS, MODEL_PARAMS, PublicContext
-from fedhe.keyholder import DecryptionRequest, KeyHolder
+from fedhe.crypto import (
+    AGGREGATION_PARAMS,
+    MODEL_PARAMS,
+    EncryptedTensor,
+    PublicContext,
+    load_tensor,
+)
+from fedhe.crypto.channel import Channel, Identity
+from fedhe.crypto.mac import MAC_SEED_BYTES, MacKey, mac_label
+from fedhe.keyholder import DecryptionRequest, KeyHolder, registry
 from fedhe.tasks import aggregate, encrypted_model, keyholder_release, linreg, moments
 
 MODES = ("plaintext", "he")
@@ -67,7 +84,7 @@ BYTES = {
     "sum_bytes": "aggregator_to_keyholder_bytes",
     "released_bytes": "keyholder_to_aggregator_bytes",
 }
-TIMES = ("wall_s", "encrypt_s_total", "aggregate_s", "keyholder_s")
+TIMES = ("wall_s", "encrypt_s_total", "aggregate_s", "keyholder_s")  # tags: HE only, no ratio
 RATIOS = (*TIMES, "upload_bytes_per_party", "bytes_total")  # HE/plaintext
 MODEL_TIMES = ("wall_s", "party_s_total", "aggregate_s", "refresh_s", "decrypt_s")
 # Aggregator ↔ key holder, once per round (refresh) or per job (final model).
@@ -79,10 +96,11 @@ ERRORS = {
     "encrypted_model": "w_max_abs_err",
 }
 _SUM = (  # caption and columns of the secure-sum modes
-    "time: wall time of the mode, parties one after another; HE Σenc: encryption summed over "
-    "parties; HE key holder: decryption(s) (+ solve); B/party: party→aggregator; total: all "
-    "uploads + aggregator→key holder + key holder→aggregator",
-    "parties|plain time|HE time|HE/plain|HE Σenc|HE sum|HE key holder|B/party plain|"
+    "time: wall time of the mode, parties one after another; HE Σenc, HE Σtag: encryption and "
+    "tagging summed over parties; HE key holder: tag checks and decryption(s) (+ solve); "
+    "B/party: party→aggregator; total: all uploads + aggregator→key holder + key "
+    "holder→aggregator",
+    "parties|plain time|HE time|HE/plain|HE Σenc|HE Σtag|HE sum|HE key holder|B/party plain|"
     "B/party HE|total plain|total HE|error plain|error HE",
 )
 TABLES = {  # per mode: title ({lr} filled in), caption, columns
@@ -90,13 +108,13 @@ TABLES = {  # per mode: title ({lr} filled in), caption, columns
     "gradient": ("Gradient mode, ONE round (gradient sum + key-holder decryption)", *_SUM),
     "encrypted_model": (
         "Encrypted-model mode, ONE round (broadcast, party steps, update, one refresh, final "
-        "decryption), lr={lr}",
-        "time: aggregator encryption of w → final decryption, parties one after another; party: "
-        "statistics + broadcast load + step; refresh: mask → key holder (KH: decrypt + "
-        "re-encrypt) → unmask; B↓: aggregator→party (the broadcast); B↑: party→aggregator; "
-        "B→KH, B←KH: aggregator→key holder and back, the refresh",
+        "release sealed to the parties), lr={lr}",
+        "time: aggregator encryption of w → final release (sealed; p0000 opens it), parties one "
+        "after another; party: statistics + broadcast load + step; refresh: mask → key holder "
+        "(KH: decrypt + re-encrypt) → unmask; B↓: aggregator→party (the broadcast); "
+        "B↑: party→aggregator; B→KH, B←KH: aggregator→key holder and back, the refresh",
         "parties|plain time|HE time|HE/plain|HE party med|HE party Σ|HE update|HE refresh|"
-        "HE KH refresh|HE decrypt|B↓/party HE|B↑/party HE|B→KH HE|B←KH HE|error plain|error HE",
+        "HE KH refresh|HE release|B↓/party HE|B↑/party HE|B→KH HE|B←KH HE|error plain|error HE",
     ),
 }
 
@@ -193,28 +211,35 @@ def _run(
     )
     public = keyholder.declare_job(declaration)
     context = PublicContext.from_bytes(public) if public else None
+    parties = _Parties(keyholder, job_id, [f"p{i:04d}" for i in range(n_parties)], context)
 
     def secure_sum(arrays_of, layout, output, bound, n_terms=1, scale_bits=None):
-        phase: dict[str, Any] = {"local_s": [], "encrypt_s": [], "upload_bytes": []}
+        phase: dict[str, Any] = {"local_s": [], "encrypt_s": [], "tag_s": [], "upload_bytes": []}
         encoding = {"sum_bound": bound, "min_scale_bits": scale_bits}
-        contributions = {}
-        for i, share in enumerate(shares):
+        contributions, tags = {}, {}
+        for name, share in zip(parties.names, shares, strict=True):
             with _timed(phase, "local_s"):
                 arrays = arrays_of(share)
             with _timed(phase, "encrypt_s"):
-                contributions[f"p{i:04d}"] = data = aggregate.party_contribution(
+                contributions[name] = data = aggregate.party_contribution(
                     arrays, spp, layout, context, n_terms=n_terms, **encoding
                 )
-            phase["upload_bytes"].append(len(data))
+            with _timed(phase, "tag_s"):
+                tags[name] = tag = parties.tag(name, output, data)  # b"": the twin tags nothing
+            phase["upload_bytes"].append(len(data) + len(tag))
         with _timed(phase, "aggregate_s"):
             total = aggregate.aggregator_sum(
                 contributions, layout, context, min_parties=n_parties, **encoding
             )
         del contributions
+        relayed = {name: tags[name] for name in total.contributors} if context else {}
         with _timed(phase, "keyholder_s"):
-            request = aggregate.request_decryption(job_id, total, output)
+            request = DecryptionRequest(
+                job_id, output, total.contributors, total.tensor, tags=relayed
+            )
             released = np.asarray(keyholder_release(keyholder, request))
-        phase["sum_bytes"], phase["released_bytes"] = len(total.tensor), 8 * released.size
+        phase["sum_bytes"] = len(total.tensor) + sum(len(tag) for tag in relayed.values())
+        phase["released_bytes"] = 8 * released.size
         if context is not None:
             level, bits = AGGREGATION_PARAMS.encoding_for(bound, scale_bits)
             phase["ckks_level"], phase["ckks_scale_bits"] = level, bits
@@ -303,6 +328,8 @@ def _encrypted_model(
     )
     public = keyholder.declare_job(declaration)  # keys: outside every timing
     context = PublicContext.from_bytes(public) if public else None
+    # Registration, outside every timing too: the final model is sealed to these parties.
+    parties = _Parties(keyholder, job_id, [f"p{i:04d}" for i in range(n_parties)], context)
     w0, step = np.zeros(dim), lr / len(t)
     out: dict[str, Any] = {"local_s": [], "step_s": [], "upload_bytes": []}
     contributions = {}
@@ -310,12 +337,12 @@ def _encrypted_model(
     with _timed(out, "aggregator_encrypt_s"):
         vector = em.encrypt_model(context, w0)
         blobs = [column.to_bytes() for column in em.broadcast(context, w0)]
-    for i, share in enumerate(shares):
+    for name, share in zip(parties.names, shares, strict=True):
         with _timed(out, "local_s"):
             A, b = em.party_statistics(Z[share], t[share], logistic=False, l2=0.0)
         with _timed(out, "step_s"):
             model = em.load_broadcast(blobs, context, dim)
-            contributions[f"p{i:04d}"] = data = em.party_step(model, A, b, step).to_bytes()
+            contributions[name] = data = em.party_step(model, A, b, step).to_bytes()
         out["upload_bytes"].append(len(data))
     with _timed(out, "aggregate_s"):
         vector, contributors, _ = em.aggregator_update(
@@ -329,9 +356,11 @@ def _encrypted_model(
             payload = keyholder_release(keyholder, request)
         assert isinstance(payload, dict)
         vector, _ = em.aggregator_unmask(*em.unpack_refresh(payload, context, dim), mask)
-    with _timed(out, "decrypt_s"):
+    with _timed(out, "decrypt_s"):  # decryption, sealing to every party, p0000 opening its copy
         final = DecryptionRequest(job_id, em.MODEL_OUTPUT, contributors, vector.to_bytes())
-        w = keyholder.decrypt(final).values
+        released = keyholder_release(keyholder, final)
+        assert isinstance(released, dict)
+        w = parties.released(released, em.MODEL_OUTPUT, parties.names[0])
     out["wall_s"] = time.perf_counter() - started
     Za = linreg.design(Z)
     reference = w0 - step * (Za.T @ (Za @ w0 - t))  # the same step on the pooled data
@@ -343,7 +372,7 @@ def _encrypted_model(
         "refresh_to_keyholder_bytes": len(request.tensor),
         "refresh_from_keyholder_bytes": sum(len(blob) for blob in payload.values()),
         "decrypt_to_keyholder_bytes": len(final.tensor),
-        "released_bytes": 8 * w.size,
+        "released_bytes": sum(len(blob) for blob in released.values()),
     }
     out = _summary(out, encrypt="step_s")
     out["broadcast_bytes_total"] = out["broadcast_bytes_per_party"] * n_parties
@@ -353,6 +382,58 @@ def _encrypted_model(
     out["public_context_bytes"], out["w"] = len(public), w.tolist()
     out["w_max_abs_err"] = float(np.max(np.abs(w - reference)))
     return out
+
+
+class _Parties:
+    """The parties' side of `clients/trust.py`, in process, for one job: registration (each
+    party's sealed seed → the key holder's envelope → the job's MAC seed), a sealed tag per
+    contribution, and opening what the key holder sealed to a party. A plaintext twin
+    (`context` None) registers and tags nothing."""
+
+    def __init__(
+        self, keyholder: KeyHolder, job_id: str, names: list[str], context: PublicContext | None
+    ) -> None:
+        self.keyholder, self.job_id, self.names, self.context = keyholder, job_id, names, context
+        self.identities = {name: Identity.generate() for name in names}
+        self.mac_keys: dict[str, MacKey] = {}
+        if context is None:
+            return
+        own = {name: os.urandom(MAC_SEED_BYTES) for name in names}
+        sealed = {
+            name: self.channel(name).seal(own[name], registry.mac_seed_label(job_id, name))
+            for name in names
+        }
+        publics = {name: identity.public for name, identity in self.identities.items()}
+        envelopes, refused = keyholder.register_parties(job_id, publics, sealed)
+        if refused:
+            raise RuntimeError(f"the key holder refused parties at registration: {refused}")
+        for name in names:
+            seed = registry.party_mac_seed(
+                self.channel(name), job_id, name, envelopes[name], own[name]
+            )
+            self.mac_keys[name] = MacKey(seed)
+
+    def channel(self, name: str) -> Channel:
+        return self.identities[name].channel(self.keyholder.identity.public, self.job_id)
+
+    def tag(self, name: str, output: str, contribution: bytes, round_: int = 0) -> bytes:
+        """The party's tag of its contribution for (output, round), sealed to the key holder."""
+        if self.context is None:
+            return b""
+        tensor = load_tensor(contribution, self.context)
+        assert isinstance(tensor, EncryptedTensor)
+        value = self.mac_keys[name].tag(tensor, mac_label(output, round_))
+        label = registry.tag_label(self.job_id, output, round_, name)
+        return self.channel(name).seal(json.dumps(value.to_dict()).encode(), label)
+
+    def released(
+        self, release: dict[str, bytes], output: str, name: str, round_: int = 0
+    ) -> np.ndarray:
+        """What party `name` reads: its sealed copy (the twin's values come in the clear)."""
+        if "values" in release:
+            return np.load(io.BytesIO(release["values"]), allow_pickle=False)
+        sealed = release[f"sealed/{name}"]
+        return registry.open_release(self.channel(name), self.job_id, output, round_, name, sealed)
 
 
 @contextmanager
@@ -370,11 +451,16 @@ def _timed(into: dict[str, Any], key: str) -> Iterator[None]:
 def _summary(phase: dict[str, Any], encrypt: str = "encrypt_s") -> dict[str, Any]:
     """Per-party lists → median and total (upload bytes: median per party and total)."""
     local, enc, up = phase.pop("local_s"), phase.pop(encrypt), phase.pop("upload_bytes")
+    tagged = {}
+    if "tag_s" in phase:
+        tag = phase.pop("tag_s")
+        tagged = {"tag_s_median": statistics.median(tag), "tag_s_total": sum(tag)}
     return {
         "local_s_median": statistics.median(local),
         "local_s_total": sum(local),
         f"{encrypt}_median": statistics.median(enc),
         f"{encrypt}_total": sum(enc),
+        **tagged,
         "upload_bytes_per_party": int(statistics.median(up)),
         "upload_bytes_total": sum(up),
         **phase,
@@ -383,7 +469,7 @@ def _summary(phase: dict[str, Any], encrypt: str = "encrypt_s") -> dict[str, Any
 
 def _totals(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Sums over the phases of one mode (medians: the sum of the per-phase medians)."""
-    keys = ("encrypt_s_median", "encrypt_s_total", "aggregate_s", "keyholder_s")
+    keys = ("encrypt_s_median", "encrypt_s_total", "tag_s_total", "aggregate_s", "keyholder_s")
     out: dict[str, Any] = {k: sum(p[k] for p in phases.values()) for k in keys}
     for key, name in BYTES.items():
         out[name] = int(sum(p[key] for p in phases.values()))
@@ -433,7 +519,7 @@ def _row(kind: str, n: int, plain: dict[str, Any], he: dict[str, Any]) -> list[s
         sizes = [fmt_bytes(h[f"{k}_bytes_per_party"]) for k in ("broadcast", "upload")]
         sizes += [fmt_bytes(h[f"refresh_{k}_keyholder_bytes"]) for k in ("to", "from")]
     else:
-        times = ("encrypt_s_total", "aggregate_s", "keyholder_s")
+        times = ("encrypt_s_total", "tag_s_total", "aggregate_s", "keyholder_s")
         sizes = [fmt_bytes(m[k]) for k in ("upload_bytes_per_party", "bytes_total") for m in (p, h)]
     ratio = f"{h['wall_s'] / p['wall_s']:.1f}×"
     return [

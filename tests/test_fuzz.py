@@ -1,7 +1,8 @@
 """Fuzzing every deserializer, the message handlers and the decryption policy.
 
-Each property counts the inputs it tried; every input must end in a `fedhe` error (or be
-accepted when it is valid), never another exception, and the handler must keep serving.
+Each property counts the inputs it tried and how they ended; every input must end in a `fedhe`
+error (or be accepted when it is valid), never another exception, and the handler must keep
+serving.
 """
 
 import contextlib
@@ -18,6 +19,7 @@ from fedhe import protocol
 from fedhe.crypto import PublicContext, encrypt, load_tensor
 from fedhe.errors import FedHEError, PolicyError
 from fedhe.keyholder import DecryptionRequest, JobDeclaration, KeyHolder, OutputSpec
+from fedhe.keyholder.inprocess import TaggedParties
 from tests.conftest import SMALL_PARAMS
 from tests.inprocess import InProcessGrid
 
@@ -56,7 +58,9 @@ def test_tensor_loader_only_raises_fedhe_errors(public, valid, flips, cut, tail)
     try:
         tensor = load_tensor(data, public)
     except FedHEError:
+        TRIED["tensor-refused"] += 1
         return
+    TRIED["tensor-loaded"] += 1
     assert data == valid  # anything else that loads would be silent corruption
     assert tensor.shape == (SMALL_PARAMS.slots + 3,)
 
@@ -85,7 +89,9 @@ def test_context_loader_only_raises_fedhe_errors(public, flips, cut, tail):
     try:
         loaded = PublicContext.from_bytes(data)
     except FedHEError:
+        TRIED["context-refused"] += 1
         return
+    TRIED["context-loaded"] += 1
     assert loaded.fingerprint == public.fingerprint  # a flip that loads must be harmless
 
 
@@ -120,7 +126,12 @@ HANDLERS = [
     protocol.KNN_UPLOAD,
     protocol.KNN_QUERY,
     protocol.KNN_ANSWER,
+    protocol.MLP_QUERY,
+    protocol.MLP_ANSWER,
+    protocol.MAC_KEY,
+    protocol.MODEL_RELEASE,
     protocol.DECLARE,
+    protocol.REGISTER,
     protocol.DECRYPT,
     protocol.AUDIT,
 ]
@@ -160,12 +171,28 @@ def grid():
                 "start",
                 "stop",
                 "query",
+                "round",
+                "parties",
+                "inference-id",
             ]
         ),
         st.text(max_size=6) | st.integers() | st.floats(allow_nan=True),
     ),
     payload=st.dictionaries(
-        st.sampled_from(["tensor", "public-context", "contribution", "votes"]),
+        st.sampled_from(
+            [
+                "tensor",
+                "public-context",
+                "contribution",
+                "votes",
+                "keyholder-identity",
+                "envelope",
+                "sealed",
+                "tag/party-0",
+                "identity/party-0",
+                "mac-seed/party-0",
+            ]
+        ),
         st.binary(max_size=64),
     ),
 )
@@ -179,8 +206,8 @@ def test_handlers_answer_garbage_with_a_fedhe_error_and_keep_serving(
         return  # the sender's own guard refused bytes that look like a (broken) context
     message = Message(content, dst_node_id=node, message_type=message_type)
     (reply,) = grid.send_and_receive([message])
-    if message_type == protocol.AUDIT and node == 1001:
-        assert not reply.has_error()  # reading the audit log of any job id is a valid request
+    if message_type == protocol.AUDIT and node == 1001 and config.get("job-id", "") != "":
+        assert not reply.has_error()  # reading the audit log of a named job is a valid request
         return
     assert reply.has_error()
     assert reply.error.reason.split(":")[0] in {
@@ -202,49 +229,107 @@ def test_handlers_answer_garbage_with_a_fedhe_error_and_keep_serving(
     assert not answer.has_error()
 
 
+POLICY_PARTIES = "abcdef"
+DECLARED = {"sum": OutputSpec(2), "model": OutputSpec(1)}
+
+
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
+    max_refusals=st.integers(1, 20),
     requests=st.lists(
         st.tuples(
-            st.sampled_from(["sum", "gram", "model"]),
-            st.lists(st.sampled_from("abcdef"), max_size=6),
+            st.sampled_from(["sum", "sum", "model", "gram"]),
+            # a few party lists (the same sum again, in another order: a replay), or any
+            st.sampled_from(["abc", "cab", "abd", "bcde", "abcdef", "ab", "aab"]).map(list)
+            | st.lists(st.sampled_from(POLICY_PARTIES), max_size=6),
+            st.sampled_from([0, 0, 1, 1, 2, -1]),  # the round label
+            st.sampled_from(["tagged", "tagged", "untagged", "forged"]),
+            st.booleans(),  # True: decrypt_sum (tags checked), False: decrypt_unverified
+            st.none() | st.integers(0, 9),  # ask an earlier request again (a retry)
         ),
         min_size=1,
-        max_size=8,
-    )
+        max_size=10,
+    ),
 )
-def test_policy_never_decrypts_outside_the_declaration(tmp_path_factory, requests):
+def test_policy_never_decrypts_outside_the_declaration(tmp_path_factory, max_refusals, requests):
+    """Against a model of the rules: declared output, enough distinct parties, a round label in
+    the budget, each label released once (the same ciphertext replayed, another refused), tags
+    that prove the sum for `decrypt_sum`, and a job stopped after `max_refusals` refusals."""
     TRIED["policy"] += len(requests)
-    keyholder = KeyHolder(tmp_path_factory.mktemp("kh"), flooding_bits=None)
-    job = JobDeclaration(
-        "fuzz", "aggregate", {"sum": OutputSpec(2), "model": OutputSpec(1)}, 3, SMALL_PARAMS
+    keyholder = KeyHolder(
+        tmp_path_factory.mktemp("kh"), flooding_bits=None, max_refusals=max_refusals
     )
-    public = PublicContext.from_bytes(keyholder.declare_job(job))
-    tensor = encrypt(public, np.ones(3)).to_bytes()
-    spent, released = Counter(), set()
-    for output, parties in requests:
-        replay = (output, tuple(sorted(parties))) in released  # same request again: same values
-        allowed = replay or (
-            output in job.outputs
-            and len(set(parties)) == len(parties) >= 3
-            and spent[output] < job.outputs[output].budget
+    keyholder.declare_job(JobDeclaration("fuzz", "aggregate", DECLARED, 3, SMALL_PARAMS))
+    parties = TaggedParties(keyholder, "fuzz", POLICY_PARTIES)
+    shares = {name: encrypt(parties.public, np.ones(3)) for name in POLICY_PARTIES}
+    extra = encrypt(parties.public, np.ones(3))  # what a forged sum adds
+    released: dict[tuple[str, int], tuple[frozenset[str], bool]] = {}  # label → its content
+    values: dict[tuple[str, int], np.ndarray] = {}
+    refusals, expected_decisions = 0, []
+    asked: list[tuple[str, list[str], int, str]] = []
+    for output, names, round_, kind, verify, again in requests:
+        if again is not None and asked:
+            output, names, round_, kind = asked[again % len(asked)]
+        asked.append((output, names, round_, kind))
+        distinct = frozenset(names)
+        honest = parties.sum({n: shares[n] for n in distinct}) if distinct else None
+        forged = kind == "forged" or honest is None  # no party: the extra ciphertext alone
+        tensor = extra if honest is None else honest + extra if forged else honest
+        tags = {n: shares[n] for n in distinct} if kind != "untagged" else {}
+        request = DecryptionRequest(
+            "fuzz",
+            output,
+            tuple(names),
+            tensor.to_bytes(),
+            round_,
+            parties.tags(output, tags, round_),
         )
+        label, content = (output, round_), (distinct, forged)
+        stopped = refusals >= max_refusals
+        allowed = (
+            not stopped
+            and output in DECLARED
+            and len(distinct) == len(names) >= 3
+            and 0 <= round_ < DECLARED[output].budget
+            and (
+                released[label] == content  # replay
+                if label in released
+                else not verify or kind == "tagged"
+            )
+        )
+        decrypt = keyholder.decrypt_sum if verify else keyholder.decrypt_unverified
         try:
-            keyholder.decrypt(DecryptionRequest("fuzz", output, tuple(parties), tensor))
-            decrypted = True
+            got = decrypt(request).values
         except PolicyError:
-            decrypted = False
-        assert decrypted == allowed, (output, parties, dict(spent))
-        if decrypted and not replay:
-            spent[output] += 1
-            released.add((output, tuple(sorted(parties))))
+            assert not allowed, (request.output_kind, names, round_, kind, verify, refusals)
+            expected_decisions.append("refused")
+            refusals += 0 if stopped else 1
+            continue
+        assert allowed, (output, names, round_, kind, verify, released)
+        if label in released:
+            np.testing.assert_array_equal(got, values[label])  # no fresh decryption
+            expected_decisions.append("replayed")
+        else:
+            released[label], values[label] = content, got
+            np.testing.assert_allclose(got, len(distinct) + forged, atol=1e-3)
+            expected_decisions.append("decrypted")
     decisions = [e["decision"] for e in keyholder.audit.entries() if e["event"] == "decrypt"]
-    assert len(decisions) == len(requests)
+    assert decisions == expected_decisions
 
 
-def test_zz_report_inputs_tried():
-    """Runs last in this module: how many inputs the properties above tried."""
-    print("fuzz inputs tried:", json.dumps(dict(TRIED)))
-    assert sum(TRIED.values()) >= 500
+def test_the_properties_try_their_inputs_and_reach_every_outcome(public, valid):
+    """Runs the cheap properties above here, so that the count depends on no other test having
+    run first (nor on their order): each tries its full number of examples, and the mutations
+    reach both outcomes (a corrupted input refused, the intact one loaded)."""
+    before = Counter(TRIED)
+    test_tensor_loader_only_raises_fedhe_errors(public, valid)
+    test_context_loader_only_raises_fedhe_errors(public)
+    test_job_declarations_parse_or_raise_a_fedhe_error()
+    tried = TRIED - before
+    print("fuzz inputs tried:", json.dumps(dict(tried)))
+    assert tried["tensor"] >= FUZZ.max_examples and tried["declaration"] >= FUZZ.max_examples
+    assert tried["context"] >= 60
+    for what in ("tensor", "context"):
+        assert tried[f"{what}-refused"] >= 1 and tried[f"{what}-loaded"] >= 1, tried

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +13,7 @@ from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from fedhe.crypto import KeyRequest, PublicContext
 from fedhe.data.datasets import load_builtin
 from fedhe.errors import (
+    ChannelError,
     ContextMismatchError,
     FedHEError,
     InvalidCiphertextError,
@@ -20,10 +23,12 @@ from fedhe.errors import (
     ValueRangeError,
 )
 from fedhe.keyholder import DecryptionRequest, KeyHolder
+from fedhe.keyholder.inprocess import TaggedParties
 from fedhe.tasks import aggregate, check_declaration, knn
 
 SLOTS = knn.PARAMS.slots
 K = 5
+QUERIER = "party-0"
 
 
 class Federation:
@@ -49,11 +54,14 @@ class Federation:
             params=knn.PARAMS,
             encrypted=encrypted,
             task=knn.TASK,
-            meta={"k": K},
+            meta={"k": K, "querier": QUERIER},
         )
         public = self.keyholder.declare_job(declaration, KeyRequest(relin=True))
         self.context = PublicContext.from_bytes(public) if public else None
         self.job = job
+        # The parties register with the key holder: the votes are sealed to the querier.
+        self.parties = TaggedParties(self.keyholder, job, [f"party-{i}" for i in range(n_parties)])
+        self.rounds: Counter[str] = Counter()
         self.n_classes = n_classes
         self.rng = np.random.default_rng(7)
         shares = np.array_split(np.arange(len(X)), n_parties)
@@ -80,8 +88,12 @@ class Federation:
         return next(s for s in self.layout.segments if s.party == party)
 
     def request(self, output, tensor, contributors=None):
+        """The aggregator's request: the next round of `output` (each round is released once).
+        Ranks and votes are no sums, so they carry no tags (`decrypt_unverified`)."""
         parties = tuple(self.store.contributors if contributors is None else contributors)
-        return DecryptionRequest(self.job, output, parties, tensor.to_bytes())
+        round_ = self.rounds[output]
+        self.rounds[output] += 1
+        return DecryptionRequest(self.job, output, parties, tensor.to_bytes(), round_)
 
     def ask(self, queries, *, encrypted_query=False):
         n = len(queries)
@@ -95,8 +107,12 @@ class Federation:
             self.store.load_selection(ranked["selection"], n),
             self.store.load_masks(masks.to_bytes(), n),
         )
-        released = knn.keyholder_vote(self.keyholder, self.request(knn.VOTE_OUTPUT, votes))
-        return knn.querier_answer(released, rho, K, self.n_classes)
+        request = self.request(knn.VOTE_OUTPUT, votes)
+        released = knn.keyholder_vote(self.keyholder, request)
+        # The aggregator relays the votes sealed to the querier (in the clear: the twin only).
+        assert set(released) == ({"sealed"} if self.context is not None else {"values"})
+        opened = self.parties.released(released, knn.VOTE_OUTPUT, request.round, QUERIER)
+        return knn.querier_answer(opened, rho, K, self.n_classes)
 
 
 def standardized(name):
@@ -184,7 +200,7 @@ def test_vote_ties_go_to_the_smallest_class():
 def _masked_for_keyholder(federation, queries):
     """What the key holder decrypts when asked to rank (flooding noise included)."""
     distances = federation.store.masked_distances(queries)
-    return federation.keyholder.decrypt(
+    return federation.keyholder.decrypt_unverified(
         federation.request(knn.RANK_OUTPUT, distances)
     ).values.reshape(len(queries), -1)
 
@@ -235,7 +251,8 @@ def test_the_vote_ciphertexts_hide_single_slots(iris):
         federation.store.load_selection(ranked["selection"], n),
         federation.store.load_masks(masks.to_bytes(), n),
     )
-    slots_seen = federation.keyholder.decrypt(federation.request(knn.VOTE_OUTPUT, votes)).values
+    request = federation.request(knn.VOTE_OUTPUT, votes)
+    slots_seen = federation.keyholder.decrypt_unverified(request).values
     # Every slot looks like mask noise (no 0/1 pattern of the neighbours' labels) …
     assert np.mean(np.abs(slots_seen) > 1.0) > 0.99
     # … and the slot sums are the votes plus the querier's mask: no class count in the clear.
@@ -243,6 +260,17 @@ def test_the_vote_ciphertexts_hide_single_slots(iris):
     assert np.all(np.abs(sums - rho - np.rint(sums - rho)) < 0.01)
     assert np.rint(sums - rho).sum(axis=1).tolist() == [K] * n
     assert not np.allclose(sums, np.rint(sums), rtol=0, atol=0.01), (sums, rho)
+    # The release (the same ciphertext again: replayed) is sealed to the querier alone.
+    released = knn.keyholder_vote(federation.keyholder, request)
+    assert set(released) == {"sealed"}
+    opened = federation.parties.open(
+        federation.job, knn.VOTE_OUTPUT, request.round, QUERIER, released["sealed"]
+    )
+    np.testing.assert_array_equal(opened, sums)
+    with pytest.raises(ChannelError):
+        federation.parties.open(
+            federation.job, knn.VOTE_OUTPUT, request.round, "party-1", released["sealed"]
+        )
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -319,7 +347,16 @@ def test_the_keyholder_ranks_only_for_enough_parties(iris):
         )
 
 
-def test_a_knn_job_without_k_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    ("meta", "reason"),
+    [
+        ({"querier": QUERIER}, "k ≥ 1"),
+        ({"k": K}, "must name the party its answers go to"),  # votes are sealed to it
+        ({"k": K, "querier": "aggregator"}, "must name the party its answers go to"),
+    ],
+    ids=["no-k", "no-querier", "querier-not-a-party"],
+)
+def test_a_knn_job_without_k_or_querier_is_refused(tmp_path, meta, reason):
     keyholder = KeyHolder(tmp_path, declaration_check=check_declaration)
     declaration = aggregate.declare(
         "nok",
@@ -327,8 +364,9 @@ def test_a_knn_job_without_k_is_refused(tmp_path):
         min_parties=2,
         params=knn.PARAMS,
         task=knn.TASK,
+        meta=meta,
     )
-    with pytest.raises(PolicyError, match="k ≥ 1"):
+    with pytest.raises(PolicyError, match=reason):
         keyholder.declare_job(declaration)
 
 

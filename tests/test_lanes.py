@@ -10,7 +10,8 @@ from fedhe.crypto.framing import frame, unframe
 from fedhe.crypto.lanes import MIN_ROOM, Lanes, min_guard_bits
 from fedhe.crypto.tensor import COMPLEX, QUANTIZED
 from fedhe.errors import InvalidCiphertextError, ParameterError, PolicyError, ShapeError
-from fedhe.keyholder import DecryptionRequest, JobDeclaration, KeyHolder, OutputSpec
+from fedhe.keyholder import JobDeclaration, KeyHolder, OutputSpec
+from fedhe.keyholder.inprocess import TaggedParties
 from fedhe.tasks import aggregate
 from tests.conftest import SMALL_PARAMS
 
@@ -121,35 +122,35 @@ def test_a_sum_of_more_terms_than_planned_is_refused_not_misdecoded(secret, publ
 def _keyholder_with_job(tmp_path, size):
     keyholder = KeyHolder(tmp_path / "kh")  # flooding on, as deployed
     job = JobDeclaration("job-q", "aggregate", {"sum": OutputSpec(4, size - 1)}, 2, SMALL_PARAMS)
-    return keyholder, PublicContext.from_bytes(keyholder.declare_job(job))
+    public = PublicContext.from_bytes(keyholder.declare_job(job))
+    return keyholder, public, TaggedParties(keyholder, "job-q", ("a", "b", "c"))
 
 
 def test_the_key_holder_releases_lanes_exactly_and_without_flooding(tmp_path):
     size = 64
-    keyholder, public = _keyholder_with_job(tmp_path, size)
+    keyholder, public, parties = _keyholder_with_job(tmp_path, size)
     lanes = Lanes.plan(PRIME_BITS, [(size - 1, 100.0), (size, 3.0)], 3)
     values = np.append(np.linspace(-30, 30, size - 1), 1.0)
     releases = []
-    for _ in range(2):  # two encryptions of the same values: different noise, same release
-        total = _quantized(public, values, lanes, 100.0, 3)
-        for _ in range(2):
-            total = total + _quantized(public, values, lanes, 100.0, 3)
-        request = DecryptionRequest("job-q", "sum", ("a", "b", "c"), total.to_bytes())
-        releases.append(keyholder.decrypt(request).values)
+    for round_ in range(2):  # two encryptions of the same values: different noise, same release
+        contributions = {p: _quantized(public, values, lanes, 100.0, 3) for p in parties.names}
+        request = parties.request("sum", contributions, round_)
+        releases.append(keyholder.decrypt_sum(request).values)
     np.testing.assert_array_equal(releases[0], releases[1])
+    assert [e["decision"] for e in keyholder.audit.entries()[-2:]] == ["decrypted"] * 2
     assert keyholder.audit.entries()[-1]["flooding_sigma"] == 0.0
     np.testing.assert_allclose(releases[0], 3 * values, atol=3 * lanes.step_of_each()[0] / 2)
 
 
 def test_the_key_holder_refuses_lanes_whose_guard_cannot_absorb_the_noise(tmp_path):
     size = 64
-    keyholder, public = _keyholder_with_job(tmp_path, size)
+    keyholder, public, parties = _keyholder_with_job(tmp_path, size)
     planned = Lanes.plan(PRIME_BITS, [(size - 1, 100.0), (size, 3.0)], 3)
     thin = Lanes(min_guard_bits(3) - 3, planned.lane_bits, planned.steps)
-    total = _quantized(public, np.append(np.zeros(size - 1), 1.0), thin, 100.0, 3)
-    request = DecryptionRequest("job-q", "sum", ("a", "b", "c"), (total + total + total).to_bytes())
+    part = _quantized(public, np.append(np.zeros(size - 1), 1.0), thin, 100.0, 3)
+    request = parties.request("sum", dict.fromkeys(parties.names, part))  # tags verify
     with pytest.raises(PolicyError, match="guard bits"):
-        keyholder.decrypt(request)
+        keyholder.decrypt_sum(request)
     assert keyholder.audit.entries()[-1]["decision"] == "refused"
 
 

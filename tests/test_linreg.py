@@ -5,10 +5,11 @@ import pytest
 from scipy.linalg import sqrtm
 from sklearn.linear_model import LinearRegression, Ridge
 
-from fedhe.crypto import PublicContext
+from fedhe.crypto import PublicContext, encrypt
 from fedhe.data import load_builtin, partition_iid
 from fedhe.errors import PolicyError, ProtocolError
-from fedhe.keyholder import DecryptionRequest, KeyHolder
+from fedhe.keyholder import KeyHolder
+from fedhe.keyholder.inprocess import TaggedParties
 from fedhe.tasks import aggregate, keyholder_release, linreg, moments
 
 BOUND_MOMENTS = moments.SUM_BOUND
@@ -28,6 +29,7 @@ def _exact(X, y, n_parties, tmp_path, *, encrypted=True, l2=0.0, seed=0):
     )
     public = keyholder.declare_job(declaration)
     context = PublicContext.from_bytes(public) if public else None
+    parties = TaggedParties(keyholder, "job", [f"p{i}" for i in range(n_parties)])
 
     def secure_sum(arrays_of, layout, output, bound, scale_bits=None):
         contributions = {
@@ -50,7 +52,8 @@ def _exact(X, y, n_parties, tmp_path, *, encrypted=True, l2=0.0, seed=0):
             min_parties=2,
             min_scale_bits=scale_bits,
         )
-        return keyholder_release(keyholder, aggregate.request_decryption("job", total, output))
+        tagged = {name: contributions[name] for name in total.contributors}
+        return keyholder_release(keyholder, parties.request(output, tagged, total=total.tensor))
 
     XY = np.column_stack([X, y])
     flat = secure_sum(
@@ -71,7 +74,7 @@ def _exact(X, y, n_parties, tmp_path, *, encrypted=True, l2=0.0, seed=0):
         bound,
         linreg.STATISTICS_SCALE_BITS,
     )
-    return standardizer.to_original(w), standardizer, keyholder
+    return standardizer.to_original(w), standardizer, keyholder, parties
 
 
 def _relative_error(got, reference):
@@ -86,7 +89,7 @@ def test_exact_mode_matches_sklearn_on_diabetes(tmp_path):
     train, _ = load_builtin("diabetes", seed=0)
     reference = _sklearn(LinearRegression().fit(train.X, train.y))
     for encrypted in (True, False):
-        got, _, _ = _exact(train.X, train.y, 5, tmp_path, encrypted=encrypted)
+        got, *_ = _exact(train.X, train.y, 5, tmp_path, encrypted=encrypted)
         assert _relative_error(got, reference) <= 1e-6, encrypted
 
 
@@ -94,14 +97,14 @@ def test_exact_mode_matches_sklearn_with_50_features_and_20_parties(tmp_path):
     rng = np.random.default_rng(7)
     X = rng.normal(size=(2000, 50)) * rng.uniform(0.1, 10, 50) + rng.uniform(-5, 5, 50)
     y = X @ rng.normal(size=50) + 3.0 + rng.normal(scale=0.1, size=2000)
-    got, _, _ = _exact(X, y, 20, tmp_path)
+    got, *_ = _exact(X, y, 20, tmp_path)
     assert _relative_error(got, _sklearn(LinearRegression().fit(X, y))) <= 1e-6
 
 
 def test_ridge_matches_sklearn_on_the_same_standardization(tmp_path):
     train, _ = load_builtin("diabetes", seed=1)
     l2 = 0.05
-    got, standardizer, _ = _exact(train.X, train.y, 4, tmp_path, l2=l2, seed=1)
+    got, standardizer, *_ = _exact(train.X, train.y, 4, tmp_path, l2=l2, seed=1)
     Z, t = standardizer.features(train.X), standardizer.target(train.y)
     ridge = Ridge(alpha=l2 * len(Z)).fit(Z, t)  # our α is per sample: Σ over parties = α·N
     reference = standardizer.to_original(_sklearn(ridge))
@@ -110,7 +113,7 @@ def test_ridge_matches_sklearn_on_the_same_standardization(tmp_path):
 
 def test_key_holder_releases_coefficients_only_once(tmp_path):
     train, _ = load_builtin("diabetes", seed=0)
-    _, _, keyholder = _exact(train.X, train.y, 3, tmp_path)
+    _, _, keyholder, _ = _exact(train.X, train.y, 3, tmp_path)
     released = [e for e in keyholder.audit.entries() if e.get("output") == linreg.MASKED_OUTPUT]
     assert [e["decision"] for e in released] == ["decrypted"]
     assert released[0]["shape"] == [linreg.statistics_layout(10).size]  # the masked sum
@@ -157,14 +160,27 @@ def test_gradient_steps_converge_to_the_exact_solution():
 
 
 def test_second_solve_is_refused_by_budget(tmp_path):
+    """One release of the masked statistics: no second round label, and no other sum (say,
+    over other parties, which would difference one party out) under the released one."""
     train, _ = load_builtin("diabetes", seed=0)
-    _, _, keyholder = _exact(train.X, train.y, 3, tmp_path)
+    _, _, keyholder, parties = _exact(train.X, train.y, 3, tmp_path)
     last = [e for e in keyholder.audit.entries() if e.get("output") == linreg.MASKED_OUTPUT][-1]
     assert last["decision"] == "decrypted"
     job = keyholder.declaration("job")
     assert job.outputs[linreg.MASKED_OUTPUT].budget == 1
-    with pytest.raises(PolicyError, match="spent"):
-        keyholder.decrypt(DecryptionRequest("job", linreg.MASKED_OUTPUT, ("p0", "p1", "p2"), b"x"))
+    size = linreg.statistics_layout(10).size
+    other = {
+        name: encrypt(parties.public, np.zeros(size), sum_bound=1.0, n_terms=2)
+        for name in ("p0", "p1")
+    }
+    with pytest.raises(PolicyError, match="outside its budget of 1"):
+        keyholder_release(keyholder, parties.request(linreg.MASKED_OUTPUT, other, 1))
+    with pytest.raises(PolicyError, match="released already, for another ciphertext"):
+        keyholder_release(keyholder, parties.request(linreg.MASKED_OUTPUT, other, 0))
+    decisions = [
+        e["decision"] for e in keyholder.audit.entries() if e.get("output") == linreg.MASKED_OUTPUT
+    ]
+    assert decisions == ["decrypted", "refused", "refused"]
 
 
 def test_party_step_computes_the_scaled_gradient_from_a_broadcast_model(agg_public):

@@ -10,10 +10,18 @@ import torch
 
 from fedhe.crypto import MAX_LOG_Q_128, KeyRequest, PublicContext, decrypt, generate_keys
 from fedhe.crypto.circuit import Circuit
-from fedhe.errors import InvalidCiphertextError, ParameterError, ShapeError, ValueRangeError
+from fedhe.errors import (
+    ChannelError,
+    InvalidCiphertextError,
+    ParameterError,
+    ShapeError,
+    ValueRangeError,
+)
 from fedhe.keyholder import DecryptionRequest, KeyHolder
+from fedhe.keyholder.inprocess import TaggedParties
 from fedhe.learning import ModelSpec, build_model, get_weights
-from fedhe.tasks import aggregate, check_declaration, mlp
+from fedhe.tasks import aggregate, check_declaration, keyholder_release, mlp
+from tests.conftest import SMALL_PARAMS
 
 
 def _weights(sizes, seed=0):
@@ -57,14 +65,27 @@ def test_single_sample_logits_match_the_plaintext_network(digits_net):
 
 
 def test_the_keyholder_sees_only_masked_logits(tmp_path, digits_net):
+    """The key holder decrypts logits + ρ and seals them to the querier: the aggregator relays
+    bytes it cannot read, and only the querier (who holds ρ) gets the logits."""
     model, _, _, layout = digits_net
     keyholder = KeyHolder(tmp_path, declaration_check=check_declaration)
+    # The training job registered the parties; the inference job names it as its parent.
+    training = aggregate.declare(
+        "train",
+        outputs={aggregate.OUTPUT: (3, aggregate.Layout.of(_weights([64, 32, 10])))},
+        min_parties=2,
+        params=SMALL_PARAMS,
+        task=mlp.TASK,
+    )
+    keyholder.declare_job(training)
+    parties = TaggedParties(keyholder, "train", ("party-0", "party-1"))
     declaration = aggregate.declare(
         "inf",
         outputs={mlp.OUTPUT: (2, None)},
         min_parties=2,
         params=model.params(),
         task=mlp.INFERENCE_TASK,
+        meta={"querier": "party-0", "parent": "train"},
     )
     keys = KeyRequest(relin=True, rotations=layout.steps)
     public = PublicContext.from_bytes(keyholder.declare_job(declaration, keys))
@@ -73,9 +94,17 @@ def test_the_keyholder_sees_only_masked_logits(tmp_path, digits_net):
     mask, rho = mlp.querier_mask(public.encryption_only(), (10, inputs.shape[1]))
     out = mlp.aggregator_batched(model, public, inputs.to_bytes(), mask.to_bytes())
     request = DecryptionRequest("inf", mlp.OUTPUT, ("party-0", "party-1"), out.to_bytes())
-    seen = keyholder.decrypt(request).values
+    seen = keyholder.decrypt_unverified(request).values  # what the key holder decrypts
     assert np.min(np.abs(seen[:, :5].T - model.logits(X))) > 1.0  # ρ covers every logit
-    np.testing.assert_allclose(mlp.querier_unmask_batched(seen, rho, 5), model.logits(X), atol=1e-2)
+    released = keyholder_release(keyholder, request)  # the same ciphertext: replayed
+    assert set(released) == {"sealed"}
+    opened = parties.open("inf", mlp.OUTPUT, 0, "party-0", released["sealed"])
+    np.testing.assert_array_equal(opened, seen)
+    np.testing.assert_allclose(
+        mlp.querier_unmask_batched(opened, rho, 5), model.logits(X), atol=1e-2
+    )
+    with pytest.raises(ChannelError):  # sealed to the querier alone
+        parties.open("inf", mlp.OUTPUT, 0, "party-1", released["sealed"])
 
 
 def test_torch_training_model_and_encrypted_model_compute_the_same_function():

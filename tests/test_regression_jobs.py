@@ -15,9 +15,15 @@ from fedhe.tasks import linreg
 from tests.inprocess import InProcessGrid
 
 
-def _run(tmp_path, **settings):
+def _run(tmp_path, *, share_model=None, **settings):
+    """`share_model`: the parties (indexes) whose node config hands the encrypted-model job's
+    final model, sealed to each party, back to the aggregator; None: every simulated node."""
+    settings = {"plaintext_twin": True} | settings  # most tests compare with the twin
     config = JobConfig(parties=5, min_parties=3, out=str(tmp_path), **settings)
     grid = InProcessGrid(config.num_nodes)
+    if share_model is not None:
+        for index in range(config.parties):
+            grid.contexts[1000 + index].node_config["share-model"] = index in share_model
     run_job(grid, config)
     return json.loads((tmp_path / "result.json").read_text()), grid
 
@@ -130,15 +136,21 @@ def test_encrypted_model_linreg_matches_its_twin_and_the_clear_model_mode(tmp_pa
     from fedhe.tasks import encrypted_model
 
     seen: list[tuple[str, np.ndarray]] = []
-    decrypt = KeyHolder.decrypt
 
-    def recording(self, request):
-        released = decrypt(self, request)
-        seen.append((request.output_kind, released.values))
-        return released
+    def recording(method):
+        def record(self, request):
+            released = method(self, request)
+            seen.append((request.output_kind, released.values))
+            return released
 
-    monkeypatch.setattr(KeyHolder, "decrypt", recording)
-    result, _ = _run(tmp_path, task="linreg", mode="encrypted-model", rounds=20, lr=0.4)
+        return record
+
+    # What the key holder decrypts: sums it verified, and the unverified refreshes and model.
+    for name in ("decrypt_sum", "decrypt_unverified"):
+        monkeypatch.setattr(KeyHolder, name, recording(getattr(KeyHolder, name)))
+    result, grid = _run(
+        tmp_path, task="linreg", mode="encrypted-model", rounds=20, lr=0.4, share_model=[0]
+    )
     clear, _ = _run(
         tmp_path / "clear",
         task="linreg",
@@ -160,6 +172,16 @@ def test_encrypted_model_linreg_matches_its_twin_and_the_clear_model_mode(tmp_pa
     assert len(masked) == 19
     assert all(np.median(np.abs(values - final)) > 100 for values in masked)
     assert np.max(np.abs(final)) < 5
+    # The final model went to every party, sealed; only party-0 (share-model) handed it back.
+    assert result["model_released_to"] == [f"party-{i}" for i in range(5)]
+    handed_back = [
+        m.metadata.src_node_id
+        for direction, m in grid.log
+        if direction == "received"
+        and m.metadata.message_type == protocol.MODEL_RELEASE
+        and "model" in protocol.payload_of(m.content)
+    ]
+    assert handed_back == [1000]
 
 
 def test_encrypted_model_logreg_agrees_with_its_twin(tmp_path):
@@ -178,10 +200,16 @@ def test_a_diverging_encrypted_model_stops_with_the_fix(tmp_path):
 
 
 def test_encrypted_model_aggregator_receives_no_value_in_the_clear_before_the_end(tmp_path):
-    """Key-holder replies carry clear values only for the moments sum and the final model;
-    every refresh comes back as ciphertexts."""
-    _, grid = _run(
-        tmp_path, task="linreg", mode="encrypted-model", rounds=4, lr=0.4, plaintext_twin=False
+    """Key-holder replies carry clear values only for the moments sum (a verified sum); every
+    refresh comes back as ciphertexts and the final model sealed to each party."""
+    result, grid = _run(
+        tmp_path,
+        task="linreg",
+        mode="encrypted-model",
+        rounds=4,
+        lr=0.4,
+        plaintext_twin=False,
+        share_model=(),
     )
     keyholder_node = 1000 + 5
     replies = [
@@ -192,11 +220,17 @@ def test_encrypted_model_aggregator_receives_no_value_in_the_clear_before_the_en
         and m.metadata.message_type == protocol.DECRYPT
     ]
     in_clear = [p for p in replies if "values" in p]
-    assert len(replies) == 1 + 3 + 1 and len(in_clear) == 2
-    assert [protocol.array_from_bytes(p["values"]).shape for p in in_clear] == [(24,), (11,)]
-    refreshes = [p for p in replies if "values" not in p]
+    assert len(replies) == 1 + 3 + 1 and len(in_clear) == 1
+    assert [protocol.array_from_bytes(p["values"]).shape for p in in_clear] == [(24,)]
+    refreshes = replies[1:4]
     assert all(set(p) == {"vector", *(f"broadcast-{j}" for j in range(11))} for p in refreshes)
     assert all(v[:4] == b"FHET" and b'"kind": "ckks"' in v for p in refreshes for v in p.values())
+    final = replies[-1]
+    assert set(final) == {f"sealed/party-{i}" for i in range(5)}
+    assert not any(v.startswith((b"FHET", b"\x93NUMPY")) for v in final.values())
+    # No party shares the model here: it stays with them, nothing is evaluated in the clear.
+    assert result["model_released_to"] == [f"party-{i}" for i in range(5)]
+    assert "r2" not in result.get("encrypted", {})
     party_replies = [
         m for d, m in grid.log if d == "received" and m.metadata.message_type == protocol.MODEL_STEP
     ]

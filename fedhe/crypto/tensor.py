@@ -477,15 +477,23 @@ def _load_plain(body: bytes, shape: Shape) -> PlainTensor:
     return PlainTensor(values.copy())
 
 
+_ENCRYPTED_HEADER_KEYS = frozenset(
+    {"kind", "shape", "packing", "lanes", "fingerprint", "chunk_bytes", "body_sha256"}
+)
+
+
 def _load_encrypted(
     header: dict[str, Any], body: bytes, shape: Shape, context: Context
 ) -> EncryptedTensor:
+    unknown = sorted(set(header) - _ENCRYPTED_HEADER_KEYS)
+    if unknown:
+        raise InvalidCiphertextError(f"ciphertext header has unknown fields {unknown}.")
     fingerprint = header.get("fingerprint")
     if not isinstance(fingerprint, str):
         raise InvalidCiphertextError("ciphertext header has no context fingerprint.")
     context.check_same(fingerprint)
     sizes = header.get("chunk_bytes")
-    packing = header.get("packing", REAL)
+    packing = header.get("packing")  # required: a default would read a damaged header wrongly
     if packing not in PACKINGS:
         raise InvalidCiphertextError(f"unknown packing {packing!r}; expected one of {PACKINGS}.")
     lanes = Lanes.from_dict(header["lanes"]) if "lanes" in header else None
