@@ -329,3 +329,31 @@ def test_a_party_never_tags_two_contributions_for_one_round_nor_trains_twice_on_
     trust.check_new_model(context, fed.job_id, model)
     with pytest.raises(ProtocolError, match="trained on before"):
         trust.check_new_model(context, fed.job_id, {"w": np.arange(3.0)})
+
+
+def test_a_party_refuses_a_job_that_would_have_it_send_plaintext():
+    """Attack 2: a setup without a public context is the plaintext twin; a node whose own
+    config does not allow plaintext (every deployed site) refuses it."""
+    from flwr.app import Message
+
+    from fedhe import protocol
+    from fedhe.data.sources import DataSource
+    from tests.inprocess import InProcessGrid
+
+    grid = InProcessGrid(2, node_configs={0: {"partition-id": 0, "num-partitions": 2}})
+    whoami = Message(
+        protocol.content(config={"keyholder-partition-id": 1}),
+        dst_node_id=1000,
+        message_type=protocol.WHOAMI,
+    )
+    grid.send_and_receive([whoami])
+    source = DataSource("breast_cancer", "", "", 0, 1)
+    setup = Message(
+        protocol.content(
+            config={"job-id": "twin", "source": source.to_dict(), "party-index": 0, "n-parties": 1}
+        ),
+        dst_node_id=1000,
+        message_type=protocol.SETUP,
+    )
+    (reply,) = grid.send_and_receive([setup])
+    assert reply.has_error() and "in the clear" in reply.error.reason
