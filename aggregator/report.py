@@ -41,11 +41,6 @@ def build_result(
         "config": config.to_run_config(),
     }
     result.update(he.extras)
-    if "predictions" in he.extras and twin is not None:
-        result["predictions"] = {
-            "encrypted": he.extras["predictions"],
-            "plaintext": twin.extras.get("predictions"),
-        }
     if "coefficients" in he.weights:
         result["coefficients"] = {
             "names": ["intercept", *test_feature_names],
@@ -57,7 +52,6 @@ def build_result(
         result["plaintext_bytes"] = twin.bytes
         result["agreement"] = {
             **_weight_agreement(he, twin),
-            **_prediction_agreement(he, twin),
             **{
                 f"{metric}_diff": abs(he.final[metric] - twin.final[metric])
                 for metric in _METRICS
@@ -75,20 +69,6 @@ def _weight_agreement(he: JobRun, twin: JobRun) -> dict[str, float]:
     # What rounding to the lanes' steps may add over the rounds (before training amplifies it).
     quantization = {"quantization_bound": float(sum(bounds))} if bounds else {}
     return {"max_abs_weight_diff": diff, **quantization}
-
-
-def _prediction_agreement(he: JobRun, twin: JobRun) -> dict[str, float]:
-    """Share of equal predictions (targets: within 1e-4 relative) and the largest difference."""
-    if "predictions" not in he.extras or "predictions" not in twin.extras:
-        return {}
-    a = np.asarray(he.extras["predictions"], dtype=float)
-    b = np.asarray(twin.extras["predictions"], dtype=float)
-    if a.shape != b.shape:
-        return {"prediction_agreement": 0.0}
-    return {
-        "prediction_agreement": float(np.mean(np.isclose(a, b, rtol=1e-4, atol=1e-6))),
-        "max_abs_prediction_diff": float(np.max(np.abs(a - b))) if a.size else 0.0,
-    }
 
 
 def _ckks(run: JobRun) -> dict[str, Any] | None:

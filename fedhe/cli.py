@@ -231,12 +231,8 @@ def _print_summary(result_path: Path) -> None:
             table.add_row(
                 key, f"{result['encrypted'][key]:.4f}", f"{plain[key]:.4f}" if key in plain else "-"
             )
-    agreement = result.get("agreement", {})
-    if "prediction_agreement" in agreement:
-        share = f"{agreement['prediction_agreement']:.1%}"
-        table.add_row("predictions equal to the twin", share, "")
     inference = result.get("inference")
-    if inference:
+    if inference and "encrypted_accuracy" in inference:  # the querier reported its counts
         table.add_row(
             "inference accuracy (same weights)",
             f"{inference['encrypted_accuracy']:.4f}",
