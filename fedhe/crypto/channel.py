@@ -14,6 +14,7 @@ which the key holder's secret key would open anyway.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
@@ -56,15 +57,7 @@ class Identity:
     def channel(self, peer: bytes, job_id: str) -> Channel:
         """The pairwise channel with `peer` (its public key) for one job."""
         check_public_key(peer)
-        shared = self._private.exchange(X25519PublicKey.from_public_bytes(peer))
-        ends = b"".join(sorted((self.public, peer)))
-        key = HKDF(
-            algorithm=hashes.SHA256(),
-            length=32,
-            salt=hashlib.sha256(ends).digest(),
-            info=_INFO + job_id.encode(),
-        ).derive(shared)
-        return Channel(key)
+        return Channel(_pairwise_key(self.private_bytes(), peer, job_id))
 
 
 class Channel:
@@ -88,6 +81,21 @@ class Channel:
                 f"sealed message {label!r} does not open: altered, relabelled, or not sealed "
                 "by the expected peer."
             ) from None
+
+
+# A key holder opens every party's tag each round: one X25519 agreement per party and job per
+# process, not per message (~0.1 ms each, 0.1 s per sum at 1,000 parties).
+@functools.lru_cache(maxsize=4096)
+def _pairwise_key(private: bytes, peer: bytes, job_id: str) -> bytes:
+    own = X25519PrivateKey.from_private_bytes(private)
+    shared = own.exchange(X25519PublicKey.from_public_bytes(peer))
+    ends = b"".join(sorted((own.public_key().public_bytes_raw(), peer)))
+    return HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=hashlib.sha256(ends).digest(),
+        info=_INFO + job_id.encode(),
+    ).derive(shared)
 
 
 def check_public_key(data: bytes) -> None:

@@ -2,10 +2,10 @@
 
 Registration (once per job, relayed by the aggregator): each party sends its public identity
 and a random seed sealed to the key holder; the key holder opens the seeds, adds its own, and
-derives the job's MAC seed from all of them (`fedhe.crypto.mac.seed_from`): no single role
-chooses r. It returns to each party, sealed, its own seed and every contribution, so a party
-checks that its seed went in and derives the same MAC seed. The aggregator sees only sealed
-bytes.
+derives the job's MAC seed from its own seed and the Merkle root of the parties' seeds
+(`fedhe.crypto.mac.seed_from`). It returns to each party, sealed, its own seed and the party's
+Merkle path (log₂ n hashes), so each party derives the MAC seed from a root it knows holds its
+own seed: r is a hash output no single role chose. The aggregator sees only sealed bytes.
 
 Identities arrive through the aggregator. A deployment pins them (`trusted` below: the party
 public keys each site exported, in the key holder's node config); without pins the key holder
@@ -15,6 +15,7 @@ registration* could stand in for a party. The README states it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -139,33 +140,68 @@ def register(
             "the job registered other parties, identities or seeds before; a resumed job "
             "registers the same ones (declare a new job to start over)."
         )
-    envelope = json.dumps(
-        {
-            "keyholder": registration.keyholder_seed.hex(),
-            "seeds": {k: v.hex() for k, v in seeds.items()},
-        }
-    ).encode()
+    names = sorted(seeds)
+    levels = _merkle_levels([_leaf(name, seeds[name]) for name in names])
     envelopes = {
-        name: identity.channel(identities[name], job_id).seal(envelope, mac_key_label(job_id, name))
-        for name in seeds
+        name: identity.channel(identities[name], job_id).seal(
+            json.dumps(
+                {
+                    "keyholder": registration.keyholder_seed.hex(),
+                    "index": index,
+                    "path": [h.hex() for h in _merkle_path(levels, index)],
+                }
+            ).encode(),
+            mac_key_label(job_id, name),
+        )
+        for index, name in enumerate(names)
     }
     return registration, envelopes, refused
 
 
 def party_mac_seed(channel: Channel, job_id: str, party: str, envelope: bytes, own: bytes) -> bytes:
-    """Party side: open the key holder's envelope, check that this party's seed went in, and
-    derive the job's MAC seed."""
+    """Party side: open the key holder's envelope, check that this party's seed is a leaf of
+    the seeds' Merkle root (its path: log₂ n hashes, not every other seed), and derive the
+    job's MAC seed from the key holder's seed and that root."""
     data = json.loads(channel.open(envelope, mac_key_label(job_id, party)))
-    seeds = {k: bytes.fromhex(v) for k, v in data["seeds"].items()}
-    if seeds.get(party) != own:
-        raise ChannelError(
-            f"the key holder's MAC envelope does not hold {party}'s own seed: refusing the key."
-        )
-    return seed_from(_contributions(bytes.fromhex(data["keyholder"]), seeds))
+    node, index = _leaf(party, own), int(data["index"])
+    for sibling in (bytes.fromhex(h) for h in data["path"]):
+        node = _parent(sibling, node) if index % 2 else _parent(node, sibling)
+        index //= 2
+    return seed_from([bytes.fromhex(data["keyholder"]), node])
 
 
 def _contributions(keyholder_seed: bytes, seeds: Mapping[str, bytes]) -> list[bytes]:
-    return [keyholder_seed, *(name.encode() + b"\x00" + seeds[name] for name in sorted(seeds))]
+    """The MAC seed's inputs: the key holder's seed and the Merkle root of the parties'."""
+    names = sorted(seeds)
+    return [keyholder_seed, _merkle_levels([_leaf(n, seeds[n]) for n in names])[-1][0]]
+
+
+def _leaf(name: str, seed: bytes) -> bytes:
+    return hashlib.sha256(b"fedhe-leaf\x00" + name.encode() + b"\x00" + seed).digest()
+
+
+def _parent(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(b"fedhe-node\x00" + left + right).digest()
+
+
+def _merkle_levels(leaves: list[bytes]) -> list[list[bytes]]:
+    """Every level of the tree, leaves first; an odd node out is paired with itself."""
+    levels = [leaves]
+    while len(levels[-1]) > 1:
+        level = levels[-1]
+        if len(level) % 2:
+            level = [*level, level[-1]]
+        levels.append([_parent(level[i], level[i + 1]) for i in range(0, len(level), 2)])
+    return levels
+
+
+def _merkle_path(levels: list[list[bytes]], index: int) -> list[bytes]:
+    path = []
+    for level in levels[:-1]:
+        sibling = index ^ 1
+        path.append(level[sibling] if sibling < len(level) else level[index])
+        index //= 2
+    return path
 
 
 def array_bytes(values: np.ndarray) -> bytes:
