@@ -258,14 +258,10 @@ class KeyHolder:
         ledger = None
         try:
             _check_job_id(request.job_id)
-            job = self._declaration(request.job_id)
-            ledger = self._ledger(request.job_id) if job is not None else None
-            if ledger is not None:
-                ledger.check_open(request.job_id)
-            # Budget: each release takes one round label in [0, budget), each label once.
-            spec = self.policy.check_request(job, request, spent=0)
-            assert job is not None and ledger is not None
-            _check_round(request, spec.budget)
+            job = self.declaration(request.job_id)
+            ledger = self._ledger(request.job_id)
+            ledger.check_open(request.job_id)
+            spec = self.policy.check_request(job, request)
             secret = self._secret_context(job.job_id)
             tensor = load_tensor(request.tensor, secret)
             if not isinstance(tensor, EncryptedTensor):
@@ -434,14 +430,6 @@ def _check_count(values: np.ndarray, count_index: int, claimed: int) -> None:
     if count_index >= flat.size or not abs(flat[count_index] - claimed) < 0.5:
         raise PolicyError(
             f"the aggregate's count slot does not hold the {claimed} contributions claimed."
-        )
-
-
-def _check_round(request: DecryptionRequest, budget: int) -> None:
-    if not 0 <= request.round < budget:
-        raise PolicyError(
-            f"round {request.round} of {request.output_kind!r} is outside its budget of "
-            f"{budget} releases (rounds 0-{budget - 1})."
         )
 
 

@@ -108,12 +108,11 @@ class DecryptionPolicy:
         if bad:
             raise PolicyError(f"job {job.job_id!r} declares outputs without budget: {bad}.")
 
-    def check_request(
-        self, job: JobDeclaration | None, request: DecryptionRequest, spent: int
-    ) -> OutputSpec:
-        """Return the output's spec, or raise PolicyError saying why the request is refused."""
-        if job is None:
-            raise PolicyError(f"job {request.job_id!r} was never declared to this key holder.")
+    def check_request(self, job: JobDeclaration, request: DecryptionRequest) -> OutputSpec:
+        """Return the output's spec, or raise PolicyError saying why the request is refused.
+
+        The budget is a range of round labels: the release of round r needs 0 ≤ r < budget, and
+        each (output, round) is released once (the key holder's ledger)."""
         spec = job.outputs.get(request.output_kind)
         if spec is None:
             raise PolicyError(
@@ -128,9 +127,9 @@ class DecryptionPolicy:
                 f"{request.output_kind!r} covers {distinct} parties, fewer than the job's "
                 f"min_parties={job.min_parties}."
             )
-        if spent >= spec.budget:
+        if not 0 <= request.round < spec.budget:
             raise PolicyError(
-                f"decryption budget of {spec.budget} for {request.output_kind!r} in job "
-                f"{job.job_id!r} is spent."
+                f"round {request.round} of {request.output_kind!r} is outside its budget of "
+                f"{spec.budget} releases (rounds 0-{spec.budget - 1})."
             )
         return spec
