@@ -46,17 +46,19 @@ def keyholder_for(context: Context) -> KeyHolder:
     )
 
 
-def _trusted_parties(path: object) -> dict[str, bytes] | None:
-    """Party identities pinned out of band: a JSON file {"party-0": "<public key hex>", …}
-    (each site's `fedhe.crypto.channel` public key). None: trust each job's registration."""
+def _trusted_parties(path: object) -> frozenset[bytes] | None:
+    """Party identities pinned out of band: a JSON list of the sites' public keys (hex, as
+    `fedhe identity` prints them). None: trust each job's registration."""
     if not path:
         return None
     try:
         pinned = json.loads(Path(str(path)).read_text())
-        return {str(name): bytes.fromhex(str(key)) for name, key in pinned.items()}
-    except (OSError, ValueError, AttributeError) as err:
+        if not isinstance(pinned, list):
+            raise ValueError("expected a JSON list")
+        return frozenset(bytes.fromhex(str(key)) for key in pinned)
+    except (OSError, ValueError) as err:
         raise ProtocolError(
-            f"trusted-parties file {path} does not read as {{party: public key hex}}: {err}"
+            f"trusted-parties file {path} does not read as a JSON list of public keys (hex): {err}"
         ) from err
 
 

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "audit":
         return _verify_audit(args.path, segment=args.segment)
+    if args.command == "identity":
+        return _show_identity(args.path, args.passphrase_file)
     if args.command == "deploy":
         from fedhe.deploy_cli import deploy
 
@@ -176,10 +178,36 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the file holds one job's records (a run folder's audit.jsonl)",
     )
+    identity = commands.add_parser(
+        "identity",
+        help="print a site's end-to-end identity (public key and fingerprint) for pinning",
+    )
+    identity.add_argument(
+        "path",
+        help="the identity file: a party's identity-path, or the key holder's "
+        "<data-path>/keyholder/identity.key (made on first use)",
+    )
+    identity.add_argument("--passphrase-file", default="", help="the key holder's passphrase")
     from fedhe.deploy_cli import add_deploy_commands
 
     add_deploy_commands(commands)
     return parser
+
+
+def _show_identity(path: str, passphrase_file: str) -> int:
+    """What a site hands out for pinning: a party's public key goes into the key holder's
+    trusted-parties file, the key holder's fingerprint into each party's keyholder-fingerprint."""
+    from fedhe.crypto.channel import fingerprint
+    from fedhe.keyholder.registry import load_identity
+
+    passphrase = Path(passphrase_file).read_bytes().strip() if passphrase_file else None
+    try:
+        public = load_identity(Path(path), passphrase).public
+    except (FedHEError, OSError) as err:
+        print(f"fedhe: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"public-key": public.hex(), "fingerprint": fingerprint(public)}))
+    return 0
 
 
 def _parse_bool(text: str) -> bool:

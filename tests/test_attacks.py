@@ -26,7 +26,7 @@ from fedhe.crypto import (
 )
 from fedhe.crypto.channel import Identity
 from fedhe.crypto.mac import MacKey, mac_label
-from fedhe.errors import ChannelError, PolicyError
+from fedhe.errors import ChannelError, FedHEError, PolicyError
 from fedhe.keyholder import DecryptionRequest, JobDeclaration, KeyHolder, OutputSpec, registry
 from fedhe.tasks import encrypted_model, keyholder_release, knn, mlp
 from tests.conftest import SMALL_PARAMS
@@ -269,7 +269,7 @@ def test_a_pinned_party_identity_cannot_be_swapped_at_registration(tmp_path):
     """The aggregator relays registration: without pins it could stand in for a party (and
     learn r). A key holder with pinned identities refuses the swapped one."""
     honest = {name: Identity.generate() for name in PARTIES}
-    keyholder = KeyHolder(tmp_path / "kh", trusted_parties={n: i.public for n, i in honest.items()})
+    keyholder = KeyHolder(tmp_path / "kh", trusted_parties=[i.public for i in honest.values()])
     job = JobDeclaration("job-1", "aggregate", {"update_sum": OutputSpec(1)}, 2, SMALL_PARAMS)
     keyholder.declare_job(job)
     sent = dict(honest, **{"party-2": Identity.generate()})  # the aggregator's own key
@@ -282,7 +282,7 @@ def test_a_pinned_party_identity_cannot_be_swapped_at_registration(tmp_path):
     envelopes, refused = keyholder.register_parties(
         "job-1", {n: i.public for n, i in sent.items()}, sealed
     )
-    assert set(envelopes) == {"party-0", "party-1"} and "not the one pinned" in refused["party-2"]
+    assert set(envelopes) == {"party-0", "party-1"} and "not among the pinned" in refused["party-2"]
 
 
 def test_a_party_refuses_a_key_holder_other_than_the_pinned_one():
@@ -358,3 +358,30 @@ def test_a_party_refuses_a_job_that_would_have_it_send_plaintext():
     )
     (reply,) = grid.send_and_receive([setup])
     assert reply.has_error() and "in the clear" in reply.error.reason
+
+
+def test_pins_come_from_fedhe_identity_and_a_trusted_parties_file(tmp_path, capsys):
+    from flwr.app import Context, RecordDict
+
+    from fedhe.cli import main
+    from fedhe.clients.keyholder import keyholder_for
+
+    assert main(["identity", str(tmp_path / "site.key")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    (tmp_path / "parties.json").write_text(json.dumps([shown["public-key"]]))
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={
+            "role": "keyholder",
+            "data-path": str(tmp_path / "kh"),
+            "trusted-parties": str(tmp_path / "parties.json"),
+        },
+        state=RecordDict(),
+        run_config={},
+    )
+    site = registry.load_identity(tmp_path / "site.key")
+    assert keyholder_for(context).trusted_parties == {site.public}
+    (tmp_path / "parties.json").write_text('{"party-0": "zz"}')
+    with pytest.raises(FedHEError, match="JSON list"):
+        keyholder_for(context)

@@ -15,7 +15,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ class KeyHolder:
         flooding_bits: int | None = DEFAULT_FLOODING_BITS,
         declaration_check: Callable[[JobDeclaration], None] | None = None,
         passphrase: bytes | None = None,
-        trusted_parties: Mapping[str, bytes] | None = None,
+        trusted_parties: Collection[bytes] | None = None,
         max_refusals: int = DEFAULT_MAX_REFUSALS,
     ) -> None:
         self.state_dir = Path(state_dir)
@@ -77,7 +77,7 @@ class KeyHolder:
         self._passphrase = passphrase  # seals the secret keys on disk (scrypt + AES-GCM)
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
         # Party identities pinned out of band (deployment); None: trust the job's registration.
-        self.trusted_parties = None if trusted_parties is None else dict(trusted_parties)
+        self.trusted_parties = None if trusted_parties is None else frozenset(trusted_parties)
         self.max_refusals = max_refusals
         self._identity: Identity | None = None
 

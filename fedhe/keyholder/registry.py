@@ -7,8 +7,9 @@ derives the job's MAC seed from its own seed and the Merkle root of the parties'
 Merkle path (log₂ n hashes), so each party derives the MAC seed from a root it knows holds its
 own seed: r is a hash output no single role chose. The aggregator sees only sealed bytes.
 
-Identities arrive through the aggregator. A deployment pins them (`trusted` below: the party
-public keys each site exported, in the key holder's node config); without pins the key holder
+Identities arrive through the aggregator. A deployment pins them (`trusted` below: the set of
+public keys the sites exported, in the key holder's node config; the aggregator names the
+parties, so a pin is a key, not a name); without pins the key holder
 trusts what the first registration of a job shows, and an aggregator that deviates *at
 registration* could stand in for a party. The README states it.
 """
@@ -19,7 +20,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def register(
     job_id: str,
     identities: Mapping[str, bytes],
     sealed_seeds: Mapping[str, bytes],
-    trusted: Mapping[str, bytes] | None,
+    trusted: Collection[bytes] | None,
     previous: Registration | None = None,
 ) -> tuple[Registration, dict[str, bytes], dict[str, str]]:
     """Open every party's seed; return the registration, a sealed envelope per party and the
@@ -118,10 +119,12 @@ def register(
         try:
             public = identities[name]
             check_public_key(public)
-            if trusted is not None and trusted.get(name) != public:
+            if trusted is not None and public not in trusted:
                 raise PolicyError(
-                    f"{name}'s identity {fingerprint(public)} is not the one pinned for it."
+                    f"{name}'s identity {fingerprint(public)} is not among the pinned ones."
                 )
+            if list(identities.values()).count(public) > 1:
+                raise PolicyError(f"{name}'s identity {fingerprint(public)} is claimed twice.")
             seed = identity.channel(public, job_id).open(
                 sealed_seeds[name], mac_seed_label(job_id, name)
             )
