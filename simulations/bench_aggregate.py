@@ -8,11 +8,17 @@ no network, no Ray; the parties run one after another in this process.
 * ``--rounds`` FedAvg rounds per mode (1), both modes through the same code path of
   ``fedhe.tasks.aggregate`` (``context=None`` is the plaintext twin): every party trains one
   local epoch from the same global weights, clips Δw to ±clip (as ``clients/party.py`` does),
-  builds its contribution (``party_contribution``); the aggregator sums (``aggregator_sum``);
-  the key holder decrypts (``keyholder_decrypt_sum``); the aggregator averages and applies.
-* Per phase wall time (``time.perf_counter``): train and encrypt per party, aggregate, decrypt;
-  bytes party→aggregator, aggregator→key holder, key holder→aggregator (float64, 8·size), and
-  the public context once; bytes per model parameter of one party's upload.
+  builds its contribution (``party_contribution``) and (HE) tags it for the round's release
+  and seals the tag to the key holder (``fedhe.keyholder.inprocess.TaggedParties``, the
+  parties registered with the key holder at declaration, outside every round); the aggregator
+  sums (``aggregator_sum``); the key holder verifies the tags of the summed parties and
+  decrypts (``keyholder_decrypt_sum``, round label = the round's index, warm-up included); the
+  aggregator averages and applies.
+* Per phase wall time (``time.perf_counter``): train and encrypt per party (encrypt includes
+  the tagging, also reported alone as "tag"), aggregate, decrypt (tag checks included); bytes
+  party→aggregator (contribution + sealed tag), aggregator→key holder (the sum + the summed
+  parties' sealed tags), key holder→aggregator (float64, 8·size), and the public context once;
+  bytes per model parameter of one party's upload (its tag included).
 * The round time two ways: "sequential" (the whole round's wall time here, the parties one
   after another) and "critical path" (max over parties of train+encrypt, plus aggregate and
   decrypt: parties running in parallel at their own sites). Ratios HE/plaintext, checked
@@ -75,7 +81,8 @@ from fedhe.crypto import (
     wait_for_precompute,
 )
 from fedhe.data import load_builtin, partition_iid
-from fedhe.keyholder import KeyHolder
+from fedhe.keyholder import DecryptionRequest, KeyHolder
+from fedhe.keyholder.inprocess import TaggedParties
 from fedhe.keyholder.keyholder import DEFAULT_FLOODING_BITS
 from fedhe.learning import (
     ModelSpec,
@@ -98,8 +105,10 @@ class RoundResult:
     """What one FedAvg round of one mode cost, and the update it produced."""
 
     train_s: list[float] = field(default_factory=list)
-    encrypt_s: list[float] = field(default_factory=list)
-    upload_bytes: list[int] = field(default_factory=list)
+    encrypt_s: list[float] = field(default_factory=list)  # contribution + tag (HE)
+    tag_s: list[float] = field(default_factory=list)  # the tag alone (0 for the twin)
+    upload_bytes: list[int] = field(default_factory=list)  # contribution + sealed tag
+    tag_bytes: list[int] = field(default_factory=list)
     aggregate_s: float = 0.0
     decrypt_s: float = 0.0
     apply_s: float = 0.0
@@ -122,6 +131,8 @@ class RoundResult:
             "encrypt_s_median": statistics.median(self.encrypt_s),
             "encrypt_s_max": max(self.encrypt_s),
             "encrypt_s_total": sum(self.encrypt_s),
+            "tag_s_median": statistics.median(self.tag_s),
+            "tag_s_total": sum(self.tag_s),
             "aggregate_s": self.aggregate_s,
             "decrypt_s": self.decrypt_s,
             "apply_s": self.apply_s,
@@ -136,6 +147,7 @@ class RoundResult:
             "upload_bytes_per_party_median": int(statistics.median(self.upload_bytes)),
             "upload_bytes_per_party_max": max(self.upload_bytes),
             "upload_bytes_total": sum(self.upload_bytes),
+            "tag_bytes_per_party_median": int(statistics.median(self.tag_bytes)),
             "sum_bytes_to_keyholder": self.sum_bytes,
             "decrypted_bytes_to_aggregator": self.decrypted_bytes,
         }
@@ -152,6 +164,8 @@ class Mode:
     public_bytes: int
     keygen_s: float
     weights: dict[str, np.ndarray]
+    parties: TaggedParties
+    register_s: float
     rounds: list[RoundResult] = field(default_factory=list)
 
 
@@ -285,6 +299,7 @@ def _run_in_process(console: Console, args: argparse.Namespace) -> dict[str, Any
                     party_data,
                     sum_bound,
                     round_number=max(round_index, 0) + 1,
+                    label=round_index + args.warmup,  # the release's round: each once
                     args=args,
                 )
                 if round_index >= 0:
@@ -316,7 +331,24 @@ def _declare(
     public = keyholder.declare_job(declaration)
     keygen_s = time.perf_counter() - started
     context = PublicContext.from_bytes(public) if public else None
-    return Mode(name, encrypted, job_id, context, len(public), keygen_s, dict(weights))
+    # The parties register once per job (sealed seeds → the job's MAC key), outside the rounds;
+    # the plaintext twin registers nothing.
+    started = time.perf_counter()
+    parties = TaggedParties(keyholder, job_id, [f"party-{i}" for i in range(args.parties)])
+    register_s = time.perf_counter() - started
+    if parties.refused:
+        raise RuntimeError(f"the key holder refused parties at registration: {parties.refused}")
+    return Mode(
+        name,
+        encrypted,
+        job_id,
+        context,
+        len(public),
+        keygen_s,
+        dict(weights),
+        parties,
+        register_s,
+    )
 
 
 def _fedavg_round(
@@ -328,17 +360,20 @@ def _fedavg_round(
     sum_bound: float,
     *,
     round_number: int,
+    label: int,
     args: argparse.Namespace,
 ) -> RoundResult:
     result = RoundResult()
     global_weights = mode.weights
     round_started = time.perf_counter()
     contributions: dict[str, bytes] = {}
+    tags: dict[str, bytes] = {}
     # Parties at their own sites make their next Enc(0)s while idle between rounds: here the
     # pools fill after the round (timed apart as `precompute_s`), never during the round.
     with pause_precompute():
         for index, (X, y) in enumerate(party_data):
-            contributions[f"party-{index}"] = _party_step(
+            name = mode.parties.names[index]
+            contributions[name], tags[name] = _party_step(
                 mode,
                 spec,
                 layout,
@@ -348,6 +383,7 @@ def _fedavg_round(
                 sum_bound,
                 index,
                 round_number,
+                label,
                 args,
                 result,
             )
@@ -363,10 +399,14 @@ def _fedavg_round(
             parties=len(party_data),
         )
         result.aggregate_s = time.perf_counter() - started
-        result.sum_bytes = len(total.tensor)
+        # The aggregator forwards the sum with the tags of the parties it summed.
+        relayed = {name: tags[name] for name in total.contributors} if mode.encrypted else {}
+        result.sum_bytes = len(total.tensor) + sum(len(tag) for tag in relayed.values())
 
         started = time.perf_counter()
-        request = aggregate.request_decryption(mode.job_id, total)
+        request = DecryptionRequest(
+            mode.job_id, aggregate.OUTPUT, total.contributors, total.tensor, label, relayed
+        )
         flat = aggregate.keyholder_decrypt_sum(keyholder, request)
         result.decrypt_s = time.perf_counter() - started
         result.decrypted_bytes = 8 * int(np.asarray(flat).size)
@@ -394,10 +434,12 @@ def _party_step(
     sum_bound: float,
     index: int,
     round_number: int,
+    label: int,
     args: argparse.Namespace,
     result: RoundResult,
-) -> bytes:
-    """One party's local training and contribution, timed into `result`."""
+) -> tuple[bytes, bytes]:
+    """One party's local training, contribution and (HE) sealed tag for the release of round
+    `label`, timed into `result` (encrypt: contribution + tag; tag: the tag alone)."""
     model = build_model(spec, seed=0)
     set_weights(model, global_weights)
     config = TrainConfig(
@@ -424,9 +466,16 @@ def _party_step(
         packing=args.update_packing,
         parties=args.parties,
     )
+    tag, tag_s = b"", 0.0  # the plaintext twin has no MAC key: nothing to tag
+    if mode.encrypted:
+        tagged = time.perf_counter()
+        tag = mode.parties.tag(mode.parties.names[index], aggregate.OUTPUT, contribution, label)
+        tag_s = time.perf_counter() - tagged
     result.encrypt_s.append(time.perf_counter() - started)
-    result.upload_bytes.append(len(contribution))
-    return contribution
+    result.tag_s.append(tag_s)
+    result.upload_bytes.append(len(contribution) + len(tag))
+    result.tag_bytes.append(len(tag))
+    return contribution, tag
 
 
 def _median_over_rounds(rounds: list[RoundResult]) -> dict[str, Any]:
@@ -452,6 +501,7 @@ def _report(
         per_mode[name] = {
             "encrypted": mode.encrypted,
             "keygen_s": mode.keygen_s,
+            "register_s": mode.register_s,
             "public_context_bytes": mode.public_bytes,
             "summary": summary,
             "rounds": [r.summary() for r in mode.rounds],
@@ -533,6 +583,7 @@ def _run_flower(console: Console, args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         out=str(args.flower_out),
         packing=args.packing,
+        plaintext_twin=True,  # the comparison needs the twin (off by default since deploy)
     )
     # simulate() only checks that result.json exists: never read a previous run's file.
     (args.flower_out / "result.json").unlink(missing_ok=True)
@@ -779,16 +830,20 @@ def _print_in_process(console: Console, report: dict[str, Any]) -> None:
         table.add_row(label, fmt_bytes(ps[key]), fmt_bytes(hs[key]), _ratio(hs[key], ps[key]))
 
     ms("train_s_median", "train / party (median)")
-    ms("encrypt_s_median", "encrypt / party (median)")
+    ms("encrypt_s_median", "encrypt + tag / party (median)")
+    table.add_row("  of which tag + seal / party", "-", f"{hs['tag_s_median'] * 1e3:.1f} ms", "")
     ms("precompute_s_per_party", "Enc(0)s made while idle / party")
     ms("aggregate_s", "aggregate (sum)")
-    ms("decrypt_s", "decrypt (key holder)")
+    ms("decrypt_s", "verify tags + decrypt (key holder)")
     ms("apply_s", "average + apply")
     ms("overhead_critical_path_s", "overhead: enc(median)+sum+dec")
     ms("overhead_sequential_s", "overhead: Σenc+sum+dec")
     ms("round_sequential_s", "[bold]round, sequential[/bold]")
     ms("round_critical_path_s", "[bold]round, critical path[/bold]")
     size("upload_bytes_per_party_median", "party → aggregator / party")
+    table.add_row(
+        "  of which sealed tag / party", "-", fmt_bytes(hs["tag_bytes_per_party_median"]), ""
+    )
     size("upload_bytes_total", "party → aggregator, all")
     size("sum_bytes_to_keyholder", "aggregator → key holder")
     size("decrypted_bytes_to_aggregator", "key holder → aggregator")
@@ -803,6 +858,12 @@ def _print_in_process(console: Console, report: dict[str, Any]) -> None:
     )
     table.add_row(
         "keygen at declare (once)", "-", f"{report['modes']['he']['keygen_s'] * 1e3:.1f} ms", ""
+    )
+    table.add_row(
+        "party registration (once)",
+        "-",
+        f"{report['modes']['he']['register_s'] * 1e3:.1f} ms",
+        "",
     )
     console.print(table)
 

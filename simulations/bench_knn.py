@@ -9,13 +9,19 @@ querier run one after another in this process, through the steps of `fedhe.tasks
   with the stored points' mean and std (computed in the clear), stored points split over
   ``--parties`` parties (``np.array_split``); the ``--test`` rows are the queries.
 * One key holder, one job per mode (keys generated at declaration, outside every timing):
-  HE (CKKS, `knn.PARAMS`, relinearization key) and its plaintext twin (context None).
+  HE (CKKS, `knn.PARAMS`, relinearization key) and its plaintext twin (context None). The job
+  declares its querier (``party-000``, also a party that stores points); the HE job's parties
+  register with the key holder (`fedhe.keyholder.inprocess.TaggedParties`: sealed seeds, once
+  per job, outside every timing, reported apart), so that the key holder can seal the votes to
+  the querier. Every request (rank or vote) is the release of the next round label of its
+  output (each (output, round) is released once).
 * Phases, each the median over ``--repeats`` (``time.perf_counter``):
   1. Upload: per-party encryption (median over parties), bytes per party and per stored
      point (all payload bytes / points), the store build (``store.add`` of every upload).
   2. One plaintext query end to end: aggregator compute (masked distances + votes), aggregator
-     I/O (loading and serializing tensors), key holder (rank + vote release), querier (masks +
-     answer). Bar: aggregator compute per plaintext query ≤ 0.5 s (PASS/FAIL).
+     I/O (loading and serializing tensors), key holder (rank + vote release, the votes sealed
+     to the querier), querier (masks, opening the sealed votes, answer). Bar: aggregator
+     compute per plaintext query ≤ 0.5 s (PASS/FAIL).
   3. One encrypted query: the same, plus the querier's encryption and the query's bytes.
   4. Throughput: one batch of ``--batch`` plaintext queries and one of ``--enc-batch``
      encrypted queries end to end → queries per second.
@@ -38,7 +44,8 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +66,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from fedhe.crypto import KeyRequest, PublicContext
 from fedhe.keyholder import DecryptionRequest, KeyHolder
+from fedhe.keyholder.inprocess import TaggedParties
 from fedhe.tasks import aggregate, check_declaration, knn
 
 DEFAULTS = {"points": 10_000, "repeats": 5, "batch": 32, "enc_batch": 8, "test": 64}
@@ -67,6 +75,7 @@ DEFAULT_OUT = {False: Path("benchmarks/knn.json"), True: Path("benchmarks/knn-qu
 BAR_S = 0.5  # aggregator compute per plaintext query
 BUDGET = 100_000  # decryptions per output kind: every request of the benchmark is a new one
 SLOTS = knn.PARAMS.slots
+QUERIER = "party-000"  # the declared querier: the votes are sealed to it
 
 
 @dataclass(frozen=True)
@@ -80,18 +89,24 @@ class Data:
 
 @dataclass
 class Protocol:
-    """One job at the key holder and the aggregator's store built for it."""
+    """One job at the key holder, its registered parties and the aggregator's store."""
 
     keyholder: KeyHolder
     job_id: str
     context: PublicContext | None
     k: int
     n_classes: int
+    parties: TaggedParties
     store: knn.KNNStore | None = None
+    rounds: Counter[str] = field(default_factory=Counter)  # next round label per output
 
     def request(self, output: str, tensor: bytes) -> DecryptionRequest:
+        """The next release of `output` (ranks and votes are no sums: no tags)."""
         assert self.store is not None
-        return DecryptionRequest(self.job_id, output, tuple(self.store.contributors), tensor)
+        round_ = self.rounds[output]
+        self.rounds[output] += 1
+        contributors = tuple(self.store.contributors)
+        return DecryptionRequest(self.job_id, output, contributors, tensor, round_)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -183,7 +198,7 @@ def make_data(args: argparse.Namespace) -> Data:
     stored = X[: args.points]
     Z = (X - stored.mean(axis=0)) / stored.std(axis=0)
     split = np.array_split(np.arange(args.points), args.parties)
-    shares = {f"p{i:03d}": rows for i, rows in enumerate(split)}
+    shares = {f"party-{i:03d}": rows for i, rows in enumerate(split)}  # party-000: the querier
     return Data(Z[: args.points], y[: args.points], Z[args.points :], y[args.points :], shares)
 
 
@@ -199,7 +214,7 @@ def run_mode(
     console: Console,
 ) -> dict[str, Any]:
     mode = "HE" if encrypted else "plaintext twin"
-    protocol, declared = declare(keyholder, encrypted, args.k, args.classes)
+    protocol, declared = declare(keyholder, encrypted, args.k, args.classes, list(data.shares))
     console.print(f"{mode}: upload ×{args.repeats} …")
     upload = run_upload(protocol, data, args)
     assert protocol.store is not None
@@ -219,7 +234,7 @@ def run_mode(
 
 
 def declare(
-    keyholder: KeyHolder, encrypted: bool, k: int, n_classes: int
+    keyholder: KeyHolder, encrypted: bool, k: int, n_classes: int, names: list[str]
 ) -> tuple[Protocol, dict[str, Any]]:
     job_id = f"bench-knn-{'he' if encrypted else 'twin'}"
     declaration = aggregate.declare(
@@ -229,14 +244,21 @@ def declare(
         params=knn.PARAMS,
         encrypted=encrypted,
         task=knn.TASK,
-        meta={"k": k},
+        meta={"k": k, "querier": QUERIER},
     )
     started = time.perf_counter()
     public = keyholder.declare_job(declaration, KeyRequest(relin=True))
     keygen_s = time.perf_counter() - started
     context = PublicContext.from_bytes(public) if public else None
-    protocol = Protocol(keyholder, job_id, context, k, n_classes)
-    return protocol, {"keygen_s": keygen_s, "public_context_bytes": len(public)}
+    # Registration, once per job (the twin registers nothing): the votes are sealed to QUERIER.
+    started = time.perf_counter()
+    parties = TaggedParties(keyholder, job_id, names)
+    register_s = time.perf_counter() - started
+    if parties.refused:
+        raise RuntimeError(f"the key holder refused parties at registration: {parties.refused}")
+    protocol = Protocol(keyholder, job_id, context, k, n_classes, parties)
+    declared = {"keygen_s": keygen_s, "register_s": register_s, "public_context_bytes": len(public)}
+    return protocol, declared
 
 
 def store_info(store: knn.KNNStore) -> dict[str, int]:
@@ -332,8 +354,8 @@ def rank(protocol: Protocol, queries: np.ndarray, encrypted_query: bool, timing:
 
 
 def vote(protocol: Protocol, selection: bytes, n: int, timing: Timings) -> np.ndarray:
-    """Querier (Enc(ρ)) → aggregator (masked votes) → key holder (slot sums: vote + ρ) →
-    querier (unmask, majority): the predictions."""
+    """Querier (Enc(ρ)) → aggregator (masked votes) → key holder (slot sums: vote + ρ, sealed
+    to the querier) → querier (open, unmask, majority): the predictions."""
     store = protocol.store
     assert store is not None
     with timed(timing, "querier_masks_s"):
@@ -349,10 +371,13 @@ def vote(protocol: Protocol, selection: bytes, n: int, timing: Timings) -> np.nd
         blob = votes.to_bytes()
     timing["votes_bytes"] = len(blob)
     with timed(timing, "keyholder_vote_s"):
-        released = knn.keyholder_vote(protocol.keyholder, protocol.request(knn.VOTE_OUTPUT, blob))
-    timing["released_bytes"] = 8 * released.size
+        request = protocol.request(knn.VOTE_OUTPUT, blob)
+        released = knn.keyholder_vote(protocol.keyholder, request)
+    # Sealed to the querier (HE); the twin's values come in the clear.
+    timing["released_bytes"] = sum(len(data) for data in released.values())
     with timed(timing, "querier_answer_s"):
-        predictions = knn.querier_answer(released, rho, protocol.k, protocol.n_classes)
+        opened = protocol.parties.released(released, knn.VOTE_OUTPUT, request.round, QUERIER)
+        predictions = knn.querier_answer(opened, rho, protocol.k, protocol.n_classes)
     return predictions
 
 
@@ -476,10 +501,11 @@ def caption(he: dict[str, Any], cfg: dict[str, Any]) -> str:
     return (
         f"HE store: {store['blocks']} blocks × {cfg['slots']} slots, {store['ciphertexts']} "
         f"ciphertexts; CKKS N={params['poly_modulus_degree']}, primes "
-        f"{params['coeff_mod_bit_sizes']}; keygen {fmt_time(he['keygen_s'])}; public context "
+        f"{params['coeff_mod_bit_sizes']}; keygen {fmt_time(he['keygen_s'])}; party "
+        f"registration {fmt_time(he['register_s'])}; public context "
         f"{fmt_bytes(he['public_context_bytes'])}. Aggregator compute = masked distances + "
-        "votes; aggregator I/O = loading and serializing tensors; querier = encryption + masks "
-        "+ answer."
+        "votes; aggregator I/O = loading and serializing tensors; key holder: the votes sealed "
+        "to the querier; querier = encryption + masks + opening the votes + answer."
     )
 
 

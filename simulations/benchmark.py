@@ -24,13 +24,20 @@ subprocess in its own ``--out`` folder under a temporary directory, with the pla
   ``--large-repeats`` times (1); tables show medians (peak RSS: the max over repeats).
   A run that fails or passes ``--timeout`` (1800 s) is recorded with its error and not repeated.
 
+* Two in-process benchmarks, each its own section: the HE-FedAvg round
+  (``simulations/bench_aggregate.py``, in process and through Flower; ``--fedavg-rounds``) and
+  what verifying a sum costs, "Verifying sums (MAC)" (``simulations/bench_verify.py``: parties
+  tagging, registration, the key holder's tag check next to its decryption;
+  ``--verify-parties`` × ``--verify-sizes``).
+
 Writes ``benchmarks/README.md`` (machine, command, tables, memory at the peak and its growth
 with parties, failures, how measured), ``benchmarks/*.png`` (sweep time and bytes, accuracy HE
 vs plaintext per task) and ``benchmarks/benchmark.json`` (every raw run). ``--from-json FILE``
 renders the report again from a saved benchmark.json without running anything.
 
 Run:  .venv/bin/python simulations/benchmark.py [--quick] [--tasks linreg,knn] [--repeats 3]
-      (``--quick``: small size only, 1 repeat, sweep 10,20; writes to benchmarks/quick/)
+      (``--quick``: small size only, 1 repeat, sweep 10,20, verification at 10,100 parties and
+      8,192 values; writes to benchmarks/quick/)
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
 import numpy as np
-from machine import machine_info
+from machine import fmt_time, machine_info
 from rich.console import Console
 from rich.table import Table
 
@@ -88,6 +95,8 @@ GB = 1e9
 REPO = Path(__file__).resolve().parent.parent
 FEDAVG_BENCH = Path(__file__).resolve().with_name("bench_aggregate.py")
 FEDAVG_PARTIES = 10  # the issue's bar: HE-FedAvg round ≤ 1.5× plaintext, 100k params, 10 parties
+VERIFY_BENCH = Path(__file__).resolve().with_name("bench_verify.py")
+VERIFY_DEFAULTS = {False: ("10,100,1000", "8192,100000"), True: ("10,100", "8192")}  # by --quick
 DEFAULT_OUT = {False: REPO / "benchmarks", True: REPO / "benchmarks" / "quick"}
 
 
@@ -226,6 +235,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rounds of the HE-FedAvg round-time benchmark (bench_aggregate.py, 100k params, "
         "10 parties; 12, --quick 4; 0: off)",
     )
+    parser.add_argument(
+        "--verify-parties",
+        help="parties of the sum-verification benchmark (bench_verify.py; 10,100,1000, --quick "
+        "10,100; empty: off)",
+    )
+    parser.add_argument(
+        "--verify-sizes",
+        help="values per update of the sum-verification benchmark (8192,100000; --quick 8192)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: small size, 1 repeat")
     parser.add_argument("--out-dir", type=Path, help="report folder (benchmarks/)")
     parser.add_argument("--keep-runs", type=Path, help="keep run folders here (default: temp)")
@@ -244,6 +262,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.cores = sorted({int(w) for w in args.cores.split(",") if w.strip()})
     if args.fedavg_rounds is None:
         args.fedavg_rounds = 4 if args.quick else 12
+    verify_parties, verify_sizes = VERIFY_DEFAULTS[args.quick]
+    args.verify_parties = _int_list(
+        verify_parties if args.verify_parties is None else args.verify_parties
+    )
+    args.verify_sizes = _int_list(verify_sizes if args.verify_sizes is None else args.verify_sizes)
     if args.quick:
         args.large = 0
         args.cores = []
@@ -253,9 +276,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         or args.large == 1
         or min(args.repeats, args.large_repeats) < 1
         or min(args.sweep, default=2) < 2
+        or min(args.verify_parties, default=2) < 2
     ):
         parser.error("parties must be ≥ 2 (the key holder's floor) and repeats ≥ 1.")
+    if min(args.verify_sizes, default=1) < 1:
+        parser.error("--verify-sizes must be ≥ 1 values.")
     return args
+
+
+def _int_list(text: str) -> list[int]:
+    """Comma-separated integers, in the order given, without repeats: "10,100" → [10, 100]."""
+    return list(dict.fromkeys(int(p) for p in text.split(",") if p.strip()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         runs_dir = args.keep_runs or Path(tmp)
         records = [run_job(job, runs_dir, args.timeout, console) for job in jobs]
     fedavg = run_fedavg(args.fedavg_rounds, args.out_dir, args.timeout, console)
+    verify = run_verify(args.verify_parties, args.verify_sizes, args.out_dir, args.timeout, console)
     report = {
         "benchmark": "every fedhe job through `fedhe simulate`: HE vs plaintext twin",
         "command": shlex.join(["python", "simulations/benchmark.py", *(argv or sys.argv[1:])]),
@@ -282,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         "jobs": records,
         "sweep_fit": sweep_fit(records),
         "fedavg": fedavg,
+        "verify": verify,
         "wall_s": time.perf_counter() - started,
     }
     write_report(report, args.out_dir, console)
@@ -368,6 +401,7 @@ def fedavg_figures(raw: dict[str, Any]) -> dict[str, Any]:
             for key in (
                 "train_s_median",
                 "encrypt_s_median",
+                "tag_s_median",
                 "precompute_s_per_party",
                 "aggregate_s",
                 "decrypt_s",
@@ -379,10 +413,11 @@ def fedavg_figures(raw: dict[str, Any]) -> dict[str, Any]:
 
 FEDAVG_LABELS = {
     "train_s_median": "local training / party",
-    "encrypt_s_median": "encrypt in the round / party",
+    "encrypt_s_median": "encrypt + tag in the round / party",
+    "tag_s_median": "of which tag + seal / party",
     "precompute_s_per_party": "Enc(0)s made while idle / party",
     "aggregate_s": "aggregator: sum of 10",
-    "decrypt_s": "key holder: decrypt",
+    "decrypt_s": "key holder: verify tags + decrypt",
     "round_critical_path_s": "round, critical path (parties in parallel)",
 }
 
@@ -432,6 +467,97 @@ def fedavg_section(report: dict[str, Any]) -> str:
             + "\n",
             "In process (no Flower, the protocol alone; medians over 3 rounds):\n",
             md_table(("phase", "HE", "plaintext"), phase_rows) + "\n",
+        ]
+    )
+
+
+# -- verifying sums (MAC) --------------------------------------------------------------------
+
+
+def run_verify(
+    parties: list[int], sizes: list[int], out_dir: Path, timeout: float, console: Console
+) -> dict[str, Any] | None:
+    """bench_verify.py: what the parties' tags and the key holder's check cost, per release."""
+    if not parties or not sizes:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "verify.json"
+    out.unlink(missing_ok=True)
+    command = [
+        sys.executable,
+        str(VERIFY_BENCH),
+        "--parties",
+        ",".join(map(str, parties)),
+        "--sizes",
+        ",".join(map(str, sizes)),
+        "--out",
+        str(out),
+    ]
+    console.print(f"Verifying sums (MAC): {shlex.join(command)}")
+    display = shlex.join(["python", "simulations/bench_verify.py", *command[2:-2]])
+    try:
+        subprocess.run(command, cwd=REPO, timeout=timeout, check=True, capture_output=True)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+        tail = getattr(err, "stderr", b"") or b""
+        return {"command": display, "error": f"{err}: {tail.decode(errors='replace')[-2000:]}"}
+    return {"command": display, "rows": json.loads(out.read_text())["rows"]}
+
+
+VERIFY_COLUMNS = (
+    "parties",
+    "values (ciphertexts)",
+    "party: tag + seal",
+    "tag bytes",
+    "registration (once)",
+    "key holder: verify, cold",
+    "verify, warm",
+    "decrypt",
+    "tags → key holder",
+    "sum → key holder",
+)
+
+
+def verify_rows(figures: dict[str, Any]) -> list[list[str]]:
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else fmt_time(value)
+
+    return [
+        [
+            f"{r['parties']:,}",
+            f"{r['values']:,} ({r['ciphertexts']})",
+            seconds(r.get("party_tag_s_median")),
+            fmt_bytes(r.get("tag_bytes_per_party")),
+            seconds(r.get("registration_s")),
+            seconds(r.get("keyholder_verify_s")),
+            seconds(r.get("keyholder_verify_warm_s")),
+            seconds(r.get("keyholder_decrypt_only_s")),
+            fmt_bytes(r.get("tag_bytes_to_keyholder")),
+            fmt_bytes(r.get("sum_bytes_to_keyholder")),
+        ]
+        for r in figures["rows"]
+    ]
+
+
+def verify_section(report: dict[str, Any]) -> str:
+    figures = report.get("verify")
+    if not figures:
+        return ""
+    if "error" in figures:
+        return f"## Verifying sums (MAC)\n\nFailed: `{figures['error'][:500]}`\n"
+    return "\n".join(
+        [
+            "## Verifying sums (MAC)\n",
+            f"`{figures['command']}` (run by this script), in one process on the HE-FedAvg "
+            "update sums' parameters (N=8192, complex packing). Before it releases a sum in the "
+            "clear, the key holder checks with a linearly homomorphic MAC that the ciphertext is "
+            "the sum of what the parties tagged. *party: tag + seal*: one party tagging its "
+            "contribution and sealing the tag to the key holder (median); *registration*: once "
+            "per job, the key holder opening every party's sealed seed and sealing back its "
+            "envelope; *verify* (cold: no pairwise key cached, as a deployed key holder's fresh "
+            "process per message; warm: one process, as in simulation) next to *decrypt* "
+            "(decryption with flooding), each timed on its own, per release; bytes: the sealed "
+            "tags the key holder receives next to the sum's own bytes.\n",
+            md_table(VERIFY_COLUMNS, verify_rows(figures)) + "\n",
         ]
     )
 
@@ -817,6 +943,11 @@ def write_report(report: dict[str, Any], out_dir: Path, console: Console) -> Non
         if rows:
             print_table(console, f"{size} size" if size != "sweep" else "linreg sweep", rows)
     console.print(fit_lines(report["sweep_fit"]))
+    verify = report.get("verify")
+    if verify and "rows" in verify:
+        print_verify_table(console, verify)
+    elif verify:
+        console.print(f"Verifying sums (MAC) failed: {verify['error'][:500]}", markup=False)
     plots = make_plots(records, out_dir)
     (out_dir / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "README.md").write_text(markdown(report, plots))
@@ -829,6 +960,15 @@ def print_table(console: Console, title: str, rows: list[list[str]]) -> None:
     for column in COLUMNS:
         table.add_column(column, justify="left" if column in {"task", "dataset"} else "right")
     for cells in rows:
+        table.add_row(*cells)
+    console.print(table)
+
+
+def print_verify_table(console: Console, figures: dict[str, Any]) -> None:
+    table = Table(title=f"Verifying sums (MAC): {figures['command']}")
+    for column in VERIFY_COLUMNS:
+        table.add_column(column, justify="right")
+    for cells in verify_rows(figures):
         table.add_row(*cells)
     console.print(table)
 
@@ -1005,7 +1145,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
             heading = f"## {title}: {', '.join(map(str, parties))} parties\n"
             parts += [heading, md_table(COLUMNS, rows) + "\n", bar_line(records, size)]
     parts += ["```\n" + fit_lines(report["sweep_fit"]) + "\n```\n"]
-    parts += [cores_section(records), fedavg_section(report)]
+    parts += [cores_section(records), fedavg_section(report), verify_section(report)]
     parts += [f"![{p}]({p})\n" for p in plots]
     parts += [
         memory_section(records),

@@ -1,12 +1,16 @@
 """HE-FedAvg without Flower: party → aggregator → key holder in one process."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from fedhe.crypto import PublicContext, encrypt, generate_keys
+from fedhe.crypto.tensor import COMPLEX
 from fedhe.errors import PolicyError, ProtocolError, ShapeError, ValueRangeError
 from fedhe.keyholder import KeyHolder
+from fedhe.keyholder.inprocess import TaggedParties
 from fedhe.learning import ModelSpec, build_model
 from fedhe.tasks import aggregate
 
@@ -30,15 +34,23 @@ def _updates(rng, shapes, n=N_PARTIES):
     return {f"party-{i}": [rng.normal(size=s) for s in shapes] for i in range(n)}
 
 
+def _request(parties, contributions, total, round_=0):
+    """The aggregator's request for its sum, with the tags of the parties it summed (each
+    party tags its own contribution for (output, round); a plaintext twin carries none)."""
+    summed = {p: contributions[p] for p in total.contributors}
+    request = parties.request(aggregate.OUTPUT, summed, round_, total=total.tensor)
+    assert set(request.tags) == (set(total.contributors) if parties.encrypted else set())
+    return request
+
+
 def _run(keyholder, job_id, context, layout, updates, samples):
+    parties = TaggedParties(keyholder, job_id, sorted(updates))  # registered (encrypted job)
     contributions = {
         p: aggregate.party_contribution(u, samples[p], layout, context, sum_bound=BOUND)
         for p, u in updates.items()
     }
     total = aggregate.aggregator_sum(contributions, layout, context, sum_bound=BOUND, min_parties=3)
-    decrypted = aggregate.keyholder_decrypt_sum(
-        keyholder, aggregate.request_decryption(job_id, total)
-    )
+    decrypted = aggregate.keyholder_decrypt_sum(keyholder, _request(parties, contributions, total))
     return aggregate.average_update(decrypted, layout), total
 
 
@@ -93,6 +105,7 @@ def test_a_bad_contribution_is_excluded_and_the_round_goes_on(tmp_path, rng, cor
     layout = aggregate.Layout.of([np.zeros(50)])
     keyholder, job_id, context = _job(tmp_path, layout)
     updates = _updates(rng, shapes)
+    parties = TaggedParties(keyholder, job_id, sorted(updates))
     samples = {p: 10 + i for i, p in enumerate(updates)}
     contributions = {
         p: aggregate.party_contribution(u, samples[p], layout, context, sum_bound=BOUND)
@@ -102,9 +115,10 @@ def test_a_bad_contribution_is_excluded_and_the_round_goes_on(tmp_path, rng, cor
     contributions["party-2"] = corrupt(contributions["party-2"], other)
     total = aggregate.aggregator_sum(contributions, layout, context, sum_bound=BOUND, min_parties=3)
     assert "party-2" in total.rejected and "party-2" not in total.contributors
-    decrypted = aggregate.keyholder_decrypt_sum(
-        keyholder, aggregate.request_decryption(job_id, total)
-    )
+    # The key holder verifies the sum of the accepted contributions against their tags only.
+    request = _request(parties, contributions, total)
+    assert "party-2" not in request.tags and "party-2" not in request.contributors
+    decrypted = aggregate.keyholder_decrypt_sum(keyholder, request)
     avg, n = aggregate.average_update(decrypted, layout)
     good = [p for p in updates if p != "party-2"]
     assert round(n) == sum(samples[p] for p in good)
@@ -132,9 +146,12 @@ def test_too_few_valid_contributions_stop_the_round(tmp_path, rng):
 
 
 def test_key_holder_refuses_a_sum_the_aggregator_inflates(tmp_path, rng):
-    """Claiming more contributors than summed is caught by the count slot."""
+    """Claiming more contributors than summed is caught: by the tags when the extra party's
+    contribution is missing, by the count slot when a registered party's valid tag covers a
+    contribution that does not count itself (Enc(0))."""
     layout = aggregate.Layout.of([np.zeros(10)])
     keyholder, job_id, context = _job(tmp_path, layout, min_parties=2)
+    parties = TaggedParties(keyholder, job_id, ("p0", "p1", "p9"))
     contributions = {
         f"p{i}": aggregate.party_contribution(
             [rng.normal(size=10)], 5, layout, context, sum_bound=BOUND
@@ -142,9 +159,24 @@ def test_key_holder_refuses_a_sum_the_aggregator_inflates(tmp_path, rng):
         for i in range(2)
     }
     total = aggregate.aggregator_sum(contributions, layout, context, sum_bound=BOUND, min_parties=2)
-    total.contributors = ("p0", "p1", "p9")
-    with pytest.raises(PolicyError, match="aggregator claims 3"):
-        aggregate.keyholder_decrypt_sum(keyholder, aggregate.request_decryption(job_id, total))
+    honest = _request(parties, contributions, total)
+    claimed = dataclasses.replace(honest, contributors=("p0", "p1", "p9"))
+    with pytest.raises(PolicyError, match="carries no tag from p9"):
+        aggregate.keyholder_decrypt_sum(keyholder, claimed)
+    # p9 tags an encryption of zeros (no count of its own) and the aggregator adds it.
+    contributions["p9"] = encrypt(
+        context, np.zeros(layout.size), sum_bound=BOUND, packing=COMPLEX
+    ).to_bytes()
+    inflated = aggregate.aggregator_sum(
+        contributions, layout, context, sum_bound=BOUND, min_parties=2
+    )
+    assert inflated.contributors == ("p0", "p1", "p9")
+    with pytest.raises(PolicyError, match="count slot does not hold the 3 contributions"):
+        aggregate.keyholder_decrypt_sum(keyholder, _request(parties, contributions, inflated))
+    assert [e["decision"] for e in keyholder.audit.entries()[-2:]] == ["refused", "refused"]
+    # The honest sum over the two parties is still released (refusals release nothing).
+    released = aggregate.keyholder_decrypt_sum(keyholder, honest)
+    assert round(released[layout.count_index]) == 2
 
 
 def test_party_refuses_bad_updates(tmp_path):
