@@ -202,12 +202,15 @@ def gradient(msg: Message, context: Context) -> Message:
     if again is not None:
         return again
     Z, y, logistic = _regression_data(config, job, data)
+    w = np.asarray(config["w"], dtype=float)
+    if _public_context(context, job["job-id"]) is not None:
+        trust.check_new_model(context, job["job-id"], {"w": w})
     batch = _batch(data.n_samples, int(config["batch-size"]), _round_seed(config, job))
     started = time.perf_counter()
     mean_gradient, n = linreg.party_gradient(
         Z,
         y,
-        np.asarray(config["w"], dtype=float),
+        w,
         link=logreg.sigmoid if logistic else linreg.identity,
         clip=float(config["clip"]),
         batch=batch,
