@@ -87,6 +87,7 @@ class Job:
         self.context: PublicContext | None = None
         self.public_bytes = b""
         self.keyholder_identity = b""
+        self.querier: str | None = None  # the party that asks the queries (KNN, MLP)
 
     # -- to implement --------------------------------------------------------------------------
 
@@ -159,6 +160,7 @@ class Job:
                     "source": self.source.to_dict(),
                     "party-index": index,
                     "n-parties": len(self.parties),
+                    "querier": name == self.querier,
                 },
                 payload={
                     "public-context": self.public_bytes,

@@ -18,6 +18,7 @@ from fedhe import protocol
 from fedhe.clients import trust
 from fedhe.clients.roles import REPORT_METRICS, SHARE_MODEL, allows_plaintext, node_flag
 from fedhe.crypto import PublicContext
+from fedhe.crypto.mac import mac_label
 from fedhe.data.datasets import Dataset
 from fedhe.data.sources import DataSource, party_data, test_data
 from fedhe.errors import ProtocolError
@@ -61,7 +62,8 @@ def setup(msg: Message, context: Context) -> Message:
     source = DataSource.from_dict(config["source"])
     local_file = context.node_config.get("data-path")  # deployment: the site's own CSV
     data = party_data(source, int(config["party-index"]), str(local_file) if local_file else None)
-    test = test_data(source)  # the rows this party would query with, if it is the querier
+    # The querier says how many test rows it will query with (the rows stay here).
+    test = test_data(source) if config.get("querier") else None
     context.state[_JOB_RECORD + job_id] = ConfigRecord(
         {
             "source": protocol.to_json(source.to_dict()),
@@ -116,9 +118,6 @@ def model_release(msg: Message, context: Context) -> Message:
 def feature_moments(msg: Message, context: Context) -> Message:
     """Contribute Enc(n_i·(E_i[x] ‖ E_i[x²])) so the job standardizes with global statistics."""
     config, job, data = _open(msg, context)
-    again = _sent_before(msg, context, job, data.n_samples)
-    if again is not None:
-        return again
     columns = np.column_stack([data.X, data.y]) if config.get("with-target") else data.X
     arrays = moments.party_moments(columns)
     return _contribute(
@@ -135,13 +134,10 @@ def feature_moments(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train on local data from the global model; send Enc(n_i·Δw_i ‖ n_i ‖ 1)."""
     config, job, data = _open(msg, context, fault_injectable=True)
-    again = _sent_before(msg, context, job, data.n_samples)
-    if again is not None:
-        return again
     X = Standardizer.from_dict(config["standardizer"]).features(data.X)
     global_weights = protocol.weights_of(msg.content)
     if _public_context(context, job["job-id"]) is not None:
-        trust.check_new_model(context, job["job-id"], global_weights)
+        trust.check_new_model(context, job["job-id"], global_weights, _label(config))
     model = build_model(ModelSpec.from_dict(config["model"]), seed=0)
     set_weights(model, global_weights)
     train_config = TrainConfig(
@@ -174,9 +170,6 @@ def train(msg: Message, context: Context) -> Message:
 def masked_statistics(msg: Message, context: Context) -> Message:
     """Exact linreg: contribute Enc(R·(ZᵢᵀZᵢ + α·nᵢ·I') ‖ R·Zᵢᵀyᵢ ‖ nᵢ ‖ 1)."""
     config, job, data = _open(msg, context)
-    again = _sent_before(msg, context, job, data.n_samples)
-    if again is not None:
-        return again
     standardizer = Standardizer.from_dict(config["standardizer"])
     arrays = linreg.party_masked_statistics(
         standardizer.features(data.X),
@@ -198,13 +191,10 @@ def masked_statistics(msg: Message, context: Context) -> Message:
 def gradient(msg: Message, context: Context) -> Message:
     """Gradient mode: contribute Enc(nᵢ·clip(mean gradient at w) ‖ nᵢ ‖ 1)."""
     config, job, data = _open(msg, context, fault_injectable=True)
-    again = _sent_before(msg, context, job, data.n_samples)
-    if again is not None:
-        return again
     Z, y, logistic = _regression_data(config, job, data)
     w = np.asarray(config["w"], dtype=float)
     if _public_context(context, job["job-id"]) is not None:
-        trust.check_new_model(context, job["job-id"], {"w": w})
+        trust.check_new_model(context, job["job-id"], {"w": w}, _label(config))
     batch = _batch(data.n_samples, int(config["batch-size"]), _round_seed(config, job))
     started = time.perf_counter()
     mean_gradient, n = linreg.party_gradient(
@@ -412,22 +402,8 @@ def _take_mask(context: Context, batch: str) -> np.ndarray:
     return protocol.array_from_bytes(bytes(record["rho"]))
 
 
-def _sent_before(
-    msg: Message, context: Context, job: dict[str, Any], n_samples: int
-) -> Message | None:
-    """The same contribution again when this (output, round) was asked before: a lost reply
-    or a resumed job gets identical bytes, never a second contribution under one label."""
-    config = protocol.config_of(msg.content)
-    if "output" not in config or _public_context(context, job["job-id"]) is None:
-        return None
-    payload = trust.cached(
-        context, job["job-id"], str(config["output"]), int(config["release-round"])
-    )
-    if payload is None:
-        return None
-    return Message(
-        protocol.content(payload=payload, metrics={"n-samples": n_samples}), reply_to=msg
-    )
+def _label(config: dict[str, Any]) -> str:
+    return mac_label(str(config["output"]), int(config["release-round"]))
 
 
 def _party_name(config: dict[str, Any]) -> str:

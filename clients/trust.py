@@ -55,7 +55,7 @@ def join(context: Context, job_id: str, party: str, keyholder_public: bytes) -> 
     else:
         seed = os.urandom(MAC_SEED_BYTES)
         context.state[_TRUST_RECORD + job_id] = ConfigRecord(
-            {"party": party, "keyholder": keyholder_public, "own-seed": seed, "used": "[]"}
+            {"party": party, "keyholder": keyholder_public, "own-seed": seed}
         )
     sealed = _channel(own, keyholder_public, job_id).seal(
         seed, registry.mac_seed_label(job_id, party)
@@ -80,45 +80,22 @@ def tag(
     output: str,
     round_: int,
 ) -> bytes:
-    """This contribution's tag for (output, round), sealed to the key holder. One tag per label:
-    a second contribution under a label this party has tagged is refused (it would let two
-    sums of one round differ by this party's value); the same request again gets the same
-    contribution back (`cached`)."""
+    """This contribution's tag for (output, round), sealed to the key holder.
+
+    Asked again under the same label (a lost reply, a resumed round), a party tags its new
+    encryption of the same values: the key holder releases one sum per label, so two tagged
+    ciphertexts of one label never give two sums. Nothing of the contribution is kept here:
+    a node's state travels with each of its messages in Flower's simulation."""
     record = _record(context, job_id)
     if "mac-seed" not in record:
         raise ProtocolError(f"job {job_id!r} has no MAC key on this party: register first.")
     label = mac_label(output, round_)
-    used = json.loads(str(record["used"]))
-    if label in used:
-        raise ProtocolError(f"this party has contributed to {label!r} of job {job_id!r} already.")
-    tensor = load_tensor(contribution, public)
-    value = MacKey(bytes(record["mac-seed"])).tag(tensor, label)
-    record["used"] = json.dumps([*used, label])
-    party = str(record["party"])
+    value = MacKey(bytes(record["mac-seed"])).tag(load_tensor(contribution, public), label)
     channel = _channel(identity(context), bytes(record["keyholder"]), job_id)
-    sealed = channel.seal(
+    return channel.seal(
         json.dumps(value.to_dict()).encode(),
-        registry.tag_label(job_id, output, round_, party),
+        registry.tag_label(job_id, output, round_, str(record["party"])),
     )
-    # The latest contribution per output, for an aggregator that asks again (a lost reply, a
-    # resumed round): it gets these very bytes, never a second contribution under the label.
-    record[f"last/{output}"] = json.dumps(label)
-    record[f"last-contribution/{output}"] = contribution
-    record[f"last-tag/{output}"] = sealed
-    return sealed
-
-
-def cached(context: Context, job_id: str, output: str, round_: int) -> dict[str, bytes] | None:
-    """The contribution and tag this party already sent for (output, round), if it did."""
-    record = context.state.get(_TRUST_RECORD + job_id)
-    if record is None or str(record.get(f"last/{output}", "")) != json.dumps(
-        mac_label(output, round_)
-    ):
-        return None
-    return {
-        "contribution": bytes(record[f"last-contribution/{output}"]),
-        "tag": bytes(record[f"last-tag/{output}"]),
-    }
 
 
 def open_release(
@@ -131,17 +108,24 @@ def open_release(
     return registry.open_release(channel, job_id, output, round_, str(record["party"]), sealed)
 
 
-def check_new_model(context: Context, job_id: str, weights: dict[str, np.ndarray]) -> None:
-    """Refuse to train twice from the same global model in one job: two updates from one model
-    differ only by sampling, so their sums under two labels would difference one party out."""
+def check_new_model(
+    context: Context, job_id: str, weights: dict[str, np.ndarray], label: str
+) -> None:
+    """Refuse to start from a global model this party already used for another release label
+    of the job: two updates from one model differ only by sampling, so their sums under two
+    labels would difference one party out. The same label again (a retry) is fine."""
     record = _record(context, job_id)
     digest = hashlib.sha256()
     for name in sorted(weights):
         digest.update(name.encode() + np.ascontiguousarray(weights[name]).tobytes())
-    seen = json.loads(str(record.get("models", "[]")))
-    if digest.hexdigest() in seen:
-        raise ProtocolError(f"job {job_id!r} sent this party a global model it trained on before.")
-    record["models"] = json.dumps([*seen, digest.hexdigest()])
+    seen = json.loads(str(record.get("models", "{}")))
+    if seen.get(digest.hexdigest(), label) != label:
+        raise ProtocolError(
+            f"job {job_id!r} sent this party a model it already used for "
+            f"{seen[digest.hexdigest()]!r}, now for {label!r}: refused."
+        )
+    seen[digest.hexdigest()] = label
+    record["models"] = json.dumps(seen)
 
 
 def has_mac_key(context: Context, job_id: str) -> bool:
