@@ -87,6 +87,7 @@ class Job:
         self.context: PublicContext | None = None
         self.public_bytes = b""
         self.keyholder_identity = b""
+        self.envelopes: dict[str, bytes] = {}  # MAC-key envelopes not yet delivered
         self.querier: str | None = None  # the party that asks the queries (KNN, MLP)
 
     # -- to implement --------------------------------------------------------------------------
@@ -203,32 +204,28 @@ class Job:
         envelopes = protocol.payload_of(reply)
         refused = protocol.config_of(reply).get("refused", {})
         self.exclude(dict(refused), "registration")
-        contents = {
-            name: protocol.content(
-                config={"job-id": self.run.job_id},
-                payload={"envelope": envelopes[f"envelope/{name}"]},
-            )
-            for name in self.parties
-        }
-        exchange = self.session.ask(self.parties, protocol.MAC_KEY, contents, role="party")
-        self.exclude(exchange.failures, "registration")
         self.require_quorum("registration")
+        # Each envelope rides on the job's next party message (the feature moments), which
+        # saves a round trip; a party opens it before it contributes anything.
+        self.envelopes = {name: envelopes[f"envelope/{name}"] for name in self.parties}
 
     def feature_moments(self, *, with_target: bool = False) -> tuple[moments.Standardizer, int]:
         """Global standardization and Σnᵢ by one secure sum: no party's own statistics leak."""
-        exchange = self.session.ask(
-            self.parties,
-            protocol.MOMENTS,
-            protocol.content(
-                config={
-                    "job-id": self.run.job_id,
-                    "sum-bound": moments.SUM_BOUND,
-                    "with-target": with_target,
-                    **contribution_settings(moments.OUTPUT, 0),
-                }
-            ),
-            role="party",
-        )
+        config = {
+            "job-id": self.run.job_id,
+            "sum-bound": moments.SUM_BOUND,
+            "with-target": with_target,
+            **contribution_settings(moments.OUTPUT, 0),
+        }
+        contents = {
+            name: protocol.content(
+                config=config,
+                payload={"envelope": self.envelopes[name]} if name in self.envelopes else None,
+            )
+            for name in self.parties
+        }
+        self.envelopes = {}
+        exchange = self.session.ask(self.parties, protocol.MOMENTS, contents, role="party")
         self.exclude(exchange.failures, "moments")
         self.require_quorum("moments")
         layout = moments.layout(self.test.n_features + int(with_target))

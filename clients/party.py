@@ -86,7 +86,9 @@ def setup(msg: Message, context: Context) -> Message:
 
 
 def mac_key(msg: Message, context: Context) -> Message:
-    """Open the key holder's envelope: the job's MAC key, checked to include this party's seed."""
+    """Open the key holder's envelope: the job's MAC key, derived from a Merkle root that holds
+    this party's seed. The aggregator sends it with the feature moments; this message type
+    delivers it alone."""
     config = protocol.config_of(msg.content)
     trust.accept_mac_key(
         context, str(config["job-id"]), protocol.payload_of(msg.content)["envelope"]
@@ -116,8 +118,12 @@ def model_release(msg: Message, context: Context) -> Message:
 
 
 def feature_moments(msg: Message, context: Context) -> Message:
-    """Contribute Enc(n_i·(E_i[x] ‖ E_i[x²])) so the job standardizes with global statistics."""
+    """Contribute Enc(n_i·(E_i[x] ‖ E_i[x²])) so the job standardizes with global statistics.
+    The job's MAC-key envelope rides on this message (see `mac_key`)."""
     config, job, data = _open(msg, context)
+    envelope = protocol.payload_of(msg.content).get("envelope")
+    if envelope:
+        trust.accept_mac_key(context, job["job-id"], envelope)
     columns = np.column_stack([data.X, data.y]) if config.get("with-target") else data.X
     arrays = moments.party_moments(columns)
     return _contribute(

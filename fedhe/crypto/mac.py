@@ -27,11 +27,13 @@ small combinations of single parties' values.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedhe.crypto import _seal
 from fedhe.crypto.tensor import EncryptedTensor
@@ -103,21 +105,18 @@ class MacKey:
                     )
 
     def _vector(self, label: str, chunk: int, prime_index: int, q: int, n: int) -> np.ndarray:
-        """n values uniform in [0, q), from SHAKE-256 by rejection (no modulo bias)."""
+        """n values uniform in [0, q) by rejection (no modulo bias), from AES-256-CTR keyed by
+        SHAKE-256 of the seed and (label, ciphertext, prime): a PRG ~50× faster than SHAKE's
+        own output at the ~0.1 MB each vector takes."""
         name = f"{label}\x00{chunk}\x00{prime_index}\x00{q}".encode()
-        bits = q.bit_length()
-        mask = np.uint64((1 << bits) - 1)
+        key = hashlib.shake_256(_DOMAIN + self._seed + name).digest(32)
+        stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+        mask = np.uint64((1 << q.bit_length()) - 1)
         out = np.empty(0, dtype=np.uint64)
-        want = n
-        counter = 0
-        while out.size < n:
-            stream = hashlib.shake_256(
-                _DOMAIN + self._seed + name + counter.to_bytes(4, "little")
-            ).digest(8 * (2 * want + 16))
-            words = np.frombuffer(stream, dtype="<u8") & mask
-            out = np.concatenate([out, words[words < np.uint64(q)]])
+        while out.size < n:  # primes sit just below a power of two: ~1 round
             want = n - out.size
-            counter += 1
+            words = np.frombuffer(stream.update(bytes(8 * (want + want // 4 + 16))), "<u8") & mask
+            out = np.concatenate([out, words[words < np.uint64(q)]])
         return out[:n]
 
 
@@ -148,6 +147,18 @@ def content_digest(tensor: EncryptedTensor) -> str:
 
 
 def _residues(chunk, tensor: EncryptedTensor) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Extracted once per ciphertext object: the key holder digests, then verifies a sum."""
+    cached = _RESIDUES.get(chunk)
+    if cached is None:
+        cached = _RESIDUES[chunk] = _extract(chunk, tensor)
+    return cached
+
+
+# Ciphertext objects are immutable once loaded (every operation makes a new one).
+_RESIDUES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _extract(chunk, tensor: EncryptedTensor) -> tuple[np.ndarray, tuple[int, ...]]:
     try:
         residues, primes = _seal.residues(chunk, tensor.context.raw)
     except ValueError as err:
