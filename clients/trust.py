@@ -128,11 +128,6 @@ def check_new_model(
     record["models"] = json.dumps(seen)
 
 
-def has_mac_key(context: Context, job_id: str) -> bool:
-    record = context.state.get(_TRUST_RECORD + job_id)
-    return record is not None and "mac-seed" in record
-
-
 def _record(context: Context, job_id: str) -> ConfigRecord:
     record = context.state.get(_TRUST_RECORD + job_id)
     if record is None:

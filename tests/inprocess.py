@@ -95,3 +95,22 @@ def kept_answers(grid: InProcessGrid, kind: str, *, encrypted: bool, node: int =
             start = int(name.rsplit("-", 1)[1])
             found.append((start, protocol.array_from_bytes(bytes(record["values"]))))
     return np.concatenate([values for _, values in sorted(found, key=lambda f: f[0])])
+
+
+def assign_roles(grid: InProcessGrid, keyholder: int) -> InProcessGrid:
+    """Tell every node its role (`query.whoami`): node index `keyholder` holds the keys."""
+    from flwr.app import Message
+
+    from fedhe import protocol
+
+    grid.send_and_receive(
+        [
+            Message(
+                protocol.content(config={"keyholder-partition-id": keyholder}),
+                dst_node_id=node,
+                message_type=protocol.WHOAMI,
+            )
+            for node in grid.contexts
+        ]
+    )
+    return grid

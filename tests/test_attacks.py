@@ -335,15 +335,10 @@ def test_a_party_refuses_a_job_that_would_have_it_send_plaintext():
 
     from fedhe import protocol
     from fedhe.data.sources import DataSource
-    from tests.inprocess import InProcessGrid
+    from tests.inprocess import InProcessGrid, assign_roles
 
     grid = InProcessGrid(2, node_configs={0: {"partition-id": 0, "num-partitions": 2}})
-    whoami = Message(
-        protocol.content(config={"keyholder-partition-id": 1}),
-        dst_node_id=1000,
-        message_type=protocol.WHOAMI,
-    )
-    grid.send_and_receive([whoami])
+    assign_roles(grid, keyholder=1)
     source = DataSource("breast_cancer", "", "", 0, 1)
     setup = Message(
         protocol.content(

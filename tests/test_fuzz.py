@@ -21,7 +21,7 @@ from fedhe.errors import FedHEError, PolicyError
 from fedhe.keyholder import DecryptionRequest, JobDeclaration, KeyHolder, OutputSpec
 from fedhe.keyholder.inprocess import TaggedParties
 from tests.conftest import SMALL_PARAMS
-from tests.inprocess import InProcessGrid
+from tests.inprocess import InProcessGrid, assign_roles
 
 TRIED: Counter = Counter()
 FUZZ = settings(
@@ -139,17 +139,7 @@ HANDLERS = [
 
 @pytest.fixture(scope="module")
 def grid():
-    grid = InProcessGrid(2)
-    whoami = [
-        Message(
-            protocol.content(config={"keyholder-partition-id": 1}),
-            dst_node_id=node,
-            message_type=protocol.WHOAMI,
-        )
-        for node in (1000, 1001)
-    ]
-    grid.send_and_receive(whoami)
-    return grid
+    return assign_roles(InProcessGrid(2), keyholder=1)
 
 
 @FUZZ

@@ -33,7 +33,7 @@ from fedhe.errors import (
 )
 from fedhe.keyholder import JobDeclaration, KeyHolder, OutputSpec
 from tests.conftest import SMALL_PARAMS
-from tests.inprocess import InProcessGrid
+from tests.inprocess import InProcessGrid, assign_roles
 
 # -- 1. contexts whose header lies about the real SEAL parameters --------------------------------
 
@@ -230,16 +230,7 @@ def _audit(config: dict) -> Message:
     records of two jobs."""
     from fedhe.clients.keyholder import keyholder_for
 
-    grid = InProcessGrid(2)
-    whoami = [
-        Message(
-            protocol.content(config={"keyholder-partition-id": 1}),
-            dst_node_id=node,
-            message_type=protocol.WHOAMI,
-        )
-        for node in (1000, 1001)
-    ]
-    grid.send_and_receive(whoami)
+    grid = assign_roles(InProcessGrid(2), keyholder=1)
     log = keyholder_for(grid.contexts[1001]).audit
     for job_id in ("job-a", "job-b"):
         log.append(job=job_id, event="declare", decision="declared")
