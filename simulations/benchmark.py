@@ -373,12 +373,18 @@ def run_fedavg(
         str(out),
     ]
     console.print(f"HE-FedAvg round: {shlex.join(command)}")
+    error = _run_script(command, timeout)
+    return {"error": error} if error else fedavg_figures(json.loads(out.read_text()))
+
+
+def _run_script(command: list[str], timeout: float) -> str | None:
+    """Run one benchmark script; None when it succeeded, else why (with its stderr's tail)."""
     try:
         subprocess.run(command, cwd=REPO, timeout=timeout, check=True, capture_output=True)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
         tail = getattr(err, "stderr", b"") or b""
-        return {"error": f"{err}: {tail.decode(errors='replace')[-2000:]}"}
-    return fedavg_figures(json.loads(out.read_text()))
+        return f"{err}: {tail.decode(errors='replace')[-2000:]}"
+    return None
 
 
 def fedavg_figures(raw: dict[str, Any]) -> dict[str, Any]:
@@ -495,11 +501,9 @@ def run_verify(
     ]
     console.print(f"Verifying sums (MAC): {shlex.join(command)}")
     display = shlex.join(["python", "simulations/bench_verify.py", *command[2:-2]])
-    try:
-        subprocess.run(command, cwd=REPO, timeout=timeout, check=True, capture_output=True)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
-        tail = getattr(err, "stderr", b"") or b""
-        return {"command": display, "error": f"{err}: {tail.decode(errors='replace')[-2000:]}"}
+    error = _run_script(command, timeout)
+    if error:
+        return {"command": display, "error": error}
     return {"command": display, "rows": json.loads(out.read_text())["rows"]}
 
 
