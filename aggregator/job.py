@@ -192,12 +192,16 @@ class Job:
         payload: dict[str, bytes] = {}
         for name, reply in setup.replies.items():
             link = protocol.payload_of(reply)
+            if not link.get("identity") or not link.get("mac-seed"):
+                self.exclude({name: "its setup reply has no end-to-end link"}, "registration")
+                continue
             payload[f"identity/{name}"] = link["identity"]
             payload[f"mac-seed/{name}"] = link["mac-seed"]
+        self.require_quorum("registration")
         reply = self.ask_keyholder(
             protocol.REGISTER,
             protocol.content(
-                config={"job-id": self.run.job_id, "parties": sorted(setup.replies)},
+                config={"job-id": self.run.job_id, "parties": sorted(self.parties)},
                 payload=payload,
             ),
         )

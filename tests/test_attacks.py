@@ -376,3 +376,22 @@ def test_pins_come_from_fedhe_identity_and_a_trusted_parties_file(tmp_path, caps
     (tmp_path / "parties.json").write_text('{"party-0": "zz"}')
     with pytest.raises(FedHEError, match="JSON list"):
         keyholder_for(context)
+
+
+def test_a_party_without_an_end_to_end_link_is_excluded_and_the_job_goes_on(tmp_path, monkeypatch):
+    from fedhe.aggregator.app import run_job
+    from fedhe.clients import trust
+    from fedhe.config import JobConfig
+    from tests.inprocess import InProcessGrid
+
+    join = trust.join
+
+    def broken_for_party_1(context, job_id, party, keyholder_public):
+        return {} if party == "party-1" else join(context, job_id, party, keyholder_public)
+
+    monkeypatch.setattr(trust, "join", broken_for_party_1)
+    config = JobConfig(parties=3, min_parties=2, rounds=1, out=str(tmp_path))
+    run_job(InProcessGrid(config.num_nodes), config)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert "end-to-end link" in result["parties"]["excluded"]["party-1"]
+    assert [d["parties"] for d in result["decryptions"]][-1] == ["party-0", "party-2"]
