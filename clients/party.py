@@ -85,17 +85,6 @@ def setup(msg: Message, context: Context) -> Message:
     )
 
 
-def mac_key(msg: Message, context: Context) -> Message:
-    """Open the key holder's envelope: the job's MAC key, derived from a Merkle root that holds
-    this party's seed. The aggregator sends it with the feature moments; this message type
-    delivers it alone."""
-    config = protocol.config_of(msg.content)
-    trust.accept_mac_key(
-        context, str(config["job-id"]), protocol.payload_of(msg.content)["envelope"]
-    )
-    return Message(protocol.content(metrics={}), reply_to=msg)
-
-
 def model_release(msg: Message, context: Context) -> Message:
     """Encrypted-model mode: the final model, sealed to this party. It stays here (under the
     node's output folder when it has one); it goes back to the aggregator only from a node whose
@@ -119,7 +108,7 @@ def model_release(msg: Message, context: Context) -> Message:
 
 def feature_moments(msg: Message, context: Context) -> Message:
     """Contribute Enc(n_i·(E_i[x] ‖ E_i[x²])) so the job standardizes with global statistics.
-    The job's MAC-key envelope rides on this message (see `mac_key`)."""
+    The job's MAC-key envelope rides on this message (`trust.accept_mac_key`)."""
     config, job, data = _open(msg, context)
     envelope = protocol.payload_of(msg.content).get("envelope")
     if envelope:

@@ -128,7 +128,6 @@ HANDLERS = [
     protocol.KNN_ANSWER,
     protocol.MLP_QUERY,
     protocol.MLP_ANSWER,
-    protocol.MAC_KEY,
     protocol.MODEL_RELEASE,
     protocol.DECLARE,
     protocol.REGISTER,
