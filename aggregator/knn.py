@@ -1,14 +1,14 @@
 """KNN over Flower: the aggregator's side of `fedhe.tasks.knn`.
 
-Moments (global standardization) → layout → upload of encrypted points into the store (saved
-under the output folder) → query batches from the querier party: masked distances, ranking by
-the key holder, encrypted vote, release of the masked vote, unmasking by the querier.
+Moments (global standardization) → for every `knn.queries_per_layout(d)` queries: a fresh
+layout and an upload of encrypted points into the store (the first one saved under the output
+folder) → query batches from the querier party: masked distances, ranking by the key holder,
+encrypted vote, release of the masked vote, unmasking by the querier.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,13 @@ class KNNJob(Job):
         super().__init__(*args, **kwargs)
         self.n_classes = self.source_classes()
         self.n_queries = self.test.n_samples
-        self.n_batches = math.ceil(self.n_queries / self.config.query_batch)
+        self.plan = knn.query_plan(
+            self.n_queries, self.config.query_batch, knn.queries_per_layout(self.test.n_features)
+        )
+        self.n_batches = sum(len(batches) for batches in self.plan)
         self.querier = f"party-{self.config.querier}"
         self.encrypted_queries = self.config.query == "encrypted"  # else a smaller store
+        self.uploaded: set[str] = set()  # parties whose first upload was stored
 
     def source_classes(self) -> int:
         return self.test.n_classes if self.test.task == "classification" else 0
@@ -47,7 +51,9 @@ class KNNJob(Job):
         return knn.PARAMS
 
     def keys(self) -> KeyRequest:
-        return KeyRequest(relin=True)  # Enc(label) × Enc(selection), Enc(x) × Enc(q)
+        # Enc(label) × Enc(selection), the mask's square; an encrypted query is rotated.
+        steps = knn.rotation_steps(self.test.n_features) if self.encrypted_queries else ()
+        return KeyRequest(relin=True, rotations=steps)
 
     def meta(self) -> dict[str, Any]:
         return {"k": self.config.k, "querier": self.querier}
@@ -69,16 +75,8 @@ class KNNJob(Job):
             standardizer = moments.Standardizer.from_dict(checkpoint.standardizer)
             store = self._saved_store()
         if store is None:
-            store = self._upload(standardizer)
-            path = store.save(self.store_folder)
-            self.save_checkpoint(standardizer=standardizer.to_dict())
-            log.info(
-                "KNN store: %d points of %d parties, saved to %s",
-                store.n_points,
-                len(store.contributors),
-                path.parent,
-            )
-        store.check_ready(self.config.k, self.config.min_parties)
+            store = self._upload(standardizer, first=True)
+            self._save_first(store, standardizer)
         before, started = dict(self.run.timings_s), time.perf_counter()
         reports = self._ask_all(store, standardizer)
         per_query = self._per_query(before, time.perf_counter() - started)
@@ -87,11 +85,39 @@ class KNNJob(Job):
             "query": self.config.query,
             "stored_points": store.n_points,
             "blocks": store.layout.n_blocks,
+            "queries_per_layout": store.query_budget,
+            "layouts": len(self.plan),
             "queries": self.n_queries,
             "per_query_s": per_query,
         }
         # The predictions stay with the querier; its opt-in counts are all that comes back.
         self.run.metrics = scores.combine(reports, self.n_classes)
+
+    def _ask_all(
+        self, first_store: knn.KNNStore, standardizer: moments.Standardizer
+    ) -> list[dict[str, float]]:
+        """Every query batch; each layout of the plan after the first is a fresh upload."""
+        reports, batch_index = [], 0
+        kind = "encrypted" if self.run.encrypted else "plaintext twin"
+        with progress(self.n_batches, f"{kind}: query batches") as advance:
+            for number, batches in enumerate(self.plan):
+                store = first_store if number == 0 else self._upload(standardizer, first=False)
+                store.check_ready(self.config.k, self.config.min_parties)
+                for start, stop in batches:
+                    reports.append(self._ask_batch(store, standardizer, start, stop, batch_index))
+                    batch_index += 1
+                    advance(f"{kind}: queries {stop}/{self.n_queries}")
+        return reports
+
+    def _save_first(self, store: knn.KNNStore, standardizer: moments.Standardizer) -> None:
+        path = store.save(self.store_folder)
+        self.save_checkpoint(standardizer=standardizer.to_dict())
+        log.info(
+            "KNN store: %d points of %d parties, saved to %s",
+            store.n_points,
+            len(store.contributors),
+            path.parent,
+        )
 
     @property
     def store_folder(self) -> Path:
@@ -116,21 +142,24 @@ class KNNJob(Job):
         except FedHEError as err:
             log.warning("saved KNN store not reused, parties upload again: %s", err)
             return None
-        if self.encrypted_queries and not store.encrypted_queries:
-            log.warning("saved KNN store takes plaintext queries only, parties upload again")
+        if self.encrypted_queries != store.encrypted_queries or store.queries_answered:
+            log.warning("saved KNN store is of another kind or used, parties upload again")
             return None
         self.run.extras["store_reused"] = True
+        self.uploaded = set(store.contributors)
         return store
 
     # -- upload ------------------------------------------------------------------------------------
 
-    def _upload(self, standardizer: moments.Standardizer) -> knn.KNNStore:
+    def _upload(self, standardizer: moments.Standardizer, *, first: bool) -> knn.KNNStore:
         """Parties upload in waves of UPLOAD_WAVE, each wave added to the store before the
-        next: the aggregator never holds more than one wave of ciphertexts in memory."""
+        next: the aggregator never holds more than one wave of ciphertexts in memory. Each
+        upload gets a fresh layout (segment order here, point order at every party)."""
         slots = knn.PARAMS.slots
         counts = {name: self.samples[name] for name in self.parties if self.samples[name]}
         for name in set(self.parties) - set(counts):  # it may still ask queries
             self.run.excluded[name] = "knn upload: no points to store"
+        counts = {name: n for name, n in counts.items() if first or name in self.uploaded}
         layout = knn.StoreLayout.plan(counts, slots)
         segments = {s.party: s for s in layout.segments}
         store = knn.KNNStore(
@@ -144,7 +173,11 @@ class KNNJob(Job):
         for start in range(0, len(names), UPLOAD_WAVE):
             wave = {name: self.parties[name] for name in names[start : start + UPLOAD_WAVE]}
             self._upload_wave(wave, standardizer, segments, store)
-        self.run.contributors.append({"output": "knn_store", "parties": sorted(store.contributors)})
+        if first:
+            self.uploaded = set(store.contributors)
+            self.run.contributors.append(
+                {"output": "knn_store", "parties": sorted(store.contributors)}
+            )
         return store
 
     def _upload_wave(
@@ -188,21 +221,13 @@ class KNNJob(Job):
 
     # -- queries -----------------------------------------------------------------------------------
 
-    def _ask_all(
-        self, store: knn.KNNStore, standardizer: moments.Standardizer
-    ) -> list[dict[str, float]]:
-        batch = self.config.query_batch
-        reports = []
-        kind = "encrypted" if self.run.encrypted else "plaintext twin"
-        with progress(self.n_batches, f"{kind}: query batches") as advance:
-            for start in range(0, self.n_queries, batch):
-                stop = min(start + batch, self.n_queries)
-                reports.append(self._ask_batch(store, standardizer, start, stop))
-                advance(f"{kind}: queries {stop}/{self.n_queries}")
-        return reports
-
     def _ask_batch(
-        self, store: knn.KNNStore, standardizer: moments.Standardizer, start: int, stop: int
+        self,
+        store: knn.KNNStore,
+        standardizer: moments.Standardizer,
+        start: int,
+        stop: int,
+        batch: int,
     ) -> dict[str, float]:
         settings = {
             "standardizer": standardizer.to_dict(),
@@ -220,8 +245,7 @@ class KNNJob(Job):
         queries = self._load_queries(store, payload["queries"], n)
         distances = store.masked_distances(queries)
         self.run.timings_s["compute"] += time.perf_counter() - started
-        contributors = store.contributors
-        batch = start // self.config.query_batch  # each batch is one release of each output
+        contributors = store.contributors  # each batch is one release of each output
         ranked = self.release(knn.RANK_OUTPUT, distances.to_bytes(), contributors, round_=batch)
         started = time.perf_counter()
         selection = store.load_selection(ranked["selection"], n)

@@ -66,8 +66,30 @@ def test_a_party_failing_its_upload_is_left_out(finished):
     store = [c for c in result["parties"]["contributors"] if c["output"] == "knn_store"]
     assert store[0]["parties"] == ["party-0", "party-2", "party-3"]
     ranks = [d for d in result["decryptions"] if d["output"] == knn.RANK_OUTPUT]
-    assert len(ranks) == 2 and all(d["n_parties"] == 3 for d in ranks)
-    assert [d["output"] for d in result["decryptions"]].count(knn.VOTE_OUTPUT) == 2
+    batches = sum(len(b) for b in knn.query_plan(30, 16, knn.queries_per_layout(4)))
+    assert len(ranks) == batches and all(d["n_parties"] == 3 for d in ranks)
+    assert [d["output"] for d in result["decryptions"]].count(knn.VOTE_OUTPUT) == batches
+
+
+def test_each_layout_answers_its_budget_then_the_parties_upload_afresh(finished):
+    grid, result, _ = finished
+    budget = knn.queries_per_layout(4)  # iris: d + 1 = 5
+    assert result["knn"]["queries_per_layout"] == budget
+    assert result["knn"]["layouts"] == 30 // budget
+    uploads = [
+        protocol.config_of(m.content)["segment"]
+        for direction, m in grid.log
+        if direction == "sent"
+        and m.metadata.message_type == protocol.KNN_UPLOAD
+        and protocol.config_of(m.content)["job-id"].endswith("-he")
+    ]
+    # the excluded party-1 is asked once; the 3 others once per layout, in a fresh order
+    assert len(uploads) == 1 + 3 * (30 // budget)
+    orders = {
+        tuple(s["party"] for s in sorted(uploads[i : i + 3], key=lambda s: s["offset"]))
+        for i in range(4, len(uploads), 3)
+    }
+    assert len(orders) > 1  # segment orders differ between layouts (6 orders possible)
 
 
 def test_no_message_carries_a_secret_key_or_a_clear_vote(finished):
@@ -123,16 +145,18 @@ def test_a_party_lost_during_the_queries_does_not_matter(tmp_path, monkeypatch):
     original = KNNJob._ask_all
 
     def lose_party_2_then_ask(self, *args):
-        grid.unreachable.add(2)  # party-2's node goes silent after its upload
+        grid.unreachable.add(2)  # party-2's node goes silent after its first upload
         return original(self, *args)
 
     monkeypatch.setattr(KNNJob, "_ask_all", lose_party_2_then_ask)
     run_job(grid, config)
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["knn"]["stored_points"] == 120  # its points stay in the encrypted store
+    assert result["knn"]["stored_points"] == 120  # the first layout holds its points
     assert result["encrypted"]["accuracy"] > 0.9
-    ranks = [d for d in result["decryptions"] if d["output"] == knn.RANK_OUTPUT]
-    assert all(d["n_parties"] == 3 for d in ranks)
+    ranks = [d["n_parties"] for d in result["decryptions"] if d["output"] == knn.RANK_OUTPUT]
+    # its points answer the first layout's queries; later layouts go on with the other two
+    assert ranks[0] == 3 and set(ranks[1:]) == {2}
+    assert "knn upload" in result["parties"]["excluded"]["party-2"]
 
 
 def test_uploads_arrive_in_waves(tmp_path, monkeypatch):
@@ -150,6 +174,6 @@ def test_uploads_arrive_in_waves(tmp_path, monkeypatch):
     config = iris_knn(tmp_path, parties=5, min_parties=3, plaintext_twin=False)
     run_job(InProcessGrid(config.num_nodes), config)
     result = json.loads((tmp_path / "result.json").read_text())
-    assert [len(w) for w in waves] == [2, 2, 1]  # the store fills wave by wave
+    assert [len(w) for w in waves[:3]] == [2, 2, 1]  # the store fills wave by wave
     assert result["knn"]["stored_points"] == 120
     assert result["encrypted"]["accuracy"] > 0.9

@@ -1,8 +1,13 @@
 """K nearest neighbours over encrypted points: party, aggregator, key-holder and querier steps.
 
-The aggregator keeps every party's points encrypted in one *store*, feature-major: store
-position p lives in slot p mod `slots` of block p div `slots`, and a block holds one ciphertext
-per feature (Enc(x_j)), one for ‖x‖² and one per label row (one-hot classes, or the target).
+The aggregator keeps every party's points encrypted in one *store*: store position p lives in
+slot p mod `slots` of block p div `slots`. A block holds one ciphertext per label row (one-hot
+classes, or the target) and, for the points themselves, either (plaintext queries) one
+ciphertext per feature plus one for ‖x‖², or (encrypted queries) the *diagonals* of the
+augmented points x' = (x, 1, ‖x‖², 0…) of width m = `diagonal_width(d)`: diagonal k holds
+x'_p[(p + k) mod m] in slot p. The querier then sends one packed ciphertext q' = (−2q, ‖q‖²,
+1, 0…)/s repeated across the slots, and Σ_k diag_k ⊙ rot(q', k) = ‖x − q‖²/s in every slot
+(the Halevi–Shoup diagonal method: m − 1 rotations of the query, shared by all blocks).
 
 1. Layout (aggregator): parties report how many points they hold; the aggregator gives each a
    contiguous segment of store positions, parties in random order. Only the aggregator knows
@@ -10,20 +15,28 @@ per feature (Enc(x_j)), one for ‖x‖² and one per label row (one-hot classes
 2. Upload (party): points standardized with the globally summed moments, shuffled locally,
    encrypted at their positions (zeros elsewhere) for every block the segment touches. The
    aggregator adds uploads into the store: segments are disjoint, so the sum is the union.
-3. Distances (aggregator): for each query a fresh *positive affine mask* α > 0, β:
-   ``Enc(α·(‖x‖² − 2q·x) + β)`` per block, which orders points as the true squared distance
-   ‖x − q‖² does (‖q‖² is the same for every point). A plaintext query costs d ciphertext ×
-   scalar products per block; an encrypted one (the querier sends Enc(q_j) in every slot) d
-   ciphertext × ciphertext products. Empty positions get +EMPTY_OFFSET so they never rank.
+3. Distances (aggregator): for each query u = ‖x − q‖²/s (s = DISTANCE_SCALE, public) and a
+   fresh random *monotone quadratic* mask: ``Enc((u + b)² + β)`` per block, b ≥ 0 and β drawn
+   per query. Empty positions get +EMPTY_OFFSET so they never rank.
 4. Rank (key holder, output `knn_rank`): decrypts the masked distances of a batch, takes the k
    smallest of each query and returns Enc(selection), 1 at the chosen positions, 0 elsewhere.
-   It learns the masked values: the order of one query's distances and their ratios of
-   differences (an affine map keeps both), over positions it cannot tie to a party.
 5. Vote (aggregator): ``Σ_blocks Enc(label_c) ⊙ Enc(selection) + Z + Enc(ρ)``, one ciphertext
    per query and label row: Z is a uniform mask whose slots sum to 0 (it hides which slots
    hold the votes), ρ the querier's own mask (it hides the answer from everyone else).
 6. Release (key holder, output `knn_vote`): decrypts and sums each ciphertext's slots, giving
    vote + ρ; the querier subtracts ρ: class counts (majority vote) or the sum of targets.
+
+What the key holder learns, and why a layout answers few queries. With an affine mask and a
+fixed layout the values of query j lie in span{1, ‖x‖², X}: a few dozen queries gave the key
+holder every stored record (SVD + one null-space solve; tests/test_knn_leakage.py keeps that
+attack against a reference of the old protocol). The quadratic mask takes the values out of
+that span, but a mask with few random parameters can be fitted back (one unknown vertex per
+query) once a layout has answered more than d + 1 queries, and any mask that keeps the order
+reveals each query's *ranking* of all positions, i.e. roughly one projection of the points per
+query. So a layout answers at most `queries_per_layout(d)` = min(8, d + 1) queries; then the
+parties upload again under a fresh layout (new segment order, points shuffled afresh) and the
+key holder cannot link positions across layouts. What remains is what B rankings of unlinked
+positions reveal: measured in simulations/attack_knn.py and the README's threat model.
 
 Ties: exact distance ties are broken by the encryption noise (in effect at random); a tied
 vote goes to the smallest class label, as scikit-learn's KNeighborsClassifier does.
@@ -57,36 +70,62 @@ TASK = "knn"
 RANK_OUTPUT = "knn_rank"
 VOTE_OUTPUT = "knn_vote"
 
-# N=8192, primes [60, 40, 40 | 60] at 2^40: features keep three primes when queries come
-# encrypted (two products: q·x, then the mask α) and two when they come in the clear (one
-# product: (−2α·q)·x), ‖x‖² and labels two, results land on the 60-bit prime, which holds
-# |value| < 2^18. A store for plaintext queries has ~30% smaller features and refuses encrypted
-# queries.
+# N=8192, primes [60, 40, 40 | 60] at 2^40: the points keep three primes (two products: the
+# distance, then the mask's square), labels two (label × selection); results land on the
+# 60-bit prime, which holds |value| < 2^19.
 PARAMS = MODEL_PARAMS
-FEATURE_MULTIPLICATIONS = 2
-PLAIN_QUERY_FEATURE_MULTIPLICATIONS = 1
+POINT_MULTIPLICATIONS = 2
 EXTRA_MULTIPLICATIONS = 1
 
-
-def feature_multiplications(encrypted_queries: bool) -> int:
-    return FEATURE_MULTIPLICATIONS if encrypted_queries else PLAIN_QUERY_FEATURE_MULTIPLICATIONS
-
-
-# Standardized points (and queries) must keep ‖x‖² ≤ NORM_SQ_BOUND, so |‖x‖² − 2q·x| < 3·2^14
-# and, with α ∈ [2^-2, 2^-1) and |β| ≤ 2^15, every masked distance lies within ±2^16; empty
-# positions sit near EMPTY_OFFSET = 2^17, still inside the last level's 2^18.
+# Standardized points (and queries) must keep ‖x‖² ≤ NORM_SQ_BOUND, so ‖x − q‖² ≤ 2^16 and
+# u = ‖x − q‖²/DISTANCE_SCALE ≤ 2^8 − MAX_VERTEX: with b ≤ MAX_VERTEX and β ∈ [−2^15, 0),
+# every masked distance (u + b)² + β lies in [−2^15, 2^16); empty positions sit at least
+# EMPTY_OFFSET − 2^15 = 3·2^15 above zero, all inside the last level's 2^19.
 NORM_SQ_BOUND = 2.0**14
-ALPHA_RANGE = (2.0**-2, 2.0**-1)
-BETA_BOUND = 2.0**15
+MAX_VERTEX = 1.0
+DISTANCE_SCALE = 4 * NORM_SQ_BOUND / (2.0**8 - MAX_VERTEX)
+BETA_RANGE = (-(2.0**15), 0.0)
 EMPTY_OFFSET = 2.0**17
-VALID_BELOW = 2.0**16
+VALID_BELOW = 2.0**16 + 2.0**14
 # Vote masks: Z per slot and the querier's ρ, uniform within ±2^16 (statistical distance of a
 # vote of at most k from its mask's own spread: k·2^-17). Targets (regression) are standardized
 # and must stay within LABEL_BOUND.
 VOTE_MASK_BOUND = 2.0**16
 LABEL_BOUND = 2.0**8
+# A layout answers at most this many queries (see the module docstring).
+MAX_QUERIES_PER_LAYOUT = 8
 
-STORE_VERSION = 1
+STORE_VERSION = 2
+
+
+def queries_per_layout(n_features: int) -> int:
+    """Queries one layout may answer: ≤ d + 1, so the mask's per-query vertex cannot be fitted
+    back, and ≤ MAX_QUERIES_PER_LAYOUT, so few rankings of the same positions accumulate."""
+    return max(1, min(MAX_QUERIES_PER_LAYOUT, n_features + 1))
+
+
+def query_plan(n_queries: int, batch_size: int, budget: int) -> list[list[tuple[int, int]]]:
+    """Query batches (start, stop) grouped by layout: each layout answers ≤ `budget` queries,
+    each batch ≤ `batch_size`, no batch spans two layouts."""
+    plan = []
+    for first in range(0, n_queries, budget):
+        last = min(first + budget, n_queries)
+        plan.append([(s, min(s + batch_size, last)) for s in range(first, last, batch_size)])
+    return plan
+
+
+def diagonal_width(n_features: int) -> int:
+    """m: the augmented point (x, 1, ‖x‖²) padded to a power of two (it must divide the slots)."""
+    return 1 << (n_features + 1).bit_length()
+
+
+def rotation_steps(n_features: int) -> tuple[int, ...]:
+    """Rotation keys an encrypted query needs: baby steps 1 … g − 1 and giant steps g, 2g, …
+    (g ≈ √m), so m − 1 rotations need ~2√m keys instead of m − 1."""
+    m = diagonal_width(n_features)
+    g = 1 << ((m.bit_length() - 1) // 2)
+    return tuple(range(1, g)) + tuple(range(g, m, g))
+
 
 Random = np.random.Generator | SecureRandom  # a seeded numpy generator in tests
 
@@ -185,8 +224,10 @@ def party_upload(
     encrypted_queries: bool = True,
 ) -> dict[str, bytes]:
     """Encrypt standardized points `X` (n, d) with their label rows (L, n) at the segment's
-    positions: ``features-<b>`` (d, slots) and ``extras-<b>`` (1 + L, slots) for each block b
-    the segment touches. Points are shuffled first, so a position says nothing about a row."""
+    positions: ``points-<b>`` and ``labels-<b>`` (L, slots) for each block b the segment
+    touches. The points go feature-major with ‖x‖² last (d + 1, slots) for plaintext queries,
+    as diagonals of the augmented points (m, slots) for encrypted ones. Points are shuffled
+    first, so a position says nothing about a row."""
     X = np.asarray(X, dtype=float)
     if X.ndim != 2 or X.shape[0] != segment.count or labels.shape[1] != segment.count:
         raise ShapeError(
@@ -195,23 +236,49 @@ def party_upload(
     norms = np.sum(X**2, axis=1)
     _check_bound(norms, NORM_SQ_BOUND, "squared norm of a standardized point")
     order = (rng or secure_random()).permutation(segment.count)
-    rows = np.vstack([X[order].T, norms[order][None, :], labels[:, order]])
+    points, labels = X[order], labels[:, order]
     first_block = segment.offset // slots
     n_blocks = (segment.end - 1) // slots + 1 - first_block
-    placed = np.zeros((rows.shape[0], n_blocks * slots))
     start = segment.offset - first_block * slots
-    placed[:, start : start + segment.count] = rows
-    d = X.shape[1]
+    placed = np.zeros((n_blocks * slots, X.shape[1]))
+    placed[start : start + segment.count] = points
+    placed_labels = np.zeros((labels.shape[0], n_blocks * slots))
+    placed_labels[:, start : start + segment.count] = labels
+    occupied = np.zeros(n_blocks * slots, dtype=bool)
+    occupied[start : start + segment.count] = True
     payload = {}
     for i in range(n_blocks):
-        block = placed[:, i * slots : (i + 1) * slots]
-        payload[f"features-{first_block + i}"] = encrypt_for_compute(
-            context, block[:d], multiplications=feature_multiplications(encrypted_queries)
+        block = slice(i * slots, (i + 1) * slots)
+        rows = (
+            point_diagonals(placed[block], occupied[block])
+            if encrypted_queries
+            else point_columns(placed[block])
+        )
+        payload[f"points-{first_block + i}"] = encrypt_for_compute(
+            context, rows, multiplications=POINT_MULTIPLICATIONS
         ).to_bytes()
-        payload[f"extras-{first_block + i}"] = encrypt_for_compute(
-            context, block[d:], multiplications=EXTRA_MULTIPLICATIONS
+        payload[f"labels-{first_block + i}"] = encrypt_for_compute(
+            context, placed_labels[:, block], multiplications=EXTRA_MULTIPLICATIONS
         ).to_bytes()
     return payload
+
+
+def point_columns(points: np.ndarray) -> np.ndarray:
+    """(d + 1, slots): one row per feature, then ‖x‖² (zero rows at empty positions)."""
+    return np.vstack([points.T, np.sum(points**2, axis=1)[None, :]])
+
+
+def point_diagonals(points: np.ndarray, occupied: np.ndarray) -> np.ndarray:
+    """(m, slots): row k holds x'_p[(p + k) mod m] at slot p, x' = (x, 1, ‖x‖², 0…) at occupied
+    positions and 0 elsewhere."""
+    slots, d = points.shape
+    m = diagonal_width(d)
+    augmented = np.zeros((slots, m))
+    augmented[:, :d] = points
+    augmented[:, d] = occupied
+    augmented[:, d + 1] = np.sum(points**2, axis=1)
+    p = np.arange(slots)
+    return np.stack([augmented[p, (p + k) % m] for k in range(m)])
 
 
 # -- querier ---------------------------------------------------------------------------------
@@ -230,10 +297,20 @@ def check_queries(queries: np.ndarray, n_features: int) -> np.ndarray:
     return queries
 
 
+def query_vector(query: np.ndarray, slots: int) -> np.ndarray:
+    """q' = (−2q, ‖q‖², 1, 0…)/s repeated across the slots: what one packed query holds."""
+    m = diagonal_width(len(query))
+    augmented = np.zeros(m)
+    augmented[: len(query)] = -2.0 * query
+    augmented[len(query)] = query @ query
+    augmented[len(query) + 1] = 1.0
+    return np.tile(augmented / DISTANCE_SCALE, slots // m)
+
+
 def querier_encrypt(context: PublicContext | None, queries: np.ndarray, slots: int) -> Tensor:
-    """Enc(q_j) in every slot: (n_queries, d, slots), one ciphertext per query and feature."""
-    replicated = np.repeat(queries[:, :, None], slots, axis=2)
-    return encrypt_for_compute(context, replicated, multiplications=FEATURE_MULTIPLICATIONS)
+    """One packed ciphertext per query, (n_queries, slots): q' repeated (`query_vector`)."""
+    packed = np.stack([query_vector(q, slots) for q in queries])
+    return encrypt_for_compute(context, packed, multiplications=POINT_MULTIPLICATIONS)
 
 
 def querier_masks(
@@ -262,13 +339,33 @@ def querier_answer(released: np.ndarray, rho: np.ndarray, k: int, n_classes: int
 
 @dataclass
 class Block:
-    features: list[Tensor]
-    norms: Tensor
+    points: list[Tensor]  # feature rows and ‖x‖² (plaintext queries), or diagonals (encrypted)
     labels: list[Tensor]
 
 
+@dataclass(frozen=True)
+class Mask:
+    """One query's mask: (u + vertex)² + shift, monotone in u ≥ 0."""
+
+    vertex: float
+    shift: float
+
+    @classmethod
+    def draw(cls, rng: Random, n_features: int) -> Mask:
+        # The vertex is drawn on the scale of a typical u (2d/s for standardized points), so
+        # the square bends the values where the points are; at least a quarter of it keeps
+        # the slope 2(u + b) of near neighbours well above the encryption noise.
+        typical = min(MAX_VERTEX, 2.0 * n_features / DISTANCE_SCALE)
+        return cls(typical * rng.uniform(0.25, 1.0), rng.uniform(*BETA_RANGE))
+
+    def apply(self, u: np.ndarray) -> np.ndarray:
+        return (u + self.vertex) ** 2 + self.shift
+
+
 class KNNStore:
-    """The aggregator's encrypted points: blocks of `slots` positions, grown by uploads."""
+    """The aggregator's encrypted points: blocks of `slots` positions, grown by uploads.
+
+    One store is one layout: it answers at most `query_budget` queries, then refuses."""
 
     def __init__(
         self,
@@ -278,12 +375,20 @@ class KNNStore:
         layout: StoreLayout,
         *,
         encrypted_queries: bool = True,
+        query_budget: int | None = None,
     ) -> None:
+        if layout.slots % diagonal_width(n_features):
+            raise ShapeError(
+                f"{n_features} features need diagonals of width {diagonal_width(n_features)}, "
+                f"which must divide the {layout.slots} slots: reduce the features."
+            )
         self.context = context
         self.n_features = n_features
         self.n_classes = n_classes
         self.layout = layout
-        self.encrypted_queries = encrypted_queries  # features keep room for a second product
+        self.encrypted_queries = encrypted_queries  # points stored as diagonals
+        self.query_budget = query_budget or queries_per_layout(n_features)
+        self.queries_answered = 0
         self.blocks: dict[int, Block] = {}
         self.contributors: list[str] = []
         self.stored: set[tuple[str, int]] = set()  # (party, offset) of each stored segment
@@ -300,6 +405,14 @@ class KNNStore:
     def n_points(self) -> int:
         return int(self.occupied().sum())
 
+    @property
+    def queries_left(self) -> int:
+        return self.query_budget - self.queries_answered
+
+    @property
+    def point_rows(self) -> int:
+        return diagonal_width(self.n_features) if self.encrypted_queries else self.n_features + 1
+
     def occupied(self) -> np.ndarray:
         return self.layout.occupied(self.stored)
 
@@ -311,8 +424,12 @@ class KNNStore:
             raise ProtocolError(f"{segment} is not part of this store's layout.")
         if (segment.party, segment.offset) in self.stored:
             raise ProtocolError(f"segment of {segment.party!r} is already stored.")
+        if self.queries_answered:
+            raise ProtocolError(
+                "this layout has answered queries: points go into a fresh layout only."
+            )
         expected = {
-            f"{kind}-{b}" for b in self.layout.blocks_of(segment) for kind in ("features", "extras")
+            f"{kind}-{b}" for b in self.layout.blocks_of(segment) for kind in ("points", "labels")
         }
         if set(payload) != expected:
             raise ProtocolError(
@@ -328,21 +445,19 @@ class KNNStore:
         self.stored.add((segment.party, segment.offset))
 
     def _load_block(self, payload: Mapping[str, bytes], b: int) -> Block:
-        d, slots = self.n_features, self.slots
-        features = load_tensor(
-            payload[f"features-{b}"],
+        points = load_tensor(
+            payload[f"points-{b}"],
             self.context,
-            shape=(d, slots),
-            level=feature_multiplications(self.encrypted_queries) + 1 if self.context else None,
+            shape=(self.point_rows, self.slots),
+            level=POINT_MULTIPLICATIONS + 1 if self.context else None,
         )
-        extras = load_tensor(
-            payload[f"extras-{b}"],
+        labels = load_tensor(
+            payload[f"labels-{b}"],
             self.context,
-            shape=(1 + self.n_labels, slots),
+            shape=(self.n_labels, self.slots),
             level=EXTRA_MULTIPLICATIONS + 1 if self.context else None,
         )
-        extra_rows = unstack(extras)
-        return Block(unstack(features), extra_rows[0], extra_rows[1:])
+        return Block(unstack(points), unstack(labels))
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -360,45 +475,76 @@ class KNNStore:
             )
 
     def masked_distances(self, queries: np.ndarray | Tensor) -> Tensor:
-        """Enc(α·(‖x‖² − 2q·x) + β) of every stored position, (n_queries, n_blocks, slots);
-        a fresh (α, β) per query, drawn from the OS's CSPRNG and then forgotten."""
-        rng = secure_random()
-        empty = EMPTY_OFFSET * (~self.occupied())
+        """Enc((u + b)² + β) of every stored position, u = ‖x − q‖²/DISTANCE_SCALE,
+        (n_queries, n_blocks, slots); a fresh `Mask` per query, drawn from the OS's CSPRNG and
+        then forgotten. Counts against the layout's query budget."""
         plain = isinstance(queries, np.ndarray)
-        if not plain and not self.encrypted_queries:
-            raise ProtocolError(
-                "this KNN store was uploaded for plaintext queries (features one level deep): "
-                "run the job with --query encrypted to store points that take encrypted ones."
-            )
-        rows = queries if plain else unstack(queries)
         if plain:
             check_queries(queries, self.n_features)
+        elif not self.encrypted_queries:
+            raise ProtocolError(
+                "this KNN store was uploaded for plaintext queries (feature columns): run the "
+                "job with --query encrypted to store points that take encrypted ones."
+            )
+        n = queries.shape[0]
+        if n > self.queries_left:
+            raise PolicyError(
+                f"this store layout has answered {self.queries_answered} of its "
+                f"{self.query_budget} queries and cannot take {n} more: plan a fresh layout and "
+                "have the parties upload again (positions must not be reused across more "
+                "queries, see fedhe.tasks.knn)."
+            )
+        self.queries_answered += n
+        rng = secure_random()
+        empty = EMPTY_OFFSET * (~self.occupied())
         per_query = []
-        for query in rows:
-            alpha = rng.uniform(*ALPHA_RANGE)
-            beta = rng.uniform(-BETA_BOUND, BETA_BOUND)
-            columns = None if plain else unstack(query)
+        for query in queries if plain else unstack(queries):
+            mask = Mask.draw(rng, self.n_features)
+            scaled = self._scaled_distances(query)
             blocks = []
             for b in range(self.layout.n_blocks):
-                block = self.blocks.get(b)
-                if block is None:  # planned, nothing uploaded yet: every position is empty
-                    blocks.append(self._empty_distances(beta))
+                u = scaled(b)
+                if u is None:  # planned, nothing uploaded yet: every position is empty
+                    blocks.append(self._empty_distances(mask))
                     continue
-                if plain:
-                    total = _plain_products(block.features, -2.0 * alpha * query)
-                else:
-                    total = _cipher_products(block.features, columns).mul_scalar(-2.0 * alpha)
-                total = total + block.norms.mul_scalar(alpha)
-                blocks.append(total.add_plain(beta + empty[b]))
+                u = u.add_plain(np.full(self.slots, mask.vertex))
+                blocks.append((u * u).add_plain(mask.shift + empty[b]))
             per_query.append(stack(blocks))
         return stack(per_query)
 
-    def _empty_distances(self, beta: float) -> Tensor:
-        """What a block without points yields: β + EMPTY_OFFSET everywhere, at the level of
-        the computed distances."""
-        return encrypt_for_compute(
-            self.context, np.full(self.slots, beta + EMPTY_OFFSET), multiplications=0
-        )
+    def _scaled_distances(self, query: np.ndarray | Tensor):
+        """A function of the block index: Enc(‖x − q‖²/s) of the block (None when empty)."""
+        if isinstance(query, np.ndarray) and not self.encrypted_queries:
+            weights = np.append(-2.0 * query, 1.0) / DISTANCE_SCALE
+            offset = np.full(self.slots, (query @ query) / DISTANCE_SCALE)
+
+            def columns(b: int) -> Tensor | None:
+                block = self.blocks.get(b)
+                return weighted_sum(block.points, weights).add_plain(offset) if block else None
+
+            return columns
+        if isinstance(query, np.ndarray):  # plaintext query, diagonal store
+            packed = query_vector(query, self.slots)
+            rotated = [np.roll(packed, -k) for k in range(self.point_rows)]
+
+            def plain_diagonals(b: int) -> Tensor | None:
+                block = self.blocks.get(b)
+                return plain_products(block.points, rotated) if block else None
+
+            return plain_diagonals
+        rotated_query = rotations(query, range(self.point_rows))
+
+        def diagonals(b: int) -> Tensor | None:
+            block = self.blocks.get(b)
+            return sum_of_products(block.points, rotated_query) if block else None
+
+        return diagonals
+
+    def _empty_distances(self, mask: Mask) -> Tensor:
+        """What a block without points yields: the mask of u = 0 plus EMPTY_OFFSET, at the
+        level of the computed distances."""
+        value = mask.apply(np.zeros(self.slots)) + EMPTY_OFFSET
+        return encrypt_for_compute(self.context, value, multiplications=0)
 
     def votes(self, selection: Tensor, rho: Tensor) -> Tensor:
         """Σ_blocks Enc(label) ⊙ Enc(selection) + Z + Enc(ρ): (n_queries, n_labels, slots)."""
@@ -407,18 +553,16 @@ class KNNStore:
         masks = unstack(rho)
         if len(masks) != len(queries):
             raise ShapeError(f"{len(masks)} querier masks for {len(queries)} queries.")
+        present = sorted(self.blocks)  # empty positions are never selected
         out = []
         for chosen, mask in zip(queries, masks, strict=True):
             chosen_blocks = unstack(chosen)
             label_masks = unstack(mask)
             rows = []
             for c in range(self.n_labels):
-                total = None
-                for b, sel in enumerate(chosen_blocks):
-                    if b not in self.blocks:
-                        continue  # empty positions are never selected
-                    term = self.blocks[b].labels[c] * sel
-                    total = term if total is None else total + term
+                total = sum_of_products(
+                    [self.blocks[b].labels[c] for b in present], [chosen_blocks[b] for b in present]
+                )
                 rows.append(total.add_plain(_zero_sum_mask(rng, self.slots)) + label_masks[c])
             out.append(stack(rows))
         return stack(out)
@@ -443,8 +587,8 @@ class KNNStore:
         return load_tensor(
             data,
             self.context,
-            shape=(n_queries, self.n_features, self.slots),
-            level=FEATURE_MULTIPLICATIONS + 1 if self.context else None,
+            shape=(n_queries, self.slots),
+            level=POINT_MULTIPLICATIONS + 1 if self.context else None,
         )
 
     # -- persistence ---------------------------------------------------------------------------
@@ -454,15 +598,16 @@ class KNNStore:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for b, block in self.blocks.items():
-            (folder / f"features-{b}.fhet").write_bytes(stack(block.features).to_bytes())
-            extras = stack([block.norms, *block.labels])
-            (folder / f"extras-{b}.fhet").write_bytes(extras.to_bytes())
+            (folder / f"points-{b}.fhet").write_bytes(stack(block.points).to_bytes())
+            (folder / f"labels-{b}.fhet").write_bytes(stack(block.labels).to_bytes())
         manifest = {
             "version": STORE_VERSION,
             "fingerprint": self.context.fingerprint if self.context else None,
             "n_features": self.n_features,
             "n_classes": self.n_classes,
             "encrypted_queries": self.encrypted_queries,
+            "query_budget": self.query_budget,
+            "queries_answered": self.queries_answered,
             "layout": self.layout.to_dict(),
             "contributors": self.contributors,
             "stored": sorted(self.stored),
@@ -483,7 +628,7 @@ class KNNStore:
         if manifest.get("version") != STORE_VERSION:
             raise ProtocolError(
                 f"KNN store in {folder} has version {manifest.get('version')!r}; this fedhe "
-                f"reads version {STORE_VERSION}."
+                f"reads version {STORE_VERSION}: have the parties upload again."
             )
         fingerprint = context.fingerprint if context else None
         if manifest["fingerprint"] != fingerprint:
@@ -496,41 +641,58 @@ class KNNStore:
             int(manifest["n_features"]),
             int(manifest["n_classes"]),
             StoreLayout.from_dict(manifest["layout"]),
-            encrypted_queries=bool(manifest.get("encrypted_queries", True)),
+            encrypted_queries=bool(manifest["encrypted_queries"]),
+            query_budget=int(manifest["query_budget"]),
         )
         store.contributors = list(manifest["contributors"])
         store.stored.update((p, int(o)) for p, o in manifest["stored"])
         for b in manifest["blocks"]:
             payload = {
                 f"{kind}-{b}": (folder / f"{kind}-{b}.fhet").read_bytes()
-                for kind in ("features", "extras")
+                for kind in ("points", "labels")
             }
             store.blocks[int(b)] = store._load_block(payload, int(b))
+        store.queries_answered = int(manifest["queries_answered"])
         return store
 
 
-def _plain_products(features: list[Tensor], factors: np.ndarray) -> Tensor:
+def plain_products(points: list[Tensor], factors: list[np.ndarray]) -> Tensor:
+    """Σ_k points_k ⊙ factors_k with plaintext vectors (a plaintext query on diagonals)."""
     total = None
-    for column, factor in zip(features, factors, strict=True):
-        term = column.mul_scalar(float(factor))
+    for row, factor in zip(points, factors, strict=True):
+        term = row.mul_plain(factor)
         total = term if total is None else total + term
-    assert total is not None
+    if total is None:
+        raise ShapeError("no rows to multiply.")
     return total
 
 
-def _cipher_products(features: list[Tensor], query: list[Tensor]) -> Tensor:
+# TEMPORARY slow fallbacks until fedhe.crypto provides the lazy versions.
+def weighted_sum(tensors, weights):
     total = None
-    for column, q in zip(features, query, strict=True):
-        term = column * q
+    for t, w in zip(tensors, weights, strict=True):
+        term = t.mul_scalar(float(w))
         total = term if total is None else total + term
-    assert total is not None
     return total
+
+
+def sum_of_products(left, right):
+    total = None
+    for a_, b_ in zip(left, right, strict=True):
+        term = a_ * b_
+        total = term if total is None else total + term
+    return total
+
+
+def rotations(tensor, steps):
+    from fedhe.crypto import PlainTensor
+
+    return [PlainTensor(np.roll(tensor.values, -k)) for k in steps]
 
 
 def _add_blocks(a: Block, b: Block) -> Block:
     return Block(
-        [x + y for x, y in zip(a.features, b.features, strict=True)],
-        a.norms + b.norms,
+        [x + y for x, y in zip(a.points, b.points, strict=True)],
         [x + y for x, y in zip(a.labels, b.labels, strict=True)],
     )
 
