@@ -32,7 +32,8 @@ QUERIER = "party-0"
 
 
 class Federation:
-    """A key holder, its job, and the parties' points split in `n_parties` shares."""
+    """A key holder, its job, and the parties' points split in `n_parties` shares; a fresh
+    layout (new segment order, points shuffled again) whenever the store's budget is spent."""
 
     def __init__(
         self,
@@ -49,40 +50,53 @@ class Federation:
         self.keyholder = KeyHolder(tmp_path / job, declaration_check=check_declaration)
         declaration = aggregate.declare(
             job,
-            outputs={knn.RANK_OUTPUT: (100, None), knn.VOTE_OUTPUT: (100, None)},
+            outputs={knn.RANK_OUTPUT: (400, None), knn.VOTE_OUTPUT: (400, None)},
             min_parties=2,
             params=knn.PARAMS,
             encrypted=encrypted,
             task=knn.TASK,
             meta={"k": K, "querier": QUERIER},
         )
-        public = self.keyholder.declare_job(declaration, KeyRequest(relin=True))
+        steps = knn.rotation_steps(X.shape[1]) if encrypted_queries else ()
+        public = self.keyholder.declare_job(declaration, KeyRequest(relin=True, rotations=steps))
         self.context = PublicContext.from_bytes(public) if public else None
         self.job = job
         # The parties register with the key holder: the votes are sealed to the querier.
         self.parties = TaggedParties(self.keyholder, job, [f"party-{i}" for i in range(n_parties)])
         self.rounds: Counter[str] = Counter()
         self.n_classes = n_classes
+        self.encrypted_queries = encrypted_queries
         self.rng = np.random.default_rng(7)
-        shares = np.array_split(np.arange(len(X)), n_parties)
-        counts = {f"party-{i}": len(s) for i, s in enumerate(shares)}
+        self.shares = {
+            f"party-{i}": (X[share], y[share])
+            for i, share in enumerate(np.array_split(np.arange(len(X)), n_parties))
+        }
+        self.relayout()
+
+    def relayout(self):
+        counts = {party: len(points) for party, (points, _) in self.shares.items()}
         self.layout = knn.StoreLayout.plan(counts, SLOTS, self.rng)
+        first = next(iter(self.shares.values()))[0]
         self.store = knn.KNNStore(
-            self.context, X.shape[1], n_classes, self.layout, encrypted_queries=encrypted_queries
+            self.context,
+            first.shape[1],
+            self.n_classes,
+            self.layout,
+            encrypted_queries=self.encrypted_queries,
         )
         self.uploads = {}
-        for i, share in enumerate(shares):
-            segment = self.segment(f"party-{i}")
-            self.uploads[segment.party] = knn.party_upload(
+        for party, (points, labels) in self.shares.items():
+            segment = self.segment(party)
+            self.uploads[party] = knn.party_upload(
                 self.context,
-                X[share],
-                knn.label_rows(y[share], n_classes),
+                points,
+                knn.label_rows(labels, self.n_classes),
                 segment,
                 SLOTS,
                 rng=self.rng,
-                encrypted_queries=encrypted_queries,
+                encrypted_queries=self.encrypted_queries,
             )
-            self.store.add(segment, self.uploads[segment.party])
+            self.store.add(segment, self.uploads[party])
 
     def segment(self, party):
         return next(s for s in self.layout.segments if s.party == party)
@@ -95,7 +109,22 @@ class Federation:
         self.rounds[output] += 1
         return DecryptionRequest(self.job, output, parties, tensor.to_bytes(), round_)
 
+    def distances(self, queries):
+        """Masked distances of ≤ one layout's worth of queries (a fresh layout when needed)."""
+        if self.store.queries_left < len(queries):
+            self.relayout()
+        return self.store.masked_distances(queries)
+
     def ask(self, queries, *, encrypted_query=False):
+        answers = []
+        for start in range(0, len(queries), self.store.query_budget):
+            chunk = queries[start : start + self.store.query_budget]
+            if self.store.queries_left < len(chunk):
+                self.relayout()
+            answers.append(self._ask(chunk, encrypted_query))
+        return np.concatenate(answers)
+
+    def _ask(self, queries, encrypted_query):
         n = len(queries)
         if encrypted_query:
             sent = knn.querier_encrypt(self.context, queries, SLOTS).to_bytes()
@@ -136,29 +165,22 @@ def test_iris_agrees_with_sklearn(iris, encrypted_query):
     assert np.mean(predicted == yq) > 0.9
 
 
-def test_a_store_for_plaintext_queries_has_smaller_features_and_refuses_encrypted_ones(
+def test_a_store_for_plaintext_queries_keeps_feature_columns_and_refuses_encrypted_ones(
     iris, tmp_path
 ):
     full, X, y, Xq, _ = iris
     c = full.n_classes
     lean = Federation(tmp_path, X, y, c, job="lean", encrypted_queries=False)
-
-    def feature_bytes(federation):
-        return sum(
-            len(blob)
-            for upload in federation.uploads.values()
-            for name, blob in upload.items()
-            if name.startswith("features-")
-        )
-
-    # features drop the 40-bit middle prime of 60+40+40; ‖x‖² and the labels keep their two
-    assert feature_bytes(lean) < 0.75 * feature_bytes(full)
+    # feature columns and ‖x‖² (d + 1 rows), not the diagonals of width m = 8 for iris
+    assert lean.store.point_rows == 5 and full.store.point_rows == knn.diagonal_width(4) == 8
     reference = KNeighborsClassifier(K, algorithm="brute").fit(X, y).predict(Xq)
     assert np.mean(lean.ask(Xq) == reference) >= 0.99
     with pytest.raises(ProtocolError, match="uploaded for plaintext queries"):
         lean.ask(Xq[:2], encrypted_query=True)
     lean.store.save(tmp_path / "lean-store")
     assert not knn.KNNStore.load(tmp_path / "lean-store", lean.context).encrypted_queries
+    # a store of diagonals answers plaintext queries too
+    assert np.mean(full.ask(Xq[:5]) == reference[:5]) >= 0.99
 
 
 def test_breast_cancer_agrees_with_sklearn(tmp_path):
@@ -199,7 +221,7 @@ def test_vote_ties_go_to_the_smallest_class():
 
 def _masked_for_keyholder(federation, queries):
     """What the key holder decrypts when asked to rank (flooding noise included)."""
-    distances = federation.store.masked_distances(queries)
+    distances = federation.distances(queries)
     return federation.keyholder.decrypt_unverified(
         federation.request(knn.RANK_OUTPUT, distances)
     ).values.reshape(len(queries), -1)
@@ -211,17 +233,23 @@ def test_ranking_values_keep_the_order_but_not_the_distances(iris):
     seen = _masked_for_keyholder(federation, np.repeat(query, 2, axis=0))
     occupied = federation.store.occupied().ravel()
     # Which stored point sits at which position is the aggregator's secret; the test recovers it
-    # from the true partial distances (‖x‖² − 2q·x) the position holds.
+    # by decrypting the store with the secret key.
     stored = _stored_points(federation)
-    true = np.sum(stored**2, axis=1) - 2 * stored @ query[0]
+    u = np.sum((stored - query[0]) ** 2, axis=1) / knn.distance_scale(4)
     first, second = seen[0, occupied], seen[1, occupied]
     # The same query twice gets two different masks: no fixed map from values to distances.
     assert not np.allclose(first, second, rtol=0, atol=1.0)
     for values in (first, second):
-        alpha, _ = np.polyfit(true, values, 1)
-        assert knn.ALPHA_RANGE[0] <= alpha < knn.ALPHA_RANGE[1]
-        assert not np.allclose(values, true, rtol=0, atol=1.0)
-        assert np.array_equal(np.argsort(values)[:K], np.argsort(true)[:K])
+        # (u + b)² + β: exactly quadratic in the distance, so no affine map explains the values
+        curvature, slope, _ = np.polyfit(u, values, 2)
+        np.testing.assert_allclose(curvature, 1.0, rtol=1e-3)
+        vertex = slope / 2
+        assert 0 < vertex <= knn.MAX_VERTEX
+        linear = np.polyval(np.polyfit(u, values, 1), u)
+        assert np.max(np.abs(linear - values)) > 1e3 * np.max(
+            np.abs(np.polyval(np.polyfit(u, values, 2), u) - values)
+        )
+        assert np.array_equal(np.argsort(values)[:K], np.argsort(u)[:K])
     # Empty positions are pushed beyond every real one, so they never rank.
     assert np.all(seen[:, ~occupied] > knn.VALID_BELOW)
     assert np.all(seen[:, occupied] < knn.VALID_BELOW)
@@ -233,10 +261,16 @@ def _stored_points(federation):
     secret = federation.keyholder._secret_context(federation.job)
     from fedhe.crypto import decrypt
 
-    block = federation.store.blocks[0]
-    columns = [decrypt(secret, f) for f in block.features]
-    occupied = federation.store.occupied().ravel()
-    return np.column_stack(columns)[occupied[:SLOTS]]
+    rows = np.stack([decrypt(secret, r) for r in federation.store.blocks[0].points])
+    occupied = federation.store.occupied().ravel()[:SLOTS]
+    d = federation.store.n_features
+    if federation.store.encrypted_queries:  # diagonal k holds x'_p[(p + k) mod m] at slot p
+        m = rows.shape[0]
+        p = np.arange(SLOTS)
+        points = np.stack([rows[(f - p) % m, p] for f in range(d)], axis=1)
+    else:
+        points = rows[:d].T
+    return points[occupied]
 
 
 def test_the_vote_ciphertexts_hide_single_slots(iris):
@@ -244,7 +278,7 @@ def test_the_vote_ciphertexts_hide_single_slots(iris):
     n = 2
     ranked = knn.keyholder_rank(
         federation.keyholder,
-        federation.request(knn.RANK_OUTPUT, federation.store.masked_distances(Xq[:n])),
+        federation.request(knn.RANK_OUTPUT, federation.distances(Xq[:n])),
     )
     masks, rho = knn.querier_masks(federation.context, n, 3, SLOTS)
     votes = federation.store.votes(
@@ -324,7 +358,7 @@ def test_a_bad_upload_changes_nothing(tmp_path):
         store.add(segment, damaged)
     assert store.blocks == {} and store.contributors == []
     with pytest.raises(ProtocolError, match="must hold exactly"):
-        store.add(segment, {"features-7": b"x"})
+        store.add(segment, {"points-7": b"x"})
     store.add(segment, good)
     with pytest.raises(ProtocolError, match="already stored"):
         store.add(segment, good)
@@ -339,7 +373,7 @@ def test_a_bad_upload_changes_nothing(tmp_path):
 
 def test_the_keyholder_ranks_only_for_enough_parties(iris):
     federation, _, _, Xq, _ = iris
-    distances = federation.store.masked_distances(Xq[:1])
+    distances = federation.distances(Xq[:1])
     with pytest.raises(PolicyError, match="min_parties"):
         knn.keyholder_rank(
             federation.keyholder,
@@ -395,9 +429,10 @@ def test_the_store_survives_a_restart_and_grows(tmp_path):
         ),
     )
     assert reloaded.n_points == 120
-    federation.store = reloaded
-    reference = KNeighborsClassifier(K, algorithm="brute").fit(X, y).predict(Xq)
-    assert np.mean(federation.ask(Xq) == reference) >= 0.99
+    federation.store = reloaded  # the grown store answers its layout's budget
+    n = reloaded.query_budget
+    reference = KNeighborsClassifier(K, algorithm="brute").fit(X, y).predict(Xq[:n])
+    assert np.mean(federation._ask(Xq[:n], False) == reference) >= 0.99
 
 
 def test_a_store_under_other_keys_or_version_is_refused(tmp_path, iris):
@@ -407,7 +442,7 @@ def test_a_store_under_other_keys_or_version_is_refused(tmp_path, iris):
     with pytest.raises(ProtocolError, match="another key pair"):
         knn.KNNStore.load(folder, other.context)
     manifest = folder / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"version": 1', '"version": 99'))
+    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 99'))
     with pytest.raises(ProtocolError, match="version"):
         knn.KNNStore.load(folder, federation.context)
     with pytest.raises(ProtocolError, match="no readable"):
@@ -418,7 +453,7 @@ def test_a_store_under_other_keys_or_version_is_refused(tmp_path, iris):
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    key=st.sampled_from(["features-0", "extras-0"]),
+    key=st.sampled_from(["points-0", "labels-0"]),
     flips=st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 7)), min_size=1, max_size=3),
     cut=st.none() | st.integers(0, 2**31),
 )

@@ -15,7 +15,7 @@ x'_p[(p + k) mod m] in slot p. The querier then sends one packed ciphertext q' =
 2. Upload (party): points standardized with the globally summed moments, shuffled locally,
    encrypted at their positions (zeros elsewhere) for every block the segment touches. The
    aggregator adds uploads into the store: segments are disjoint, so the sum is the union.
-3. Distances (aggregator): for each query u = ‖x − q‖²/s (s = DISTANCE_SCALE, public) and a
+3. Distances (aggregator): for each query u = ‖x − q‖²/s (s = `distance_scale(d)`) and a
    fresh random *monotone quadratic* mask: ``Enc((u + b)² + β)`` per block, b ≥ 0 and β drawn
    per query. Empty positions get +EMPTY_OFFSET so they never rank.
 4. Rank (key holder, output `knn_rank`): decrypts the masked distances of a batch, takes the k
@@ -77,13 +77,15 @@ PARAMS = MODEL_PARAMS
 POINT_MULTIPLICATIONS = 2
 EXTRA_MULTIPLICATIONS = 1
 
-# Standardized points (and queries) must keep ‖x‖² ≤ NORM_SQ_BOUND, so ‖x − q‖² ≤ 2^16 and
-# u = ‖x − q‖²/DISTANCE_SCALE ≤ 2^8 − MAX_VERTEX: with b ≤ MAX_VERTEX and β ∈ [−2^15, 0),
-# every masked distance (u + b)² + β lies in [−2^15, 2^16); empty positions sit at least
-# EMPTY_OFFSET − 2^15 = 3·2^15 above zero, all inside the last level's 2^19.
-NORM_SQ_BOUND = 2.0**14
-MAX_VERTEX = 1.0
-DISTANCE_SCALE = 4 * NORM_SQ_BOUND / (2.0**8 - MAX_VERTEX)
+# Standardized points (and queries) must keep ‖x‖² ≤ norm_sq_bound(d) = 64·d (a root mean
+# square of 8 standard deviations per feature), so ‖x − q‖² ≤ 256·d and u = ‖x − q‖²/s with
+# s = distance_scale(d) stays ≤ 2^8 − MAX_VERTEX: with b ≤ MAX_VERTEX and β ∈ [−2^15, 0), every
+# masked distance (u + b)² + β lies in [−2^15, 2^16); empty positions sit at least
+# EMPTY_OFFSET − 2^15 = 3·2^15 above zero, all inside the last level's 2^19. The bound is
+# relative to d so that typical distances (2d for standardized points) land at u ≈ 2, where
+# the square bends the values and near neighbours stay far apart next to the noise.
+NORM_SQ_PER_FEATURE = 64.0
+MAX_VERTEX = 4.0
 BETA_RANGE = (-(2.0**15), 0.0)
 EMPTY_OFFSET = 2.0**17
 VALID_BELOW = 2.0**16 + 2.0**14
@@ -96,6 +98,15 @@ LABEL_BOUND = 2.0**8
 MAX_QUERIES_PER_LAYOUT = 8
 
 STORE_VERSION = 2
+
+
+def norm_sq_bound(n_features: int) -> float:
+    return NORM_SQ_PER_FEATURE * n_features
+
+
+def distance_scale(n_features: int) -> float:
+    """s: the largest squared distance, 4·norm_sq_bound(d), maps to u = 2^8 − MAX_VERTEX."""
+    return 4 * norm_sq_bound(n_features) / (2.0**8 - MAX_VERTEX)
 
 
 def queries_per_layout(n_features: int) -> int:
@@ -234,7 +245,7 @@ def party_upload(
             f"segment holds {segment.count} points, got X {X.shape} and labels {labels.shape}."
         )
     norms = np.sum(X**2, axis=1)
-    _check_bound(norms, NORM_SQ_BOUND, "squared norm of a standardized point")
+    _check_bound(norms, norm_sq_bound(X.shape[1]), "squared norm of a standardized point")
     order = (rng or secure_random()).permutation(segment.count)
     points, labels = X[order], labels[:, order]
     first_block = segment.offset // slots
@@ -293,7 +304,8 @@ def check_queries(queries: np.ndarray, n_features: int) -> np.ndarray:
         )
     if not np.all(np.isfinite(queries)):
         raise ValueRangeError("a query holds NaN or infinity: fill or drop it before asking.")
-    _check_bound(np.sum(queries**2, axis=1), NORM_SQ_BOUND, "squared norm of a query")
+    bound = norm_sq_bound(n_features)
+    _check_bound(np.sum(queries**2, axis=1), bound, "squared norm of a query")
     return queries
 
 
@@ -304,7 +316,7 @@ def query_vector(query: np.ndarray, slots: int) -> np.ndarray:
     augmented[: len(query)] = -2.0 * query
     augmented[len(query)] = query @ query
     augmented[len(query) + 1] = 1.0
-    return np.tile(augmented / DISTANCE_SCALE, slots // m)
+    return np.tile(augmented / distance_scale(len(query)), slots // m)
 
 
 def querier_encrypt(context: PublicContext | None, queries: np.ndarray, slots: int) -> Tensor:
@@ -355,7 +367,7 @@ class Mask:
         # The vertex is drawn on the scale of a typical u (2d/s for standardized points), so
         # the square bends the values where the points are; at least a quarter of it keeps
         # the slope 2(u + b) of near neighbours well above the encryption noise.
-        typical = min(MAX_VERTEX, 2.0 * n_features / DISTANCE_SCALE)
+        typical = min(MAX_VERTEX, 2.0 * n_features / distance_scale(n_features))
         return cls(typical * rng.uniform(0.25, 1.0), rng.uniform(*BETA_RANGE))
 
     def apply(self, u: np.ndarray) -> np.ndarray:
@@ -475,7 +487,7 @@ class KNNStore:
             )
 
     def masked_distances(self, queries: np.ndarray | Tensor) -> Tensor:
-        """Enc((u + b)² + β) of every stored position, u = ‖x − q‖²/DISTANCE_SCALE,
+        """Enc((u + b)² + β) of every stored position, u = ‖x − q‖²/distance_scale(d),
         (n_queries, n_blocks, slots); a fresh `Mask` per query, drawn from the OS's CSPRNG and
         then forgotten. Counts against the layout's query budget."""
         plain = isinstance(queries, np.ndarray)
@@ -515,8 +527,9 @@ class KNNStore:
     def _scaled_distances(self, query: np.ndarray | Tensor):
         """A function of the block index: Enc(‖x − q‖²/s) of the block (None when empty)."""
         if isinstance(query, np.ndarray) and not self.encrypted_queries:
-            weights = np.append(-2.0 * query, 1.0) / DISTANCE_SCALE
-            offset = np.full(self.slots, (query @ query) / DISTANCE_SCALE)
+            scale = distance_scale(self.n_features)
+            weights = np.append(-2.0 * query, 1.0) / scale
+            offset = np.full(self.slots, (query @ query) / scale)
 
             def columns(b: int) -> Tensor | None:
                 block = self.blocks.get(b)
