@@ -13,8 +13,12 @@ from fedhe.crypto.tensor import (
     encrypt,
     encrypt_for_compute,
     load_tensor,
+    rotate,
+    rotations,
     stack,
+    sum_of_products,
     unstack,
+    weighted_sum,
 )
 
 __all__ = [
@@ -36,7 +40,11 @@ __all__ = [
     "generate_keys",
     "load_tensor",
     "pause_precompute",
+    "rotate",
+    "rotations",
     "stack",
+    "sum_of_products",
     "unstack",
     "wait_for_precompute",
+    "weighted_sum",
 ]

@@ -55,13 +55,16 @@ import numpy as np
 
 from fedhe.crypto import (
     MODEL_PARAMS,
+    PlainTensor,
     PublicContext,
     Tensor,
     encrypt_for_compute,
     load_tensor,
     stack,
+    sum_of_products,
     unstack,
 )
+from fedhe.crypto.circuit import Circuit
 from fedhe.crypto.randomness import SecureRandom, secure_random
 from fedhe.errors import PolicyError, ProtocolError, ShapeError, ValueRangeError
 from fedhe.keyholder import DecryptionRequest, KeyHolder
@@ -134,8 +137,12 @@ def rotation_steps(n_features: int) -> tuple[int, ...]:
     """Rotation keys an encrypted query needs: baby steps 1 … g − 1 and giant steps g, 2g, …
     (g ≈ √m), so m − 1 rotations need ~2√m keys instead of m − 1."""
     m = diagonal_width(n_features)
-    g = 1 << ((m.bit_length() - 1) // 2)
+    g = _giant_step(m)
     return tuple(range(1, g)) + tuple(range(g, m, g))
+
+
+def _giant_step(m: int) -> int:
+    return 1 << ((m.bit_length() - 1) // 2)
 
 
 Random = np.random.Generator | SecureRandom  # a seeded numpy generator in tests
@@ -509,49 +516,35 @@ class KNNStore:
         self.queries_answered += n
         rng = secure_random()
         empty = EMPTY_OFFSET * (~self.occupied())
+        ops = _arithmetic(self.context)
+        stored = {b: ops.rows(block.points) for b, block in self.blocks.items()}
         per_query = []
         for query in queries if plain else unstack(queries):
             mask = Mask.draw(rng, self.n_features)
-            scaled = self._scaled_distances(query)
+            scaled = self._scaled_distances(ops, stored, query)
             blocks = []
             for b in range(self.layout.n_blocks):
-                u = scaled(b)
-                if u is None:  # planned, nothing uploaded yet: every position is empty
-                    blocks.append(self._empty_distances(mask))
+                if b not in stored:  # planned, nothing uploaded yet: every position is empty
+                    blocks += ops.rows([self._empty_distances(mask)])
                     continue
-                u = u.add_plain(np.full(self.slots, mask.vertex))
-                blocks.append((u * u).add_plain(mask.shift + empty[b]))
-            per_query.append(stack(blocks))
+                u = ops.add(scaled(b), mask.vertex)
+                blocks.append(ops.add(ops.square(u), mask.shift + empty[b]))
+            per_query.append(ops.tensor(blocks))
         return stack(per_query)
 
-    def _scaled_distances(self, query: np.ndarray | Tensor):
-        """A function of the block index: Enc(‖x − q‖²/s) of the block (None when empty)."""
+    def _scaled_distances(self, ops: _Arithmetic, stored: dict, query: np.ndarray | Tensor):
+        """A function of the block index: Enc(‖x − q‖²/s) of that block's positions."""
         if isinstance(query, np.ndarray) and not self.encrypted_queries:
             scale = distance_scale(self.n_features)
             weights = np.append(-2.0 * query, 1.0) / scale
-            offset = np.full(self.slots, (query @ query) / scale)
-
-            def columns(b: int) -> Tensor | None:
-                block = self.blocks.get(b)
-                return weighted_sum(block.points, weights).add_plain(offset) if block else None
-
-            return columns
+            offset = (query @ query) / scale
+            return lambda b: ops.add(ops.linear(stored[b], weights), offset)
         if isinstance(query, np.ndarray):  # plaintext query, diagonal store
             packed = query_vector(query, self.slots)
             rotated = [np.roll(packed, -k) for k in range(self.point_rows)]
-
-            def plain_diagonals(b: int) -> Tensor | None:
-                block = self.blocks.get(b)
-                return plain_products(block.points, rotated) if block else None
-
-            return plain_diagonals
-        rotated_query = rotations(query, range(self.point_rows))
-
-        def diagonals(b: int) -> Tensor | None:
-            block = self.blocks.get(b)
-            return sum_of_products(block.points, rotated_query) if block else None
-
-        return diagonals
+            return lambda b: ops.plain_products(stored[b], rotated)
+        rotated_query = ops.rotated_queries(query, self.n_features)
+        return lambda b: ops.products(stored[b], rotated_query)
 
     def _empty_distances(self, mask: Mask) -> Tensor:
         """What a block without points yields: the mask of u = 0 plus EMPTY_OFFSET, at the
@@ -669,38 +662,93 @@ class KNNStore:
         return store
 
 
-def plain_products(points: list[Tensor], factors: list[np.ndarray]) -> Tensor:
-    """Σ_k points_k ⊙ factors_k with plaintext vectors (a plaintext query on diagonals)."""
-    total = None
-    for row, factor in zip(points, factors, strict=True):
-        term = row.mul_plain(factor)
-        total = term if total is None else total + term
-    if total is None:
-        raise ShapeError("no rows to multiply.")
-    return total
+class _Arithmetic:
+    """The few operations a masked distance needs, on one block row at a time: numpy arrays
+    for the plaintext twin, SEAL ciphertexts (`Circuit`) when encrypted. The encrypted side
+    stays in SEAL from the store's rows to the masked block: converting a ciphertext back to
+    TenSEAL costs ~3 ms, more than most steps here."""
+
+    def rows(self, tensors: list[Tensor]) -> list: ...
+    def linear(self, rows: list, weights: np.ndarray): ...
+    def products(self, rows: list, others: list): ...
+    def plain_products(self, rows: list, vectors: list[np.ndarray]): ...
+    def rotated_queries(self, query: Tensor, n_features: int) -> list: ...
+    def add(self, row, value: float | np.ndarray): ...
+    def square(self, row): ...
+    def tensor(self, rows: list) -> Tensor: ...
 
 
-# TEMPORARY slow fallbacks until fedhe.crypto provides the lazy versions.
-def weighted_sum(tensors, weights):
-    total = None
-    for t, w in zip(tensors, weights, strict=True):
-        term = t.mul_scalar(float(w))
-        total = term if total is None else total + term
-    return total
+class _NumpyArithmetic(_Arithmetic):
+    def rows(self, tensors):
+        return [t.values for t in tensors]
+
+    def linear(self, rows, weights):
+        return np.tensordot(weights, np.stack(rows), axes=1)
+
+    def products(self, rows, others):
+        return sum(a * b for a, b in zip(rows, others, strict=True))
+
+    plain_products = products
+
+    def rotated_queries(self, query, n_features):
+        return [np.roll(query.values, -k) for k in range(diagonal_width(n_features))]
+
+    def add(self, row, value):
+        return row + value
+
+    def square(self, row):
+        return row * row
+
+    def tensor(self, rows):
+        return PlainTensor(np.stack(rows))
 
 
-def sum_of_products(left, right):
-    total = None
-    for a_, b_ in zip(left, right, strict=True):
-        term = a_ * b_
-        total = term if total is None else total + term
-    return total
+class _CircuitArithmetic(_Arithmetic):
+    def __init__(self, context: PublicContext) -> None:
+        self.circuit = Circuit(context)
+
+    def rows(self, tensors):
+        return [cipher for t in tensors for cipher in self.circuit.ciphers(t)]
+
+    def linear(self, rows, weights):
+        terms = list(zip(rows, weights, strict=True))
+        return self.circuit.multiply_sum(terms, rows[0].scale)
+
+    def products(self, rows, others):
+        total = self.circuit.product_sum(list(zip(rows, others, strict=True)))
+        total.raw.scale = rows[0].scale  # recorded as TenSEAL records a product (×s/prime)
+        return total
+
+    def plain_products(self, rows, vectors):
+        return self.circuit.multiply_sum(list(zip(rows, vectors, strict=True)), rows[0].scale)
+
+    def rotated_queries(self, query, n_features):
+        """rot(q', k) for k = 0 … m − 1 with the keys of `rotation_steps`: giant steps of the
+        query first, then the baby steps of each (m − 1 rotations in all)."""
+        (cipher,) = self.circuit.ciphers(query)
+        m = diagonal_width(n_features)
+        g = _giant_step(m)
+        giants = [cipher, *(self.circuit.rotate(cipher, step) for step in range(g, m, g))]
+        return [
+            self.circuit.rotate(giant, step) if step else giant
+            for giant in giants
+            for step in range(g)
+        ]
+
+    def add(self, row, value):
+        return self.circuit.add_plain(row, value)
+
+    def square(self, row):
+        out = self.circuit.square(row)
+        out.raw.scale = row.scale
+        return out
+
+    def tensor(self, rows):
+        return self.circuit.tensor(rows, (len(rows), rows[0].size))
 
 
-def rotations(tensor, steps):
-    from fedhe.crypto import PlainTensor
-
-    return [PlainTensor(np.roll(tensor.values, -k)) for k in steps]
+def _arithmetic(context: PublicContext | None) -> _Arithmetic:
+    return _NumpyArithmetic() if context is None else _CircuitArithmetic(context)
 
 
 def _add_blocks(a: Block, b: Block) -> Block:
