@@ -49,7 +49,12 @@ def mod_switch_to(vector: ts.CKKSVector, context: ts.Context, level: int) -> ts.
 
 def vector_from(context: ts.Context, ct: sealapi.Ciphertext, size: int) -> ts.CKKSVector:
     """Wrap a SEAL ciphertext as a TenSEAL vector of `size` values (a copy)."""
-    return ts.ckks_vector_from(context, _vector_proto(size, _save(ct), ct.scale))
+    return ts.ckks_vector_from(context, vector_bytes(ct, size))
+
+
+def vector_bytes(ct: sealapi.Ciphertext, size: int) -> bytes:
+    """What TenSEAL's `CKKSVector.serialize` writes for a vector of `size` values held in `ct`."""
+    return _vector_proto(size, _save(ct), ct.scale)
 
 
 def _parms_id_at(seal_context: sealapi.SEALContext, level: int) -> list[int]:

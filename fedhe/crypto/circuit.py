@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tenseal.sealapi as sealapi
 
-from fedhe.crypto import _seal
 from fedhe.crypto.context import PublicContext, SecretContext
 from fedhe.errors import ParameterError
 
@@ -64,14 +63,22 @@ class Circuit:
     # -- conversions ---------------------------------------------------------------------------
 
     def ciphers(self, tensor: EncryptedTensor) -> list[Cipher]:
+        """The tensor's ciphertexts: copies out of TenSEAL vectors, or a `SealTensor`'s own
+        (shared: circuit operations write only to new ciphertexts)."""
+        from fedhe.crypto.tensor import SealTensor  # tensor.py builds on this module
+
         self.context.check_same(tensor.fingerprint)
+        if isinstance(tensor, SealTensor):
+            return [
+                Cipher(ct, size) for ct, size in zip(tensor.seal_ciphers, tensor.sizes, strict=True)
+            ]
         return [Cipher(chunk.ciphertext()[0], chunk.size()) for chunk in tensor.chunks]
 
     def tensor(self, ciphers: Sequence[Cipher], shape: tuple[int, ...]) -> EncryptedTensor:
-        from fedhe.crypto.tensor import EncryptedTensor  # tensor.py builds on this module
+        """A tensor of these ciphertexts, still in SEAL form (converted to TenSEAL on use)."""
+        from fedhe.crypto.tensor import SealTensor
 
-        chunks = [_seal.vector_from(self.context.raw, c.raw, c.size) for c in ciphers]
-        return EncryptedTensor(chunks, shape, self.context)
+        return SealTensor([c.raw for c in ciphers], [c.size for c in ciphers], shape, self.context)
 
     # -- arithmetic ------------------------------------------------------------------------------
 
@@ -155,9 +162,13 @@ class Circuit:
             a_raw, b_raw = (low, high) if low is a_raw else (high, low)
         if not np.isclose(a_raw.scale, b_raw.scale, rtol=1e-12):
             raise ParameterError(f"cannot add scales {a_raw.scale:g} and {b_raw.scale:g}.")
+        recorded = b_raw.scale  # b may belong to a tensor: give its scale back afterwards
         b_raw.scale = a_raw.scale
         out = sealapi.Ciphertext(self._seal)
-        self._evaluator.add(a_raw, b_raw, out)
+        try:
+            self._evaluator.add(a_raw, b_raw, out)
+        finally:
+            b_raw.scale = recorded
         return Cipher(out, a.size)
 
     def add_plain(self, cipher: Cipher, operand: float | np.ndarray) -> Cipher:

@@ -221,21 +221,75 @@ class EncryptedTensor:
         return EncryptedTensor(chunks, self.shape, self.context, self.packing, self.lanes)
 
     def to_bytes(self) -> bytes:
-        blobs = [chunk.serialize() for chunk in self.chunks]
-        body = b"".join(blobs)
-        header = {
-            "kind": CKKS_KIND,
-            "shape": list(self.shape),
-            "packing": self.packing,
-            **({"lanes": self.lanes.to_dict()} if self.lanes else {}),
-            "fingerprint": self.fingerprint,
-            "chunk_bytes": [len(b) for b in blobs],
-            "body_sha256": hashlib.sha256(body).hexdigest(),
-        }
-        return frame(_MAGIC, _VERSION, header, body)
+        return _encrypted_frame(self, [chunk.serialize() for chunk in self.chunks])
+
+
+class SealTensor(EncryptedTensor):
+    """An `EncryptedTensor` still held as SEAL ciphertexts, as `Circuit` computes them.
+
+    Turning a SEAL ciphertext into a TenSEAL vector costs ~3 ms (a save and a load); a result
+    that only travels never needs it: `to_bytes` writes TenSEAL's wire format straight from the
+    SEAL ciphertexts, and `Circuit.ciphers` takes them back without a conversion. `chunks`
+    converts (once) when some TenSEAL operation needs them."""
+
+    def __init__(
+        self, ciphers: Sequence[Any], sizes: Sequence[int], shape: Shape, context: Context
+    ) -> None:
+        self.seal_ciphers = tuple(ciphers)
+        self.sizes = tuple(int(size) for size in sizes)
+        self._chunks: tuple[ts.CKKSVector, ...] | None = None
+        self.shape = tuple(int(s) for s in shape)
+        self.context = context
+        self.packing = REAL
+        self.lanes = None
+        expected = n_ciphertexts(math.prod(self.shape), self.values_per_ciphertext)
+        if len(self.seal_ciphers) != expected or len(self.sizes) != expected:
+            raise ShapeError(
+                f"shape {self.shape} needs {expected} ciphertexts of "
+                f"{self.values_per_ciphertext} values, got {len(self.seal_ciphers)}."
+            )
+
+    @property  # type: ignore[override]
+    def chunks(self) -> tuple[ts.CKKSVector, ...]:
+        if self._chunks is None:
+            raw = self.context.raw
+            self._chunks = tuple(
+                _seal.vector_from(raw, ct, size)
+                for ct, size in zip(self.seal_ciphers, self.sizes, strict=True)
+            )
+        return self._chunks
+
+    @property
+    def level(self) -> int:
+        return self.seal_ciphers[0].coeff_modulus_size()
+
+    @property
+    def scale(self) -> float:
+        return self.seal_ciphers[0].scale
+
+    def to_bytes(self) -> bytes:
+        blobs = [
+            _seal.vector_bytes(ct, size)
+            for ct, size in zip(self.seal_ciphers, self.sizes, strict=True)
+        ]
+        return _encrypted_frame(self, blobs)
 
 
 Tensor = EncryptedTensor | PlainTensor
+
+
+def _encrypted_frame(tensor: EncryptedTensor, blobs: list[bytes]) -> bytes:
+    body = b"".join(blobs)
+    header = {
+        "kind": CKKS_KIND,
+        "shape": list(tensor.shape),
+        "packing": tensor.packing,
+        **({"lanes": tensor.lanes.to_dict()} if tensor.lanes else {}),
+        "fingerprint": tensor.fingerprint,
+        "chunk_bytes": [len(b) for b in blobs],
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+    }
+    return frame(_MAGIC, _VERSION, header, body)
 
 
 def stack(tensors: Sequence[Tensor]) -> Tensor:
@@ -255,6 +309,10 @@ def stack(tensors: Sequence[Tensor]) -> Tensor:
     _check_whole_ciphertexts(first)
     for other in tensors[1:]:
         first.context.check_same(other.fingerprint)  # type: ignore[union-attr]
+    if all(isinstance(t, SealTensor) for t in tensors):  # no conversion to TenSEAL
+        ciphers = [c for t in tensors for c in t.seal_ciphers]  # type: ignore[union-attr]
+        sizes = [n for t in tensors for n in t.sizes]  # type: ignore[union-attr]
+        return SealTensor(ciphers, sizes, shape, first.context)
     chunks = [c for t in tensors for c in t.chunks]  # type: ignore[union-attr]
     return EncryptedTensor(chunks, shape, first.context)
 
@@ -273,6 +331,16 @@ def unstack(tensor: Tensor) -> list[Tensor]:
             f"{tensor.context.params.slots} slots: they cannot be split without rotations."
         )
     n = per_row // tensor.context.params.slots
+    if isinstance(tensor, SealTensor):
+        return [
+            SealTensor(
+                tensor.seal_ciphers[i * n : (i + 1) * n],
+                tensor.sizes[i * n : (i + 1) * n],
+                row_shape,
+                tensor.context,
+            )
+            for i in range(tensor.shape[0])
+        ]
     return [
         EncryptedTensor(tensor.chunks[i * n : (i + 1) * n], row_shape, tensor.context)
         for i in range(tensor.shape[0])
@@ -727,7 +795,7 @@ def _plain_operand(values: np.ndarray, shape: Shape) -> np.ndarray:
 
 
 def _check_same_kind(a: Tensor, b: Tensor) -> None:
-    if type(a) is not type(b):
+    if a.kind != b.kind:
         raise TypeError(f"cannot add {type(a).__name__} and {type(b).__name__}.")
 
 

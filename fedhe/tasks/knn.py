@@ -61,7 +61,6 @@ from fedhe.crypto import (
     encrypt_for_compute,
     load_tensor,
     stack,
-    sum_of_products,
     unstack,
 )
 from fedhe.crypto.circuit import Circuit
@@ -559,18 +558,21 @@ class KNNStore:
         masks = unstack(rho)
         if len(masks) != len(queries):
             raise ShapeError(f"{len(masks)} querier masks for {len(queries)} queries.")
+        ops = _arithmetic(self.context)
         present = sorted(self.blocks)  # empty positions are never selected
+        labels = {b: ops.rows(self.blocks[b].labels) for b in present}
         out = []
         for chosen, mask in zip(queries, masks, strict=True):
-            chosen_blocks = unstack(chosen)
-            label_masks = unstack(mask)
+            chosen_blocks = ops.rows(unstack(chosen))
+            label_masks = ops.rows(unstack(mask))
             rows = []
             for c in range(self.n_labels):
-                total = sum_of_products(
-                    [self.blocks[b].labels[c] for b in present], [chosen_blocks[b] for b in present]
+                total = ops.products(
+                    [labels[b][c] for b in present], [chosen_blocks[b] for b in present]
                 )
-                rows.append(total.add_plain(_zero_sum_mask(rng, self.slots)) + label_masks[c])
-            out.append(stack(rows))
+                total = ops.add(total, _zero_sum_mask(rng, self.slots))
+                rows.append(ops.add_rows(total, label_masks[c]))
+            out.append(ops.tensor(rows))
         return stack(out)
 
     def load_selection(self, data: bytes, n_queries: int) -> Tensor:
@@ -674,6 +676,7 @@ class _Arithmetic:
     def plain_products(self, rows: list, vectors: list[np.ndarray]): ...
     def rotated_queries(self, query: Tensor, n_features: int) -> list: ...
     def add(self, row, value: float | np.ndarray): ...
+    def add_rows(self, row, other): ...
     def square(self, row): ...
     def tensor(self, rows: list) -> Tensor: ...
 
@@ -695,6 +698,8 @@ class _NumpyArithmetic(_Arithmetic):
 
     def add(self, row, value):
         return row + value
+
+    add_rows = add
 
     def square(self, row):
         return row * row
@@ -737,6 +742,9 @@ class _CircuitArithmetic(_Arithmetic):
 
     def add(self, row, value):
         return self.circuit.add_plain(row, value)
+
+    def add_rows(self, row, other):
+        return self.circuit.add(row, other)
 
     def square(self, row):
         out = self.circuit.square(row)
