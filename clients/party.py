@@ -163,13 +163,14 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def masked_statistics(msg: Message, context: Context) -> Message:
-    """Exact linreg: contribute Enc(R·(ZᵢᵀZᵢ + α·nᵢ·I') ‖ R·Zᵢᵀyᵢ ‖ nᵢ ‖ 1)."""
+    """Exact linreg: contribute Enc(R·(ZᵢᵀZᵢ + α·nᵢ·I')·S ‖ R·Zᵢᵀyᵢ ‖ nᵢ ‖ 1)."""
     config, job, data = _open(msg, context)
     standardizer = Standardizer.from_dict(config["standardizer"])
     arrays = linreg.party_masked_statistics(
         standardizer.features(data.X),
         standardizer.target(data.y),
         np.asarray(config["mask"], dtype=float),
+        np.asarray(config["right-mask"], dtype=float),
         l2=float(config["l2"]),
     )
     return _contribute(
@@ -184,7 +185,8 @@ def masked_statistics(msg: Message, context: Context) -> Message:
 
 
 def gradient(msg: Message, context: Context) -> Message:
-    """Gradient mode: contribute Enc(nᵢ·clip(mean gradient at w) ‖ nᵢ ‖ 1)."""
+    """Gradient mode: contribute Enc(nᵢ·clip(mean gradient at w) + mᵢ ‖ nᵢ ‖ 1), mᵢ this
+    party's mask of the round from the aggregator (the key holder sees masked sums only)."""
     config, job, data = _open(msg, context, fault_injectable=True)
     Z, y, logistic = _regression_data(config, job, data)
     w = np.asarray(config["w"], dtype=float)
@@ -200,11 +202,12 @@ def gradient(msg: Message, context: Context) -> Message:
         clip=float(config["clip"]),
         batch=batch,
     )
+    mask = np.asarray(config["gradient-mask"], dtype=float)
     return _contribute(
         msg,
         context,
         job,
-        {"gradient": mean_gradient},
+        {"gradient": linreg.mask_gradient(mean_gradient, mask, n)},
         n,
         sum_bound=float(config["sum-bound"]),
         metrics={"train-s": time.perf_counter() - started},
@@ -273,7 +276,8 @@ def knn_query(msg: Message, context: Context) -> Message:
         query_bytes = knn.querier_encrypt(public, queries, slots).to_bytes()
     else:
         query_bytes = protocol.array_to_bytes(queries)
-    masks, rho = knn.querier_masks(public, len(queries), max(1, int(config["n-classes"])), slots)
+    n_labels = knn.n_label_rows(int(config["n-classes"]))
+    masks, rho = knn.querier_masks(public, len(queries), n_labels, slots)
     _keep_mask(context, f"{job['job-id']}.{start}", rho)
     return Message(
         protocol.content(

@@ -218,8 +218,15 @@ class StoreLayout:
 # -- party -----------------------------------------------------------------------------------
 
 
+def n_label_rows(n_classes: int) -> int:
+    """Label rows in the store: one per class but the last (its count is k minus the others'),
+    or the target (regression, n_classes = 0)."""
+    return max(1, n_classes - 1)
+
+
 def label_rows(y: np.ndarray, n_classes: int) -> np.ndarray:
-    """One-hot class rows (n_classes, n), or the (standardized) target as one row (regression)."""
+    """One-hot rows of the classes but the last (`n_label_rows`), or the (standardized) target
+    as one row (regression)."""
     y = np.asarray(y)
     if n_classes == 0:
         targets = np.asarray(y, dtype=float)[None, :]
@@ -227,7 +234,7 @@ def label_rows(y: np.ndarray, n_classes: int) -> np.ndarray:
         return targets
     if y.size and (y.min() < 0 or y.max() >= n_classes):
         raise ValueRangeError(f"class labels must lie in 0..{n_classes - 1}.")
-    return (np.arange(n_classes)[:, None] == y[None, :]).astype(float)
+    return (np.arange(n_label_rows(n_classes))[:, None] == y[None, :]).astype(float)
 
 
 def party_upload(
@@ -349,6 +356,8 @@ def querier_answer(released: np.ndarray, rho: np.ndarray, k: int, n_classes: int
     if n_classes == 0:
         return votes[:, 0] / k
     counts = np.rint(votes)
+    if counts.shape[1] == n_classes - 1:  # the last class has what the others leave of k
+        counts = np.column_stack([counts, k - counts.sum(axis=1)])
     return np.argmax(counts, axis=1)  # argmax takes the first maximum: the smallest label
 
 
@@ -413,7 +422,7 @@ class KNNStore:
 
     @property
     def n_labels(self) -> int:
-        return self.n_classes or 1
+        return n_label_rows(self.n_classes)
 
     @property
     def slots(self) -> int:
