@@ -2,9 +2,12 @@
 and `fedhe.tasks.logreg`.
 
 Both modes start with one secure sum of feature moments (and of the target for linreg).
-Exact mode (linreg): one secure sum of masked normal equations; the key holder releases only
-the coefficients. Gradient mode (linreg, logreg): `rounds` secure sums of mean gradients; the
-model stays in the clear at the aggregator and the key holder decrypts only gradient sums.
+Exact mode (linreg): one secure sum of the normal equations masked on both sides, R·A·S and
+R·b; the key holder releases only z = S⁻¹·w and this side, which alone knows S, unmasks w.
+Gradient mode (linreg, logreg): `rounds` secure sums of mean gradients, each party's masked by
+a fresh uniform mask only this side and that party know; the model stays in the clear here and
+the key holder decrypts only masked gradient sums. R, S and the gradient masks go to the
+parties only, never to the key holder.
 """
 
 from __future__ import annotations
@@ -74,22 +77,22 @@ class RegressionJob(Job):
     # -- exact mode ------------------------------------------------------------------------------
 
     def _exact(self, standardizer: moments.Standardizer, total_samples: int) -> np.ndarray:
-        mask = linreg.masking_matrix(
-            self.n_features + 1
-        )  # stays here: never sent to the key holder
+        # R and S stay here and go to the parties only: never to the key holder.
+        left, right = linreg.masking_matrices(self.n_features + 1)
         bound = linreg.statistics_sum_bound(self.n_features, total_samples, self.config.l2)
         exchange = self.ask_parties(
             protocol.STATS,
             {
                 "standardizer": standardizer.to_dict(),
-                "mask": mask.tolist(),
+                "mask": left.tolist(),
+                "right-mask": right.tolist(),
                 "l2": self.config.l2,
                 "sum-bound": bound,
                 "min-scale-bits": linreg.STATISTICS_SCALE_BITS,
                 **contribution_settings(linreg.MASKED_OUTPUT, 0),
             },
         )
-        w = self.secure_sum(
+        solution = self.secure_sum(
             exchange,
             linreg.statistics_layout(self.n_features),
             linreg.MASKED_OUTPUT,
@@ -97,7 +100,7 @@ class RegressionJob(Job):
             min_scale_bits=linreg.STATISTICS_SCALE_BITS,
             round_=0,
         )
-        return w
+        return linreg.unmask_coefficients(solution, right)  # the key holder released S⁻¹·w
 
     # -- gradient mode ---------------------------------------------------------------------------
 
@@ -105,32 +108,50 @@ class RegressionJob(Job):
         self, standardizer: moments.Standardizer, total_samples: int
     ) -> np.ndarray:
         w = np.zeros(self.n_features + 1)
-        bound = total_samples * self.config.clip  # |mean gradient| ≤ clip ⇒ |Σ nᵢgᵢ| ≤ clip·Σnᵢ
         kind = "encrypted" if self.run.encrypted else "plaintext twin"
         with progress(self.config.rounds, f"{kind}: rounds") as advance:
             for round_number in range(1, self.config.rounds + 1):
                 started = time.perf_counter()
-                exchange = self.ask_parties(
+                # |mean gradient| ≤ clip ⇒ |Σ nᵢgᵢ| ≤ clip·Σnᵢ, plus one mask per party asked
+                bound = linreg.gradient_sum_bound(
+                    total_samples, self.config.clip, len(self.parties)
+                )
+                masks = linreg.gradient_masks(
+                    self.parties, self.n_features + 1, total_samples, self.config.clip
+                )
+                settings = {
+                    "job-id": self.run.job_id,
+                    "task": self.config.task,
+                    "w": w.tolist(),
+                    "standardizer": standardizer.to_dict(),
+                    "batch-size": self.config.batch_size,
+                    "round": round_number,
+                    "seed": self.config.seed,
+                    "clip": self.config.clip,
+                    "sum-bound": bound,
+                    "fail-party": self.config.drop_party,
+                    **contribution_settings(linreg.GRADIENT_OUTPUT, round_number - 1),
+                }
+                exchange = self.session.ask(  # each party gets its own mask, nobody else's
+                    self.parties,
                     protocol.GRADIENT,
                     {
-                        "task": self.config.task,
-                        "w": w.tolist(),
-                        "standardizer": standardizer.to_dict(),
-                        "batch-size": self.config.batch_size,
-                        "round": round_number,
-                        "seed": self.config.seed,
-                        "clip": self.config.clip,
-                        "sum-bound": bound,
-                        "fail-party": self.config.drop_party,
-                        **contribution_settings(linreg.GRADIENT_OUTPUT, round_number - 1),
+                        name: protocol.content(
+                            config={**settings, "gradient-mask": masks[name].tolist()}
+                        )
+                        for name in self.parties
                     },
+                    role="party",
                 )
-                flat = self.secure_sum(
+                masked = self.secure_sum(
                     exchange,
                     self.gradient_layout,
                     linreg.GRADIENT_OUTPUT,
                     bound,
                     round_=round_number - 1,
+                )
+                flat = linreg.unmask_gradient_sum(
+                    masked, self.gradient_layout, masks, self.run.contributors[-1]["parties"]
                 )
                 gradient, _ = aggregate.average_update(flat, self.gradient_layout)
                 w = linreg.gradient_step(

@@ -259,18 +259,18 @@ def _run(
     standardizer = moments.Standardizer.from_moments(
         averaged["mean"], averaged["meansq"], with_target=True
     )
-    mask = linreg.masking_matrix(d + 1)
+    left, right = linreg.masking_matrices(d + 1)
     bound = linreg.statistics_sum_bound(d, round(total_samples), 0.0)
-    w, stats_phase = secure_sum(
+    z, stats_phase = secure_sum(
         lambda s: linreg.party_masked_statistics(
-            standardizer.features(X[s]), standardizer.target(y[s]), mask
+            standardizer.features(X[s]), standardizer.target(y[s]), left, right
         ),
         stats_layout,
         linreg.MASKED_OUTPUT,
         bound,
         scale_bits=linreg.STATISTICS_SCALE_BITS,
     )
-    coefficients = standardizer.to_original(w)
+    coefficients = standardizer.to_original(linreg.unmask_coefficients(z, right))
     exact_s = time.perf_counter() - started
     err = np.abs(coefficients - reference) / np.maximum(np.abs(reference), 1e-12)
     phases = {"moments": moments_phase, "masked_statistics": stats_phase}
@@ -285,14 +285,20 @@ def _run(
     # (2) gradient mode: one round at w = 0 on the whole local data (no mini-batch).
     Z, t = standardizer.features(X), standardizer.target(y)
     w0 = np.zeros(d + 1)
-    grad_bound = round(total_samples) * args.clip  # |mean gradient| ≤ clip ⇒ |Σ nᵢgᵢ| ≤ clip·N
+    # each party's gradient carries its own fresh mask (the key holder sees only masked sums)
+    grad_bound = linreg.gradient_sum_bound(round(total_samples), args.clip, n_parties)
+    masks = linreg.gradient_masks(parties.names, d + 1, round(total_samples), args.clip)
+    mask_of = dict(zip((s.start for s in shares), parties.names, strict=True))
     started = time.perf_counter()
+
+    def masked_gradient(s: slice) -> dict[str, np.ndarray]:
+        mean, n = linreg.party_gradient(Z[s], t[s], w0, clip=args.clip)
+        return {"gradient": linreg.mask_gradient(mean, masks[mask_of[s.start]], n)}
+
     flat, grad_phase = secure_sum(
-        lambda s: {"gradient": linreg.party_gradient(Z[s], t[s], w0, clip=args.clip)[0]},
-        gradient_layout,
-        linreg.GRADIENT_OUTPUT,
-        grad_bound,
+        masked_gradient, gradient_layout, linreg.GRADIENT_OUTPUT, grad_bound
     )
+    flat = linreg.unmask_gradient_sum(flat, gradient_layout, masks, parties.names)
     gradient, _ = aggregate.average_update(flat, gradient_layout)
     gradient_s = time.perf_counter() - started
     pooled, _ = linreg.party_gradient(Z, t, w0, clip=np.inf)

@@ -63,17 +63,18 @@ def _exact(X, y, n_parties, tmp_path, *, encrypted=True, l2=0.0, seed=0):
     standardizer = moments.Standardizer.from_moments(
         averaged["mean"], averaged["meansq"], with_target=True
     )
-    mask = linreg.masking_matrix(d + 1)
+    left, right = linreg.masking_matrices(d + 1)
     bound = linreg.statistics_sum_bound(d, round(total), l2)
-    w = secure_sum(
+    solution = secure_sum(
         lambda s: linreg.party_masked_statistics(
-            standardizer.features(X[s]), standardizer.target(y[s]), mask, l2=l2
+            standardizer.features(X[s]), standardizer.target(y[s]), left, right, l2=l2
         ),
         stats_layout,
         linreg.MASKED_OUTPUT,
         bound,
         linreg.STATISTICS_SCALE_BITS,
     )
+    w = linreg.unmask_coefficients(solution, right)
     return standardizer.to_original(w), standardizer, keyholder, parties
 
 
@@ -128,11 +129,15 @@ def test_orthogonal_masks_would_leak_the_gram_matrix_ours_do_not():
     q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
     leaked = np.real(sqrtm((q @ A).T @ (q @ A)))
     np.testing.assert_allclose(leaked, A, rtol=1e-8)
-    R = linreg.masking_matrix(4, rng)
-    singular = np.linalg.svd(R, compute_uv=False)
-    assert singular.max() == pytest.approx(2.0) and singular.min() == pytest.approx(0.5)
-    guessed = np.real(sqrtm((R @ A).T @ (R @ A)))
+    R, S = linreg.masking_matrices(4, rng)
+    for mask in (R, S):
+        singular = np.linalg.svd(mask, compute_uv=False)
+        assert singular.min() == pytest.approx(linreg.MASK_SINGULAR_RANGE[0])
+        assert singular.max() == pytest.approx(linreg.MASK_SINGULAR_RANGE[1])
+    guessed = np.real(sqrtm((R @ A @ S).T @ (R @ A @ S)))
+    guessed *= np.trace(A) / np.trace(guessed)  # even at A's known scale
     assert np.max(np.abs(guessed - A) / np.abs(A).max()) > 0.05
+    # (one-sided masks leak more than this test shows: tests/test_regression_privacy.py)
 
 
 def test_masks_differ_per_job():

@@ -59,14 +59,26 @@ def test_key_holder_never_sends_the_masked_matrix_and_parties_get_the_mask_only(
     to_keyholder = [
         m for d, m in grid.log if d == "sent" and m.metadata.dst_node_id == keyholder_node
     ]
-    assert all("mask" not in protocol.config_of(m.content) for m in to_keyholder)
+    masks = {"mask", "right-mask", "gradient-mask"}
+    assert all(not masks & set(protocol.config_of(m.content)) for m in to_keyholder)
     stats = [m for d, m in grid.log if d == "sent" and m.metadata.message_type == protocol.STATS]
-    assert len(stats) == 5 and all("mask" in protocol.config_of(m.content) for m in stats)
+    assert len(stats) == 5
+    assert all({"mask", "right-mask"} <= set(protocol.config_of(m.content)) for m in stats)
 
 
 def test_gradient_linreg_agrees_with_its_twin_and_approaches_the_exact_fit(tmp_path):
-    result, _ = _run(tmp_path, task="linreg", mode="gradient", rounds=40, lr=0.4, batch_size=0)
+    result, grid = _run(tmp_path, task="linreg", mode="gradient", rounds=40, lr=0.4, batch_size=0)
     exact, _ = _run(tmp_path / "exact", task="linreg", plaintext_twin=False)
+    # each party gets its own fresh gradient mask every round; the key holder never one
+    sent = [m for d, m in grid.log if d == "sent"]
+    to_keyholder = [m for m in sent if m.metadata.dst_node_id == 1000 + 5]
+    assert all("gradient-mask" not in protocol.config_of(m.content) for m in to_keyholder)
+    masks = [
+        tuple(protocol.config_of(m.content)["gradient-mask"])
+        for m in sent
+        if m.metadata.message_type == protocol.GRADIENT
+    ]
+    assert len(masks) == 2 * 40 * 5 and len(set(masks)) == len(masks)  # HE run and its twin
     assert result["encrypted"]["r2"] == pytest.approx(exact["encrypted"]["r2"], abs=0.01)
     assert result["agreement"]["max_abs_weight_diff"] < 1e-3
     assert result["encrypted"]["r2"] == pytest.approx(result["plaintext"]["r2"], abs=1e-6)

@@ -1,8 +1,12 @@
 """Logistic regression on encrypted gradients: the sibling of `fedhe.tasks.linreg`.
 
-Binary classification only. Each round every party sends ``Enc(mean log-loss gradient at w ‖
-nᵢ ‖ 1)`` (`linreg.party_gradient` with the sigmoid link); the key holder decrypts only the
-sum; the aggregator takes a gradient step. Features are standardized with the job's global
+Binary classification only. Each round every party sends ``Enc(nᵢ·(mean log-loss gradient at
+w) + mᵢ ‖ nᵢ ‖ 1)`` (`linreg.party_gradient` with the sigmoid link, `linreg.mask_gradient`
+with its mask mᵢ from the aggregator); the key holder decrypts only the masked sum, the
+aggregator removes the masks and takes a gradient step. Unmasked, the sums would tell the key
+holder each class's mean of every feature (the first round's, at w = 0, is Zᵀ(½ − y)/n) and,
+over the rounds, the Hessian Zᵀ·diag(p(1−p))·Z/n, hence the feature correlations
+(tests/test_regression_privacy.py). Features are standardized with the job's global
 moments; coefficients are reported in original units, intercept first.
 """
 
