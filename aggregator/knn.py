@@ -51,9 +51,7 @@ class KNNJob(Job):
         return knn.PARAMS
 
     def keys(self) -> KeyRequest:
-        # Enc(label) × Enc(selection), the mask's square; an encrypted query is rotated.
-        steps = knn.rotation_steps(self.test.n_features) if self.encrypted_queries else ()
-        return KeyRequest(relin=True, rotations=steps)
+        return knn.query_keys(self.test.n_features, self.encrypted_queries)
 
     def meta(self) -> dict[str, Any]:
         return {"k": self.config.k, "querier": self.querier}

@@ -68,7 +68,7 @@ from rich.console import Console
 from sklearn.datasets import make_classification
 from sklearn.neighbors import KNeighborsClassifier
 
-from fedhe.crypto import KeyRequest, PublicContext
+from fedhe.crypto import PublicContext
 from fedhe.keyholder import DecryptionRequest, KeyHolder
 from fedhe.keyholder.inprocess import TaggedParties
 from fedhe.tasks import aggregate, check_declaration, knn
@@ -300,8 +300,7 @@ def declare(
         meta={"k": k, "querier": QUERIER},
     )
     started = time.perf_counter()
-    keys = KeyRequest(relin=True, rotations=knn.rotation_steps(args.features))
-    public = keyholder.declare_job(declaration, keys)
+    public = keyholder.declare_job(declaration, knn.query_keys(args.features, True))
     keygen_s = time.perf_counter() - started
     context = PublicContext.from_bytes(public) if public else None
     # Registration, once per job (the twin registers nothing): the votes are sealed to QUERIER.

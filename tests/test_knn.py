@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 
-from fedhe.crypto import KeyRequest, PublicContext
+from fedhe.crypto import PublicContext
 from fedhe.data.datasets import load_builtin
 from fedhe.errors import (
     ChannelError,
@@ -57,8 +57,9 @@ class Federation:
             task=knn.TASK,
             meta={"k": K, "querier": QUERIER},
         )
-        steps = knn.rotation_steps(X.shape[1]) if encrypted_queries else ()
-        public = self.keyholder.declare_job(declaration, KeyRequest(relin=True, rotations=steps))
+        public = self.keyholder.declare_job(
+            declaration, knn.query_keys(X.shape[1], encrypted_queries)
+        )
         self.context = PublicContext.from_bytes(public) if public else None
         self.job = job
         # The parties register with the key holder: the votes are sealed to the querier.
@@ -171,8 +172,8 @@ def test_a_store_for_plaintext_queries_keeps_feature_columns_and_refuses_encrypt
     full, X, y, Xq, _ = iris
     c = full.n_classes
     lean = Federation(tmp_path, X, y, c, job="lean", encrypted_queries=False)
-    # feature columns and ‖x‖² (d + 1 rows), not the diagonals of width m = 8 for iris
-    assert lean.store.point_rows == 5 and full.store.point_rows == knn.diagonal_width(4) == 8
+    # feature columns and ‖x‖² (d + 1 rows), not the h = 4 complex diagonals for iris
+    assert lean.store.point_rows == 5 and full.store.point_rows == knn.complex_width(4) == 4
     reference = KNeighborsClassifier(K, algorithm="brute").fit(X, y).predict(Xq)
     assert np.mean(lean.ask(Xq) == reference) >= 0.99
     with pytest.raises(ProtocolError, match="uploaded for plaintext queries"):
@@ -265,10 +266,12 @@ def _stored_points(federation):
     rows = np.stack([decrypt(secret, r) for r in federation.store.blocks[0].points])
     occupied = federation.store.occupied().ravel()[:SLOTS]
     d = federation.store.n_features
-    if federation.store.encrypted_queries:  # diagonal k holds x'_p[(p + k) mod m] at slot p
-        m = rows.shape[0]
+    if federation.store.encrypted_queries:  # diagonal k holds x''_p[(p + k) mod h] at slot p
+        folded = rows[:, 0::2] + 1j * rows[:, 1::2]  # COMPLEX packing: (real, imaginary) pairs
+        h = folded.shape[0]
         p = np.arange(SLOTS)
-        points = np.stack([rows[(f - p) % m, p] for f in range(d)], axis=1)
+        augmented = np.stack([folded[(j - p) % h, p] for j in range(h)], axis=1)
+        points = np.column_stack([augmented.real, augmented.imag])[:, :d]
     else:
         points = rows[:d].T
     return points[occupied]

@@ -294,24 +294,36 @@ def _galois_elements(context: ts.Context, steps: tuple[int, ...]) -> list[int]:
     return [pow(3, step % slots, 2 * n) for step in steps]
 
 
-def create_rotation_keys(context: ts.Context, steps: tuple[int, ...]) -> bytes:
-    """Galois keys for exactly `steps` (needs the secret key): one key per step."""
+def create_rotation_keys(
+    context: ts.Context, steps: tuple[int, ...], *, conjugate: bool = False
+) -> bytes:
+    """Galois keys for exactly `steps` (needs the secret key): one key per step, and the
+    conjugation key (Galois element 2N − 1) when asked."""
     seal_context = context.seal_context().data
     generator = sealapi.KeyGenerator(seal_context, context.secret_key().data)
     keys = sealapi.GaloisKeys()
-    generator.create_galois_keys(_galois_elements(context, steps), keys)
+    elements = _galois_elements(context, steps)
+    if conjugate:
+        n = seal_context.key_context_data().parms().poly_modulus_degree()
+        elements.append(2 * n - 1)
+    generator.create_galois_keys(elements, keys)
     return _save(keys)
 
 
 class RotationKeys:
     """Loaded Galois keys for a fixed set of steps."""
 
-    def __init__(self, keys: sealapi.GaloisKeys, steps: tuple[int, ...]) -> None:
+    def __init__(
+        self, keys: sealapi.GaloisKeys, steps: tuple[int, ...], conjugate: bool = False
+    ) -> None:
         self.keys = keys
         self.steps = steps
+        self.conjugate = conjugate
 
     @classmethod
-    def load(cls, context: ts.Context, data: bytes, steps: tuple[int, ...]) -> RotationKeys:
+    def load(
+        cls, context: ts.Context, data: bytes, steps: tuple[int, ...], conjugate: bool = False
+    ) -> RotationKeys:
         keys = sealapi.GaloisKeys()
         fd, path = tempfile.mkstemp(prefix="fedhe-gk-", dir=_tmp_dir())
         try:
@@ -322,7 +334,7 @@ class RotationKeys:
             raise ValueError(f"rotation keys do not load: {err}") from err
         finally:
             os.unlink(path)
-        return cls(keys, steps)
+        return cls(keys, steps, conjugate)
 
 
 # SEAL's serialization header: magic, header size, version, compression mode, reserved, size.

@@ -191,6 +191,17 @@ class Circuit:
             self._evaluator.rotate_vector(cipher.raw, shift, keys, out)
         return Cipher(out, cipher.size)
 
+    def conjugate(self, cipher: Cipher) -> Cipher:
+        """Every slot's complex conjugate (one key switch): z + z̄ is twice the real part."""
+        if not self.context.keys.conjugate:
+            raise ParameterError(
+                "conjugating needs the conjugation key: declare the job with "
+                "KeyRequest(conjugate=True)."
+            )
+        out = sealapi.Ciphertext(self._seal)
+        self._evaluator.complex_conjugate(cipher.raw, self.context.rotation_keys.keys, out)
+        return Cipher(out, cipher.size)
+
     def rotate_sum(self, cipher: Cipher, steps: Sequence[int]) -> Cipher:
         """c + rot(c, s₁), then the same with s₂, …: with steps 1, 2, 4, … each slot i ends up
         holding the sum of slots i … i + 2^len − 1."""
@@ -294,8 +305,9 @@ class Circuit:
             # a number is encoded as a constant: the same value in every slot, no FFT
             self._encoder.encode(float(operand), like.parms_id(), scale, plain)
         else:
-            values = np.zeros(self.context.params.slots)
-            flat = np.asarray(operand, dtype=float).ravel()
+            flat = np.asarray(operand).ravel()
+            kind = complex if np.iscomplexobj(flat) else float
+            values = np.zeros(self.context.params.slots, dtype=kind)
             values[: flat.size] = flat
             self._encoder.encode(values.tolist(), like.parms_id(), scale, plain)
         return plain

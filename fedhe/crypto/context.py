@@ -28,17 +28,29 @@ class KeyRequest:
     """The evaluation keys a job needs; none by default (addition needs no key at all).
 
     `galois` asks for TenSEAL's keys for every power-of-two rotation (~34 MB at N=8192);
-    `rotations` for the keys of exactly these rotation steps (one key per step)."""
+    `rotations` for the keys of exactly these rotation steps (one key per step); `conjugate`
+    for the key that conjugates every slot (real part of a complex product: z + z̄)."""
 
     relin: bool = False
     galois: bool = False
     rotations: tuple[int, ...] = ()
+    conjugate: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rotations", tuple(sorted({int(r) for r in self.rotations})))
 
+    @property
+    def galois_elements(self) -> bool:
+        """Whether this request needs keys made apart from TenSEAL's (rotations, conjugation)."""
+        return bool(self.rotations) or self.conjugate
+
     def to_dict(self) -> dict[str, object]:
-        return {"relin": self.relin, "galois": self.galois, "rotations": list(self.rotations)}
+        return {
+            "relin": self.relin,
+            "galois": self.galois,
+            "rotations": list(self.rotations),
+            "conjugate": self.conjugate,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> KeyRequest:
@@ -47,6 +59,7 @@ class KeyRequest:
                 bool(data.get("relin", False)),
                 bool(data.get("galois", False)),
                 tuple(int(r) for r in data.get("rotations", ())),
+                bool(data.get("conjugate", False)),
             )
         except (TypeError, ValueError, AttributeError) as err:
             raise ParameterError(f"malformed key request {data!r}: {err}") from err
@@ -60,7 +73,7 @@ class _ContextBase:
         self.params = params
         self.keys = keys
         self.rotation_key_bytes = rotation_keys
-        if bool(keys.rotations) != bool(rotation_keys):
+        if keys.galois_elements != bool(rotation_keys):
             raise ParameterError(
                 f"key request for rotations {list(keys.rotations)} does not match the "
                 f"{len(rotation_keys)} bytes of rotation keys."
@@ -69,12 +82,14 @@ class _ContextBase:
     @cached_property
     def rotation_keys(self) -> _seal.RotationKeys:
         """Keys for the rotation steps the job asked for (thin layer: fedhe.crypto only)."""
-        if not self.keys.rotations:
+        if not self.keys.galois_elements:
             raise ParameterError(
                 "this context has no rotation keys: declare the job with "
                 "KeyRequest(rotations=(…)) naming the steps it rotates by."
             )
-        return _seal.RotationKeys.load(self._raw, self.rotation_key_bytes, self.keys.rotations)
+        return _seal.RotationKeys.load(
+            self._raw, self.rotation_key_bytes, self.keys.rotations, self.keys.conjugate
+        )
 
     @property
     def raw(self) -> ts.Context:
@@ -216,7 +231,11 @@ def generate_keys(params: CKKSParams, keys: KeyRequest = KeyRequest()) -> Secret
     raw.global_scale = 2.0**params.scale_bits
     if keys.galois:
         raw.generate_galois_keys()
-    rotation_keys = _seal.create_rotation_keys(raw, keys.rotations) if keys.rotations else b""
+    rotation_keys = (
+        _seal.create_rotation_keys(raw, keys.rotations, conjugate=keys.conjugate)
+        if keys.galois_elements
+        else b""
+    )
     return SecretContext(raw, params, keys, rotation_keys)
 
 

@@ -313,8 +313,9 @@ def stack(tensors: Sequence[Tensor]) -> Tensor:
         ciphers = [c for t in tensors for c in t.seal_ciphers]  # type: ignore[union-attr]
         sizes = [n for t in tensors for n in t.sizes]  # type: ignore[union-attr]
         return SealTensor(ciphers, sizes, shape, first.context)
+    packing = _rows_packing(tensors)
     chunks = [c for t in tensors for c in t.chunks]  # type: ignore[union-attr]
-    return EncryptedTensor(chunks, shape, first.context)
+    return EncryptedTensor(chunks, shape, first.context, packing)
 
 
 def unstack(tensor: Tensor) -> list[Tensor]:
@@ -325,12 +326,14 @@ def unstack(tensor: Tensor) -> list[Tensor]:
     if isinstance(tensor, PlainTensor):
         return [PlainTensor(row) for row in tensor.values]
     per_row = math.prod(row_shape)
-    if per_row % tensor.context.params.slots:
+    per_ciphertext = tensor.values_per_ciphertext
+    if per_row % per_ciphertext:
         raise ShapeError(
             f"rows of {per_row} values do not fill whole ciphertexts of "
-            f"{tensor.context.params.slots} slots: they cannot be split without rotations."
+            f"{per_ciphertext} values: they cannot be split without rotations."
         )
-    n = per_row // tensor.context.params.slots
+    n = per_row // per_ciphertext
+    packing = _rows_packing([tensor])
     if isinstance(tensor, SealTensor):
         return [
             SealTensor(
@@ -342,9 +345,17 @@ def unstack(tensor: Tensor) -> list[Tensor]:
             for i in range(tensor.shape[0])
         ]
     return [
-        EncryptedTensor(tensor.chunks[i * n : (i + 1) * n], row_shape, tensor.context)
+        EncryptedTensor(tensor.chunks[i * n : (i + 1) * n], row_shape, tensor.context, packing)
         for i in range(tensor.shape[0])
     ]
+
+
+def _rows_packing(tensors: Sequence[Tensor]) -> str:
+    """The one packing of tensors stacked or split by rows (quantized lanes cannot be)."""
+    packings = {t.packing for t in tensors}  # type: ignore[union-attr]
+    if len(packings) > 1 or QUANTIZED in packings:
+        raise ShapeError(f"cannot stack or split tensors packed {sorted(packings)}.")
+    return packings.pop()
 
 
 def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
@@ -499,10 +510,10 @@ def _ciphers(circuit: Circuit, tensors: Sequence[Tensor], what: str) -> list[lis
 
 
 def _check_whole_ciphertexts(tensor: EncryptedTensor) -> None:
-    if tensor.size % tensor.context.params.slots:
+    if tensor.size % tensor.values_per_ciphertext:
         raise ShapeError(
             f"tensors of {tensor.size} values do not fill whole ciphertexts of "
-            f"{tensor.context.params.slots} slots: pad them to a multiple before stacking."
+            f"{tensor.values_per_ciphertext} values: pad them to a multiple before stacking."
         )
 
 
@@ -580,25 +591,39 @@ def encrypt(
 
 
 def encrypt_for_compute(
-    context: Context | None, values: np.ndarray, *, multiplications: int | None = None
+    context: Context | None,
+    values: np.ndarray,
+    *,
+    multiplications: int | None = None,
+    packing: str = REAL,
 ) -> Tensor:
     """Encrypt at the nominal scale with room for `multiplications` ciphertext × plaintext
     products (default: as many as the parameters allow), for jobs that multiply; the plaintext
-    twin's tensor when `context` is None. Values must stay within what the last level holds."""
+    twin's tensor when `context` is None. Values must stay within what the last level holds.
+
+    `packing` COMPLEX makes each pair of values one complex slot (real, imaginary): for
+    circuits that compute on complex numbers at the SEAL level (`Circuit`), not for the
+    tensor operations, which refuse it."""
     if context is None:
         return PlainTensor(check_values(values, np.inf))
+    if packing not in (REAL, COMPLEX):
+        raise ParameterError(f"encrypt_for_compute packs REAL or COMPLEX, not {packing!r}.")
     params = context.params
     depth = params.depth if multiplications is None else multiplications
     if not 0 <= depth <= params.depth:
         raise ValueRangeError(f"{depth} multiplications do not fit depth {params.depth}.")
     array = check_values(values, params.max_abs_value)
     flat = array.ravel()
+    if packing == COMPLEX:
+        paired = np.zeros(2 * math.ceil(max(flat.size, 1) / 2))
+        paired[: flat.size] = flat
+        flat = paired[0::2] + 1j * paired[1::2]
     encryptor = _seal.LevelEncryptor(context.raw, depth + 1, 2.0**params.scale_bits)
     chunks = [
         encryptor.encrypt(flat[start : start + params.slots].tolist())
         for start in range(0, max(flat.size, 1), params.slots)
     ]
-    return EncryptedTensor(chunks, array.shape, context)
+    return EncryptedTensor(chunks, array.shape, context, packing)
 
 
 def decrypt(context: SecretContext, tensor: EncryptedTensor) -> np.ndarray:

@@ -55,6 +55,7 @@ import numpy as np
 
 from fedhe.crypto import (
     MODEL_PARAMS,
+    KeyRequest,
     PlainTensor,
     PublicContext,
     Tensor,
@@ -65,6 +66,7 @@ from fedhe.crypto import (
 )
 from fedhe.crypto.circuit import Circuit
 from fedhe.crypto.randomness import SecureRandom, secure_random
+from fedhe.crypto.tensor import COMPLEX, REAL
 from fedhe.errors import PolicyError, ProtocolError, ShapeError, ValueRangeError
 from fedhe.keyholder import DecryptionRequest, KeyHolder
 
@@ -132,12 +134,27 @@ def diagonal_width(n_features: int) -> int:
     return 1 << (n_features + 1).bit_length()
 
 
+def complex_width(n_features: int) -> int:
+    """h = m/2: the augmented point folded into complex numbers x'_j + i·x'_{j+h}, so one
+    complex product carries two real ones: the diagonal store has h rows, a query h − 1
+    rotations."""
+    return diagonal_width(n_features) // 2
+
+
 def rotation_steps(n_features: int) -> tuple[int, ...]:
     """Rotation keys an encrypted query needs: baby steps 1 … g − 1 and giant steps g, 2g, …
-    (g ≈ √m), so m − 1 rotations need ~2√m keys instead of m − 1."""
-    m = diagonal_width(n_features)
-    g = _giant_step(m)
-    return tuple(range(1, g)) + tuple(range(g, m, g))
+    (g ≈ √h), so h − 1 rotations need ~2√h keys instead of h − 1."""
+    h = complex_width(n_features)
+    g = _giant_step(h)
+    return tuple(range(1, g)) + tuple(range(g, h, g))
+
+
+def query_keys(n_features: int, encrypted_queries: bool) -> KeyRequest:
+    """Relinearization (the mask's square, label × selection); for encrypted queries also the
+    query's rotations and conjugation (the real part of the complex products)."""
+    if not encrypted_queries:
+        return KeyRequest(relin=True)
+    return KeyRequest(relin=True, rotations=rotation_steps(n_features), conjugate=True)
 
 
 def _giant_step(m: int) -> int:
@@ -273,13 +290,13 @@ def party_upload(
     payload = {}
     for i in range(n_blocks):
         block = slice(i * slots, (i + 1) * slots)
-        rows = (
-            point_diagonals(placed[block], occupied[block])
-            if encrypted_queries
-            else point_columns(placed[block])
-        )
+        if encrypted_queries:
+            rows = interleaved(point_diagonals(placed[block], occupied[block]))
+            packing = COMPLEX
+        else:
+            rows, packing = point_columns(placed[block]), REAL
         payload[f"points-{first_block + i}"] = encrypt_for_compute(
-            context, rows, multiplications=POINT_MULTIPLICATIONS
+            context, rows, multiplications=POINT_MULTIPLICATIONS, packing=packing
         ).to_bytes()
         payload[f"labels-{first_block + i}"] = encrypt_for_compute(
             context, placed_labels[:, block], multiplications=EXTRA_MULTIPLICATIONS
@@ -293,16 +310,29 @@ def point_columns(points: np.ndarray) -> np.ndarray:
 
 
 def point_diagonals(points: np.ndarray, occupied: np.ndarray) -> np.ndarray:
-    """(m, slots): row k holds x'_p[(p + k) mod m] at slot p, x' = (x, 1, ‖x‖², 0…) at occupied
-    positions and 0 elsewhere."""
+    """(h, slots) complex: row k holds x''_p[(p + k) mod h] at slot p, with x''_j = x'_j +
+    i·x'_{j+h} and x' = (x, 1, ‖x‖², 0…) at occupied positions, 0 elsewhere."""
     slots, d = points.shape
-    m = diagonal_width(d)
-    augmented = np.zeros((slots, m))
+    h = complex_width(d)
+    augmented = np.zeros((slots, 2 * h))
     augmented[:, :d] = points
     augmented[:, d] = occupied
     augmented[:, d + 1] = np.sum(points**2, axis=1)
+    folded = augmented[:, :h] + 1j * augmented[:, h:]
     p = np.arange(slots)
-    return np.stack([augmented[p, (p + k) % m] for k in range(m)])
+    return np.stack([folded[p, (p + k) % h] for k in range(h)])
+
+
+def interleaved(values: np.ndarray) -> np.ndarray:
+    """Complex values as the real array that COMPLEX packing puts back into them (real and
+    imaginary part of each value side by side)."""
+    out = np.empty((*values.shape[:-1], 2 * values.shape[-1]))
+    out[..., 0::2], out[..., 1::2] = values.real, values.imag
+    return out
+
+
+def _complex_of(values: np.ndarray) -> np.ndarray:
+    return values[..., 0::2] + 1j * values[..., 1::2]
 
 
 # -- querier ---------------------------------------------------------------------------------
@@ -323,19 +353,23 @@ def check_queries(queries: np.ndarray, n_features: int) -> np.ndarray:
 
 
 def query_vector(query: np.ndarray, slots: int) -> np.ndarray:
-    """q' = (−2q, ‖q‖², 1, 0…)/s repeated across the slots: what one packed query holds."""
-    m = diagonal_width(len(query))
-    augmented = np.zeros(m)
+    """What one packed query holds (complex, `slots`): q''_j = q'_j − i·q'_{j+h} repeated, with
+    q' = (−2q, ‖q‖², 1, 0…)/(2s). The real part of x''·q'' is x'·q'/2 = u/2, and z + z̄ = u."""
+    h = complex_width(len(query))
+    augmented = np.zeros(2 * h)
     augmented[: len(query)] = -2.0 * query
     augmented[len(query)] = query @ query
     augmented[len(query) + 1] = 1.0
-    return np.tile(augmented / distance_scale(len(query)), slots // m)
+    augmented /= 2 * distance_scale(len(query))
+    return np.tile(augmented[:h] - 1j * augmented[h:], slots // h)
 
 
 def querier_encrypt(context: PublicContext | None, queries: np.ndarray, slots: int) -> Tensor:
-    """One packed ciphertext per query, (n_queries, slots): q' repeated (`query_vector`)."""
-    packed = np.stack([query_vector(q, slots) for q in queries])
-    return encrypt_for_compute(context, packed, multiplications=POINT_MULTIPLICATIONS)
+    """One packed ciphertext per query, (n_queries, 2·slots) as COMPLEX packing sees them."""
+    packed = interleaved(np.stack([query_vector(q, slots) for q in queries]))
+    return encrypt_for_compute(
+        context, packed, multiplications=POINT_MULTIPLICATIONS, packing=COMPLEX
+    )
 
 
 def querier_masks(
@@ -404,9 +438,9 @@ class KNNStore:
         encrypted_queries: bool = True,
         query_budget: int | None = None,
     ) -> None:
-        if layout.slots % diagonal_width(n_features):
+        if layout.slots % complex_width(n_features):
             raise ShapeError(
-                f"{n_features} features need diagonals of width {diagonal_width(n_features)}, "
+                f"{n_features} features need diagonals of width {complex_width(n_features)}, "
                 f"which must divide the {layout.slots} slots: reduce the features."
             )
         self.context = context
@@ -438,7 +472,16 @@ class KNNStore:
 
     @property
     def point_rows(self) -> int:
-        return diagonal_width(self.n_features) if self.encrypted_queries else self.n_features + 1
+        return complex_width(self.n_features) if self.encrypted_queries else self.n_features + 1
+
+    @property
+    def point_packing(self) -> str:
+        return COMPLEX if self.encrypted_queries else REAL
+
+    @property
+    def point_width(self) -> int:
+        """Logical values per stored row: 2·slots when complex (COMPLEX packing's count)."""
+        return 2 * self.slots if self.encrypted_queries else self.slots
 
     def occupied(self) -> np.ndarray:
         return self.layout.occupied(self.stored)
@@ -475,9 +518,10 @@ class KNNStore:
         points = load_tensor(
             payload[f"points-{b}"],
             self.context,
-            shape=(self.point_rows, self.slots),
+            shape=(self.point_rows, self.point_width),
             level=POINT_MULTIPLICATIONS + 1 if self.context else None,
         )
+        _check_packing(points, self.point_packing, "stored points")
         labels = load_tensor(
             payload[f"labels-{b}"],
             self.context,
@@ -524,7 +568,7 @@ class KNNStore:
         self.queries_answered += n
         rng = secure_random()
         empty = EMPTY_OFFSET * (~self.occupied())
-        ops = _arithmetic(self.context)
+        ops = _arithmetic(self.context, self.slots)
         stored = {b: ops.rows(block.points) for b, block in self.blocks.items()}
         per_query = []
         for query in queries if plain else unstack(queries):
@@ -550,9 +594,9 @@ class KNNStore:
         if isinstance(query, np.ndarray):  # plaintext query, diagonal store
             packed = query_vector(query, self.slots)
             rotated = [np.roll(packed, -k) for k in range(self.point_rows)]
-            return lambda b: ops.plain_products(stored[b], rotated)
+            return lambda b: ops.real_part(ops.plain_products(stored[b], rotated))
         rotated_query = ops.rotated_queries(query, self.n_features)
-        return lambda b: ops.products(stored[b], rotated_query)
+        return lambda b: ops.real_part(ops.products(stored[b], rotated_query))
 
     def _empty_distances(self, mask: Mask) -> Tensor:
         """What a block without points yields: the mask of u = 0 plus EMPTY_OFFSET, at the
@@ -567,7 +611,7 @@ class KNNStore:
         masks = unstack(rho)
         if len(masks) != len(queries):
             raise ShapeError(f"{len(masks)} querier masks for {len(queries)} queries.")
-        ops = _arithmetic(self.context)
+        ops = _arithmetic(self.context, self.slots)
         present = sorted(self.blocks)  # empty positions are never selected
         labels = {b: ops.rows(self.blocks[b].labels) for b in present}
         out = []
@@ -601,12 +645,14 @@ class KNNStore:
         )
 
     def load_queries(self, data: bytes, n_queries: int) -> Tensor:
-        return load_tensor(
+        queries = load_tensor(
             data,
             self.context,
-            shape=(n_queries, self.slots),
+            shape=(n_queries, 2 * self.slots),
             level=POINT_MULTIPLICATIONS + 1 if self.context else None,
         )
+        _check_packing(queries, COMPLEX, "encrypted queries")
+        return queries
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -684,6 +730,7 @@ class _Arithmetic:
     def products(self, rows: list, others: list): ...
     def plain_products(self, rows: list, vectors: list[np.ndarray]): ...
     def rotated_queries(self, query: Tensor, n_features: int) -> list: ...
+    def real_part(self, row): ...
     def add(self, row, value: float | np.ndarray): ...
     def add_rows(self, row, other): ...
     def square(self, row): ...
@@ -691,8 +738,17 @@ class _Arithmetic:
 
 
 class _NumpyArithmetic(_Arithmetic):
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+
     def rows(self, tensors):
-        return [t.values for t in tensors]
+        """Each row's values; rows of 2·slots values are COMPLEX-packed: complex slots."""
+        return [
+            _complex_of(t.values) if t.values.size == 2 * self.slots else t.values for t in tensors
+        ]
+
+    def real_part(self, row):
+        return 2 * row.real  # z + z̄
 
     def linear(self, rows, weights):
         return np.tensordot(weights, np.stack(rows), axes=1)
@@ -703,7 +759,8 @@ class _NumpyArithmetic(_Arithmetic):
     plain_products = products
 
     def rotated_queries(self, query, n_features):
-        return [np.roll(query.values, -k) for k in range(diagonal_width(n_features))]
+        (packed,) = self.rows([query])
+        return [np.roll(packed, -k) for k in range(complex_width(n_features))]
 
     def add(self, row, value):
         return row + value
@@ -736,13 +793,16 @@ class _CircuitArithmetic(_Arithmetic):
     def plain_products(self, rows, vectors):
         return self.circuit.multiply_sum(list(zip(rows, vectors, strict=True)), rows[0].scale)
 
+    def real_part(self, row):
+        return self.circuit.add(row, self.circuit.conjugate(row))  # z + z̄
+
     def rotated_queries(self, query, n_features):
-        """rot(q', k) for k = 0 … m − 1 with the keys of `rotation_steps`: giant steps of the
-        query first, then the baby steps of each (m − 1 rotations in all)."""
+        """rot(q'', k) for k = 0 … h − 1 with the keys of `rotation_steps`: giant steps of the
+        query first, then the baby steps of each (h − 1 rotations in all)."""
         (cipher,) = self.circuit.ciphers(query)
-        m = diagonal_width(n_features)
-        g = _giant_step(m)
-        giants = [cipher, *(self.circuit.rotate(cipher, step) for step in range(g, m, g))]
+        h = complex_width(n_features)
+        g = _giant_step(h)
+        giants = [cipher, *(self.circuit.rotate(cipher, step) for step in range(g, h, g))]
         return [
             self.circuit.rotate(giant, step) if step else giant
             for giant in giants
@@ -764,8 +824,8 @@ class _CircuitArithmetic(_Arithmetic):
         return self.circuit.tensor(rows, (len(rows), rows[0].size))
 
 
-def _arithmetic(context: PublicContext | None) -> _Arithmetic:
-    return _NumpyArithmetic() if context is None else _CircuitArithmetic(context)
+def _arithmetic(context: PublicContext | None, slots: int) -> _Arithmetic:
+    return _NumpyArithmetic(slots) if context is None else _CircuitArithmetic(context)
 
 
 def _add_blocks(a: Block, b: Block) -> Block:
@@ -822,6 +882,14 @@ def declared_k(keyholder: KeyHolder, job_id: str) -> int:
     if not isinstance(k, int) or k < 1:
         raise PolicyError(f"job {job_id!r} declares no valid k for its KNN ranking: {k!r}.")
     return k
+
+
+def _check_packing(tensor: Tensor, packing: str, what: str) -> None:
+    if getattr(tensor, "packing", packing) != packing:
+        raise ProtocolError(
+            f"{what} must come {packing}-packed, got {tensor.packing}: upload them with this "  # type: ignore[union-attr]
+            "version's fedhe.tasks.knn."
+        )
 
 
 def _check_bound(values: np.ndarray, bound: float, what: str) -> None:
