@@ -51,7 +51,7 @@ class KNNJob(Job):
         return knn.PARAMS
 
     def keys(self) -> KeyRequest:
-        return knn.query_keys(self.test.n_features, self.encrypted_queries)
+        return knn.query_keys(self.test.n_features)
 
     def meta(self) -> dict[str, Any]:
         return {"k": self.config.k, "querier": self.querier}

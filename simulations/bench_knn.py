@@ -300,7 +300,7 @@ def declare(
         meta={"k": k, "querier": QUERIER},
     )
     started = time.perf_counter()
-    public = keyholder.declare_job(declaration, knn.query_keys(args.features, True))
+    public = keyholder.declare_job(declaration, knn.query_keys(args.features))
     keygen_s = time.perf_counter() - started
     context = PublicContext.from_bytes(public) if public else None
     # Registration, once per job (the twin registers nothing): the votes are sealed to QUERIER.

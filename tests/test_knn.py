@@ -57,9 +57,7 @@ class Federation:
             task=knn.TASK,
             meta={"k": K, "querier": QUERIER},
         )
-        public = self.keyholder.declare_job(
-            declaration, knn.query_keys(X.shape[1], encrypted_queries)
-        )
+        public = self.keyholder.declare_job(declaration, knn.query_keys(X.shape[1]))
         self.context = PublicContext.from_bytes(public) if public else None
         self.job = job
         # The parties register with the key holder: the votes are sealed to the querier.

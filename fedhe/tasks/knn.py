@@ -149,11 +149,11 @@ def rotation_steps(n_features: int) -> tuple[int, ...]:
     return tuple(range(1, g)) + tuple(range(g, h, g))
 
 
-def query_keys(n_features: int, encrypted_queries: bool) -> KeyRequest:
-    """Relinearization (the mask's square, label × selection); for encrypted queries also the
-    query's rotations and conjugation (the real part of the complex products)."""
-    if not encrypted_queries:
-        return KeyRequest(relin=True)
+def query_keys(n_features: int) -> KeyRequest:
+    """Relinearization (the mask's square, label × selection), and for encrypted queries the
+    query's rotations and conjugation (the real part of the complex products). One request
+    whatever the query mode, so that a job's keys do not depend on it (a resumed job may
+    switch modes under the same keys)."""
     return KeyRequest(relin=True, rotations=rotation_steps(n_features), conjugate=True)
 
 
