@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
-import tenseal as ts
 
 from fedhe import protocol
 from fedhe.aggregator.app import run_job
 from fedhe.config import JobConfig
+from fedhe.crypto import PublicContext
 from fedhe.crypto.context import CONTEXT_MAGIC
 from fedhe.errors import ProtocolError
 from fedhe.tasks import knn
@@ -99,8 +99,7 @@ def test_no_message_carries_a_secret_key_or_a_clear_vote(finished):
             continue
         for key, value in protocol.payload_of(message.content).items():
             if value[:4] == CONTEXT_MAGIC:
-                header_len = int.from_bytes(value[6:10], "big")
-                raw = ts.context_from(value[10 + header_len :])
+                raw = PublicContext.from_bytes(value).raw
                 assert not raw.is_private() and not raw.has_secret_key()
             if key == "votes" and message.metadata.message_type == protocol.KNN_ANSWER:
                 released = protocol.array_from_bytes(value)
