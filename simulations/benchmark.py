@@ -29,6 +29,9 @@ subprocess in its own ``--out`` folder under a temporary directory, with the pla
   what verifying a sum costs, "Verifying sums (MAC)" (``simulations/bench_verify.py``: parties
   tagging, registration, the key holder's tag check next to its decryption;
   ``--verify-parties`` × ``--verify-sizes``).
+* KNN in process, "KNN: speed and what the key holder learns": ``simulations/bench_knn.py``
+  (10,000 points, d = 30; the issue's bars) and ``simulations/attack_knn.py`` (the key holder's
+  reconstruction attacks, old vs new protocol); ``--knn`` (on; ``--knn false``: off).
 
 Writes ``benchmarks/README.md`` (machine, command, tables, memory at the peak and its growth
 with parties, failures, how measured), ``benchmarks/*.png`` (sweep time and bytes, accuracy HE
@@ -96,6 +99,8 @@ REPO = Path(__file__).resolve().parent.parent
 FEDAVG_BENCH = Path(__file__).resolve().with_name("bench_aggregate.py")
 FEDAVG_PARTIES = 10  # the issue's bar: HE-FedAvg round ≤ 1.5× plaintext, 100k params, 10 parties
 VERIFY_BENCH = Path(__file__).resolve().with_name("bench_verify.py")
+KNN_BENCH = Path(__file__).resolve().with_name("bench_knn.py")
+KNN_ATTACKS = Path(__file__).resolve().with_name("attack_knn.py")
 VERIFY_DEFAULTS = {False: ("10,100,1000", "8192,100000"), True: ("10,100", "8192")}  # by --quick
 DEFAULT_OUT = {False: REPO / "benchmarks", True: REPO / "benchmarks" / "quick"}
 
@@ -244,6 +249,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--verify-sizes",
         help="values per update of the sum-verification benchmark (8192,100000; --quick 8192)",
     )
+    parser.add_argument(
+        "--knn",
+        default="true",
+        choices=("true", "false"),
+        help="run bench_knn.py and attack_knn.py (true)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: small size, 1 repeat")
     parser.add_argument("--out-dir", type=Path, help="report folder (benchmarks/)")
     parser.add_argument("--keep-runs", type=Path, help="keep run folders here (default: temp)")
@@ -305,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         records = [run_job(job, runs_dir, args.timeout, console) for job in jobs]
     fedavg = run_fedavg(args.fedavg_rounds, args.out_dir, args.timeout, console)
     verify = run_verify(args.verify_parties, args.verify_sizes, args.out_dir, args.timeout, console)
+    knn = run_knn(args.quick, args.out_dir, args.timeout, console) if args.knn == "true" else None
     report = {
         "benchmark": "every fedhe job through `fedhe simulate`: HE vs plaintext twin",
         "command": shlex.join(["python", "simulations/benchmark.py", *(argv or sys.argv[1:])]),
@@ -315,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         "sweep_fit": sweep_fit(records),
         "fedavg": fedavg,
         "verify": verify,
+        "knn": knn,
         "wall_s": time.perf_counter() - started,
     }
     write_report(report, args.out_dir, console)
@@ -564,6 +577,105 @@ def verify_section(report: dict[str, Any]) -> str:
             md_table(VERIFY_COLUMNS, verify_rows(figures)) + "\n",
         ]
     )
+
+
+# -- KNN: speed and leakage ------------------------------------------------------------------
+
+
+def run_knn(quick: bool, out_dir: Path, timeout: float, console: Console) -> dict[str, Any]:
+    """bench_knn.py (the bars) and attack_knn.py (what the key holder can reconstruct)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Any] = {}
+    for name, script in (("speed", KNN_BENCH), ("attacks", KNN_ATTACKS)):
+        out = out_dir / f"knn{'_attacks' if name == 'attacks' else ''}.json"
+        command = [sys.executable, str(script), *(["--quick"] if quick else []), "--out", str(out)]
+        console.print(f"KNN {name}: {shlex.join(command)}")
+        error = _run_script(command, timeout)
+        display = shlex.join(["python", f"simulations/{script.name}", *command[2:-2]])
+        figures[name] = (
+            {"command": display, "error": error}
+            if error
+            else {"command": display, "report": json.loads(out.read_text())}
+        )
+    return figures
+
+
+def knn_section(report: dict[str, Any]) -> str:
+    figures = report.get("knn")
+    if not figures:
+        return ""
+    parts = ["## KNN: speed and what the key holder learns\n"]
+    speed = figures.get("speed", {})
+    if "report" in speed:
+        results = speed["report"]["results"]
+        cfg = speed["report"]["config"]
+        parts.append(
+            f"`{speed['command']}`: {cfg['points']:,} stored points, d = {cfg['features']}, "
+            f"{cfg['parties']} parties, k = {cfg['k']}, in process (no Flower), median of "
+            f"{cfg['repeats']}. A layout answers {results['he']['queries_per_layout']} queries, "
+            "then every party uploads again (re-upload: all parties' encryption and the store "
+            "build, per query of one layout).\n"
+        )
+        parts.append(md_table(("measure", "measured", "bar", "verdict"), knn_bar_rows(results)))
+        parts.append("")
+    elif speed:
+        parts.append(f"bench_knn.py failed: `{speed['error'][:500]}`\n")
+    attacks = figures.get("attacks", {})
+    if "report" in attacks:
+        parts.append(
+            f"`{attacks['command']}`: reconstruction error of the stored points (after the best "
+            "rotation and scale; 1.0 = the trivial guess, all points at the mean), for the old "
+            "protocol (affine mask, one layout) and the new one.\n"
+        )
+        parts.append(knn_attack_table(attacks["report"]))
+    elif attacks:
+        parts.append(f"attack_knn.py failed: `{attacks['error'][:500]}`\n")
+    return "\n".join(parts)
+
+
+def knn_bar_rows(results: dict[str, Any]) -> list[list[str]]:
+    he = results["he"]
+    rows = []
+    for name, bar in results["bars"].items():
+        shown = fmt_bytes if name.endswith("bytes") else fmt_time
+        rows.append(
+            [
+                name.replace("_", " "),
+                shown(bar["measured"]),
+                shown(bar["limit"]),
+                "PASS" if bar["pass"] else "FAIL",
+            ]
+        )
+    for query in ("plaintext", "encrypted"):
+        again = he[f"{query}_relayout"]
+        rows.append(
+            [
+                f"{query} store: re-upload per query",
+                fmt_time(again["per_query_compute_s"]),
+                fmt_bytes(again["per_query_bytes"]),
+                "(cost of fresh layouts)",
+            ]
+        )
+    agreement = results["accuracy"]
+    for name, value in agreement.items():
+        if name.endswith("_vs_sklearn"):
+            rows.append(
+                [
+                    f"agreement with sklearn: {name[:-11]}",
+                    f"{value:.1%}",
+                    "≥ 99%",
+                    "PASS" if value >= 0.99 else "FAIL",
+                ]
+            )
+    return rows
+
+
+def knn_attack_table(report: dict[str, Any]) -> str:
+    rows = report.get("table_rows")
+    columns = report.get("table_columns")
+    if not rows or not columns:
+        return "```\n" + json.dumps(report, indent=1)[:3000] + "\n```\n"
+    return md_table(tuple(columns), rows) + "\n"
 
 
 # -- planning --------------------------------------------------------------------------------
@@ -1150,6 +1262,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
             parts += [heading, md_table(COLUMNS, rows) + "\n", bar_line(records, size)]
     parts += ["```\n" + fit_lines(report["sweep_fit"]) + "\n```\n"]
     parts += [cores_section(records), fedavg_section(report), verify_section(report)]
+    parts += [knn_section(report)]
     parts += [f"![{p}]({p})\n" for p in plots]
     parts += [
         memory_section(records),

@@ -402,6 +402,14 @@ def querier_answer(released: np.ndarray, rho: np.ndarray, k: int, n_classes: int
 class Block:
     points: list[Tensor]  # feature rows and ‖x‖² (plaintext queries), or diagonals (encrypted)
     labels: list[Tensor]
+    _rows: dict = field(default_factory=dict, repr=False)  # the rows as `_Arithmetic` takes them
+
+    def rows(self, ops: _Arithmetic, *, labels: bool = False) -> list:
+        """The points' (or labels') rows for `ops`, taken out of their tensors once."""
+        key = (type(ops), labels)
+        if key not in self._rows:
+            self._rows[key] = ops.rows(self.labels if labels else self.points)
+        return self._rows[key]
 
 
 @dataclass(frozen=True)
@@ -569,7 +577,7 @@ class KNNStore:
         rng = secure_random()
         empty = EMPTY_OFFSET * (~self.occupied())
         ops = _arithmetic(self.context, self.slots)
-        stored = {b: ops.rows(block.points) for b, block in self.blocks.items()}
+        stored = {b: block.rows(ops) for b, block in self.blocks.items()}
         per_query = []
         for query in queries if plain else unstack(queries):
             mask = Mask.draw(rng, self.n_features)
@@ -613,7 +621,7 @@ class KNNStore:
             raise ShapeError(f"{len(masks)} querier masks for {len(queries)} queries.")
         ops = _arithmetic(self.context, self.slots)
         present = sorted(self.blocks)  # empty positions are never selected
-        labels = {b: ops.rows(self.blocks[b].labels) for b in present}
+        labels = {b: self.blocks[b].rows(ops, labels=True) for b in present}
         out = []
         for chosen, mask in zip(queries, masks, strict=True):
             chosen_blocks = ops.rows(unstack(chosen))
