@@ -73,9 +73,10 @@ def test_a_party_failing_its_upload_is_left_out(finished):
 
 def test_each_layout_answers_its_budget_then_the_parties_upload_afresh(finished):
     grid, result, _ = finished
-    budget = knn.queries_per_layout(4)  # iris: d + 1 = 5
-    assert result["knn"]["queries_per_layout"] == budget
-    assert result["knn"]["layouts"] == 30 // budget
+    budget = knn.queries_per_layout(4)  # iris: d = 4
+    layouts = len(knn.query_plan(30, 16, budget))
+    assert result["knn"]["queries_per_layout"] == budget == 4
+    assert result["knn"]["layouts"] == layouts == 8
     uploads = [
         protocol.config_of(m.content)["segment"]
         for direction, m in grid.log
@@ -84,7 +85,7 @@ def test_each_layout_answers_its_budget_then_the_parties_upload_afresh(finished)
         and protocol.config_of(m.content)["job-id"].endswith("-he")
     ]
     # the excluded party-1 is asked once; the 3 others once per layout, in a fresh order
-    assert len(uploads) == 1 + 3 * (30 // budget)
+    assert len(uploads) == 1 + 3 * layouts
     orders = {
         tuple(s["party"] for s in sorted(uploads[i : i + 3], key=lambda s: s["offset"]))
         for i in range(4, len(uploads), 3)

@@ -31,12 +31,14 @@ fixed layout the values of query j lie in span{1, ‖x‖², X}: a few dozen que
 holder every stored record (SVD + one null-space solve; tests/test_knn_leakage.py keeps that
 attack against a reference of the old protocol). The quadratic mask takes the values out of
 that span, but a mask with few random parameters can be fitted back (one unknown vertex per
-query) once a layout has answered more than d + 1 queries, and any mask that keeps the order
-reveals each query's *ranking* of all positions, i.e. roughly one projection of the points per
-query. So a layout answers at most `queries_per_layout(d)` = min(8, d + 1) queries; then the
-parties upload again under a fresh layout (new segment order, points shuffled afresh) and the
-key holder cannot link positions across layouts. What remains is what B rankings of unlinked
-positions reveal: measured in simulations/attack_knn.py and the README's threat model.
+query) once a layout has answered d + 1 queries, and any mask that keeps the order reveals each
+query's *ranking* of all positions, i.e. roughly one projection of the points per query. So a
+layout answers at most `queries_per_layout(d)` = min(8, d) queries; then the parties upload
+again under a fresh layout (new segment order, points shuffled afresh) and the key holder
+cannot link positions across layouts, unless one query (or two very close ones) is asked in
+both: equal rankings link them (a known weakness, tests/test_knn_leakage.py). Empty positions
+hold fresh noise, not the mask of u = 0. What remains is what B rankings of unlinked positions
+reveal: measured in simulations/attack_knn.py and the README's threat model.
 
 Ties: exact distance ties are broken by the encryption noise (in effect at random); a tied
 vote goes to the smallest class label, as scikit-learn's KNeighborsClassifier does.
@@ -84,14 +86,18 @@ EXTRA_MULTIPLICATIONS = 1
 # Standardized points (and queries) must keep ‖x‖² ≤ norm_sq_bound(d) = 64·d (a root mean
 # square of 8 standard deviations per feature), so ‖x − q‖² ≤ 256·d and u = ‖x − q‖²/s with
 # s = distance_scale(d) stays ≤ 2^8 − MAX_VERTEX: with b ≤ MAX_VERTEX and β ∈ [−2^15, 0), every
-# masked distance (u + b)² + β lies in [−2^15, 2^16); empty positions sit at least
-# EMPTY_OFFSET − 2^15 = 3·2^15 above zero, all inside the last level's 2^19. The bound is
+# masked distance (u + b)² + β lies in [−2^15, 2^16); empty positions get EMPTY_OFFSET plus a
+# fresh uniform [0, EMPTY_SPREAD) per slot and query, so they sit at least 3·2^15 above zero
+# and say nothing of b² + β (what an empty position would otherwise show: with b's public
+# range, every valid value then gave the true distance within ~10 %), all inside the last
+# level's 2^19. The bound is
 # relative to d so that typical distances (2d for standardized points) land at u ≈ 2, where
 # the square bends the values and near neighbours stay far apart next to the noise.
 NORM_SQ_PER_FEATURE = 64.0
 MAX_VERTEX = 4.0
 BETA_RANGE = (-(2.0**15), 0.0)
 EMPTY_OFFSET = 2.0**17
+EMPTY_SPREAD = 2.0**16
 VALID_BELOW = 2.0**16 + 2.0**14
 # Vote masks: Z per slot and the querier's ρ, uniform within ±2^16 (statistical distance of a
 # vote of at most k from its mask's own spread: k·2^-17). Targets (regression) are standardized
@@ -114,9 +120,11 @@ def distance_scale(n_features: int) -> float:
 
 
 def queries_per_layout(n_features: int) -> int:
-    """Queries one layout may answer: ≤ d + 1, so the mask's per-query vertex cannot be fitted
-    back, and ≤ MAX_QUERIES_PER_LAYOUT, so few rankings of the same positions accumulate."""
-    return max(1, min(MAX_QUERIES_PER_LAYOUT, n_features + 1))
+    """Queries one layout may answer: ≤ d, so that the values and the constant never span
+    {1, ‖x‖², X} (d + 1 of them would, whatever the vertices, and the quadratic identity
+    ‖x‖² = U·G·Uᵀ would then fit the vertices), and ≤ MAX_QUERIES_PER_LAYOUT, so that few
+    rankings of the same positions accumulate."""
+    return max(1, min(MAX_QUERIES_PER_LAYOUT, n_features))
 
 
 def query_plan(n_queries: int, batch_size: int, budget: int) -> list[list[tuple[int, int]]]:
@@ -575,7 +583,7 @@ class KNNStore:
             )
         self.queries_answered += n
         rng = secure_random()
-        empty = EMPTY_OFFSET * (~self.occupied())
+        empty = ~self.occupied()
         ops = _arithmetic(self.context, self.slots)
         stored = {b: block.rows(ops) for b, block in self.blocks.items()}
         per_query = []
@@ -584,11 +592,14 @@ class KNNStore:
             scaled = self._scaled_distances(ops, stored, query)
             blocks = []
             for b in range(self.layout.n_blocks):
+                filler = _empty_filler(rng, empty[b])
                 if b not in stored:  # planned, nothing uploaded yet: every position is empty
-                    blocks += ops.rows([self._empty_distances(mask)])
+                    blocks += ops.rows(
+                        [encrypt_for_compute(self.context, filler, multiplications=0)]
+                    )
                     continue
                 u = ops.add(scaled(b), mask.vertex)
-                blocks.append(ops.add(ops.square(u), mask.shift + empty[b]))
+                blocks.append(ops.add(ops.square(u), mask.shift + filler))
             per_query.append(ops.tensor(blocks))
         return stack(per_query)
 
@@ -605,12 +616,6 @@ class KNNStore:
             return lambda b: ops.real_part(ops.plain_products(stored[b], rotated))
         rotated_query = ops.rotated_queries(query, self.n_features)
         return lambda b: ops.real_part(ops.products(stored[b], rotated_query))
-
-    def _empty_distances(self, mask: Mask) -> Tensor:
-        """What a block without points yields: the mask of u = 0 plus EMPTY_OFFSET, at the
-        level of the computed distances."""
-        value = mask.apply(np.zeros(self.slots)) + EMPTY_OFFSET
-        return encrypt_for_compute(self.context, value, multiplications=0)
 
     def votes(self, selection: Tensor, rho: Tensor) -> Tensor:
         """Σ_blocks Enc(label) ⊙ Enc(selection) + Z + Enc(ρ): (n_queries, n_labels, slots)."""
@@ -841,6 +846,12 @@ def _add_blocks(a: Block, b: Block) -> Block:
         [x + y for x, y in zip(a.points, b.points, strict=True)],
         [x + y for x, y in zip(a.labels, b.labels, strict=True)],
     )
+
+
+def _empty_filler(rng: Random, empty: np.ndarray) -> np.ndarray:
+    """EMPTY_OFFSET plus a fresh uniform [0, EMPTY_SPREAD) at each empty position, 0 elsewhere:
+    empty positions never rank, and what they hold says nothing of the query's mask."""
+    return empty * (EMPTY_OFFSET + rng.uniform(0.0, EMPTY_SPREAD, empty.shape))
 
 
 def _zero_sum_mask(rng: SecureRandom, size: int) -> np.ndarray:
