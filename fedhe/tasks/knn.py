@@ -86,11 +86,11 @@ EXTRA_MULTIPLICATIONS = 1
 # Standardized points (and queries) must keep ‖x‖² ≤ norm_sq_bound(d) = 64·d (a root mean
 # square of 8 standard deviations per feature), so ‖x − q‖² ≤ 256·d and u = ‖x − q‖²/s with
 # s = distance_scale(d) stays ≤ 2^8 − MAX_VERTEX: with b ≤ MAX_VERTEX and β ∈ [−2^15, 0), every
-# masked distance (u + b)² + β lies in [−2^15, 2^16); empty positions get EMPTY_OFFSET plus a
-# fresh uniform [0, EMPTY_SPREAD) per slot and query, so they sit at least 3·2^15 above zero
-# and say nothing of b² + β (what an empty position would otherwise show: with b's public
-# range, every valid value then gave the true distance within ~10 %), all inside the last
-# level's 2^19. The bound is
+# masked distance (u + b)² + β lies in [−2^15, 2^16); empty positions get EMPTY_OFFSET plus
+# fresh uniform offsets (`_empty_filler`, < 1.5·EMPTY_SPREAD), so they sit at least 3·2^15
+# above zero and say nothing of b² + β (what an empty position would otherwise show: with b's
+# public range, every valid value then gave the true distance within ~10 %), all inside the
+# last level's 2^19. The bound is
 # relative to d so that typical distances (2d for standardized points) land at u ≈ 2, where
 # the square bends the values and near neighbours stay far apart next to the noise.
 NORM_SQ_PER_FEATURE = 64.0
@@ -849,9 +849,14 @@ def _add_blocks(a: Block, b: Block) -> Block:
 
 
 def _empty_filler(rng: Random, empty: np.ndarray) -> np.ndarray:
-    """EMPTY_OFFSET plus a fresh uniform [0, EMPTY_SPREAD) at each empty position, 0 elsewhere:
-    empty positions never rank, and what they hold says nothing of the query's mask."""
-    return empty * (EMPTY_OFFSET + rng.uniform(0.0, EMPTY_SPREAD, empty.shape))
+    """What empty positions get on top of the mask: EMPTY_OFFSET, one fresh uniform offset in
+    [0, EMPTY_SPREAD) for the whole block and a fresh uniform [0, EMPTY_SPREAD/2) per position;
+    0 elsewhere. Empty positions never rank; their values all carry the mask at one known u
+    (0, or ‖q‖²/s), so the block's offset hides it: with noise per position alone, the midrange
+    of ~4,000 empty positions gave b² + β within ~16, and with it every true distance."""
+    block_offset = rng.uniform(0.0, EMPTY_SPREAD)
+    per_position = rng.uniform(0.0, EMPTY_SPREAD / 2, empty.shape)
+    return empty * (EMPTY_OFFSET + block_offset + per_position)
 
 
 def _zero_sum_mask(rng: SecureRandom, size: int) -> np.ndarray:
