@@ -610,7 +610,9 @@ def knn_section(report: dict[str, Any]) -> str:
         results = speed["report"]["results"]
         cfg = speed["report"]["config"]
         parts.append(
-            f"`{speed['command']}`: {cfg['points']:,} stored points, d = {cfg['features']}, "
+            f"`{speed['command']}` (run apart from the jobs above, on "
+            f"{speed['report'].get('machine', {}).get('cpu_count', '?')} CPUs): "
+            f"{cfg['points']:,} stored points, d = {cfg['features']}, "
             f"{cfg['parties']} parties, k = {cfg['k']}, in process (no Flower), median of "
             f"{cfg['repeats']}. A layout answers {results['he']['queries_per_layout']} queries, "
             "then every party uploads again (re-upload: all parties' encryption and the store "
@@ -628,6 +630,10 @@ def knn_section(report: dict[str, Any]) -> str:
             "protocol (affine mask, one layout) and the new one.\n"
         )
         parts.append(knn_attack_table(attacks["report"]))
+        weak = attacks["report"]
+        if weak.get("weakness_rows") and weak.get("weakness_columns"):
+            parts.append("The new protocol's weak spots (the same script):\n")
+            parts.append(md_table(tuple(weak["weakness_columns"]), weak["weakness_rows"]) + "\n")
     elif attacks:
         parts.append(f"attack_knn.py failed: `{attacks['error'][:500]}`\n")
     return "\n".join(parts)
@@ -640,7 +646,7 @@ def knn_bar_rows(results: dict[str, Any]) -> list[list[str]]:
         shown = fmt_bytes if name.endswith("bytes") else fmt_time
         rows.append(
             [
-                name.replace("_", " "),
+                name.removesuffix("_s").replace("_", " "),
                 shown(bar["measured"]),
                 shown(bar["limit"]),
                 "PASS" if bar["pass"] else "FAIL",
