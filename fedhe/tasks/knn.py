@@ -435,9 +435,6 @@ class Mask:
         typical = min(MAX_VERTEX, 2.0 * n_features / distance_scale(n_features))
         return cls(typical * rng.uniform(0.25, 1.0), rng.uniform(*BETA_RANGE))
 
-    def apply(self, u: np.ndarray) -> np.ndarray:
-        return (u + self.vertex) ** 2 + self.shift
-
 
 class KNNStore:
     """The aggregator's encrypted points: blocks of `slots` positions, grown by uploads.
