@@ -1,13 +1,15 @@
 """K nearest neighbours over encrypted points: party, aggregator, key-holder and querier steps.
 
 The aggregator keeps every party's points encrypted in one *store*: store position p lives in
-slot p mod `slots` of block p div `slots`. A block holds one ciphertext per label row (one-hot
-classes, or the target) and, for the points themselves, either (plaintext queries) one
+slot p mod `slots` of block p div `slots`. A block holds one ciphertext per label row (classes
+but the last, or the target) and, for the points themselves, either (plaintext queries) one
 ciphertext per feature plus one for ‖x‖², or (encrypted queries) the *diagonals* of the
-augmented points x' = (x, 1, ‖x‖², 0…) of width m = `diagonal_width(d)`: diagonal k holds
-x'_p[(p + k) mod m] in slot p. The querier then sends one packed ciphertext q' = (−2q, ‖q‖²,
-1, 0…)/s repeated across the slots, and Σ_k diag_k ⊙ rot(q', k) = ‖x − q‖²/s in every slot
-(the Halevi–Shoup diagonal method: m − 1 rotations of the query, shared by all blocks).
+augmented points x' = (x, 1, ‖x‖², 0…) of width m = `diagonal_width(d)`, folded into h = m/2
+complex numbers x''_j = x'_j + i·x'_{j+h}: diagonal k holds x''_p[(p + k) mod h] in slot p. The
+querier then sends one packed ciphertext q''_j = q'_j − i·q'_{j+h} repeated across the slots,
+q' = (−2q, ‖q‖², 1, 0…)/(2s), and z = Σ_k diag_k ⊙ rot(q'', k) has real part ‖x − q‖²/(2s), so
+z + z̄ = u in every slot (the Halevi–Shoup diagonal method: h − 1 rotations of the query, shared
+by all blocks, and one conjugation per block).
 
 1. Layout (aggregator): parties report how many points they hold; the aggregator gives each a
    contiguous segment of store positions, parties in random order. Only the aggregator knows
