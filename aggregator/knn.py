@@ -41,7 +41,7 @@ class KNNJob(Job):
         )
         self.n_batches = sum(len(batches) for batches in self.plan)
         self.querier = f"party-{self.config.querier}"
-        self.encrypted_queries = self.config.query == "encrypted"  # else a smaller store
+        self.encrypted_queries = self.config.query == "encrypted"  # else feature columns
         self.uploaded: set[str] = set()  # parties whose first upload was stored
 
     def source_classes(self) -> int:

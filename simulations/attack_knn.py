@@ -170,37 +170,40 @@ def weaknesses(rng: np.random.Generator, parties: int, quick: bool) -> list[dict
             {"data": data, "case": case, "attack": attack, "error": error, "seconds": seconds}
         )
 
-    for name in ka.DATASETS:
-        data = ka.load(name)
-        d, B = data.d, budget(data.d)
-        # 1. A query asked again in a later layout: rank-link the layouts, then the shape attack.
-        base = ka.make_queries(data.pool, 2 * B - 1, rng)
-        asked = np.vstack([base[:B], base[3:4], base[B:]])
+    def linked(name: str, data, asked: np.ndarray, attack, case: str, label: str) -> None:
+        """Run the new protocol on `asked`, then a layout-linking attack on its views."""
         views = ka.new_views(
             data.X, data.y, asked, parties, rng, n_classes=data.n_classes, mask_seed=seed_of(rng)
         )
         start = time.perf_counter()
-        estimate = ka.repeat_link_attack([v.values for v in views], d)
-        add(
+        estimate = attack([v.values for v in views], data.d)
+        error = ka.reconstruction_error(estimate, data.X[views[0].rows])
+        add(name, case.format(layouts=len(views)), label, error, time.perf_counter() - start)
+
+    for name in ka.DATASETS:
+        data = ka.load(name)
+        d, B = data.d, budget(data.d)
+
+        # 1. A query asked again in a later layout: rank-link the layouts, then the shape attack.
+        base = ka.make_queries(data.pool, 2 * B - 1, rng)
+        asked = np.vstack([base[:B], base[3:4], base[B:]])
+        linked(
             name,
-            f"one query asked twice, {len(views)} layouts of {B}",
+            data,
+            asked,
+            ka.repeat_link_attack,
+            f"one query asked twice, {{layouts}} layouts of {B}",
             "repeat link + shape",
-            ka.reconstruction_error(estimate, data.X[views[0].rows]),
-            time.perf_counter() - start,
         )
         # 1b. A stream that revisits its queries with a larger jitter (σ = 0.3).
         stream = ka.make_queries(data.pool, 2 * len(data.pool) + 2 * B, rng, jitter=0.3)
-        views = ka.new_views(
-            data.X, data.y, stream, parties, rng, n_classes=data.n_classes, mask_seed=seed_of(rng)
-        )
-        start = time.perf_counter()
-        estimate = ka.similar_query_link_attack([v.values for v in views], d)
-        add(
+        linked(
             name,
+            data,
+            stream,
+            ka.similar_query_link_attack,
             f"{len(stream)} queries revisiting the pool with jitter σ = 0.3",
             "query-link (similar queries)",
-            ka.reconstruction_error(estimate, data.X[views[0].rows]),
-            time.perf_counter() - start,
         )
         # 2. The quadratic mask on one layout (no budget, numpy model): what the budget prevents.
         n = 24 if quick else 100
