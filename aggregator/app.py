@@ -35,7 +35,11 @@ def run_job(grid: Grid, config: JobConfig) -> Path:
     session = Session(grid, config.timeout_s)
     nodes = wait_for_nodes(session, config.num_nodes, timeout_s=min(config.timeout_s, 120))
     federation = discover(
-        session, nodes, keyholder_partition_id=config.keyholder_node, min_parties=config.min_parties
+        session,
+        nodes,
+        keyholder_partition_id=config.keyholder_node,
+        min_parties=config.min_parties,
+        keyholders=config.keyholders,
     )
     source = _data_source(config, len(federation.parties))
     test = test_data(source)

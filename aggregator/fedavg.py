@@ -14,6 +14,7 @@ import numpy as np
 
 from fedhe import protocol
 from fedhe.aggregator.job import Job, contribution_settings
+from fedhe.config import ConfigError
 from fedhe.learning import ModelSpec, build_model, evaluate, get_weights, set_weights
 from fedhe.progress import progress
 from fedhe.tasks import aggregate, moments
@@ -76,6 +77,16 @@ class FedAvgJob(Job):
         rounding is small for this federation), reported in result.json."""
         if self.context is None:
             return aggregate.COMPLEX  # the twin sends float64 whatever the packing
+        if self.group is not None:
+            # Quantized lanes decode by rounding, with guard bits sized for encryption noise;
+            # a group's decryption shares each add smudging noise far above it.
+            if self.config.packing == aggregate.QUANTIZED:
+                raise ConfigError(
+                    "quantized packing cannot absorb a key-holder group's smudging noise; use "
+                    "--packing complex (or auto) with --keyholders > 1."
+                )
+            self.run.extras["update_packing"] = aggregate.COMPLEX
+            return aggregate.COMPLEX
         packing = aggregate.choose_packing(
             self.config.packing,
             self.layout,

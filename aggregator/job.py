@@ -26,8 +26,11 @@ from fedhe.config import JobConfig
 from fedhe.crypto import AGGREGATION_PARAMS, CKKSParams, KeyRequest, PublicContext
 from fedhe.data.datasets import Dataset
 from fedhe.data.sources import DataSource
-from fedhe.errors import ProtocolError
-from fedhe.tasks import aggregate, moments
+from fedhe.errors import FedHEError, ProtocolError
+from fedhe.keyholder import DecryptionRequest, JobDeclaration
+from fedhe.keyholder.group import GroupSpec, KeyHolderGroup
+from fedhe.keyholder.registry import suffixed
+from fedhe.tasks import RELEASE_RULES, aggregate, moments
 
 log = logging.getLogger("fedhe.aggregator")
 
@@ -87,7 +90,9 @@ class Job:
         self.context: PublicContext | None = None
         self.public_bytes = b""
         self.keyholder_identity = b""
-        self.envelopes: dict[str, bytes] = {}  # MAC-key envelopes not yet delivered
+        # A key-holder group (`fedhe.keyholder.group`) for an encrypted job of several holders.
+        self.group: KeyHolderGroup | None = None
+        self.envelopes: dict[str, dict[str, bytes]] = {}  # MAC-key envelopes not yet delivered
         self.querier: str | None = None  # the party that asks the queries (KNN, MLP)
 
     # -- to implement --------------------------------------------------------------------------
@@ -137,6 +142,9 @@ class Job:
         )
         self.run.params = self.params().to_dict()
         keys = self.keys()
+        if self.federation.is_group and self.run.encrypted:
+            self.declare_to_group(declaration, keys)
+            return
         reply = self.ask_keyholder(
             protocol.DECLARE,
             protocol.content(
@@ -153,6 +161,45 @@ class Job:
         self.public_bytes = public
         self.keyholder_identity = protocol.payload_of(reply).get("keyholder-identity", b"")
 
+    def declare_to_group(self, declaration: JobDeclaration, keys: KeyRequest) -> None:
+        """Set up the job's keys with every member of the key-holder group (N-of-N)."""
+        started = time.perf_counter()
+        spec = GroupSpec(
+            tuple(self.federation.keyholders),
+            self.config.decryption_threshold,
+            self.federation.identities,
+        )
+        self.group = KeyHolderGroup(spec, self._group_transport)
+        self.public_bytes = self.group.declare(declaration, keys)
+        self.context = self.group.contexts[declaration.job_id]
+        self.run.timings_s["keygen"] += time.perf_counter() - started
+        self.run.extras["keyholders"] = {"members": list(spec.members), "threshold": spec.threshold}
+
+    def _group_transport(
+        self, step: str, messages: dict[str, tuple[dict[str, Any], dict[str, bytes]]]
+    ) -> tuple[dict[str, tuple[dict[str, Any], dict[str, bytes]]], dict[str, str]]:
+        """One group step to the named members over Flower (`fedhe.keyholder.group.Transport`)."""
+        exchange = self.session.ask(
+            {m: self.federation.keyholders[m] for m in messages},
+            protocol.GROUP,
+            {
+                m: protocol.content(config={**config, "step": step}, payload=payload)
+                for m, (config, payload) in messages.items()
+            },
+            role="keyholder",
+        )
+        replies = {
+            m: (protocol.config_of(r), protocol.payload_of(r)) for m, r in exchange.replies.items()
+        }
+        for reply in exchange.replies.values():
+            self.run.timings_s["decrypt"] += protocol.metrics_of(reply).get("keyholder-s", 0.0)
+        return replies, dict(exchange.failures)
+
+    @property
+    def keyholder_names(self) -> list[str]:
+        """The key holders a party registers with: the group's members, or the one ("")."""
+        return list(self.group.spec.members) if self.group is not None else [""]
+
     def setup_parties(self) -> None:
         contents = {
             name: protocol.content(
@@ -163,10 +210,7 @@ class Job:
                     "n-parties": len(self.parties),
                     "querier": name == self.querier,
                 },
-                payload={
-                    "public-context": self.public_bytes,
-                    "keyholder-identity": self.keyholder_identity,
-                }
+                payload={"public-context": self.public_bytes, **self._keyholder_identities()}
                 if self.public_bytes
                 else {},
             )
@@ -186,32 +230,50 @@ class Job:
         if self.context is not None:
             self.register_parties(exchange)
 
+    def _keyholder_identities(self) -> dict[str, bytes]:
+        if self.group is None:
+            return {"keyholder-identity": self.keyholder_identity}
+        return {
+            f"keyholder-identity/{m}": self.group.spec.identities[m]
+            for m in self.group.spec.members
+        }
+
     def register_parties(self, setup: Exchange) -> None:
-        """Relay each party's sealed seed to the key holder and its sealed envelope back: the
-        job's MAC key, which this aggregator never learns (`fedhe.keyholder.registry`)."""
-        payload: dict[str, bytes] = {}
+        """Relay each party's sealed seed to each key holder and its sealed envelope back: the
+        job's MAC key (one per member of a group), which this aggregator never learns
+        (`fedhe.keyholder.registry`)."""
+        members = self.keyholder_names
         for name, reply in setup.replies.items():
             link = protocol.payload_of(reply)
-            if not link.get("identity") or not link.get("mac-seed"):
+            if not link.get("identity") or not all(
+                link.get(suffixed("mac-seed", m)) for m in members
+            ):
                 self.exclude({name: "its setup reply has no end-to-end link"}, "registration")
-                continue
-            payload[f"identity/{name}"] = link["identity"]
-            payload[f"mac-seed/{name}"] = link["mac-seed"]
         self.require_quorum("registration")
-        reply = self.ask_keyholder(
-            protocol.REGISTER,
-            protocol.content(
-                config={"job-id": self.run.job_id, "parties": sorted(self.parties)},
-                payload=payload,
-            ),
-        )
-        envelopes = protocol.payload_of(reply)
-        refused = protocol.config_of(reply).get("refused", {})
-        self.exclude(dict(refused), "registration")
-        self.require_quorum("registration")
+        envelopes: dict[str, dict[str, bytes]] = {name: {} for name in self.parties}
+        for member in members:
+            payload: dict[str, bytes] = {}
+            for name in self.parties:
+                link = protocol.payload_of(setup.replies[name])
+                payload[f"identity/{name}"] = link["identity"]
+                payload[f"mac-seed/{name}"] = link[suffixed("mac-seed", member)]
+            reply = self.ask_keyholder(
+                protocol.REGISTER,
+                protocol.content(
+                    config={"job-id": self.run.job_id, "parties": sorted(self.parties)},
+                    payload=payload,
+                ),
+                member=member,
+            )
+            self.exclude(dict(protocol.config_of(reply).get("refused", {})), "registration")
+            self.require_quorum("registration")
+            for name, envelope in protocol.payload_of(reply).items():
+                envelopes.setdefault(name.removeprefix("envelope/"), {})[
+                    suffixed("envelope", member)
+                ] = envelope
         # Each envelope rides on the job's next party message (the feature moments), which
         # saves a round trip; a party opens it before it contributes anything.
-        self.envelopes = {name: envelopes[f"envelope/{name}"] for name in self.parties}
+        self.envelopes = {name: envelopes[name] for name in self.parties}
 
     def feature_moments(self, *, with_target: bool = False) -> tuple[moments.Standardizer, int]:
         """Global standardization and Σnᵢ by one secure sum: no party's own statistics leak."""
@@ -224,7 +286,7 @@ class Job:
         contents = {
             name: protocol.content(
                 config=config,
-                payload={"envelope": self.envelopes[name]} if name in self.envelopes else None,
+                payload=self.envelopes.get(name),
             )
             for name in self.parties
         }
@@ -275,9 +337,12 @@ class Job:
             self.run.excluded.setdefault(name, f"{output}: {reason}")
         self.run.contributors.append({"output": output, "parties": sorted(total.contributors)})
         tags = {
-            name: protocol.payload_of(reply).get("tag", b"")
-            for name, reply in exchange.replies.items()
-            if name in total.contributors
+            member: {
+                name: protocol.payload_of(reply).get(suffixed("tag", member), b"")
+                for name, reply in exchange.replies.items()
+                if name in total.contributors
+            }
+            for member in self.keyholder_names
         }
         released = self.release(output, total.tensor, total.contributors, round_=round_, tags=tags)
         return protocol.array_from_bytes(released["values"])
@@ -290,10 +355,16 @@ class Job:
         *,
         job_id: str | None = None,
         round_: int = 0,
-        tags: dict[str, bytes] | None = None,
+        tags: dict[str, dict[str, bytes]] | None = None,
     ) -> dict[str, bytes]:
         """Ask the key holder for `output` of `tensor` (over `contributors`), the release of
-        `round_`: what it releases for that output kind, as message payload."""
+        `round_`: what it releases for that output kind, as message payload. `tags`: each
+        contributor's sealed tag, per key holder ("" for a single one)."""
+        if self.group is not None:
+            return self._release_by_group(
+                output, tensor, contributors, job_id or self.run.job_id, round_, tags or {}
+            )
+        tags = (tags or {}).get("", {})
         reply = self.ask_keyholder(
             protocol.DECRYPT,
             protocol.content(
@@ -308,6 +379,28 @@ class Job:
         )
         self.run.timings_s["decrypt"] += protocol.metrics_of(reply)["decrypt-s"]
         return protocol.payload_of(reply)
+
+    def _release_by_group(
+        self,
+        output: str,
+        tensor: bytes,
+        contributors: Sequence[str],
+        job_id: str,
+        round_: int,
+        tags: dict[str, dict[str, bytes]],
+    ) -> dict[str, bytes]:
+        assert self.group is not None
+        request = DecryptionRequest(job_id, output, tuple(sorted(contributors)), tensor, round_)
+        clear = output in RELEASE_RULES.clear
+        try:
+            released = self.group.decrypt(request, tags, clear=clear)
+        except FedHEError as err:
+            raise ProtocolError(f"key-holder group: {err}") from err
+        if self.group.silent:
+            self.run.extras["silent_keyholders"] = sorted(self.group.silent)
+        if clear:
+            return {"values": protocol.array_to_bytes(np.asarray(released))}
+        return dict(released[1])
 
     def ask_parties(self, message_type: str, config: dict[str, Any], **records: Any) -> Exchange:
         return self.session.ask(
@@ -334,14 +427,18 @@ class Job:
             raise ProtocolError(f"{name} failed {message_type}: {exchange.failures.get(name)}")
         return exchange.replies[name]
 
-    def ask_keyholder(self, message_type: str, content: RecordDict) -> RecordDict:
+    def ask_keyholder(
+        self, message_type: str, content: RecordDict, *, member: str = ""
+    ) -> RecordDict:
         """The job cannot go on without the key holder: a refusal stops it at once, silence
         after `keyholder_retries` more tries (a retried decryption is replayed by the key
-        holder, not decrypted again)."""
+        holder, not decrypted again). `member`: one member of a key-holder group (default:
+        the single key holder, or a group's first member for a plaintext twin)."""
         reason = ""
+        node = self.federation.keyholders[member] if member else self.federation.keyholder
         for attempt in range(self.config.keyholder_retries + 1):
             exchange = self.session.ask(
-                {"keyholder": self.federation.keyholder}, message_type, content, role="keyholder"
+                {"keyholder": node}, message_type, content, role="keyholder"
             )
             if "keyholder" in exchange.replies:
                 return exchange.replies["keyholder"]
@@ -355,9 +452,15 @@ class Job:
         """The key holder's records of this job and of the jobs it declared after it (in
         order: one contiguous stretch of the hash chain)."""
         entries = []
-        for job_id in (self.run.job_id, *self.later_jobs):
-            reply = self.ask_keyholder(protocol.AUDIT, protocol.content(config={"job-id": job_id}))
-            entries += json.loads(protocol.config_of(reply)["entries"])
+        for member in self.keyholder_names:
+            if self.group is not None and member in self.group.silent:
+                continue  # its log stays on its own disk (`fedhe audit verify` there)
+            for job_id in (self.run.job_id, *self.later_jobs):
+                reply = self.ask_keyholder(
+                    protocol.AUDIT, protocol.content(config={"job-id": job_id}), member=member
+                )
+                records = json.loads(protocol.config_of(reply)["entries"])
+                entries += [{**r, "keyholder": member} if member else r for r in records]
         return entries
 
     # -- checkpoints -------------------------------------------------------------------------------

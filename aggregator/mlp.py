@@ -103,6 +103,12 @@ class MLPJob(FedAvgJob):
             meta={"querier": self.querier, "parent": self.run.job_id},
         )
         keys = KeyRequest(relin=True, rotations=single.steps if single else ())
+        if self.group is not None:  # the inference key is made by the same key-holder group
+            started = time.perf_counter()
+            public = self.group.declare(declaration, keys)
+            self.later_jobs.append(inference_id)
+            self.run.timings_s["keygen"] += time.perf_counter() - started
+            return PublicContext.from_bytes(public)
         reply = self.ask_keyholder(
             protocol.DECLARE,
             protocol.content(config={"declaration": declaration.to_dict(), "keys": keys.to_dict()}),

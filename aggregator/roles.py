@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedhe import protocol
 from fedhe.aggregator.session import Session
@@ -15,10 +15,21 @@ log = logging.getLogger("fedhe.aggregator")
 
 @dataclass(frozen=True)
 class Federation:
-    """The key holder's node id and the parties' node ids by name (party-0, party-1, …)."""
+    """The key holders' node ids and identities by name (one: "keyholder"; a group:
+    keyholder-0, keyholder-1, …) and the parties' node ids by name (party-0, party-1, …)."""
 
-    keyholder: int
+    keyholders: dict[str, int]
     parties: dict[str, int]
+    identities: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def keyholder(self) -> int:
+        """The single key holder's node id (the first member's in a group)."""
+        return next(iter(self.keyholders.values()))
+
+    @property
+    def is_group(self) -> bool:
+        return len(self.keyholders) > 1
 
 
 def wait_for_nodes(session: Session, expected: int, timeout_s: float) -> list[int]:
@@ -32,26 +43,37 @@ def wait_for_nodes(session: Session, expected: int, timeout_s: float) -> list[in
 
 
 def discover(
-    session: Session, node_ids: list[int], *, keyholder_partition_id: int, min_parties: int
+    session: Session,
+    node_ids: list[int],
+    *,
+    keyholder_partition_id: int,
+    min_parties: int,
+    keyholders: int = 1,
 ) -> Federation:
-    """Ask every node its role; refuse to go on without one key holder and enough parties."""
+    """Ask every node its role; refuse to go on without the expected key holders and enough
+    parties. Group members are named keyholder-0, … in the order of their partition id (a
+    deployment: of their node config's partition-id, else node id)."""
     exchange = session.ask(
         {str(n): n for n in node_ids},
         protocol.WHOAMI,
-        protocol.content(config={"keyholder-partition-id": keyholder_partition_id}),
+        protocol.content(
+            config={"keyholder-partition-id": keyholder_partition_id, "keyholders": keyholders}
+        ),
         role="node",
     )
-    keyholders, parties = [], []
+    found, parties = [], []
     for name, reply in exchange.replies.items():
         info = protocol.config_of(reply)
         if info.get("role") == protocol.ROLE_KEYHOLDER:
-            keyholders.append(int(name))
+            identity = protocol.payload_of(reply).get("identity", b"")
+            found.append((int(info.get("partition-id", -1)), int(name), identity))
         else:
             parties.append((int(info.get("partition-id", -1)), int(name)))
-    if len(keyholders) != 1:
+    if len(found) != keyholders:
         raise ProtocolError(
-            f"found {len(keyholders)} key holders among {len(node_ids)} nodes; exactly one "
-            'SuperNode must run with role="keyholder".'
+            f"found {len(found)} key holders among {len(node_ids)} nodes; the job needs "
+            f'{keyholders} SuperNode(s) running with role="keyholder" (unreachable: '
+            f"{sorted(exchange.failures) or 'none'})."
         )
     if len(parties) < min_parties:
         raise ProtocolError(
@@ -59,6 +81,12 @@ def discover(
             f"party SuperNodes (unreachable: {sorted(exchange.failures) or 'none'})."
         )
     ordered = [node for _, node in sorted(parties)]
-    federation = Federation(keyholders[0], {f"party-{i}": n for i, n in enumerate(ordered)})
-    log.info("key holder: node %s; %d parties", federation.keyholder, len(ordered))
+    found.sort()
+    names = ["keyholder"] if keyholders == 1 else [f"keyholder-{i}" for i in range(keyholders)]
+    federation = Federation(
+        {name: node for name, (_, node, _) in zip(names, found, strict=True)},
+        {f"party-{i}": n for i, n in enumerate(ordered)},
+        {name: identity for name, (_, _, identity) in zip(names, found, strict=True)},
+    )
+    log.info("key holders: %s; %d parties", federation.keyholders, len(ordered))
     return federation

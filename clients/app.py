@@ -17,8 +17,12 @@ app = ClientApp()
 @app.query("whoami")
 def whoami(msg: Message, context: Context) -> Message:
     role = resolve_role(context, protocol.config_of(msg.content))
+    identity = keyholder.keyholder_for(context).identity.public if role == "keyholder" else b""
     return Message(
-        protocol.content(config={"role": role, "partition-id": partition_id(context)}),
+        protocol.content(
+            config={"role": role, "partition-id": partition_id(context)},
+            payload={"identity": identity} if identity else None,
+        ),
         reply_to=msg,
     )
 
@@ -46,6 +50,7 @@ app.query("declare")(_as(protocol.ROLE_KEYHOLDER, keyholder.declare))
 app.query("register")(_as(protocol.ROLE_KEYHOLDER, keyholder.register))
 app.query("decrypt")(_as(protocol.ROLE_KEYHOLDER, keyholder.decrypt))
 app.query("audit")(_as(protocol.ROLE_KEYHOLDER, keyholder.audit))
+app.query("group")(_as(protocol.ROLE_KEYHOLDER, keyholder.group_step))
 app.query("setup")(_as(protocol.ROLE_PARTY, party.setup))
 app.query("moments")(_as(protocol.ROLE_PARTY, party.feature_moments))
 app.query("stats")(_as(protocol.ROLE_PARTY, party.masked_statistics))

@@ -15,14 +15,15 @@ from flwr.app import ConfigRecord, Context, Message
 from fedhe import protocol
 from fedhe.crypto import KeyRequest
 from fedhe.errors import ProtocolError
-from fedhe.keyholder import DEFAULT_FLOODING_BITS, DecryptionRequest, JobDeclaration, KeyHolder
-from fedhe.tasks import check_declaration, keyholder_release
+from fedhe.keyholder import DEFAULT_FLOODING_BITS, DecryptionRequest, JobDeclaration
+from fedhe.keyholder.group import GroupMember, handle
+from fedhe.tasks import RELEASE_RULES, check_declaration, keyholder_release
 
 STATE_ROOT_ENV = "FEDHE_STATE_ROOT"
 _PRIVATE_ROOT_RECORD = "fedhe.keyholder-state"
 
 
-def keyholder_for(context: Context) -> KeyHolder:
+def keyholder_for(context: Context) -> GroupMember:
     """The key holder keeps its keys and audit log on its own disk, never in a message.
 
     Deployment: under `data-path` from node_config. Simulation: a folder per run and node
@@ -36,8 +37,9 @@ def keyholder_for(context: Context) -> KeyHolder:
         state_dir = Path(root) / f"{context.run_id}-{context.node_id}"
     flooding = int(context.node_config.get("flooding-bits", DEFAULT_FLOODING_BITS))
     passphrase_file = context.node_config.get("passphrase-file")
-    return KeyHolder(
+    return GroupMember(
         state_dir,
+        rules=RELEASE_RULES,
         min_parties_floor=int(context.node_config.get("min-parties-floor", 2)),
         flooding_bits=None if flooding < 0 else flooding,
         declaration_check=check_declaration,
@@ -150,3 +152,24 @@ def audit(msg: Message, context: Context) -> Message:
         )
     entries = keyholder_for(context).audit.job_entries(str(job_id))
     return Message(protocol.content(config={"entries": json.dumps(entries)}), reply_to=msg)
+
+
+def group_step(msg: Message, context: Context) -> Message:
+    """One step of a key-holder group (set-up, decryption share, lead): `fedhe.keyholder.group`."""
+    config = protocol.config_of(msg.content)
+    started = time.perf_counter()
+    reply_config, payload = handle(
+        keyholder_for(context),
+        str(config["step"]),
+        config,
+        protocol.payload_of(msg.content),
+        release=keyholder_release,
+    )
+    return Message(
+        protocol.content(
+            config=reply_config,
+            payload=payload,
+            metrics={"keyholder-s": time.perf_counter() - started},
+        ),
+        reply_to=msg,
+    )

@@ -48,9 +48,7 @@ def setup(msg: Message, context: Context) -> Message:
     if public_bytes:
         PublicContext.from_bytes(public_bytes)  # validates: no secret key, real parameters
         context.state[_CONTEXT_RECORD + job_id] = ConfigRecord({"bytes": public_bytes})
-        link = trust.join(
-            context, job_id, _party_name(config), payload.get("keyholder-identity", b"")
-        )
+        link = trust.join(context, job_id, _party_name(config), trust.keyholders_of(payload))
     elif allows_plaintext(context):
         link = {}
     else:
@@ -108,11 +106,11 @@ def model_release(msg: Message, context: Context) -> Message:
 
 def feature_moments(msg: Message, context: Context) -> Message:
     """Contribute Enc(n_i·(E_i[x] ‖ E_i[x²])) so the job standardizes with global statistics.
-    The job's MAC-key envelope rides on this message (`trust.accept_mac_key`)."""
+    The job's MAC-key envelope rides on this message (`trust.accept_mac_keys`)."""
     config, job, data = _open(msg, context)
-    envelope = protocol.payload_of(msg.content).get("envelope")
-    if envelope:
-        trust.accept_mac_key(context, job["job-id"], envelope)
+    envelopes = protocol.payload_of(msg.content)
+    if any(key.startswith("envelope") for key in envelopes):
+        trust.accept_mac_keys(context, job["job-id"], envelopes)
     columns = np.column_stack([data.X, data.y]) if config.get("with-target") else data.X
     arrays = moments.party_moments(columns)
     return _contribute(
@@ -472,7 +470,7 @@ def _contribute(
     payload = {"contribution": contribution}
     if public is not None:
         config = protocol.config_of(msg.content)
-        payload["tag"] = trust.tag(
+        payload |= trust.tag(
             context,
             job["job-id"],
             contribution,

@@ -24,8 +24,9 @@ SIMULATION_NODE_CONFIG = {ALLOW_PLAINTEXT: True, REPORT_METRICS: True, SHARE_MOD
 
 
 def resolve_role(context: Context, message_config: dict[str, Any]) -> str:
-    """Deployment: `--node-config 'role="keyholder"'`. Simulation: the run names the key
-    holder's partition id, every other virtual node is a party."""
+    """Deployment: `--node-config 'role="keyholder"'`. Simulation: the run names the first key
+    holder's partition id and how many key holders follow it; every other virtual node is a
+    party."""
     configured = context.node_config.get("role")
     if configured is not None:
         role = str(configured)
@@ -33,8 +34,11 @@ def resolve_role(context: Context, message_config: dict[str, Any]) -> str:
             raise ProtocolError(f"node_config role={role!r} is not one of {list(protocol.ROLES)}.")
     else:
         partition = int(context.node_config.get("partition-id", -1))
-        keyholder = int(message_config.get("keyholder-partition-id", -2))
-        role = protocol.ROLE_KEYHOLDER if partition == keyholder else protocol.ROLE_PARTY
+        first = int(message_config.get("keyholder-partition-id", -2))
+        count = int(message_config.get("keyholders", 1))
+        role = (
+            protocol.ROLE_KEYHOLDER if first <= partition < first + count else protocol.ROLE_PARTY
+        )
     context.state[_ROLE_RECORD] = ConfigRecord({"role": role})
     return role
 

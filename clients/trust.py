@@ -19,6 +19,7 @@ from fedhe.crypto.channel import Channel, Identity, check_public_key, fingerprin
 from fedhe.crypto.mac import MAC_SEED_BYTES, MacKey, mac_label
 from fedhe.errors import ChannelError, ProtocolError
 from fedhe.keyholder import registry
+from fedhe.keyholder.registry import suffixed
 
 _IDENTITY_RECORD = "fedhe.identity"
 _TRUST_RECORD = "fedhe.trust."
@@ -38,38 +39,65 @@ def identity(context: Context) -> Identity:
     return Identity.from_private_bytes(bytes(record["private"]))
 
 
-def join(context: Context, job_id: str, party: str, keyholder_public: bytes) -> dict[str, bytes]:
-    """Setup: accept the key holder's identity (checked against a pinned fingerprint when the
-    node config has `keyholder-fingerprint`) and send it a random seed for the job's MAC key."""
-    check_public_key(keyholder_public)
+def keyholders_of(payload: dict[str, bytes]) -> dict[str, bytes]:
+    """The key holders' identities a setup message carries: one key holder (`keyholder-identity`,
+    named "") or each member of a key-holder group (`keyholder-identity/<member>`)."""
+    if payload.get("keyholder-identity"):
+        return {"": payload["keyholder-identity"]}
+    prefix = "keyholder-identity/"
+    return {k.removeprefix(prefix): v for k, v in payload.items() if k.startswith(prefix)}
+
+
+def join(
+    context: Context, job_id: str, party: str, keyholders: dict[str, bytes]
+) -> dict[str, bytes]:
+    """Setup: accept the key holders' identities (checked against pinned fingerprints when the
+    node config has `keyholder-fingerprint`, comma-separated for a group) and send each a
+    random seed for its MAC key of the job: every member of a group checks tags on its own."""
+    if not keyholders:
+        raise ChannelError(f"job {job_id!r} names no key holder to register with.")
     pinned = context.node_config.get("keyholder-fingerprint")
-    if pinned and str(pinned) != fingerprint(keyholder_public):
-        raise ChannelError(
-            f"the key holder's identity {fingerprint(keyholder_public)} is not the one pinned "
-            f"in this node's config ({pinned}): refusing the job."
-        )
+    for member, public in keyholders.items():
+        check_public_key(public)
+        if pinned and fingerprint(public) not in str(pinned).split(","):
+            raise ChannelError(
+                f"the key holder {member or ''}identity {fingerprint(public)} is not pinned in "
+                f"this node's config ({pinned}): refusing the job."
+            )
     own = identity(context)
     record = context.state.get(_TRUST_RECORD + job_id)
-    if record is not None and bytes(record["keyholder"]) == keyholder_public:
-        seed = bytes(record["own-seed"])  # the job resumes: same seed, same MAC key
+    same = record is not None and json.loads(str(record["members"])) == sorted(keyholders)
+    if same and all(bytes(record[suffixed("keyholder", m)]) == keyholders[m] for m in keyholders):
+        pass  # the job resumes: same seeds, same MAC keys
     else:
-        seed = os.urandom(MAC_SEED_BYTES)
-        context.state[_TRUST_RECORD + job_id] = ConfigRecord(
-            {"party": party, "keyholder": keyholder_public, "own-seed": seed}
+        record = ConfigRecord({"party": party, "members": json.dumps(sorted(keyholders))})
+        for member, public in keyholders.items():
+            record[suffixed("keyholder", member)] = public
+            record[suffixed("own-seed", member)] = os.urandom(MAC_SEED_BYTES)
+        context.state[_TRUST_RECORD + job_id] = record
+    link = {"identity": own.public}
+    for member, public in keyholders.items():
+        link[suffixed("mac-seed", member)] = _channel(own, public, job_id).seal(
+            bytes(record[suffixed("own-seed", member)]), registry.mac_seed_label(job_id, party)
         )
-    sealed = _channel(own, keyholder_public, job_id).seal(
-        seed, registry.mac_seed_label(job_id, party)
-    )
-    return {"identity": own.public, "mac-seed": sealed}
+    return link
 
 
-def accept_mac_key(context: Context, job_id: str, envelope: bytes) -> None:
+def accept_mac_keys(context: Context, job_id: str, payload: dict[str, bytes]) -> None:
+    """Open each key holder's envelope (`envelope`, or `envelope/<member>` in a group)."""
     record = _record(context, job_id)
-    channel = _channel(identity(context), bytes(record["keyholder"]), job_id)
-    seed = registry.party_mac_seed(
-        channel, job_id, str(record["party"]), envelope, bytes(record["own-seed"])
-    )
-    record["mac-seed"] = seed
+    for member in _members(record):
+        envelope = payload.get(suffixed("envelope", member))
+        if envelope is None:
+            raise ProtocolError(f"no MAC-key envelope from key holder {member!r} for {job_id!r}.")
+        channel = _channel(identity(context), bytes(record[suffixed("keyholder", member)]), job_id)
+        record[suffixed("mac-seed", member)] = registry.party_mac_seed(
+            channel,
+            job_id,
+            str(record["party"]),
+            envelope,
+            bytes(record[suffixed("own-seed", member)]),
+        )
 
 
 def tag(
@@ -79,33 +107,50 @@ def tag(
     public: PublicContext,
     output: str,
     round_: int,
-) -> bytes:
-    """This contribution's tag for (output, round), sealed to the key holder.
+) -> dict[str, bytes]:
+    """This contribution's tag for (output, round), sealed to each key holder under its own
+    MAC key (`tag`, or `tag/<member>` in a group).
 
     Asked again under the same label (a lost reply, a resumed round), a party tags its new
     encryption of the same values: the key holder releases one sum per label, so two tagged
     ciphertexts of one label never give two sums. Nothing of the contribution is kept here:
     a node's state travels with each of its messages in Flower's simulation."""
     record = _record(context, job_id)
-    if "mac-seed" not in record:
-        raise ProtocolError(f"job {job_id!r} has no MAC key on this party: register first.")
+    tensor = load_tensor(contribution, public)
     label = mac_label(output, round_)
-    value = MacKey(bytes(record["mac-seed"])).tag(load_tensor(contribution, public), label)
-    channel = _channel(identity(context), bytes(record["keyholder"]), job_id)
-    return channel.seal(
-        json.dumps(value.to_dict()).encode(),
-        registry.tag_label(job_id, output, round_, str(record["party"])),
-    )
+    sealed = {}
+    for member in _members(record):
+        seed = record.get(suffixed("mac-seed", member))
+        if seed is None:
+            raise ProtocolError(f"job {job_id!r} has no MAC key on this party: register first.")
+        value = MacKey(bytes(seed)).tag(tensor, label)
+        channel = _channel(identity(context), bytes(record[suffixed("keyholder", member)]), job_id)
+        sealed[suffixed("tag", member)] = channel.seal(
+            json.dumps(value.to_dict()).encode(),
+            registry.tag_label(job_id, output, round_, str(record["party"])),
+        )
+    return sealed
 
 
 def open_release(
     context: Context, job_id: str, output: str, round_: int, sealed: bytes, *, via: str = ""
 ) -> np.ndarray:
-    """Values the key holder sealed to this party. `via`: the job whose registration holds the
-    key holder's identity when `job_id` (an inference job) did not register its own."""
+    """Values a key holder sealed to this party (in a group: the member that combined them;
+    the channel's authentication tells which). `via`: the job whose registration holds the
+    key holders' identities when `job_id` (an inference job) did not register its own."""
     record = _record(context, via or job_id)
-    channel = _channel(identity(context), bytes(record["keyholder"]), job_id)
-    return registry.open_release(channel, job_id, output, round_, str(record["party"]), sealed)
+    own = identity(context)
+    for member in _members(record):
+        channel = _channel(own, bytes(record[suffixed("keyholder", member)]), job_id)
+        try:
+            return registry.open_release(
+                channel, job_id, output, round_, str(record["party"]), sealed
+            )
+        except ChannelError:
+            continue
+    raise ChannelError(
+        f"the release of {output!r} (round {round_}) opens with no key holder of job {job_id!r}."
+    )
 
 
 def check_new_model(
@@ -133,6 +178,10 @@ def _record(context: Context, job_id: str) -> ConfigRecord:
     if record is None:
         raise ProtocolError(f"job {job_id!r} has no key-holder link on this party: set up first.")
     return record
+
+
+def _members(record: ConfigRecord) -> list[str]:
+    return [str(m) for m in json.loads(str(record["members"]))]
 
 
 def _channel(own: Identity, keyholder_public: bytes, job_id: str) -> Channel:

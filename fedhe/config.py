@@ -44,6 +44,8 @@ class JobConfig:
     seed: int = 0
     out: str = "runs/latest"
     keyholder_partition_id: int = -1  # simulation: which virtual node is the key holder (-1: last)
+    keyholders: int = 1  # key holders sharing the secret key (1: a single key holder)
+    threshold: int = 0  # key holders needed to decrypt (0: all of them)
     local_epochs: int = 2
     batch_size: int = 32  # per party and step; gradient mode: 0 = all local samples
     lr: float = 0.1
@@ -96,6 +98,16 @@ class JobConfig:
             raise ConfigError("--mode applies to linreg and logreg only.")
         if self.keyholder_retries < 0:
             raise ConfigError(f"keyholder-retries must be ≥ 0, got {self.keyholder_retries}.")
+        if self.keyholders < 1 or not 0 <= self.threshold <= self.keyholders:
+            raise ConfigError(
+                f"keyholders must be ≥ 1 and threshold between 1 and keyholders (0: all), got "
+                f"keyholders={self.keyholders}, threshold={self.threshold}."
+            )
+        if self.keyholders > 1 and self.threshold == 1:
+            raise ConfigError(
+                "threshold 1 lets any one key holder decrypt alone: that is a single key "
+                "holder with copies. Choose a threshold of 2 or more."
+            )
         if self.l2 < 0:
             raise ConfigError(f"l2 must be ≥ 0, got {self.l2}.")
         if self.k < 1 or self.query_batch < 1:
@@ -148,12 +160,17 @@ class JobConfig:
 
     @property
     def num_nodes(self) -> int:
-        """Simulated SuperNodes: every party plus the key holder."""
-        return self.parties + 1
+        """Simulated SuperNodes: every party plus the key holders."""
+        return self.parties + self.keyholders
 
     @property
     def keyholder_node(self) -> int:
+        """The first key holder's partition id (the others follow it)."""
         return self.parties if self.keyholder_partition_id < 0 else self.keyholder_partition_id
+
+    @property
+    def decryption_threshold(self) -> int:
+        return self.threshold or self.keyholders
 
     def to_run_config(self) -> dict[str, Any]:
         return {name.replace("_", "-"): value for name, value in asdict(self).items()}

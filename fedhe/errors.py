@@ -49,3 +49,8 @@ class ChannelError(FedHEError):
 
 class TagError(PolicyError):
     """A sum's authentication tags do not verify: it is not the sum the parties contributed."""
+
+
+class ShareError(FedHEError, ValueError):
+    """A multiparty key or decryption share is malformed, or belongs to another ciphertext,
+    key-generation round or set of key holders than it is combined with."""

@@ -35,6 +35,7 @@ MODEL_RELEASE = "query.model_release"
 TRAIN = "train"
 DECRYPT = "query.decrypt"
 AUDIT = "query.audit"
+GROUP = "query.group"  # a key-holder group step: config "step" names it
 
 # Record names.
 CONFIG = "config"

@@ -300,8 +300,8 @@ def test_a_party_refuses_a_key_holder_other_than_the_pinned_one():
         run_config={},
     )
     with pytest.raises(ChannelError, match="pinned"):
-        trust.join(context, "job-1", "party-0", impostor.public)
-    assert "mac-seed" in trust.join(context, "job-1", "party-0", genuine.public)
+        trust.join(context, "job-1", "party-0", {"": impostor.public})
+    assert "mac-seed" in trust.join(context, "job-1", "party-0", {"": genuine.public})
 
 
 def test_a_party_never_trains_twice_on_one_model_for_two_rounds(tmp_path):
@@ -315,7 +315,7 @@ def test_a_party_never_trains_twice_on_one_model_for_two_rounds(tmp_path):
 
     fed = Federation(tmp_path, {"update_sum": OutputSpec(3)})
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    trust.join(context, fed.job_id, "party-0", fed.keyholder.identity.public)
+    trust.join(context, fed.job_id, "party-0", {"": fed.keyholder.identity.public})
     model = {"w": np.arange(3.0)}
     trust.check_new_model(context, fed.job_id, model, mac_label("update_sum", 0))
     trust.check_new_model(context, fed.job_id, model, mac_label("update_sum", 0))  # a retry

@@ -629,18 +629,27 @@ def encrypt_for_compute(
 def decrypt(context: SecretContext, tensor: EncryptedTensor) -> np.ndarray:
     """Decrypt to the tensor's shape. Key-holder side: the caller has checked the policy."""
     context.check_same(tensor.fingerprint)
+    if tensor.packing == REAL:
+        secret_key = context.raw.secret_key()
+        slots = [np.asarray(c.decrypt(secret_key), dtype=np.float64) for c in tensor.chunks]
+    else:
+        slots = [_seal.decrypt_complex(context.raw, c) for c in tensor.chunks]
+    return values_from_slots(tensor, slots)
+
+
+def values_from_slots(tensor: EncryptedTensor, slots: Sequence[np.ndarray]) -> np.ndarray:
+    """The tensor's values, in its shape, from each chunk's decrypted slots (the first
+    `chunk.size()` of them; complex, or real for a real-packed tensor): the unpacking every
+    decryption shares, with one key or with shares of it (`fedhe.crypto.multiparty`)."""
+    flat = np.concatenate(slots)
     if tensor.packing == QUANTIZED:
-        assert tensor.lanes is not None
-        slots = np.concatenate([_seal.decrypt_complex(context.raw, c) for c in tensor.chunks])
-        return tensor.lanes.unpack(slots).reshape(tensor.shape)
+        if tensor.lanes is None:
+            raise InvalidCiphertextError("a quantized tensor without lanes cannot be unpacked.")
+        return tensor.lanes.unpack(flat).reshape(tensor.shape)
     if tensor.packing == COMPLEX:
-        pairs = np.concatenate([_seal.decrypt_complex(context.raw, c) for c in tensor.chunks])
-        flat = np.column_stack([pairs.real, pairs.imag]).ravel()
-        return flat[: tensor.size].reshape(tensor.shape)
-    secret_key = context.raw.secret_key()
-    flat = np.concatenate(
-        [np.asarray(c.decrypt(secret_key), dtype=np.float64) for c in tensor.chunks]
-    )
+        flat = np.column_stack([flat.real, flat.imag]).ravel()
+    else:
+        flat = np.real(flat).astype(np.float64, copy=False)
     return flat[: tensor.size].reshape(tensor.shape)
 
 

@@ -16,9 +16,8 @@ import os
 import re
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -47,12 +46,58 @@ DEFAULT_FLOODING_BITS = FRESH_NOISE_BITS + 5
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-@dataclass(frozen=True)
-class Decryption:
-    """What the key holder released, with its audit record."""
+class Decryption(NamedTuple):
+    """What the key holder released, with its audit record: decrypted values, or (a member
+    of a key-holder group) its decryption share as it leaves this holder."""
 
-    values: np.ndarray
+    values: np.ndarray | None
     record: dict[str, Any]
+    artifact: bytes = b""  # what is stored and replayed
+    audit: dict[str, Any] = {}  # noqa: RUF012 (a NamedTuple default, never mutated)
+
+
+class Opener(Protocol):
+    """Turns a checked ciphertext into what one key holder releases."""
+
+    suffix: str  # file name suffix of the stored release (one per label and opener)
+    decision: str  # the audit record's decision
+    audit: dict[str, Any]  # what every audit record of this decision adds
+
+    def check_new(self, request: DecryptionRequest, path: Path) -> None: ...
+
+    def open(self, tensor: EncryptedTensor, request: DecryptionRequest) -> Decryption: ...
+
+    def replayed(self, artifact: bytes) -> Decryption: ...
+
+
+class _SecretKeyOpener:
+    """A single key holder: decrypt with the secret key and flood the values."""
+
+    suffix = ".npy"
+    decision = "decrypted"
+    audit: dict[str, Any] = {}  # noqa: RUF012
+
+    def __init__(self, keyholder: KeyHolder) -> None:
+        self.keyholder = keyholder
+
+    def check_new(self, request: DecryptionRequest, path: Path) -> None:
+        return None
+
+    def open(self, tensor: EncryptedTensor, request: DecryptionRequest) -> Decryption:
+        secret = self.keyholder._secret_context(request.job_id)
+        if secret is None:
+            raise PolicyError("this job has no secret key on this key holder.")
+        _check_guard(tensor, len(request.contributors))
+        values = decrypt(secret, tensor)
+        # Quantized lanes decode by rounding to integers: the release is a function of the
+        # plaintext sum alone, so there is no decryption noise to flood.
+        sigma = 0.0 if tensor.lanes is not None else self.keyholder._flooding_sigma(tensor.scale)
+        if sigma:
+            values = values + secure_random().normal(0.0, sigma, values.shape)
+        return Decryption(values, {}, _npy_bytes(values), {"flooding_sigma": sigma})
+
+    def replayed(self, artifact: bytes) -> Decryption:
+        return Decryption(np.load(io.BytesIO(artifact), allow_pickle=False), {}, artifact)
 
 
 class KeyHolder:
@@ -89,19 +134,7 @@ class KeyHolder:
         Declaring the same job again returns the same public context; a different declaration
         under a known job id is refused.
         """
-        try:
-            _check_job_id(job.job_id)
-            self.policy.check_declaration(job)
-            if self.declaration_check is not None:
-                self.declaration_check(job)
-            existing = self._declaration(job.job_id)
-            if existing is not None and existing != job:
-                raise PolicyError(
-                    f"job {job.job_id!r} is already declared with other terms; use a new job id."
-                )
-        except PolicyError as err:
-            self.audit.append(job=job.job_id, event="declare", decision="refused", reason=str(err))
-            raise
+        existing = self._check_declaration(job)
         started = time.perf_counter()
         if existing is None:
             self._save_job(job, keys)
@@ -117,6 +150,24 @@ class KeyHolder:
             decision="declared",
         )
         return b"" if public is None else public.to_bytes()
+
+    def _check_declaration(self, job: JobDeclaration) -> JobDeclaration | None:
+        """The policy's and the tasks' checks of a declaration (refusals audited); the job's
+        earlier declaration, which must be the same, if it was declared before."""
+        try:
+            _check_job_id(job.job_id)
+            self.policy.check_declaration(job)
+            if self.declaration_check is not None:
+                self.declaration_check(job)
+            existing = self._declaration(job.job_id)
+            if existing is not None and existing != job:
+                raise PolicyError(
+                    f"job {job.job_id!r} is already declared with other terms; use a new job id."
+                )
+        except PolicyError as err:
+            self.audit.append(job=job.job_id, event="declare", decision="refused", reason=str(err))
+            raise
+        return existing
 
     def declaration(self, job_id: str) -> JobDeclaration:
         job = self._declaration(job_id)
@@ -238,14 +289,20 @@ class KeyHolder:
         them or seal them end to end to the job's declared recipient."""
         return self._decide(request, verify=False)
 
-    def _decide(self, request: DecryptionRequest, *, verify: bool) -> Decryption:
+    def _decide(
+        self, request: DecryptionRequest, *, verify: bool, opener: Opener | None = None
+    ) -> Decryption:
         """Every outcome goes to the audit log; a refusal counts against the job's refusal
         budget and carries no decrypted value.
 
         Each (output, round) is released once. The same ciphertext asked again (the aggregator
         retrying after a lost reply, whatever the framing) gets the same values back without
         spending budget: decrypting it again with fresh flooding noise would let the noise be
-        averaged away. Another ciphertext under a released label is refused."""
+        averaged away. Another ciphertext under a released label is refused.
+
+        `opener` turns the checked ciphertext into what is released (default: decryption with
+        this holder's secret key; a group member makes its decryption share instead)."""
+        opener = opener or _SecretKeyOpener(self)
         base = {
             "job": request.job_id,
             "event": "decrypt",
@@ -254,6 +311,7 @@ class KeyHolder:
             "parties": sorted(request.contributors),
             "n_parties": len(set(request.contributors)),
             "digest": digest(request.tensor),
+            **opener.audit,
         }
         ledger = None
         try:
@@ -262,43 +320,44 @@ class KeyHolder:
             ledger = self._ledger(request.job_id)
             ledger.check_open(request.job_id)
             spec = self.policy.check_request(job, request)
-            secret = self._secret_context(job.job_id)
-            tensor = load_tensor(request.tensor, secret)
+            tensor = load_tensor(request.tensor, self._tensor_context(job))
             if not isinstance(tensor, EncryptedTensor):
                 return self._replay_or_open_plain(request, tensor.values, base, ledger)
             content = content_digest(tensor)
-            replay = self._replay(request, content, ledger)
+            replay = self._replay(request, content, ledger, opener)
             if replay is not None:
-                return Decryption(replay, self.audit.append(**base, decision="replayed"))
+                return replay._replace(record=self.audit.append(**base, decision="replayed"))
+            opener.check_new(request, self._release_path(request, opener.suffix))
             if verify:
                 self._verify_tags(request, tensor)
-            values, sigma = self._open(secret, tensor, len(request.contributors))
-            _check_size(values, spec.size, request.output_kind)
-            _check_count(values, spec.count_index, len(request.contributors))
+            _check_size(tensor.size, spec.size, request.output_kind)
+            opened = opener.open(tensor, request)
+            if opened.values is not None:
+                _check_count(opened.values, spec.count_index, len(request.contributors))
         except FedHEError as err:
             self.audit.append(**base, decision="refused", reason=str(err))
             if ledger is not None and not ledger.stopped:
                 ledger.record_refusal(self.max_refusals)
             raise PolicyError(f"decryption refused: {err}") from err
-        _write_private(self._release_path(request), _npy_bytes(values))
+        _write_private(self._release_path(request, opener.suffix), opened.artifact)
         ledger.record_release(request.output_kind, request.round, content)
         record = self.audit.append(
-            **base, decision="decrypted", shape=list(values.shape), flooding_sigma=sigma
+            **base, decision=opener.decision, shape=list(tensor.shape), **opened.audit
         )
-        return Decryption(values, record)
+        return opened._replace(record=record)
 
     def _replay_or_open_plain(
         self, request: DecryptionRequest, values: np.ndarray, base: dict, ledger: Ledger
     ) -> Decryption:
         """A plaintext twin's values: nothing to decrypt, budget and labels as for ciphertexts."""
         content = hashlib.sha256(request.tensor).hexdigest()
-        if self._replay(request, content, ledger) is None:
+        if self._replay(request, content, ledger, None) is None:
             ledger.record_release(request.output_kind, request.round, content)
         return Decryption(values, self.audit.append(**base, decision="plaintext"))
 
     def _replay(
-        self, request: DecryptionRequest, content: str, ledger: Ledger
-    ) -> np.ndarray | None:
+        self, request: DecryptionRequest, content: str, ledger: Ledger, opener: Opener | None
+    ) -> Decryption | None:
         released = ledger.released_digest(request.output_kind, request.round)
         if released is None:
             return None
@@ -307,8 +366,14 @@ class KeyHolder:
                 f"{request.output_kind!r} of round {request.round} was released already, for "
                 "another ciphertext."
             )
-        path = self._release_path(request)
-        return np.load(path, allow_pickle=False) if path.exists() else None
+        if opener is None:
+            return None
+        path = self._release_path(request, opener.suffix)
+        return opener.replayed(path.read_bytes()) if path.exists() else None
+
+    def _tensor_context(self, job: JobDeclaration) -> SecretContext | PublicContext | None:
+        """What parses the job's ciphertexts here: the secret context (None: a plaintext twin)."""
+        return self._secret_context(job.job_id)
 
     def _verify_tags(self, request: DecryptionRequest, tensor: EncryptedTensor) -> None:
         registration = self.registration(request.job_id)
@@ -330,20 +395,6 @@ class KeyHolder:
             tensor, tags, mac_label(request.output_kind, request.round)
         )
 
-    def _open(
-        self, secret: SecretContext | None, tensor: EncryptedTensor, contributors: int
-    ) -> tuple[np.ndarray, float]:
-        if secret is None:
-            raise PolicyError("this job has no secret key on this key holder.")
-        _check_guard(tensor, contributors)
-        values = decrypt(secret, tensor)
-        # Quantized lanes decode by rounding to integers: the release is a function of the
-        # plaintext sum alone, so there is no decryption noise to flood.
-        sigma = 0.0 if tensor.lanes is not None else self._flooding_sigma(tensor.scale)
-        if sigma:
-            values = values + secure_random().normal(0.0, sigma, values.shape)
-        return values, sigma
-
     def _flooding_sigma(self, scale: float) -> float:
         """Noise lives in the coefficient domain: σ is 2^flooding_bits over the ciphertext scale."""
         if self.flooding_bits is None:
@@ -352,10 +403,10 @@ class KeyHolder:
 
     # -- storage ------------------------------------------------------------------------------
 
-    def _release_path(self, request: DecryptionRequest) -> Path:
+    def _release_path(self, request: DecryptionRequest, suffix: str = ".npy") -> Path:
         folder = self._job_dir(request.job_id) / "released"
         folder.mkdir(mode=0o700, exist_ok=True)
-        return folder / f"{request.output_kind}-{request.round}.npy"
+        return folder / f"{request.output_kind}-{request.round}{suffix}"
 
     def _ledger(self, job_id: str) -> Ledger:
         return Ledger.load(self._job_dir(job_id) / "ledger.json")
@@ -414,11 +465,9 @@ def _check_guard(tensor: EncryptedTensor, contributors: int) -> None:
         )
 
 
-def _check_size(values: np.ndarray, size: int | None, output: str) -> None:
-    if size is not None and values.size != size:
-        raise PolicyError(
-            f"{output!r} was declared with {size} values, this tensor holds {values.size}."
-        )
+def _check_size(held: int, size: int | None, output: str) -> None:
+    if size is not None and held != size:
+        raise PolicyError(f"{output!r} was declared with {size} values, this tensor holds {held}.")
 
 
 def _check_count(values: np.ndarray, count_index: int, claimed: int) -> None:

@@ -32,6 +32,11 @@ from fedhe.errors import ChannelError, PolicyError
 from fedhe.keyholder import sealing
 
 
+def suffixed(key: str, member: str) -> str:
+    """A payload key for one key holder: `key` for a single one, `key/<member>` in a group."""
+    return f"{key}/{member}" if member else key
+
+
 def mac_seed_label(job_id: str, party: str) -> str:
     return f"mac-seed/{job_id}/{party}"
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from fedhe.errors import PolicyError
 from fedhe.keyholder import DecryptionRequest, JobDeclaration, KeyHolder
+from fedhe.keyholder.group import ReleaseRules
 from fedhe.tasks import aggregate, encrypted_model, knn, linreg, mlp, moments
 
 Release = np.ndarray | dict[str, bytes]
@@ -31,6 +32,18 @@ KEYHOLDER_STEPS: dict[str, KeyholderStep] = {
     knn.VOTE_OUTPUT: knn.keyholder_vote,
     mlp.OUTPUT: mlp.keyholder_logits,
 }
+
+
+# What a member of a key-holder group may do with its decryption share (fedhe.keyholder.group):
+# only shares of a verified sum the job releases to the aggregator go to it in the clear; the
+# shares of everything else go sealed to the lead member, which runs the step above. A member
+# checks the parties' tags itself for every output whose step decrypts a verified sum.
+RELEASE_RULES = ReleaseRules(
+    clear=frozenset({moments.OUTPUT, aggregate.OUTPUT, linreg.GRADIENT_OUTPUT}),
+    verified=frozenset(
+        {moments.OUTPUT, aggregate.OUTPUT, linreg.GRADIENT_OUTPUT, linreg.MASKED_OUTPUT}
+    ),
+)
 
 
 def keyholder_release(keyholder: KeyHolder, request: DecryptionRequest) -> Release:
