@@ -16,6 +16,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedhe.crypto.context import CONTEXT_MAGIC, PublicContext
+from fedhe.crypto.multiparty import SECRET_MAGIC
+from fedhe.errors import SecretKeyLeakError
 
 # Message types (Flower requires train/evaluate/query, optionally ".<name>").
 WHOAMI = "query.whoami"
@@ -71,7 +73,13 @@ def content(
 
 
 def ensure_public(data: bytes, *, what: str = "payload") -> None:
-    """Refuse to put a context that holds a secret key into any message (every role, every type)."""
+    """Refuse to put a context that holds a secret key, or a key-holder group's secret material
+    (a key share, a dealt Shamir piece, an ephemeral key), into any message."""
+    if data[:4] == SECRET_MAGIC:
+        raise SecretKeyLeakError(
+            f"{what} holds a key-holder group's secret material: it stays on its holder's disk "
+            "(dealt pieces travel sealed to one member, never as they are)."
+        )
     if data[:4] != CONTEXT_MAGIC:
         return
     # The same context goes to every party (~10 ms to parse each time): remember the digests

@@ -2,6 +2,7 @@
 handlers (in-process Grid): every job, a member down, a refusal, attacks on the shares."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,40 @@ from sklearn.linear_model import LinearRegression
 from fedhe import protocol
 from fedhe.aggregator.app import run_job
 from fedhe.config import ConfigError, JobConfig
-from fedhe.crypto import _ring, _seal, multiparty
+from fedhe.crypto import (
+    KeyRequest,
+    PublicContext,
+    _ring,
+    _seal,
+    encrypt,
+    generate_keys,
+    load_tensor,
+    multiparty,
+)
 from fedhe.crypto.context import CONTEXT_MAGIC
 from fedhe.data import load_builtin
-from fedhe.errors import ProtocolError
-from fedhe.keyholder import JobDeclaration
-from fedhe.keyholder.group import MAX_ACTIVE_SETS
-from fedhe.tasks import aggregate, knn, linreg, moments
+from fedhe.errors import PolicyError, ProtocolError, ShareError
+from fedhe.keyholder import DecryptionRequest, JobDeclaration
+from fedhe.keyholder.group import (
+    MAX_ACTIVE_SETS,
+    GroupMember,
+    GroupSpec,
+    KeyHolderGroup,
+    LocalTransport,
+)
+from fedhe.keyholder.inprocess import TaggedParties
+from fedhe.tasks import (
+    RELEASE_RULES,
+    aggregate,
+    keyholder_release,
+    knn,
+    linreg,
+    moments,
+)
+from fedhe.tasks import aggregate as aggregate_module
+from tests.conftest import SMALL_PARAMS
 from tests.inprocess import InProcessGrid, kept_answers
+from tests.test_attacks import crafted
 
 GROUP = {"keyholders": 3, "threshold": 2}
 PARTIES = 3
@@ -121,9 +148,9 @@ def _decrypts_the_last_sum(grid: InProcessGrid, job_id: str, secret: np.ndarray)
         config = protocol.config_of(message.content) if "config" in message.content else {}
         if payload.get("public-context", b"").startswith(CONTEXT_MAGIC):
             context = PublicContext.from_bytes(payload["public-context"])
-        if direction == "sent" and config.get("step") == "share" and config["job-id"] == job_id:
-            if tensor_bytes != payload["tensor"]:
-                tensor_bytes, shares = payload["tensor"], []
+        is_share_request = direction == "sent" and config.get("step") == "share"
+        if is_share_request and config["job-id"] == job_id and tensor_bytes != payload["tensor"]:
+            tensor_bytes, shares = payload["tensor"], []
         if direction == "received" and "share" in payload:
             shares.append(payload["share"])
     tensor = load_tensor(tensor_bytes, context)
@@ -274,3 +301,147 @@ def test_threshold_one_is_refused_for_a_group():
 
 def test_max_active_sets_is_small():
     assert MAX_ACTIVE_SETS == 2
+
+
+# -- attacks by a deviating aggregator, on in-process members (`LocalTransport`) ---------------
+
+
+class Group:
+    """Three members (2-of-3) of an aggregate job over three registered parties."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.job_id = "group-job"
+        members = {
+            f"keyholder-{i}": GroupMember(tmp_path / f"kh{i}", rules=RELEASE_RULES)
+            for i in range(3)
+        }
+        self.members = members
+        self.transport = LocalTransport(members, keyholder_release)
+        spec = GroupSpec(tuple(members), 2, {m: kh.identity.public for m, kh in members.items()})
+        self.group = KeyHolderGroup(spec, self.transport)
+        job = aggregate_module.declare(
+            self.job_id,
+            outputs={aggregate.OUTPUT: (3, 4)},
+            min_parties=2,
+            params=SMALL_PARAMS,
+        )
+        self.public = PublicContext.from_bytes(self.group.declare(job, KeyRequest()))
+        self.parties = {
+            m: TaggedParties(kh, self.job_id, PARTIES_NAMES) for m, kh in members.items()
+        }
+
+    def honest_sum(self, round_: int = 0):
+        values = {name: np.arange(4.0) + i for i, name in enumerate(PARTIES_NAMES)}
+        tensors = {name: encrypt(self.public, v) for name, v in values.items()}
+        total = tensors["party-0"] + tensors["party-1"] + tensors["party-2"]
+        tags = {
+            m: parties.tags(aggregate.OUTPUT, tensors, round_)
+            for m, parties in self.parties.items()
+        }
+        request = DecryptionRequest(
+            self.job_id, aggregate.OUTPUT, PARTIES_NAMES, total.to_bytes(), round_
+        )
+        return values, total, request, tags
+
+
+PARTIES_NAMES = ("party-0", "party-1", "party-2")
+
+
+@pytest.fixture
+def group(tmp_path):
+    return Group(tmp_path)
+
+
+def test_a_verified_sum_decrypts_with_any_two_members_and_not_with_one(group):
+    values, total, request, tags = group.honest_sum()
+    got = group.group.decrypt(request, tags, clear=True)
+    expected = sum(values.values())
+    bound = 8 * multiparty.smudging_deviation(SMALL_PARAMS, total.scale, 2)
+    assert np.max(np.abs(got - expected)) < bound
+    # one member's share alone does not combine (below the threshold it would be noise)
+    share = group.members["keyholder-0"].share(
+        replace(request, tags=tags["keyholder-0"]), ["keyholder-0", "keyholder-1"], None
+    )
+    tensor = load_tensor(request.tensor, group.public)
+    with pytest.raises(ShareError, match="active set"):
+        multiparty.combine_decryption(tensor, [share.artifact])
+
+
+def test_a_crafted_ciphertext_gets_no_share_from_any_member(group):
+    """(0, K) dressed as the sum, with the honest tags: every member checks its own MAC key
+    and refuses; nothing leaves, the refusal is in the member's audit log."""
+    _, total, request, tags = group.honest_sum()
+    attack = crafted(total)
+    forged = DecryptionRequest(
+        group.job_id, aggregate.OUTPUT, PARTIES_NAMES, attack.to_bytes(), request.round
+    )
+    with pytest.raises(PolicyError, match=r"refused by keyholder-0.*keyholder-1"):
+        group.group.decrypt(forged, tags, clear=True)
+    for name in ("keyholder-0", "keyholder-1"):
+        last = group.members[name].audit.entries(group.job_id)[-1]
+        assert last["decision"] == "refused" and "tag" in last["reason"].lower()
+
+
+def test_no_member_shares_an_unverified_output_in_the_clear(group):
+    """A share of anything the members cannot verify is K·s_i + noise for a crafted input:
+    asked for one in the clear (as if the output were a verified sum), a member refuses."""
+    _, total, _, _ = group.honest_sum()
+    attack = DecryptionRequest(
+        group.job_id, knn.RANK_OUTPUT, PARTIES_NAMES, crafted(total).to_bytes()
+    )
+    with pytest.raises(PolicyError, match=r"not released in the clear|not declared|knn_rank"):
+        group.members["keyholder-0"].share(attack, ["keyholder-0", "keyholder-1"], None)
+
+
+def test_shares_go_only_to_a_lead_inside_the_active_set(group):
+    _, _, request, _ = group.honest_sum()
+    member = group.members["keyholder-1"]
+    for lead in ("aggregator", "keyholder-2", "keyholder-1"):
+        with pytest.raises(PolicyError, match="lead"):
+            member.share(request, ["keyholder-0", "keyholder-1"], lead)
+
+
+def test_a_member_shares_one_label_for_at_most_two_active_sets(group):
+    """Fresh smudging per active set: averaging many sets' decryptions would wear it down."""
+    member = group.members["keyholder-0"]
+    _, _, request, tags = group.honest_sum()
+    own = replace(request, tags=tags["keyholder-0"])
+    first = member.share(own, ["keyholder-0", "keyholder-1"], None).artifact
+    assert member.share(own, ["keyholder-0", "keyholder-1"], None).artifact == first  # a retry
+    member.share(own, ["keyholder-0", "keyholder-2"], None)
+    with pytest.raises(PolicyError, match="active sets"):
+        member.share(own, ["keyholder-2", "keyholder-0"], None)
+
+
+def test_a_substituted_setup_share_is_refused(tmp_path):
+    """The aggregator swaps keyholder-1's public-key share for one of its own (a rogue key it
+    could decrypt with): keyholder-0 checks every share against the digest its author sealed
+    to it, and refuses the set-up."""
+    members = {
+        f"keyholder-{i}": GroupMember(tmp_path / f"kh{i}", rules=RELEASE_RULES) for i in range(3)
+    }
+    honest = LocalTransport(members, keyholder_release)
+    rogue = multiparty.public_key_share(multiparty.SecretShare.generate(SMALL_PARAMS), b"x" * 32)
+
+    def transport(step, messages):
+        if step == "setup-2":
+            config, payload = messages["keyholder-0"]
+            messages = {
+                **messages,
+                "keyholder-0": (config, {**payload, "pk-share/keyholder-1": rogue}),
+            }
+        return honest(step, messages)
+
+    spec = GroupSpec(tuple(members), 2, {m: kh.identity.public for m, kh in members.items()})
+    job = aggregate_module.declare(
+        "job-x", outputs={aggregate.OUTPUT: (1, 4)}, min_parties=2, params=SMALL_PARAMS
+    )
+    with pytest.raises(ProtocolError, match=r"keyholder-0.*differ from what it attested"):
+        KeyHolderGroup(spec, transport).declare(job, KeyRequest())
+
+
+def test_a_public_context_under_another_key_is_refused(group, tmp_path):
+    """After set-up, a member accepts only the context whose key it combined itself."""
+    other = generate_keys(SMALL_PARAMS).public().to_bytes()
+    with pytest.raises(PolicyError, match="not the one this member combined"):
+        group.members["keyholder-2"].finish_setup(group.job_id, other)

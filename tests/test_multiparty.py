@@ -202,7 +202,13 @@ def test_mulmod_is_exact_against_python_integers(params):
         a = np.array(edges + list(rng.integers(0, q, 2000, dtype=np.uint64)), dtype=np.uint64)
         b = np.array(list(reversed(edges)) + list(rng.integers(0, q, 2000, dtype=np.uint64)))
         b = b.astype(np.uint64)
-        a, b = np.concatenate([a, a, b]), np.concatenate([b, a, b])  # also squares of edges
+        # Products just above a multiple of q (a·b ≡ 1, 2, 3): where a quotient estimated in
+        # floating point falls one short, and the remainder needs its upper correction.
+        near = rng.integers(1, q, 3000, dtype=np.uint64)
+        above = np.array(
+            [pow(int(x), -1, q) * (1 + i % 3) % q for i, x in enumerate(near)], dtype=np.uint64
+        )
+        a, b = np.concatenate([a, a, b, near]), np.concatenate([b, a, b, above])
         expected = [int(x) * int(y) % q for x, y in zip(a, b, strict=True)]
         modulus = np.uint64(q)
         assert _ring.mulmod(a, b, modulus).tolist() == expected

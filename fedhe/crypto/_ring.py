@@ -124,9 +124,11 @@ class Ring:
         return mulmod(a, b, self._q(a))
 
     def sum(self, polys: Iterable[np.ndarray]) -> np.ndarray:
-        items = iter(polys)
-        total = next(items).copy()
-        for poly in items:
+        items = list(polys)
+        if not items:
+            raise ParameterError("a sum of polynomials needs at least one term.")
+        total = items[0]
+        for poly in items[1:]:
             total = self.add(total, poly)
         return total
 
@@ -134,20 +136,13 @@ class Ring:
         """Per-prime constants as a column that broadcasts against (primes, N)."""
         return np.array(values, dtype=U64).reshape(-1, 1)
 
-    def check_reduced(self, a: np.ndarray, what: str) -> None:
-        """Raise ParameterError unless every residue is below its prime."""
-        if np.any(a >= self._q(a)):
-            raise ParameterError(
-                f"{what} has residues out of range: not a polynomial of this ring."
-            )
-
     def with_gadget(self, h: np.ndarray, key: np.ndarray) -> np.ndarray:
         """h + P·key on digit j's own prime q_j, for each digit j of h (L, primes, N): SEAL's
         RNS gadget, which makes h an encryption of `key` that key switching can use."""
         out = h.copy()
         for j in range(self.data_primes):
             q = self.moduli[j]
-            term = mulmod(key[j], U64(self.special_prime % self.primes[0]), q)
+            term = mulmod(key[j], U64(self.special_prime % self.primes[j]), q)
             total = out[j, j] + term
             out[j, j] = np.where(total >= q, total - q, total)
         return out
