@@ -30,6 +30,9 @@ class ConfigError(FedHEError, ValueError):
     """A job setting is missing, of the wrong type or out of range."""
 
 
+PARTIES_HOLD_KEYS = "parties"  # --keyholders parties: each party holds a share of the key
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """Settings every task keeps (`parties` … `out`) and the ones secure aggregation adds."""
@@ -44,7 +47,7 @@ class JobConfig:
     seed: int = 0
     out: str = "runs/latest"
     keyholder_partition_id: int = -1  # simulation: which virtual node is the key holder (-1: last)
-    keyholders: int = 1  # key holders sharing the secret key (1: a single key holder)
+    keyholders: str = "1"  # holders of the job's key: a count, or "parties" (each party a share)
     threshold: int = 0  # key holders needed to decrypt (0: all of them)
     local_epochs: int = 2
     batch_size: int = 32  # per party and step; gradient mode: 0 = all local samples
@@ -98,16 +101,7 @@ class JobConfig:
             raise ConfigError("--mode applies to linreg and logreg only.")
         if self.keyholder_retries < 0:
             raise ConfigError(f"keyholder-retries must be ≥ 0, got {self.keyholder_retries}.")
-        if self.keyholders < 1 or not 0 <= self.threshold <= self.keyholders:
-            raise ConfigError(
-                f"keyholders must be ≥ 1 and threshold between 1 and keyholders (0: all), got "
-                f"keyholders={self.keyholders}, threshold={self.threshold}."
-            )
-        if self.keyholders > 1 and self.threshold == 1:
-            raise ConfigError(
-                "threshold 1 lets any one key holder decrypt alone: that is a single key "
-                "holder with copies. Choose a threshold of 2 or more."
-            )
+        self._check_keyholders()
         if self.l2 < 0:
             raise ConfigError(f"l2 must be ≥ 0, got {self.l2}.")
         if self.k < 1 or self.query_batch < 1:
@@ -132,6 +126,40 @@ class JobConfig:
         if self.data_dir and not self.target:
             raise ConfigError("--data-dir needs --target: the name of the label column.")
         self.hidden_widths  # noqa: B018 - validates the string
+
+    def _check_keyholders(self) -> None:
+        if self.keyholders != PARTIES_HOLD_KEYS and not (
+            self.keyholders.isdigit() and int(self.keyholders) >= 1
+        ):
+            raise ConfigError(
+                f"keyholders must be a count ≥ 1 or {PARTIES_HOLD_KEYS!r}, got {self.keyholders!r}."
+            )
+        count = self.keyholder_count
+        if not 0 <= self.threshold <= count:
+            raise ConfigError(
+                f"threshold must be between 1 and the {count} key holders (0: all of them), got "
+                f"{self.threshold}."
+            )
+        if count > 1 and self.decryption_threshold == 1:
+            raise ConfigError(
+                "threshold 1 lets any one key holder decrypt alone: that is a single key holder "
+                "with copies. Choose a threshold of 2 or more."
+            )
+        if self.parties_hold_keys and self.regression_mode == "exact":
+            raise ConfigError(
+                "exact linreg releases the masked normal equations to one key holder, and every "
+                "party knows the masks R, S: with --keyholders parties that holder would read "
+                "the global XᵀX. Use --mode gradient, or dedicated key holders (--keyholders 3)."
+            )
+
+    @property
+    def parties_hold_keys(self) -> bool:
+        """Every party holds a share of the key: no key holder apart from the parties."""
+        return self.keyholders == PARTIES_HOLD_KEYS
+
+    @property
+    def keyholder_count(self) -> int:
+        return self.parties if self.parties_hold_keys else int(self.keyholders)
 
     @property
     def activation_name(self) -> str:
@@ -160,8 +188,9 @@ class JobConfig:
 
     @property
     def num_nodes(self) -> int:
-        """Simulated SuperNodes: every party plus the key holders."""
-        return self.parties + self.keyholders
+        """Simulated SuperNodes: every party plus the key holders (none apart from the parties
+        when they hold the key's shares)."""
+        return self.parties + (0 if self.parties_hold_keys else self.keyholder_count)
 
     @property
     def keyholder_node(self) -> int:
@@ -170,7 +199,7 @@ class JobConfig:
 
     @property
     def decryption_threshold(self) -> int:
-        return self.threshold or self.keyholders
+        return self.threshold or self.keyholder_count
 
     def to_run_config(self) -> dict[str, Any]:
         return {name.replace("_", "-"): value for name, value in asdict(self).items()}
