@@ -39,7 +39,8 @@ def run_job(grid: Grid, config: JobConfig) -> Path:
         nodes,
         keyholder_partition_id=config.keyholder_node,
         min_parties=config.min_parties,
-        keyholders=config.keyholders,
+        keyholders=config.keyholder_count,
+        parties_hold_keys=config.parties_hold_keys,
     )
     source = _data_source(config, len(federation.parties))
     test = test_data(source)

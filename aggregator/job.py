@@ -393,7 +393,8 @@ class Job:
         request = DecryptionRequest(job_id, output, tuple(sorted(contributors)), tensor, round_)
         clear = output in RELEASE_RULES.clear
         try:
-            released = self.group.decrypt(request, tags, clear=clear)
+            avoid = [self.querier] if self.querier else []
+            released = self.group.decrypt(request, tags, clear=clear, avoid_lead=avoid)
         except FedHEError as err:
             raise ProtocolError(f"key-holder group: {err}") from err
         if self.group.silent:

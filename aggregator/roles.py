@@ -49,26 +49,34 @@ def discover(
     keyholder_partition_id: int,
     min_parties: int,
     keyholders: int = 1,
+    parties_hold_keys: bool = False,
 ) -> Federation:
     """Ask every node its role; refuse to go on without the expected key holders and enough
     parties. Group members are named keyholder-0, … in the order of their partition id (a
-    deployment: of their node config's partition-id, else node id)."""
+    deployment: of their node config's partition-id, else node id); with `parties_hold_keys`
+    every party is also a member, under its party name."""
     exchange = session.ask(
         {str(n): n for n in node_ids},
         protocol.WHOAMI,
         protocol.content(
-            config={"keyholder-partition-id": keyholder_partition_id, "keyholders": keyholders}
+            config={
+                "keyholder-partition-id": keyholder_partition_id,
+                "keyholders": 0 if parties_hold_keys else keyholders,
+                "parties-hold-keys": parties_hold_keys,
+            }
         ),
         role="node",
     )
     found, parties = [], []
     for name, reply in exchange.replies.items():
         info = protocol.config_of(reply)
+        identity = protocol.payload_of(reply).get("identity", b"")
         if info.get("role") == protocol.ROLE_KEYHOLDER:
-            identity = protocol.payload_of(reply).get("identity", b"")
             found.append((int(info.get("partition-id", -1)), int(name), identity))
         else:
-            parties.append((int(info.get("partition-id", -1)), int(name)))
+            parties.append((int(info.get("partition-id", -1)), int(name), identity))
+    if parties_hold_keys:
+        return _parties_as_holders(parties, min_parties, found)
     if len(found) != keyholders:
         raise ProtocolError(
             f"found {len(found)} key holders among {len(node_ids)} nodes; the job needs "
@@ -80,7 +88,7 @@ def discover(
             f"found {len(parties)} parties, fewer than min_parties={min_parties}; start more "
             f"party SuperNodes (unreachable: {sorted(exchange.failures) or 'none'})."
         )
-    ordered = [node for _, node in sorted(parties)]
+    ordered = [node for _, node, _ in sorted(parties)]
     found.sort()
     names = ["keyholder"] if keyholders == 1 else [f"keyholder-{i}" for i in range(keyholders)]
     federation = Federation(
@@ -89,4 +97,30 @@ def discover(
         {name: identity for name, (_, _, identity) in zip(names, found, strict=True)},
     )
     log.info("key holders: %s; %d parties", federation.keyholders, len(ordered))
+    return federation
+
+
+def _parties_as_holders(
+    parties: list[tuple[int, int, bytes]], min_parties: int, dedicated: list
+) -> Federation:
+    """`--keyholders parties`: every party is also a member of the key-holder group."""
+    if dedicated:
+        raise ProtocolError(
+            f"{len(dedicated)} dedicated key holders answered, but the job has the parties "
+            "hold the key: start no keyholder SuperNode for it."
+        )
+    if len(parties) < max(min_parties, 2):
+        raise ProtocolError(f"found {len(parties)} parties, fewer than min_parties={min_parties}.")
+    names = {
+        f"party-{i}": (node, identity) for i, (_, node, identity) in enumerate(sorted(parties))
+    }
+    missing = sorted(name for name, (_, identity) in names.items() if not identity)
+    if missing:
+        raise ProtocolError(f"parties {missing} hold no key share: they sent no identity.")
+    federation = Federation(
+        {name: node for name, (node, _) in names.items()},
+        {name: node for name, (node, _) in names.items()},
+        {name: identity for name, (_, identity) in names.items()},
+    )
+    log.info("parties hold the key's shares: %s", sorted(names))
     return federation

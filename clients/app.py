@@ -7,7 +7,14 @@ from flwr.clientapp import ClientApp
 
 from fedhe import protocol
 from fedhe.clients import keyholder, party
-from fedhe.clients.roles import partition_id, require_role, resolve_role
+from fedhe.clients.roles import (
+    HOLD_KEY_SHARE,
+    hold_key_share,
+    node_flag,
+    partition_id,
+    require_role,
+    resolve_role,
+)
 from fedhe.crypto import pause_precompute
 from fedhe.errors import FedHEError, ProtocolError
 
@@ -16,8 +23,17 @@ app = ClientApp()
 
 @app.query("whoami")
 def whoami(msg: Message, context: Context) -> Message:
-    role = resolve_role(context, protocol.config_of(msg.content))
-    identity = keyholder.keyholder_for(context).identity.public if role == "keyholder" else b""
+    config = protocol.config_of(msg.content)
+    role = resolve_role(context, config)
+    holds_keys = role == protocol.ROLE_KEYHOLDER or bool(config.get("parties-hold-keys"))
+    if holds_keys and role == protocol.ROLE_PARTY:
+        if "role" in context.node_config and not node_flag(context, HOLD_KEY_SHARE):
+            raise ProtocolError(
+                "the job has the parties hold the key's shares, but this site did not opt in: "
+                f"start it with {HOLD_KEY_SHARE}=true and a keyholder-path."
+            )
+        hold_key_share(context)
+    identity = keyholder.keyholder_for(context).identity.public if holds_keys else b""
     return Message(
         protocol.content(
             config={"role": role, "partition-id": partition_id(context)},

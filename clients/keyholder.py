@@ -26,11 +26,21 @@ _PRIVATE_ROOT_RECORD = "fedhe.keyholder-state"
 def keyholder_for(context: Context) -> GroupMember:
     """The key holder keeps its keys and audit log on its own disk, never in a message.
 
-    Deployment: under `data-path` from node_config. Simulation: a folder per run and node
+    Deployment: under `data-path` from node_config (a party site that holds a key share: its
+    `keyholder-path`). Simulation: a folder per run and node
     below $FEDHE_STATE_ROOT (the `fedhe` CLI points it at a temporary folder it deletes after
     the run) or, under `flwr run`, below a private temporary folder (`_private_state_root`)."""
     data_path = context.node_config.get("data-path")
-    if data_path:
+    share_path = context.node_config.get("keyholder-path")  # a party site holding a key share
+    if share_path:
+        state_dir = Path(str(share_path))
+    elif data_path and context.node_config.get("role") == "party":
+        raise ProtocolError(
+            "this party site holds a share of the job's key but has no keyholder-path: start "
+            "it with --node-config 'keyholder-path=\"/its/key/folder\"' (its data-path is its "
+            "CSV file)."
+        )
+    elif data_path:
         state_dir = Path(str(data_path)) / "keyholder"
     else:
         root = os.environ.get(STATE_ROOT_ENV) or _private_state_root(context)

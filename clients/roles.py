@@ -12,6 +12,7 @@ from fedhe import protocol
 from fedhe.errors import ProtocolError
 
 _ROLE_RECORD = "fedhe.role"
+_KEY_SHARE_RECORD = "fedhe.key-share"
 # node_config key: this node may send its data in the clear (the plaintext twin). Simulated
 # nodes set it (`fedhe simulate`); `fedhe deploy site` never writes it.
 ALLOW_PLAINTEXT = "allow-plaintext"
@@ -20,6 +21,9 @@ ALLOW_PLAINTEXT = "allow-plaintext"
 # encrypted-model job's final model back to the aggregator.
 REPORT_METRICS = "report-metrics"
 SHARE_MODEL = "share-model"
+# A party site that holds a share of the key when a job has the parties hold it
+# (`--keyholders parties`); simulated nodes always may.
+HOLD_KEY_SHARE = "hold-key-share"
 SIMULATION_NODE_CONFIG = {ALLOW_PLAINTEXT: True, REPORT_METRICS: True, SHARE_MODEL: True}
 
 
@@ -43,6 +47,12 @@ def resolve_role(context: Context, message_config: dict[str, Any]) -> str:
     return role
 
 
+def hold_key_share(context: Context) -> None:
+    """This party also holds a share of the job's key (`--keyholders parties`): it answers the
+    key holders' messages too, with its own key-holder state and identity."""
+    context.state[_KEY_SHARE_RECORD] = ConfigRecord({"holds": True})
+
+
 def require_role(context: Context, expected: str) -> None:
     record = context.state.get(_ROLE_RECORD)
     role = None if record is None else record["role"]
@@ -50,6 +60,8 @@ def require_role(context: Context, expected: str) -> None:
         raise ProtocolError(
             "this node has no role yet: the aggregator must send query.whoami first."
         )
+    if expected == protocol.ROLE_KEYHOLDER and _KEY_SHARE_RECORD in context.state:
+        return
     if role != expected:
         raise ProtocolError(f"this node is a {role}; it does not handle {expected} messages.")
 

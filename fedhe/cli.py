@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
 _HELP = {
-    "parties": "number of parties (data owners); one more node runs the key holder",
+    "parties": "number of parties (data owners); --keyholders more nodes hold the key",
     "min_parties": "fewest parties a sum may cover; the job stops below it",
     "rounds": "training rounds",
     "dataset": "built-in dataset: breast_cancer, iris, wine, digits, diabetes, synthetic "
@@ -39,6 +39,9 @@ _HELP = {
     "drop_party": "simulate a fault: this party index fails every training round",
     "timeout_s": "seconds to wait for replies to one message",
     "keyholder_retries": "more tries when the key holder does not answer (never on a refusal)",
+    "keyholders": "holders of the job's key: 1 (one key holder), a count K (a key-holder group; "
+    "no holder can decrypt alone), or parties (each party holds a share: no third party)",
+    "threshold": "key holders needed to decrypt (≥ 2 for a group; 0: all of them)",
     "k": "knn: neighbours per query",
     "query": "knn: plain (the aggregator sees the query) or encrypted (it does not)",
     "query_batch": "knn: queries per batch (one ranking and one vote release each)",

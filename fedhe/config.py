@@ -128,6 +128,7 @@ class JobConfig:
         self.hidden_widths  # noqa: B018 - validates the string
 
     def _check_keyholders(self) -> None:
+        object.__setattr__(self, "keyholders", str(self.keyholders))  # JobConfig(keyholders=3)
         if self.keyholders != PARTIES_HOLD_KEYS and not (
             self.keyholders.isdigit() and int(self.keyholders) >= 1
         ):

@@ -47,7 +47,7 @@ from tests.conftest import SMALL_PARAMS
 from tests.inprocess import InProcessGrid, kept_answers
 from tests.test_attacks import crafted
 
-GROUP = {"keyholders": 3, "threshold": 2}
+GROUP = {"keyholders": "3", "threshold": 2}
 PARTIES = 3
 KEYHOLDER_NODES = {1000 + PARTIES + i: f"keyholder-{i}" for i in range(3)}
 
@@ -445,3 +445,41 @@ def test_a_public_context_under_another_key_is_refused(group, tmp_path):
     other = generate_keys(SMALL_PARAMS).public().to_bytes()
     with pytest.raises(PolicyError, match="not the one this member combined"):
         group.members["keyholder-2"].finish_setup(group.job_id, other)
+
+
+# -- every party holds a share: no key holder apart from the parties ----------------------------
+
+PARTIES_HOLD = {"keyholders": "parties", "threshold": 2}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"task": "aggregate", "rounds": 2},
+        {"task": "logreg", "mode": "gradient", "rounds": 3},
+        {"task": "knn", "dataset": "iris", "query_batch": 16},
+        {"task": "knn", "dataset": "iris", "query": "encrypted", "query_batch": 16},
+    ],
+    ids=["fedavg", "logreg", "knn-plain", "knn-encrypted"],
+)
+def test_jobs_run_with_the_parties_holding_the_key(tmp_path, settings):
+    grid, result = _run(tmp_path, **(PARTIES_HOLD | settings))
+    assert len(grid.contexts) == PARTIES  # no key-holder node at all
+    assert result["keyholders"]["members"] == ["party-0", "party-1", "party-2"]
+    he, plain = result["encrypted"], result["plaintext"]
+    assert he["accuracy"] == pytest.approx(plain["accuracy"], abs=0.02)
+    combined = [d for d in result["decryptions"] if d["decision"] == "combined"]
+    # the querier (party-0) never combines: it would read the masked answers to its queries
+    assert all(d["keyholder"] != "party-0" for d in combined)
+    if settings["task"] == "knn":
+        assert combined and np.array_equal(
+            kept_answers(grid, "predictions", encrypted=True),
+            kept_answers(grid, "predictions", encrypted=False),
+        )
+
+
+def test_exact_linreg_is_refused_when_the_parties_hold_the_key():
+    """Every party knows the masks R, S of the normal equations: a party combining them would
+    read the global XᵀX."""
+    with pytest.raises(ConfigError, match="masks R, S"):
+        JobConfig(task="linreg", **PARTIES_HOLD)

@@ -34,7 +34,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -136,6 +136,8 @@ class ReleaseRules:
 
     clear: frozenset[str] = frozenset()
     verified: frozenset[str] = frozenset()
+    # Outputs whose masks every party knows (a party that holds a share must not lead them).
+    party_masked: frozenset[str] = frozenset()
 
 
 def crs_seed(job_id: str, members: Sequence[str]) -> bytes:
@@ -484,6 +486,19 @@ class _CombineOpener:
         missing = sorted(set(self.active) - {name} - set(self.sealed))
         if missing:
             raise PolicyError(f"the lead has no decryption share from {missing}.")
+        job = self.member.declaration(request.job_id)
+        if name == job.meta.get("querier"):
+            raise PolicyError(
+                f"{name} asks this job's queries: it may not combine (it would read the masked "
+                "answers to its own queries); lead with another member."
+            )
+        if request.output_kind in self.member.rules.party_masked and _is_party(
+            self.member, request.job_id, name
+        ):
+            raise PolicyError(
+                f"{name} is a party of the job and knows the masks of {request.output_kind!r}: "
+                "lead with a member that is not."
+            )
         _check_active_sets(path, request)
 
     def open(self, tensor: EncryptedTensor, request: DecryptionRequest) -> Decryption:
@@ -522,6 +537,13 @@ def _group_of(member: GroupMember, job_id: str) -> tuple[GroupSpec, str]:
     if found is None:
         raise PolicyError(f"job {job_id!r} is not a key-holder group job on this holder.")
     return found
+
+
+def _is_party(member: GroupMember, job_id: str, name: str) -> bool:
+    try:
+        return name in member.registration(job_id).parties
+    except PolicyError:
+        return False
 
 
 def _check_active_sets(path: Path, request: DecryptionRequest) -> None:
@@ -664,12 +686,14 @@ class KeyHolderGroup:
         tags: Mapping[str, Mapping[str, bytes]],
         *,
         clear: bool,
+        avoid_lead: Collection[str] = (),
     ) -> Reply | np.ndarray:
         """Threshold decryption of `request` (its `tags` per member: each member checks its
         own). `clear`: a verified sum whose shares come to this aggregator, combined here to
-        values; otherwise the lead's reply (config, payload) of the output's step."""
+        values; otherwise the lead's reply (config, payload) of the output's step. The lead is
+        never one of `avoid_lead` (the querier: it must not read masked answers)."""
         while True:
-            active = self._active_set()
+            active = self._active_set(() if clear else avoid_lead)
             if clear:
                 replies = self._ask_shares(request, tags, active, None)
                 if replies is None:
@@ -691,14 +715,19 @@ class KeyHolderGroup:
                 return answered[lead]
             self._note_failures(failures)
 
-    def _active_set(self) -> tuple[str, ...]:
+    def _active_set(self, avoid_lead: Collection[str]) -> tuple[str, ...]:
+        """T live members; the first one (the lead, where there is one) not in `avoid_lead`."""
         alive = [m for m in self.spec.members if m not in self.silent]
         if len(alive) < self.spec.threshold:
             raise ProtocolError(
                 f"only {len(alive)} key holders answer, fewer than the threshold "
                 f"{self.spec.threshold}: silent {sorted(self.silent)}. Nothing was decrypted."
             )
-        return tuple(alive[: self.spec.threshold])
+        leads = [m for m in alive if m not in avoid_lead]
+        if not leads:
+            raise ProtocolError(f"no live key holder may lead: all of {alive} are excluded.")
+        rest = [m for m in alive if m != leads[0]]
+        return (leads[0], *rest[: self.spec.threshold - 1])
 
     def _ask_shares(
         self,

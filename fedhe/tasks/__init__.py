@@ -43,6 +43,7 @@ RELEASE_RULES = ReleaseRules(
     verified=frozenset(
         {moments.OUTPUT, aggregate.OUTPUT, linreg.GRADIENT_OUTPUT, linreg.MASKED_OUTPUT}
     ),
+    party_masked=frozenset({linreg.MASKED_OUTPUT}),  # the parties draw R and S
 )
 
 
