@@ -161,9 +161,16 @@ def _attest_label(job_id: str, sender: str, receiver: str) -> str:
     return f"attest/{job_id}/{sender}/{receiver}"
 
 
+# The set-up shares a member checks and combines itself: the public key (its fingerprint is
+# what every member and party accepts) and relinearization round 1 (round 2's input: a chosen
+# one would make round 2 a function of s_i the aggregator picked). Rotation-key shares go to
+# the aggregator only: a wrong rotation key spoils the aggregator's own results, nothing more.
+_CHECKED_SHARES = ("pk-share", "relin-1")
+
+
 def _round1_digest(payload: Mapping[str, bytes]) -> bytes:
     digest = hashlib.sha256(b"fedhe-setup-1")
-    for key in ("pk-share", "relin-1", "rotations"):
+    for key in _CHECKED_SHARES:
         digest.update(key.encode() + b"\x00" + hashlib.sha256(payload.get(key, b"")).digest())
     return digest.digest()
 
@@ -320,7 +327,7 @@ class GroupMember(KeyHolder):
         for member in group.members:
             mine = {
                 key: payload[f"{key}/{member}"]
-                for key in ("pk-share", "relin-1", "rotations")
+                for key in _CHECKED_SHARES
                 if f"{key}/{member}" in payload
             }
             if member != name:
@@ -629,7 +636,7 @@ class KeyHolderGroup:
         round1 = {
             f"{key}/{m}": replies[m][1][key]
             for m in spec.members
-            for key in ("pk-share", "relin-1", "rotations")
+            for key in _CHECKED_SHARES
             if key in replies[m][1]
         }
         messages: dict[str, Reply] = {}
