@@ -251,20 +251,7 @@ class Job:
                 self.exclude({name: "its setup reply has no end-to-end link"}, "registration")
         self.require_quorum("registration")
         envelopes: dict[str, dict[str, bytes]] = {name: {} for name in self.parties}
-        for member in members:
-            payload: dict[str, bytes] = {}
-            for name in self.parties:
-                link = protocol.payload_of(setup.replies[name])
-                payload[f"identity/{name}"] = link["identity"]
-                payload[f"mac-seed/{name}"] = link[suffixed("mac-seed", member)]
-            reply = self.ask_keyholder(
-                protocol.REGISTER,
-                protocol.content(
-                    config={"job-id": self.run.job_id, "parties": sorted(self.parties)},
-                    payload=payload,
-                ),
-                member=member,
-            )
+        for member, reply in self._register_with(members, setup).items():
             self.exclude(dict(protocol.config_of(reply).get("refused", {})), "registration")
             self.require_quorum("registration")
             for name, envelope in protocol.payload_of(reply).items():
@@ -274,6 +261,39 @@ class Job:
         # Each envelope rides on the job's next party message (the feature moments), which
         # saves a round trip; a party opens it before it contributes anything.
         self.envelopes = {name: envelopes[name] for name in self.parties}
+
+    def _register_with(self, members: list[str], setup: Exchange) -> dict[str, RecordDict]:
+        """Every key holder's registration reply, asked at once. In a group a silent member is
+        left out (it cannot check tags, so it never shares) while the threshold holds."""
+        contents = {}
+        for member in members:
+            payload: dict[str, bytes] = {}
+            for name in self.parties:
+                link = protocol.payload_of(setup.replies[name])
+                payload[f"identity/{name}"] = link["identity"]
+                payload[f"mac-seed/{name}"] = link[suffixed("mac-seed", member)]
+            contents[member] = protocol.content(
+                config={"job-id": self.run.job_id, "parties": sorted(self.parties)},
+                payload=payload,
+            )
+        if self.group is None:
+            return {"": self.ask_keyholder(protocol.REGISTER, contents[""])}
+        exchange = self.session.ask(
+            {m: self.federation.keyholders[m] for m in members},
+            protocol.REGISTER,
+            contents,
+            role="keyholder",
+        )
+        refused = {m: r for m, r in exchange.failures.items() if not r.startswith("no reply")}
+        if refused:
+            raise ProtocolError(f"key holders refused the registration: {refused}")
+        self.group.silent |= set(exchange.failures)
+        if len(exchange.replies) < self.group.spec.threshold:
+            raise ProtocolError(
+                f"only {len(exchange.replies)} key holders registered the parties, fewer than "
+                f"the threshold {self.group.spec.threshold}: silent {sorted(exchange.failures)}."
+            )
+        return dict(exchange.replies)
 
     def feature_moments(self, *, with_target: bool = False) -> tuple[moments.Standardizer, int]:
         """Global standardization and Σnᵢ by one secure sum: no party's own statistics leak."""
@@ -453,15 +473,24 @@ class Job:
         """The key holder's records of this job and of the jobs it declared after it (in
         order: one contiguous stretch of the hash chain)."""
         entries = []
-        for member in self.keyholder_names:
-            if self.group is not None and member in self.group.silent:
-                continue  # its log stays on its own disk (`fedhe audit verify` there)
-            for job_id in (self.run.job_id, *self.later_jobs):
-                reply = self.ask_keyholder(
-                    protocol.AUDIT, protocol.content(config={"job-id": job_id}), member=member
-                )
-                records = json.loads(protocol.config_of(reply)["entries"])
-                entries += [{**r, "keyholder": member} if member else r for r in records]
+        for job_id in (self.run.job_id, *self.later_jobs):
+            content = protocol.content(config={"job-id": job_id})
+            if self.group is None:
+                reply = self.ask_keyholder(protocol.AUDIT, content)
+                entries += json.loads(protocol.config_of(reply)["entries"])
+                continue
+            # Each member's own log, asked at once; a silent one's stays on its disk.
+            alive = [m for m in self.group.spec.members if m not in self.group.silent]
+            exchange = self.session.ask(
+                {m: self.federation.keyholders[m] for m in alive},
+                protocol.AUDIT,
+                content,
+                role="keyholder",
+            )
+            for member in alive:
+                if member in exchange.replies:
+                    records = json.loads(protocol.config_of(exchange.replies[member])["entries"])
+                    entries += [{**r, "keyholder": member} for r in records]
         return entries
 
     # -- checkpoints -------------------------------------------------------------------------------

@@ -84,12 +84,14 @@ def join(
 
 
 def accept_mac_keys(context: Context, job_id: str, payload: dict[str, bytes]) -> None:
-    """Open each key holder's envelope (`envelope`, or `envelope/<member>` in a group)."""
+    """Open each key holder's envelope (`envelope`, or `envelope/<member>` in a group; a
+    group member that was silent at registration sends none, and gets no tags)."""
     record = _record(context, job_id)
-    for member in _members(record):
-        envelope = payload.get(suffixed("envelope", member))
-        if envelope is None:
-            raise ProtocolError(f"no MAC-key envelope from key holder {member!r} for {job_id!r}.")
+    present = [m for m in _members(record) if suffixed("envelope", m) in payload]
+    if not present:
+        raise ProtocolError(f"no MAC-key envelope from any key holder of {job_id!r}.")
+    for member in present:
+        envelope = payload[suffixed("envelope", member)]
         channel = _channel(identity(context), bytes(record[suffixed("keyholder", member)]), job_id)
         record[suffixed("mac-seed", member)] = registry.party_mac_seed(
             channel,
@@ -119,10 +121,11 @@ def tag(
     tensor = load_tensor(contribution, public)
     label = mac_label(output, round_)
     sealed = {}
-    for member in _members(record):
-        seed = record.get(suffixed("mac-seed", member))
-        if seed is None:
-            raise ProtocolError(f"job {job_id!r} has no MAC key on this party: register first.")
+    keyed = [m for m in _members(record) if suffixed("mac-seed", m) in record]
+    if not keyed:
+        raise ProtocolError(f"job {job_id!r} has no MAC key on this party: register first.")
+    for member in keyed:
+        seed = record[suffixed("mac-seed", member)]
         value = MacKey(bytes(seed)).tag(tensor, label)
         channel = _channel(identity(context), bytes(record[suffixed("keyholder", member)]), job_id)
         sealed[suffixed("tag", member)] = channel.seal(

@@ -89,9 +89,10 @@ def init_federation(
     if (folder / "federation.json").exists():
         raise DeployError(f"{folder} already holds a federation; choose another folder.")
     bad = {name: role for name, role in sites.items() if role not in ROLES}
-    if bad or list(sites.values()).count(KEYHOLDER) != 1:
+    if bad or "party" not in sites.values():
         raise DeployError(
-            f"sites need exactly one {KEYHOLDER!r} and parties, roles in {ROLES}; got {sites}."
+            f"sites need parties and any number of {KEYHOLDER!r} sites (none when the parties "
+            f"hold the key's shares), roles in {ROLES}; got {sites}."
         )
     federation = Federation(folder, host, port, dict(sites))
     ca_key, ca_cert = _certificate_authority()
@@ -179,19 +180,28 @@ def site_command(
     data_path: str = "",
     superlink: str = "",
     passphrase_file: str = "",
+    keyholder_path: str = "",
 ) -> list[str]:
     """The SuperNode of one site: its key, the CA, its role and where its data lives
     (party: its CSV file, or nothing for built-in data; key holder: its state folder, and
-    optionally the file holding the passphrase that seals its secret keys)."""
+    optionally the file holding the passphrase that seals its secret keys). A party with
+    `keyholder_path` also holds a share of the key of jobs run with `keyholders=parties`."""
     key = federation.site_key(name)
-    node_config = _setting("role", federation.sites[name])
+    role = federation.sites[name]
+    node_config = _setting("role", role)
     if data_path:
         node_config += " " + _setting("data-path", data_path)
-    if federation.sites[name] != KEYHOLDER:  # its end-to-end identity, kept at the site
+    if role != KEYHOLDER:  # its end-to-end identity, kept at the site
         node_config += " " + _setting("identity-path", str(key.parent / "identity.key"))
+    if keyholder_path:
+        if role == KEYHOLDER:
+            raise DeployError("a key holder keeps its shares under --data-path.")
+        node_config += " hold-key-share=true " + _setting("keyholder-path", keyholder_path)
     if passphrase_file:
-        if federation.sites[name] != KEYHOLDER:
-            raise DeployError("only the key holder has secret keys to seal with a passphrase.")
+        if role != KEYHOLDER and not keyholder_path:
+            raise DeployError(
+                "only a key holder, or a party with --keyholder-path, has key shares to seal."
+            )
         node_config += " " + _setting("passphrase-file", passphrase_file)
     return [
         _tool("flower-supernode"),

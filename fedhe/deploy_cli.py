@@ -19,7 +19,13 @@ def add_deploy_commands(commands) -> None:
     init = sub.add_parser("init", help="coordinator: CA, SuperLink certificate, site keys")
     init.add_argument("folder")
     init.add_argument("--party", action="append", required=True, help="a party site's name")
-    init.add_argument("--keyholder", default=d.KEYHOLDER, help="the key holder site's name")
+    init.add_argument(
+        "--keyholder",
+        action="append",
+        default=None,
+        help="a key holder site's name; repeat for a key-holder group (default: keyholder); "
+        "--keyholder none when the parties hold the key's shares",
+    )
     init.add_argument("--host", default="127.0.0.1", help="the SuperLink's address for sites")
     init.add_argument("--port", type=int, default=8000)
     for name, text in (
@@ -36,6 +42,11 @@ def add_deploy_commands(commands) -> None:
     site.add_argument(
         "--passphrase-file", default="", help="key holder: seal its secret keys with this"
     )
+    site.add_argument(
+        "--keyholder-path",
+        default="",
+        help="party: also hold a share of the key (jobs with keyholders=parties), kept here",
+    )
     run = sub.add_parser("run", help="coordinator: run a job on the federation")
     run.add_argument("folder")
     run.add_argument("--app", default=".", help="the fedhe app folder (pyproject.toml)")
@@ -49,7 +60,9 @@ def add_deploy_commands(commands) -> None:
 def deploy(args: argparse.Namespace) -> int:
     if args.deploy_command == "init":
         sites = {name: "party" for name in args.party}
-        sites[args.keyholder] = d.KEYHOLDER
+        for name in args.keyholder or [d.KEYHOLDER]:
+            if name != "none":
+                sites[name] = d.KEYHOLDER
         federation = d.init_federation(args.folder, sites, host=args.host, port=args.port)
         print(
             f"federation in {federation.folder}: SuperLink {federation.address}, sites "
@@ -70,6 +83,7 @@ def deploy(args: argparse.Namespace) -> int:
             data_path=args.data_path,
             superlink=args.superlink,
             passphrase_file=args.passphrase_file,
+            keyholder_path=args.keyholder_path,
         )
         return _exec(command, env)
     return subprocess.call(d.run_command(args.app, args.run_config), env=env)

@@ -290,10 +290,14 @@ def _secs(value: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-flower", action="store_true", help="set-up costs only")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/threshold.json"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "benchmarks/threshold.json",
+    )
     parser.add_argument("--from-json", type=Path, help="print the report of an earlier run")
     args = parser.parse_args(argv)
-    console = Console()
+    console = Console(width=140)
     if args.from_json:
         print_report(console, json.loads(args.from_json.read_text()))
         return 0

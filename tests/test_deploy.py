@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -57,20 +58,21 @@ def test_init_writes_a_ca_a_server_certificate_and_site_keys(tmp_path):
     assert (tmp_path / "fed/superlink/server.key").stat().st_mode & 0o777 == 0o600
     with pytest.raises(deploy.DeployError, match="already holds"):
         deploy.init_federation(tmp_path / "fed", SITES)
-    with pytest.raises(deploy.DeployError, match="exactly one"):
-        deploy.init_federation(tmp_path / "other", {"a": "party"})
+    with pytest.raises(deploy.DeployError, match="need parties"):
+        deploy.init_federation(tmp_path / "other", {"a": "keyholder"})
 
 
 class Deployment:
     """Processes of one federation; everything is killed at the end."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, sites: dict[str, str] = SITES) -> None:
         self.port = _free_port()
-        self.federation = deploy.init_federation(folder, SITES, port=self.port)
+        self.federation = deploy.init_federation(folder, sites, port=self.port)
         self.env = deploy.environment(self.federation)
         self.logs = folder / "logs"
         self.logs.mkdir()
         self.processes: dict[str, subprocess.Popen] = {}
+        self.site_args: dict[str, dict[str, str]] = {}
 
     def start(self, name: str, command: list[str]) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("wb")
@@ -194,3 +196,107 @@ def _kill_after_first_decryption(deployment, audit: Path, before: int, site: str
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+GROUP_SITES = {
+    "kh-a": "keyholder",
+    "kh-b": "keyholder",
+    "kh-c": "keyholder",
+    "hospital-a": "party",
+    "hospital-b": "party",
+    "hospital-c": "party",
+}
+
+
+@pytest.fixture(scope="module")
+def group_deployment(tmp_path_factory):
+    """Three hospitals and a key-holder group of three sites, each with its own state folder
+    and passphrase, over TLS with SuperNode authentication."""
+    folder = tmp_path_factory.mktemp("group-federation")
+    running = Deployment(folder / "fed", GROUP_SITES)
+    try:
+        running.start("superlink", deploy.superlink_command(running.federation))
+        assert register(running.federation, running.env, timeout_s=90) == 0
+        for name in ("kh-a", "kh-b", "kh-c"):
+            passphrase = folder / f"{name}.pass"
+            passphrase.write_text(f"passphrase of {name}")
+            passphrase.chmod(0o600)
+            running.site_args[name] = {
+                "data_path": str(folder / f"{name}-data"),
+                "passphrase_file": str(passphrase),
+            }
+            running.start_site(name, **running.site_args[name])
+        for name in ("hospital-a", "hospital-b", "hospital-c"):
+            running.start_site(name)
+        yield running
+    finally:
+        running.stop_all()
+
+
+def _kill_after_group_setup(deployment, site: str) -> threading.Thread:
+    """Kill key holder `site` as soon as it has accepted a new job's public context (the
+    group's set-up is over; the job's registration and decryptions are still to come)."""
+    audit = deployment.federation.folder.parent / f"{site}-data" / "keyholder" / "audit.jsonl"
+    before = len(audit.read_text().splitlines()) if audit.exists() else 0
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if audit.exists():
+                lines = audit.read_text().splitlines()[before:]
+                if any('"step": 3' in line and '"declared"' in line for line in lines):
+                    deployment.stop(site)
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_a_key_holder_group_runs_linreg_with_one_holder_killed_after_setup(
+    group_deployment, tmp_path
+):
+    """2-of-3 over TLS: kh-a dies right after set-up; the two others decrypt; the coefficients
+    equal the single-key-holder simulation's; no site's state folder holds the key."""
+    killer = _kill_after_group_setup(group_deployment, "kh-a")
+    result = group_deployment.run(
+        tmp_path / "run",
+        "task='linreg' parties=3 min-parties=2 plaintext-twin=false timeout-s=30 "
+        "keyholders='3' threshold=2 keyholder-retries=0",
+    )
+    killer.join(timeout=5)
+    assert len(result["silent_keyholders"]) == 1
+    simulated_out = tmp_path / "simulated"
+    config = JobConfig(task="linreg", parties=3, min_parties=2, plaintext_twin=False,
+                       out=str(simulated_out))  # fmt: skip
+    run_job(InProcessGrid(config.num_nodes), config)
+    simulated = json.loads((simulated_out / "result.json").read_text())
+    np.testing.assert_allclose(
+        result["coefficients"]["encrypted"], simulated["coefficients"]["encrypted"], rtol=1e-6
+    )
+    folder = group_deployment.federation.folder.parent
+    for site in ("kh-a", "kh-b", "kh-c"):
+        shares = list((folder / f"{site}-data").rglob("share.key"))
+        assert shares and not list((folder / f"{site}-data").rglob("secret.ctx"))
+        assert all(not s.read_bytes().startswith(b"FHES") for s in shares)  # sealed at rest
+
+
+@pytest.mark.slow
+def test_a_key_holder_group_answers_knn_queries_with_one_holder_down(group_deployment, tmp_path):
+    """kh-a (restarted: its state folder kept its identity) dies again after set-up; the KNN
+    rankings and votes are combined by a live member."""
+    if "kh-a" not in group_deployment.processes:
+        group_deployment.start_site("kh-a", **group_deployment.site_args["kh-a"])
+    killer = _kill_after_group_setup(group_deployment, "kh-a")
+    result = group_deployment.run(
+        tmp_path / "knn",
+        "task='knn' dataset='iris' parties=3 min-parties=2 plaintext-twin=false timeout-s=30 "
+        "keyholders='3' threshold=2 keyholder-retries=0 query-batch=32",
+    )
+    killer.join(timeout=5)
+    (silent,) = result["silent_keyholders"]
+    combined = [d for d in result["decryptions"] if d["decision"] == "combined"]
+    assert {d["output"] for d in combined} == {"knn_rank", "knn_vote"}
+    assert all(d["keyholder"] != silent for d in result["decryptions"])

@@ -249,6 +249,26 @@ def test_a_member_down_after_setup_leaves_the_job_running(tmp_path):
     assert members == {"keyholder-1", "keyholder-2"}
 
 
+def test_a_member_down_before_registration_is_left_out_of_the_mac_keys(tmp_path):
+    """keyholder-2 dies right after set-up: the parties register with the two others only,
+    tag for them only, and the two decrypt every sum."""
+
+    def hook(grid):
+        send = grid.send_and_receive
+
+        def lose_member_2(messages, timeout=None):
+            if any(m.metadata.message_type == protocol.REGISTER for m in messages):
+                grid.unreachable.add(PARTIES + 2)
+            return send(messages, timeout)
+
+        grid.send_and_receive = lose_member_2
+
+    _, result = _run(tmp_path, grid_hook=hook, rounds=1, plaintext_twin=False, timeout_s=3.0)
+    assert result["silent_keyholders"] == ["keyholder-2"]
+    shared = {d["keyholder"] for d in result["decryptions"] if d["decision"] == "shared"}
+    assert shared == {"keyholder-0", "keyholder-1"}
+
+
 def test_fewer_than_threshold_members_stop_the_job_naming_them(tmp_path):
     def hook(grid):
         send = grid.send_and_receive
