@@ -1,6 +1,7 @@
 """A key-holder group (3 holders, any 2 decrypt) through the real ServerApp loop and ClientApp
 handlers (in-process Grid): every job, a member down, a refusal, attacks on the shares."""
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -433,23 +434,26 @@ def test_a_member_shares_one_label_for_at_most_two_active_sets(group):
         member.share(own, ["keyholder-2", "keyholder-0"], None)
 
 
-def test_a_substituted_setup_share_is_refused(tmp_path):
-    """The aggregator swaps keyholder-1's public-key share for one of its own (a rogue key it
-    could decrypt with): keyholder-0 checks every share against the digest its author sealed
-    to it, and refuses the set-up."""
+@pytest.mark.parametrize(
+    "swapped", ["pk-share/keyholder-1", "relin-1/keyholder-1", "relin-1/keyholder-0"]
+)
+def test_a_substituted_setup_share_is_refused(tmp_path, swapped):
+    """The aggregator swaps a member's share in what it relays to keyholder-0: a public-key
+    share of its own (a rogue key it could decrypt with), or a relinearization round-1 share
+    (round 2 would then answer a function of s_i the aggregator chose), even keyholder-0's own.
+    keyholder-0 checks every share against the digest its author sealed to it (its own against
+    what it made) and refuses the set-up."""
     members = {
         f"keyholder-{i}": GroupMember(tmp_path / f"kh{i}", rules=RELEASE_RULES) for i in range(3)
     }
     honest = LocalTransport(members, keyholder_release)
-    rogue = multiparty.public_key_share(multiparty.SecretShare.generate(SMALL_PARAMS), b"x" * 32)
 
     def transport(step, messages):
         if step == "setup-2":
             config, payload = messages["keyholder-0"]
-            messages = {
-                **messages,
-                "keyholder-0": (config, {**payload, "pk-share/keyholder-1": rogue}),
-            }
+            donor = "keyholder-2"  # a well-formed share of the same kind, not the right one
+            forged = {**payload, swapped: payload[swapped.split("/")[0] + "/" + donor]}
+            messages = {**messages, "keyholder-0": (config, forged)}
         return honest(step, messages)
 
     spec = GroupSpec(tuple(members), 2, {m: kh.identity.public for m, kh in members.items()})
@@ -457,7 +461,13 @@ def test_a_substituted_setup_share_is_refused(tmp_path):
         "job-x", outputs={aggregate.OUTPUT: (1, 4)}, min_parties=2, params=SMALL_PARAMS
     )
     with pytest.raises(ProtocolError, match=r"keyholder-0.*differ from what it attested"):
-        KeyHolderGroup(spec, transport).declare(job, KeyRequest())
+        KeyHolderGroup(spec, transport).declare(job, KeyRequest(relin=True))
+    assert not (tmp_path / "kh0" / "jobs" / "job-x" / "share.key").exists()
+
+
+def test_set_up_step_two_runs_once(group):
+    with pytest.raises(PolicyError, match="already"):
+        group.members["keyholder-1"].continue_setup(group.job_id, {})
 
 
 def test_a_public_context_under_another_key_is_refused(group, tmp_path):
@@ -503,3 +513,85 @@ def test_exact_linreg_is_refused_when_the_parties_hold_the_key():
     read the global XᵀX."""
     with pytest.raises(ConfigError, match="masks R, S"):
         JobConfig(task="linreg", **PARTIES_HOLD)
+
+
+# -- every message of group jobs, scanned -----------------------------------------------------
+
+SETUP_KEYS = {"pk-share", "relin-1", "attest", "deal", "public-context"}
+PARTY_LINK_KEYS = {"tag", "identity", "mac-seed"}
+
+
+@pytest.fixture(scope="module", params=["linreg", "knn-encrypted", "mlp"])
+def scanned(request, tmp_path_factory):
+    settings = {
+        "linreg": {"task": "linreg"},
+        "knn-encrypted": {
+            "task": "knn",
+            "dataset": "iris",
+            "query": "encrypted",
+            "query_batch": 16,
+        },
+        "mlp": {"task": "mlp", "rounds": 1, "single_queries": 1},
+    }[request.param]
+    grid, result = _run(tmp_path_factory.mktemp(request.param), plaintext_twin=False, **settings)
+    return grid, result
+
+
+def _exchanges(grid, message_type):
+    """(request, reply) pairs of one message type, as the in-process grid logged them."""
+    pending = {}
+    for direction, message in grid.log:
+        if message.metadata.message_type != message_type:
+            continue
+        if direction == "sent":
+            pending[message.metadata.message_id] = message
+        elif message.metadata.reply_to_message_id in pending:
+            yield pending.pop(message.metadata.reply_to_message_id), message
+
+
+def test_members_receive_no_party_ciphertext_and_release_only_what_the_rules_allow(scanned):
+    grid, _ = scanned
+    contributions = set()
+    for direction, message in grid.log:
+        if direction == "received" and message.metadata.src_node_id not in KEYHOLDER_NODES:
+            if message.has_error() or "payload" not in message.content:
+                continue
+            for data in protocol.payload_of(message.content).values():
+                contributions.add(data)
+    assert contributions
+    shares = 0
+    for sent, reply in _exchanges(grid, protocol.GROUP):
+        config, payload = protocol.config_of(sent.content), protocol.payload_of(sent.content)
+        for key, data in payload.items():
+            base = key.split("/")[0]
+            assert base in SETUP_KEYS | {"tensor", "tag", "share"}, key
+            assert data not in contributions or base == "tag", key  # sums only, never one party's
+        if reply.has_error() or config["step"] != "share":
+            continue
+        share = protocol.payload_of(reply.content)["share"]
+        shares += 1
+        in_clear = share.startswith(multiparty.DECRYPTION_MAGIC)
+        # a share in the clear only for a verified sum released to the aggregator; the rest
+        # sealed to the lead: nothing the aggregator can read
+        assert in_clear == (config["output"] in RELEASE_RULES.clear and not config["lead"])
+    assert shares
+    for sent, _ in _exchanges(grid, protocol.REGISTER):
+        assert sent.metadata.dst_node_id in KEYHOLDER_NODES
+        for key in protocol.payload_of(sent.content):
+            assert key.split("/")[0] in PARTY_LINK_KEYS, key
+
+
+def test_a_lead_releases_values_only_as_solved_coefficients(scanned):
+    grid, _ = scanned
+    for sent, reply in _exchanges(grid, protocol.GROUP):
+        config = protocol.config_of(sent.content)
+        if config["step"] != "lead" or reply.has_error():
+            continue
+        released = protocol.payload_of(reply.content)
+        if config["output"] == linreg.MASKED_OUTPUT:
+            assert set(released) == {"values"}  # z = S⁻¹w, which only the aggregator unmasks
+            continue
+        for key, data in released.items():  # fresh ciphertexts or sealed bytes, nothing else
+            assert not data.startswith(multiparty.DECRYPTION_MAGIC), key
+            with pytest.raises((ValueError, EOFError)):
+                np.load(io.BytesIO(data), allow_pickle=False)

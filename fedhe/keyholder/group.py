@@ -226,6 +226,7 @@ class GroupMember(KeyHolder):
         self._save_secret(job.job_id, "additive.key", secret.to_bytes())
         deals = multiparty.deal(secret, group.threshold, list(range(1, len(group.members) + 1)))
         round1 = _round1_digest(out)
+        _write_private(job_dir / "round1.sha256", round1)  # its own shares, checked in step 2
         for member in group.members:
             dealt = deals[group.point(member)]
             if member == name:
@@ -249,6 +250,8 @@ class GroupMember(KeyHolder):
         """Step 2: check the others' shares, combine them, answer relinearization round 2 and
         keep only this member's point of the threshold sharing."""
         job, group, name, keys = self._group_job(job_id)
+        if (self._job_dir(job_id) / "share.key").exists():
+            raise PolicyError(f"group job {job_id!r} has done set-up step 2 here already.")
         try:
             round1 = self._checked_round1(job_id, group, name, payload)
             seed = crs_seed(job_id, group.members)
@@ -330,13 +333,15 @@ class GroupMember(KeyHolder):
                 for key in _CHECKED_SHARES
                 if f"{key}/{member}" in payload
             }
-            if member != name:
+            if member == name:  # its own, as it made them
+                attested = (self._job_dir(job_id) / "round1.sha256").read_bytes()
+            else:
                 channel = self.identity.channel(group.identities[member], job_id)
                 attested = channel.open(
                     payload[f"attest/{member}"], _attest_label(job_id, member, name)
                 )
-                if attested != _round1_digest(mine):
-                    raise ChannelError(f"{member}'s set-up shares differ from what it attested.")
+            if attested != _round1_digest(mine):
+                raise ChannelError(f"{member}'s set-up shares differ from what it attested.")
             shares[member] = mine
         return shares
 
