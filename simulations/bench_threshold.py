@@ -283,6 +283,60 @@ def print_report(console: Console, report: dict) -> None:
         console.print(table)
 
 
+def markdown(figures: dict) -> str:
+    """The benchmarks/README.md section (`simulations/benchmark.py` renders it)."""
+    report, command = figures["report"], figures["command"]
+    rows = [
+        [request, group, f"{c['wall_s']:.2f} s", f"{c['slowest_member_s']:.2f} s",
+         fmt_bytes(c["relayed_bytes"]), fmt_bytes(c["public_context_bytes"])]
+        for request, groups in report["setup"].items()
+        for group, c in groups.items()
+    ]  # fmt: skip
+    parts = [
+        "## Key-holder group: set-up and overhead\n",
+        f"`{command}` (run apart from the jobs above). Set-up in process: the members one after "
+        "another in one process (wall) and the slowest member's own time (what a deployment "
+        "waits for); every set-up payload the aggregator relays, both ways.\n",
+        _md(("keys", "holders", "wall", "slowest member", "relayed", "public context"), rows),
+    ]
+    if "fedavg" in report:
+        rows = [
+            [name, f"{r['he_round_s']:.3f} s", f"{r['plain_round_s']:.3f} s",
+             f"{r['ratio']:.2f}×", "met" if r["ratio"] <= 2 else "**missed**",
+             f"{r['accuracy']:.4f} ({r['twin_accuracy']:.4f})"]
+            for name, r in report["fedavg"].items()
+        ]  # fmt: skip
+        parts += [
+            "\nHE-FedAvg round, 100,234 parameters, 10 parties, Flower simulation, median of 3 "
+            "rounds (HE job and its twin in one run; bar: 3 key holders ≤ 2× plaintext):\n",
+            _md(("key holders", "HE round", "plaintext", "HE / plain", "bar", "accuracy (twin)"),
+                rows),
+        ]  # fmt: skip
+    if "jobs" in report:
+        rows = []
+        for job, variants in report["jobs"].items():
+            for name, r in variants.items():
+                metric = "r2" if "r2" in r else "accuracy"
+                rows.append([
+                    job, name, _secs(r["total_s"]),
+                    f"{r['ratio_to_k1']:.2f}×" if r.get("ratio_to_k1") else "—",
+                    _secs(r["keygen_s"]), _secs(r["decrypt_s"]),
+                    f"{r[metric]:.4f} ({r['twin_' + metric]:.4f})",
+                ])  # fmt: skip
+        parts += [
+            "\nEach job end to end (Flower simulation): the HE job's total time against one key "
+            "holder (bar: exact linreg with 2-of-3 ≤ 2×); its metric against its twin's:\n",
+            _md(("job", "key holders", "total", "× K=1", "keygen", "decrypt", "metric (twin)"),
+                rows),
+        ]  # fmt: skip
+    return "\n".join(parts) + "\n"
+
+
+def _md(headers: tuple[str, ...], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def _secs(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f} s"
 

@@ -101,6 +101,7 @@ FEDAVG_PARTIES = 10  # the issue's bar: HE-FedAvg round ≤ 1.5× plaintext, 100
 VERIFY_BENCH = Path(__file__).resolve().with_name("bench_verify.py")
 KNN_BENCH = Path(__file__).resolve().with_name("bench_knn.py")
 KNN_ATTACKS = Path(__file__).resolve().with_name("attack_knn.py")
+THRESHOLD_BENCH = Path(__file__).resolve().with_name("bench_threshold.py")
 VERIFY_DEFAULTS = {False: ("10,100,1000", "8192,100000"), True: ("10,100", "8192")}  # by --quick
 DEFAULT_OUT = {False: REPO / "benchmarks", True: REPO / "benchmarks" / "quick"}
 
@@ -255,6 +256,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("true", "false"),
         help="run bench_knn.py and attack_knn.py (true)",
     )
+    parser.add_argument(
+        "--threshold",
+        default="true",
+        choices=("true", "false"),
+        help="run bench_threshold.py: key-holder group set-up and overhead (true)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: small size, 1 repeat")
     parser.add_argument("--out-dir", type=Path, help="report folder (benchmarks/)")
     parser.add_argument("--keep-runs", type=Path, help="keep run folders here (default: temp)")
@@ -317,6 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     fedavg = run_fedavg(args.fedavg_rounds, args.out_dir, args.timeout, console)
     verify = run_verify(args.verify_parties, args.verify_sizes, args.out_dir, args.timeout, console)
     knn = run_knn(args.quick, args.out_dir, args.timeout, console) if args.knn == "true" else None
+    threshold = (
+        run_threshold(args.out_dir, args.timeout, console) if args.threshold == "true" else None
+    )
     report = {
         "benchmark": "every fedhe job through `fedhe simulate`: HE vs plaintext twin",
         "command": shlex.join(["python", "simulations/benchmark.py", *(argv or sys.argv[1:])]),
@@ -328,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         "fedavg": fedavg,
         "verify": verify,
         "knn": knn,
+        "threshold": threshold,
         "wall_s": time.perf_counter() - started,
     }
     write_report(report, args.out_dir, console)
@@ -598,6 +609,29 @@ def run_knn(quick: bool, out_dir: Path, timeout: float, console: Console) -> dic
             else {"command": display, "report": json.loads(out.read_text())}
         )
     return figures
+
+
+def run_threshold(out_dir: Path, timeout: float, console: Console) -> dict[str, Any]:
+    """bench_threshold.py: the key-holder group's set-up and its overhead per job."""
+    out = out_dir / "threshold.json"
+    command = [sys.executable, str(THRESHOLD_BENCH), "--out", str(out)]
+    console.print(f"key-holder group: {shlex.join(command)}")
+    error = _run_script(command, timeout)
+    display = f"python simulations/{THRESHOLD_BENCH.name}"
+    if error:
+        return {"command": display, "error": error}
+    return {"command": display, "report": json.loads(out.read_text())}
+
+
+def threshold_section(report: dict[str, Any]) -> str:
+    figures = report.get("threshold")
+    if not figures:
+        return ""
+    if "error" in figures:
+        return f"## Key-holder group\n\nbench_threshold.py failed: `{figures['error'][:500]}`\n"
+    from bench_threshold import markdown  # simulations/, beside this script
+
+    return markdown(figures)
 
 
 def knn_section(report: dict[str, Any]) -> str:
@@ -1268,7 +1302,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
             parts += [heading, md_table(COLUMNS, rows) + "\n", bar_line(records, size)]
     parts += ["```\n" + fit_lines(report["sweep_fit"]) + "\n```\n"]
     parts += [cores_section(records), fedavg_section(report), verify_section(report)]
-    parts += [knn_section(report)]
+    parts += [knn_section(report), threshold_section(report)]
     parts += [f"![{p}]({p})\n" for p in plots]
     parts += [
         memory_section(records),
