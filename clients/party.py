@@ -46,9 +46,15 @@ def setup(msg: Message, context: Context) -> Message:
     payload = protocol.payload_of(msg.content)
     public_bytes = payload.get("public-context", b"")
     if public_bytes:
-        PublicContext.from_bytes(public_bytes)  # validates: no secret key, real parameters
+        public = PublicContext.from_bytes(public_bytes)  # no secret key, real parameters
         context.state[_CONTEXT_RECORD + job_id] = ConfigRecord({"bytes": public_bytes})
-        link = trust.join(context, job_id, _party_name(config), trust.keyholders_of(payload))
+        link = trust.join(
+            context,
+            job_id,
+            _party_name(config),
+            trust.keyholders_of(payload),
+            context_fingerprint=public.fingerprint,
+        )
     elif allows_plaintext(context):
         link = {}
     else:

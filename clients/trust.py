@@ -49,7 +49,11 @@ def keyholders_of(payload: dict[str, bytes]) -> dict[str, bytes]:
 
 
 def join(
-    context: Context, job_id: str, party: str, keyholders: dict[str, bytes]
+    context: Context,
+    job_id: str,
+    party: str,
+    keyholders: dict[str, bytes],
+    context_fingerprint: str = "",
 ) -> dict[str, bytes]:
     """Setup: accept the key holders' identities (checked against pinned fingerprints when the
     node config has `keyholder-fingerprint`, comma-separated for a group) and send each a
@@ -70,7 +74,13 @@ def join(
     if same and all(bytes(record[suffixed("keyholder", m)]) == keyholders[m] for m in keyholders):
         pass  # the job resumes: same seeds, same MAC keys
     else:
-        record = ConfigRecord({"party": party, "members": json.dumps(sorted(keyholders))})
+        record = ConfigRecord(
+            {
+                "party": party,
+                "members": json.dumps(sorted(keyholders)),
+                "context": context_fingerprint,
+            }
+        )
         for member, public in keyholders.items():
             record[suffixed("keyholder", member)] = public
             record[suffixed("own-seed", member)] = os.urandom(MAC_SEED_BYTES)
@@ -99,6 +109,7 @@ def accept_mac_keys(context: Context, job_id: str, payload: dict[str, bytes]) ->
             str(record["party"]),
             envelope,
             bytes(record[suffixed("own-seed", member)]),
+            context_fingerprint=str(record.get("context", "")) or None,
         )
 
 

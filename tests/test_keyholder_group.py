@@ -14,6 +14,7 @@ from fedhe import protocol
 from fedhe.aggregator.app import run_job
 from fedhe.config import ConfigError, JobConfig
 from fedhe.crypto import (
+    AGGREGATION_PARAMS,
     KeyRequest,
     PublicContext,
     _ring,
@@ -595,3 +596,32 @@ def test_a_lead_releases_values_only_as_solved_coefficients(scanned):
             assert not data.startswith(multiparty.DECRYPTION_MAGIC), key
             with pytest.raises((ValueError, EOFError)):
                 np.load(io.BytesIO(data), allow_pickle=False)
+
+
+@pytest.mark.parametrize("keyholders", ["1", "3"])
+def test_parties_refuse_a_public_context_the_key_holders_did_not_make(tmp_path, keyholders):
+    """A deviating aggregator hands the parties a public context of its own (it holds the
+    secret key): every key holder's sealed MAC-key envelope names the job's real context, so
+    each party refuses before it encrypts anything, and the job stops."""
+    rogue = generate_keys(AGGREGATION_PARAMS).public().to_bytes()
+
+    def hook(grid):
+        send = grid.send_and_receive
+
+        def swap(messages, timeout=None):
+            for message in messages:
+                if message.metadata.message_type == protocol.SETUP:
+                    payload = message.content.config_records[protocol.PAYLOAD]
+                    payload["public-context"] = rogue
+            return send(messages, timeout)
+
+        grid.send_and_receive = swap
+
+    settings = {"keyholders": keyholders, "threshold": 0 if keyholders == "1" else 2}
+    grids = []
+    with pytest.raises(ProtocolError, match="vouches for public context"):
+        _run(tmp_path, grid_hook=lambda g: (grids.append(g), hook(g)), rounds=1,
+             plaintext_twin=False, **settings)  # fmt: skip
+    (grid,) = grids
+    replies = [m for d, m in grid.log if d == "received" and not m.has_error()]
+    assert not [m for m in replies if m.metadata.message_type == protocol.MOMENTS]

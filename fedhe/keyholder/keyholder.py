@@ -204,8 +204,15 @@ class KeyHolder:
                 raise PolicyError(f"job {job_id!r} is a plaintext twin: it has nothing to tag.")
             path = self._job_dir(job_id) / "parties.json"
             previous = registry.Registration.from_json(path.read_bytes()) if path.exists() else None
+            public = self.public_context(job_id)
             registration, envelopes, refused = registry.register(
-                self.identity, job_id, identities, sealed_seeds, self.trusted_parties, previous
+                self.identity,
+                job_id,
+                identities,
+                sealed_seeds,
+                self.trusted_parties,
+                previous,
+                context_fingerprint=public.fingerprint if public is not None else "",
             )
             if len(registration.parties) < job.min_parties:
                 raise PolicyError(

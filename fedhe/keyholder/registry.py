@@ -111,13 +111,18 @@ def register(
     sealed_seeds: Mapping[str, bytes],
     trusted: Collection[bytes] | None,
     previous: Registration | None = None,
+    context_fingerprint: str = "",
 ) -> tuple[Registration, dict[str, bytes], dict[str, str]]:
     """Open every party's seed; return the registration, a sealed envelope per party and the
     parties refused (pinned key mismatch, seed that does not open) with the reason.
 
     With `previous` (the job registered before: an aggregator resuming after a crash), only
     the same parties with the same identities and seeds register again, and get envelopes of
-    the same MAC seed: a resumed job cannot swap a party's key or pick a new r."""
+    the same MAC seed: a resumed job cannot swap a party's key or pick a new r.
+
+    Each envelope also names `context_fingerprint`, the job's public context as this key
+    holder knows it: a party checks it against the context the aggregator handed it, so an
+    aggregator cannot have the parties encrypt under a key of its own."""
     seeds: dict[str, bytes] = {}
     refused: dict[str, str] = {}
     for name in sorted(identities):
@@ -155,6 +160,7 @@ def register(
             json.dumps(
                 {
                     "keyholder": registration.keyholder_seed.hex(),
+                    "context": context_fingerprint,
                     "index": index,
                     "path": [h.hex() for h in _merkle_path(levels, index)],
                 }
@@ -166,11 +172,25 @@ def register(
     return registration, envelopes, refused
 
 
-def party_mac_seed(channel: Channel, job_id: str, party: str, envelope: bytes, own: bytes) -> bytes:
+def party_mac_seed(
+    channel: Channel,
+    job_id: str,
+    party: str,
+    envelope: bytes,
+    own: bytes,
+    context_fingerprint: str | None = None,
+) -> bytes:
     """Party side: open the key holder's envelope, check that this party's seed is a leaf of
     the seeds' Merkle root (its path: log₂ n hashes, not every other seed), and derive the
-    job's MAC seed from the key holder's seed and that root."""
+    job's MAC seed from the key holder's seed and that root. With `context_fingerprint` (the
+    public context this party encrypts under), the envelope must name the same context."""
     data = json.loads(channel.open(envelope, mac_key_label(job_id, party)))
+    if context_fingerprint is not None and data.get("context") != context_fingerprint:
+        raise ChannelError(
+            f"the key holder vouches for public context {str(data.get('context'))[:12]}…, not "
+            f"the {context_fingerprint[:12]}… this party was given: refusing to contribute "
+            "under a key the key holders did not make."
+        )
     node, index = _leaf(party, own), int(data["index"])
     for sibling in (bytes.fromhex(h) for h in data["path"]):
         node = _parent(sibling, node) if index % 2 else _parent(node, sibling)
