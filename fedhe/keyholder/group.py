@@ -148,9 +148,8 @@ def crs_seed(job_id: str, members: Sequence[str]) -> bytes:
 
 
 def share_label(request: DecryptionRequest, member: str, active: Sequence[str]) -> str:
-    return f"share/{request.job_id}/{request.output_kind}/{request.round}/{member}/" + "+".join(
-        active
-    )
+    members = "+".join(sorted(active))  # one active set, in whatever order it is named
+    return f"share/{request.job_id}/{request.output_kind}/{request.round}/{member}/{members}"
 
 
 def _deal_label(job_id: str, sender: str, receiver: str) -> str:
@@ -442,7 +441,7 @@ class _ShareOpener:
         self.member = member
         self.active = active
         self.lead = lead
-        self.suffix = f"-{'+'.join(active)}-{lead or 'clear'}.share"
+        self.suffix = f"-{'+'.join(sorted(active))}-{lead or 'clear'}.share"
         self.audit = {"active": list(active), "to": lead or "aggregator"}
 
     def check_new(self, request: DecryptionRequest, path: Path) -> None:
@@ -487,7 +486,7 @@ class _CombineOpener:
         self.member = member
         self.active = active
         self.sealed = sealed
-        self.suffix = f"-{'+'.join(active)}-lead.npy"
+        self.suffix = f"-{'+'.join(sorted(active))}-lead.npy"
         self.audit = {"active": list(active), "to": "lead"}
 
     def check_new(self, request: DecryptionRequest, path: Path) -> None:
