@@ -35,7 +35,7 @@ class KNNJob(Job):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.n_classes = self.source_classes()
-        self.n_queries = self.test.n_samples
+        self.n_queries = min(self.test.n_samples, self.config.queries or self.test.n_samples)
         self.plan = knn.query_plan(
             self.n_queries, self.config.query_batch, knn.queries_per_layout(self.test.n_features)
         )

@@ -38,8 +38,10 @@ class MLPJob(FedAvgJob):
 
     @property
     def n_queries(self) -> int:
-        """Test rows the querier holds (it said so at setup); the rows themselves stay there."""
-        return self.queries.get(self.querier, 0)
+        """Test rows the querier holds (it said so at setup; at most `queries` of them are
+        asked); the rows themselves stay there."""
+        held = self.queries.get(self.querier, 0)
+        return min(held, self.config.queries or held)
 
     def phases(self) -> None:
         # A network too deep for any 128-bit parameter set is refused before training.

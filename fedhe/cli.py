@@ -45,6 +45,7 @@ _HELP = {
     "k": "knn: neighbours per query",
     "query": "knn: plain (the aggregator sees the query) or encrypted (it does not)",
     "query_batch": "knn: queries per batch (one ranking and one vote release each)",
+    "queries": "knn, mlp: ask only the querier's first N test rows (0: all)",
     "querier": "knn: index of the party that asks the queries (it holds the test set)",
     "standardize": "knn: measure distances on globally standardized features (true/false)",
     "activation": "hidden activation: relu, or square, relu-poly, silu-poly (encryptable; "

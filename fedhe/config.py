@@ -65,6 +65,7 @@ class JobConfig:
     k: int = 5  # knn: neighbours per query
     query: str = "plain"  # knn: the querier sends its queries in the clear or encrypted
     query_batch: int = 32  # knn: queries per batch (one ranking and one vote release each)
+    queries: int = 0  # knn, mlp: the querier's first this many test rows (0: all of them)
     querier: int = 0  # knn: the party index that asks the queries (the test set)
     standardize: bool = True  # knn: distances on globally standardized features (else raw)
     activation: str = ""  # hidden activation: relu (aggregate's default), square, relu-poly, …
@@ -104,6 +105,8 @@ class JobConfig:
         self._check_keyholders()
         if self.l2 < 0:
             raise ConfigError(f"l2 must be ≥ 0, got {self.l2}.")
+        if self.queries < 0:
+            raise ConfigError(f"queries must be ≥ 0 (0: every test row), got {self.queries}.")
         if self.k < 1 or self.query_batch < 1:
             raise ConfigError(f"k and query-batch must be ≥ 1, got {self.k}, {self.query_batch}.")
         if self.query not in QUERY_MODES:

@@ -623,3 +623,10 @@ def test_parties_refuse_a_public_context_the_key_holders_did_not_make(tmp_path, 
     (grid,) = grids
     replies = [m for d, m in grid.log if d == "received" and not m.has_error()]
     assert not [m for m in replies if m.metadata.message_type == protocol.MOMENTS]
+
+
+def test_queries_limits_what_the_querier_asks(tmp_path):
+    """`queries`: the querier's first N test rows only (one KNN layout here: d = 4)."""
+    grid, result = _run(tmp_path, task="knn", dataset="iris", queries=4, plaintext_twin=False)
+    assert result["knn"]["layouts"] == 1 and result["knn"]["queries"] == 4
+    assert len(kept_answers(grid, "predictions", encrypted=True)) == 4
