@@ -28,7 +28,8 @@ from fedhe.data.datasets import Dataset
 from fedhe.data.sources import DataSource
 from fedhe.errors import FedHEError, ProtocolError
 from fedhe.keyholder import DecryptionRequest, JobDeclaration
-from fedhe.keyholder.group import GroupSpec, KeyHolderGroup
+from fedhe.keyholder.group import KeyHolderGroup
+from fedhe.keyholder.member import GroupSpec
 from fedhe.keyholder.registry import suffixed
 from fedhe.tasks import RELEASE_RULES, aggregate, moments
 

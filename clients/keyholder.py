@@ -16,7 +16,8 @@ from fedhe import protocol
 from fedhe.crypto import KeyRequest
 from fedhe.errors import ProtocolError
 from fedhe.keyholder import DEFAULT_FLOODING_BITS, DecryptionRequest, JobDeclaration
-from fedhe.keyholder.group import GroupMember, handle
+from fedhe.keyholder.group import handle
+from fedhe.keyholder.member import GroupMember
 from fedhe.tasks import RELEASE_RULES, check_declaration, keyholder_release
 
 STATE_ROOT_ENV = "FEDHE_STATE_ROOT"

@@ -44,7 +44,8 @@ from rich.table import Table
 
 from fedhe.crypto import AGGREGATION_PARAMS, MODEL_PARAMS, CKKSParams, KeyRequest
 from fedhe.keyholder import KeyHolder
-from fedhe.keyholder.group import GroupMember, GroupSpec, KeyHolderGroup, LocalTransport, handle
+from fedhe.keyholder.group import KeyHolderGroup, LocalTransport, handle
+from fedhe.keyholder.member import GroupMember, GroupSpec
 from fedhe.tasks import RELEASE_RULES, aggregate, keyholder_release, knn
 
 KEY_REQUESTS: dict[str, tuple[CKKSParams, KeyRequest]] = {

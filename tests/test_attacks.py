@@ -386,8 +386,8 @@ def test_a_party_without_an_end_to_end_link_is_excluded_and_the_job_goes_on(tmp_
 
     join = trust.join
 
-    def broken_for_party_1(context, job_id, party, keyholder_public):
-        return {} if party == "party-1" else join(context, job_id, party, keyholder_public)
+    def broken_for_party_1(context, job_id, party, keyholders, **kwargs):
+        return {} if party == "party-1" else join(context, job_id, party, keyholders, **kwargs)
 
     monkeypatch.setattr(trust, "join", broken_for_party_1)
     config = JobConfig(parties=3, min_parties=2, rounds=1, out=str(tmp_path))

@@ -28,13 +28,9 @@ from fedhe.crypto.context import CONTEXT_MAGIC
 from fedhe.data import load_builtin
 from fedhe.errors import PolicyError, ProtocolError, ShareError
 from fedhe.keyholder import DecryptionRequest, JobDeclaration
-from fedhe.keyholder.group import (
-    GroupMember,
-    GroupSpec,
-    KeyHolderGroup,
-    LocalTransport,
-)
+from fedhe.keyholder.group import KeyHolderGroup, LocalTransport
 from fedhe.keyholder.inprocess import TaggedParties
+from fedhe.keyholder.member import GroupMember, GroupSpec
 from fedhe.tasks import (
     RELEASE_RULES,
     aggregate,

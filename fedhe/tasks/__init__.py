@@ -8,7 +8,7 @@ import numpy as np
 
 from fedhe.errors import PolicyError
 from fedhe.keyholder import DecryptionRequest, JobDeclaration, KeyHolder
-from fedhe.keyholder.group import ReleaseRules
+from fedhe.keyholder.member import ReleaseRules
 from fedhe.tasks import aggregate, encrypted_model, knn, linreg, mlp, moments
 
 Release = np.ndarray | dict[str, bytes]
