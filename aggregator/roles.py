@@ -55,18 +55,19 @@ def discover(
     parties. Group members are named keyholder-0, … in the order of their partition id (a
     deployment: of their node config's partition-id, else node id); with `parties_hold_keys`
     every party is also a member, under its party name."""
-    exchange = session.ask(
-        {str(n): n for n in node_ids},
-        protocol.WHOAMI,
-        protocol.content(
-            config={
-                "keyholder-partition-id": keyholder_partition_id,
-                "keyholders": 0 if parties_hold_keys else keyholders,
-                "parties-hold-keys": parties_hold_keys,
-            }
-        ),
-        role="node",
+    content = protocol.content(
+        config={
+            "keyholder-partition-id": keyholder_partition_id,
+            "keyholders": 0 if parties_hold_keys else keyholders,
+            "parties-hold-keys": parties_hold_keys,
+        }
     )
+    exchange = session.ask({str(n): n for n in node_ids}, protocol.WHOAMI, content, role="node")
+    silent = {n: int(n) for n, reason in exchange.failures.items() if reason.startswith("no reply")}
+    if silent:  # a SuperNode that has just started may take a while to answer its first message
+        again = session.ask(silent, protocol.WHOAMI, content, role="node")
+        exchange.replies.update(again.replies)
+        exchange.failures = {n: r for n, r in exchange.failures.items() if n not in again.replies}
     found, parties = [], []
     for name, reply in exchange.replies.items():
         info = protocol.config_of(reply)

@@ -266,7 +266,7 @@ def test_a_key_holder_group_runs_linreg_with_one_holder_killed_after_setup(
     killer = _kill_after_group_setup(group_deployment, "kh-a")
     result = group_deployment.run(
         tmp_path / "run",
-        "task='linreg' parties=3 min-parties=2 plaintext-twin=false timeout-s=60 "
+        "task='linreg' parties=3 min-parties=2 plaintext-twin=false timeout-s=40 "
         "keyholders='3' threshold=2 keyholder-retries=0",
     )
     killer.join(timeout=5)
@@ -295,7 +295,7 @@ def test_a_key_holder_group_answers_knn_queries_with_one_holder_down(group_deplo
     killer = _kill_after_group_setup(group_deployment, "kh-a")
     result = group_deployment.run(
         tmp_path / "knn",
-        "task='knn' dataset='iris' parties=3 min-parties=2 plaintext-twin=false timeout-s=60 "
+        "task='knn' dataset='iris' parties=3 min-parties=2 plaintext-twin=false timeout-s=40 "
         "keyholders='3' threshold=2 keyholder-retries=0 queries=4",  # one layout (d = 4)
     )
     killer.join(timeout=5)
