@@ -382,9 +382,10 @@ class Job:
         `round_`: what it releases for that output kind, as message payload. `tags`: each
         contributor's sealed tag, per key holder ("" for a single one)."""
         if self.group is not None:
-            return self._release_by_group(
-                output, tensor, contributors, job_id or self.run.job_id, round_, tags or {}
+            request = DecryptionRequest(
+                job_id or self.run.job_id, output, tuple(sorted(contributors)), tensor, round_
             )
+            return self._release_by_group(self.group, request, tags or {})
         tags = (tags or {}).get("", {})
         reply = self.ask_keyholder(
             protocol.DECRYPT,
@@ -403,23 +404,20 @@ class Job:
 
     def _release_by_group(
         self,
-        output: str,
-        tensor: bytes,
-        contributors: Sequence[str],
-        job_id: str,
-        round_: int,
+        group: KeyHolderGroup,
+        request: DecryptionRequest,
         tags: dict[str, dict[str, bytes]],
     ) -> dict[str, bytes]:
-        assert self.group is not None
-        request = DecryptionRequest(job_id, output, tuple(sorted(contributors)), tensor, round_)
-        clear = output in RELEASE_RULES.clear
+        """Threshold decryption: a verified sum owed to this aggregator comes back as values it
+        combines from the shares; anything else as what the lead's step releases."""
+        clear = request.output_kind in RELEASE_RULES.clear
         try:
             avoid = [self.querier] if self.querier else []
-            released = self.group.decrypt(request, tags, clear=clear, avoid_lead=avoid)
+            released = group.decrypt(request, tags, clear=clear, avoid_lead=avoid)
         except FedHEError as err:
             raise ProtocolError(f"key-holder group: {err}") from err
-        if self.group.silent:
-            self.run.extras["silent_keyholders"] = sorted(self.group.silent)
+        if group.silent:
+            self.run.extras["silent_keyholders"] = sorted(group.silent)
         if clear:
             return {"values": protocol.array_to_bytes(np.asarray(released))}
         return dict(released[1])
