@@ -65,8 +65,8 @@ def join(
         check_public_key(public)
         if pinned and fingerprint(public) not in str(pinned).split(","):
             raise ChannelError(
-                f"the key holder {member or ''}identity {fingerprint(public)} is not pinned in "
-                f"this node's config ({pinned}): refusing the job."
+                f"the identity {fingerprint(public)} of key holder {member or '(single)'} is not "
+                f"pinned in this node's config ({pinned}): refusing the job."
             )
     own = identity(context)
     record = context.state.get(_TRUST_RECORD + job_id)

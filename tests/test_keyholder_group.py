@@ -26,7 +26,7 @@ from fedhe.crypto import (
 )
 from fedhe.crypto.context import CONTEXT_MAGIC
 from fedhe.data import load_builtin
-from fedhe.errors import PolicyError, ProtocolError, ShareError
+from fedhe.errors import ChannelError, PolicyError, ProtocolError, ShareError
 from fedhe.keyholder import DecryptionRequest, JobDeclaration
 from fedhe.keyholder.group import KeyHolderGroup, LocalTransport
 from fedhe.keyholder.inprocess import TaggedParties
@@ -626,3 +626,28 @@ def test_queries_limits_what_the_querier_asks(tmp_path):
     grid, result = _run(tmp_path, task="knn", dataset="iris", queries=4, plaintext_twin=False)
     assert result["knn"]["layouts"] == 1 and result["knn"]["queries"] == 4
     assert len(kept_answers(grid, "predictions", encrypted=True)) == 4
+
+
+def test_a_party_pins_every_member_of_a_group():
+    """`keyholder-fingerprint` lists the members' fingerprints: one impostor among the members
+    the aggregator names and the party refuses the job."""
+    from flwr.app import Context, RecordDict
+
+    from fedhe.clients import trust
+    from fedhe.crypto.channel import Identity, fingerprint
+
+    members = {f"keyholder-{i}": Identity.generate() for i in range(3)}
+    pins = ",".join(fingerprint(m.public) for m in members.values())
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"keyholder-fingerprint": pins},
+        state=RecordDict(),
+        run_config={},
+    )
+    genuine = {name: m.public for name, m in members.items()}
+    link = trust.join(context, "job-1", "party-0", genuine)
+    assert {k for k in link if k.startswith("mac-seed/")} == {f"mac-seed/{m}" for m in members}
+    forged = {**genuine, "keyholder-2": Identity.generate().public}
+    with pytest.raises(ChannelError, match="keyholder-2 is not pinned"):
+        trust.join(context, "job-2", "party-0", forged)
