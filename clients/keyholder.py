@@ -15,8 +15,8 @@ from flwr.app import ConfigRecord, Context, Message
 from fedhe import protocol
 from fedhe.crypto import KeyRequest
 from fedhe.errors import ProtocolError
-from fedhe.keyholder import DEFAULT_FLOODING_BITS, DecryptionRequest, JobDeclaration
-from fedhe.keyholder.group import handle
+from fedhe.keyholder import DEFAULT_FLOODING_BITS, JobDeclaration
+from fedhe.keyholder.group import handle, request_from_message
 from fedhe.keyholder.member import GroupMember
 from fedhe.tasks import RELEASE_RULES, check_declaration, keyholder_release
 
@@ -130,15 +130,8 @@ def register(msg: Message, context: Context) -> Message:
 
 
 def decrypt(msg: Message, context: Context) -> Message:
-    config = protocol.config_of(msg.content)
-    payload = protocol.payload_of(msg.content)
-    request = DecryptionRequest(
-        job_id=str(config["job-id"]),
-        output_kind=str(config["output"]),
-        contributors=tuple(str(p) for p in config["contributors"]),
-        tensor=payload["tensor"],
-        round=int(config.get("round", 0)),
-        tags={k.removeprefix("tag/"): v for k, v in payload.items() if k.startswith("tag/")},
+    request = request_from_message(
+        protocol.config_of(msg.content), protocol.payload_of(msg.content)
     )
     started = time.perf_counter()
     released = keyholder_release(keyholder_for(context), request)
