@@ -30,9 +30,11 @@ from fedhe.errors import DataError
 log = logging.getLogger("fedhe.aggregator")
 
 
-def run_job(grid: Grid, config: JobConfig) -> Path:
-    """Run `config`'s job on the nodes of `grid`; write result.json and audit.jsonl."""
-    session = Session(grid, config.timeout_s)
+def run_job(grid: Grid, config: JobConfig, *, window: int | None = None) -> Path:
+    """Run `config`'s job on the nodes of `grid`; write result.json and audit.jsonl. `window`:
+    messages in flight per exchange (None: the config's message-window; see Session)."""
+    window = window or config.message_window or None
+    session = Session(grid, config.timeout_s, window)
     nodes = wait_for_nodes(session, config.num_nodes, timeout_s=min(config.timeout_s, 120))
     federation = discover(
         session,
@@ -51,7 +53,7 @@ def run_job(grid: Grid, config: JobConfig) -> Path:
         job_id = _job_id(config, grid.run.run_id, encrypted)
         job_class = _JOBS.get(config.task, RegressionJob)
         job = job_class(
-            Session(grid, config.timeout_s),
+            Session(grid, config.timeout_s, window),
             federation,
             config,
             source,
@@ -109,13 +111,14 @@ def _data_source(config: JobConfig, n_parties: int) -> DataSource:
     return replace(source, kind="classification", classes=csv_classes(source))
 
 
-def build_server_app(config: JobConfig | None = None) -> ServerApp:
-    """A ServerApp running `config`, or the run_config Flower passes when `config` is None."""
+def build_server_app(config: JobConfig | None = None, *, window: int | None = None) -> ServerApp:
+    """A ServerApp running `config`, or the run_config Flower passes when `config` is None;
+    `window` as in `run_job`."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_job(grid, config or JobConfig.from_run_config(context.run_config))
+        run_job(grid, config or JobConfig.from_run_config(context.run_config), window=window)
 
     return server_app
 

@@ -52,7 +52,8 @@ class FedAvgJob(Job):
             total_samples, first_round = checkpoint.total_samples, checkpoint.round + 1
             set_weights(self.model, checkpoint.weights)
         self.standardizer = standardizer
-        update_bound = total_samples * self.config.clip  # |Δw| ≤ clip ⇒ |Σ nᵢΔwᵢ| ≤ clip·Σnᵢ
+        # |Δw| ≤ clip ⇒ |Σ nᵢΔwᵢ| ≤ clip·Σnᵢ
+        update_bound = total_samples * self.config.training.clip
         self.packing = self._update_packing(update_bound, total_samples)
         test_X = standardizer.features(self.test.X)
         kind = "encrypted" if self.run.encrypted else "plaintext twin"
@@ -80,7 +81,7 @@ class FedAvgJob(Job):
         if self.group is not None:
             # Quantized lanes decode by rounding, with guard bits sized for encryption noise;
             # a group's decryption shares each add smudging noise far above it.
-            if self.config.packing == aggregate.QUANTIZED:
+            if self.config.fedavg.packing == aggregate.QUANTIZED:
                 raise ConfigError(
                     "quantized packing cannot absorb a key-holder group's smudging noise; use "
                     "--packing complex (or auto) with --keyholders > 1."
@@ -88,7 +89,7 @@ class FedAvgJob(Job):
             self.run.extras["update_packing"] = aggregate.COMPLEX
             return aggregate.COMPLEX
         packing = aggregate.choose_packing(
-            self.config.packing,
+            self.config.fedavg.packing,
             self.layout,
             self.context.params,
             sum_bound=update_bound,
@@ -108,14 +109,14 @@ class FedAvgJob(Job):
             {
                 "round": round_number,
                 "seed": self.config.seed,
-                "epochs": self.config.local_epochs,
-                "batch-size": self.config.batch_size,
-                "lr": self.config.lr,
-                "optimizer": self.config.optimizer,
+                "epochs": self.config.fedavg.local_epochs,
+                "batch-size": self.config.training.batch_size,
+                "lr": self.config.training.lr,
+                "optimizer": self.config.fedavg.optimizer,
                 "model": self.spec.to_dict(),
                 "standardizer": standardizer.to_dict(),
                 "fail-party": self.config.drop_party,
-                "clip": self.config.clip,
+                "clip": self.config.training.clip,
                 "sum-bound": update_bound,
                 "packing": self.packing,
                 "lane-terms": len(self.parties),

@@ -149,10 +149,12 @@ class Job:
         reply = self.ask_keyholder(
             protocol.DECLARE,
             protocol.content(
+                protocol.DECLARE,
+                protocol.REQUEST,
                 config={
                     "declaration": declaration.to_dict(),
                     "keys": keys.to_dict(),
-                }
+                },
             ),
         )
         self.run.timings_s["keygen"] += protocol.metrics_of(reply)["keygen-s"]
@@ -184,7 +186,12 @@ class Job:
             {m: self.federation.keyholders[m] for m in messages},
             protocol.GROUP,
             {
-                m: protocol.content(config={**config, "step": step}, payload=payload)
+                m: protocol.content(
+                    protocol.GROUP,
+                    protocol.REQUEST,
+                    config={**config, "step": step},
+                    payload=payload,
+                )
                 for m, (config, payload) in messages.items()
             },
             role="keyholder",
@@ -204,6 +211,8 @@ class Job:
     def setup_parties(self) -> None:
         contents = {
             name: protocol.content(
+                protocol.SETUP,
+                protocol.REQUEST,
                 config={
                     "job-id": self.run.job_id,
                     "source": self.source.to_dict(),
@@ -274,6 +283,8 @@ class Job:
                 payload[f"identity/{name}"] = link["identity"]
                 payload[f"mac-seed/{name}"] = link[suffixed("mac-seed", member)]
             contents[member] = protocol.content(
+                protocol.REGISTER,
+                protocol.REQUEST,
                 config={"job-id": self.run.job_id, "parties": sorted(self.parties)},
                 payload=payload,
             )
@@ -285,7 +296,7 @@ class Job:
             contents,
             role="keyholder",
         )
-        refused = {m: r for m, r in exchange.failures.items() if not r.startswith("no reply")}
+        refused = {m: r for m, r in exchange.failures.items() if m not in exchange.silent}
         if refused:
             raise ProtocolError(f"key holders refused the registration: {refused}")
         self.group.silent |= set(exchange.failures)
@@ -306,6 +317,8 @@ class Job:
         }
         contents = {
             name: protocol.content(
+                protocol.MOMENTS,
+                protocol.REQUEST,
                 config=config,
                 payload=self.envelopes.get(name),
             )
@@ -390,6 +403,8 @@ class Job:
         reply = self.ask_keyholder(
             protocol.DECRYPT,
             protocol.content(
+                protocol.DECRYPT,
+                protocol.REQUEST,
                 config={
                     "job-id": job_id or self.run.job_id,
                     "output": output,
@@ -426,7 +441,12 @@ class Job:
         return self.session.ask(
             self.parties,
             message_type,
-            protocol.content(config={"job-id": self.run.job_id, **config}, **records),
+            protocol.content(
+                message_type,
+                protocol.REQUEST,
+                config={"job-id": self.run.job_id, **config},
+                **records,
+            ),
             role="party",
         )
 
@@ -439,7 +459,12 @@ class Job:
         exchange = self.session.ask(
             {name: self.parties[name]},
             message_type,
-            protocol.content(config={"job-id": self.run.job_id, **settings}, **records),
+            protocol.content(
+                message_type,
+                protocol.REQUEST,
+                config={"job-id": self.run.job_id, **settings},
+                **records,
+            ),
             role="party",
         )
         self.account(exchange)
@@ -463,7 +488,7 @@ class Job:
             if "keyholder" in exchange.replies:
                 return exchange.replies["keyholder"]
             reason = exchange.failures.get("keyholder", "")
-            if not reason.startswith("no reply"):
+            if "keyholder" not in exchange.silent:
                 break
             log.warning("key holder silent on %s (try %d): %s", message_type, attempt + 1, reason)
         raise ProtocolError(f"key holder refused or failed {message_type}: {reason}")
@@ -473,7 +498,7 @@ class Job:
         order: one contiguous stretch of the hash chain)."""
         entries = []
         for job_id in (self.run.job_id, *self.later_jobs):
-            content = protocol.content(config={"job-id": job_id})
+            content = protocol.content(protocol.AUDIT, protocol.REQUEST, config={"job-id": job_id})
             if self.group is None:
                 reply = self.ask_keyholder(protocol.AUDIT, content)
                 entries += json.loads(protocol.config_of(reply)["entries"])

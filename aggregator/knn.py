@@ -35,13 +35,17 @@ class KNNJob(Job):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.n_classes = self.source_classes()
-        self.n_queries = min(self.test.n_samples, self.config.queries or self.test.n_samples)
+        self.n_queries = min(
+            self.test.n_samples, self.config.inference.queries or self.test.n_samples
+        )
         self.plan = knn.query_plan(
-            self.n_queries, self.config.query_batch, knn.queries_per_layout(self.test.n_features)
+            self.n_queries,
+            self.config.knn.query_batch,
+            knn.queries_per_layout(self.test.n_features),
         )
         self.n_batches = sum(len(batches) for batches in self.plan)
-        self.querier = f"party-{self.config.querier}"
-        self.encrypted_queries = self.config.query == "encrypted"  # else feature columns
+        self.querier = f"party-{self.config.inference.querier}"
+        self.encrypted_queries = self.config.knn.query == "encrypted"  # else feature columns
         self.uploaded: set[str] = set()  # parties whose first upload was stored
 
     def source_classes(self) -> int:
@@ -54,7 +58,7 @@ class KNNJob(Job):
         return knn.query_keys(self.test.n_features)
 
     def meta(self) -> dict[str, Any]:
-        return {"k": self.config.k, "querier": self.querier}
+        return {"k": self.config.knn.k, "querier": self.querier}
 
     def outputs(self) -> dict[str, tuple[int, Any]]:
         columns = self.test.n_features + (0 if self.n_classes else 1)
@@ -79,8 +83,8 @@ class KNNJob(Job):
         reports = self._ask_all(store, standardizer)
         per_query = self._per_query(before, time.perf_counter() - started)
         self.run.extras["knn"] = {
-            "k": self.config.k,
-            "query": self.config.query,
+            "k": self.config.knn.k,
+            "query": self.config.knn.query,
             "stored_points": store.n_points,
             "blocks": store.layout.n_blocks,
             "queries_per_layout": store.query_budget,
@@ -100,7 +104,7 @@ class KNNJob(Job):
         with progress(self.n_batches, f"{kind}: query batches") as advance:
             for number, batches in enumerate(self.plan):
                 store = first_store if number == 0 else self._upload(standardizer, first=False)
-                store.check_ready(self.config.k, self.config.min_parties)
+                store.check_ready(self.config.knn.k, self.config.min_parties)
                 for start, stop in batches:
                     reports.append(self._ask_batch(store, standardizer, start, stop, batch_index))
                     batch_index += 1
@@ -123,7 +127,7 @@ class KNNJob(Job):
 
     def _standardizer(self) -> moments.Standardizer:
         standardizer, _ = self.feature_moments(with_target=not self.n_classes)
-        if self.config.standardize:
+        if self.config.knn.standardize:
             return standardizer
         # raw features; a regression target stays standardized
         return moments.Standardizer(
@@ -190,6 +194,8 @@ class KNNJob(Job):
             protocol.KNN_UPLOAD,
             {
                 name: protocol.content(
+                    protocol.KNN_UPLOAD,
+                    protocol.REQUEST,
                     config={
                         "job-id": self.run.job_id,
                         "standardizer": standardizer.to_dict(),
@@ -198,7 +204,7 @@ class KNNJob(Job):
                         "slots": store.slots,
                         "encrypted-queries": store.encrypted_queries,
                         "fail-party": self.config.drop_party,
-                    }
+                    },
                 )
                 for name in wave
             },
@@ -233,8 +239,8 @@ class KNNJob(Job):
             "slots": store.slots,
             "start": start,
             "stop": stop,
-            "query": self.config.query,
-            "k": self.config.k,
+            "query": self.config.knn.query,
+            "k": self.config.knn.k,
         }
         asked = self.ask_party(self.querier, protocol.KNN_QUERY, settings)
         payload = protocol.payload_of(asked)
@@ -259,7 +265,7 @@ class KNNJob(Job):
         return protocol.metrics_of(answer)
 
     def _load_queries(self, store: knn.KNNStore, data: bytes, n: int) -> np.ndarray | Tensor:
-        if self.config.query == "encrypted":
+        if self.config.knn.query == "encrypted":
             return store.load_queries(data, n)
         queries = protocol.array_from_bytes(data)
         return knn.check_queries(queries, store.n_features)

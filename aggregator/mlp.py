@@ -32,7 +32,7 @@ class MLPJob(FedAvgJob):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.querier = f"party-{self.config.querier}"
+        self.querier = f"party-{self.config.inference.querier}"
         self.test_X = None
         self.inference_releases = 0  # one release label per logits batch or sample
 
@@ -41,7 +41,7 @@ class MLPJob(FedAvgJob):
         """Test rows the querier holds (it said so at setup; at most `queries` of them are
         asked); the rows themselves stay there."""
         held = self.queries.get(self.querier, 0)
-        return min(held, self.config.queries or held)
+        return min(held, self.config.inference.queries or held)
 
     def phases(self) -> None:
         # A network too deep for any 128-bit parameter set is refused before training.
@@ -74,7 +74,7 @@ class MLPJob(FedAvgJob):
         counts, batched = self._batched(model, context, inference_id, contributors)
         report["batched"] = batched
         report.update(self._compare(counts))
-        if single is not None and self.config.single_queries:
+        if single is not None and self.config.mlp.single_queries:
             report["single"] = self._single(model, context, inference_id, contributors, single)
         else:
             report["single"] = {"skipped": "the network does not fit the single-sample layout"}
@@ -97,7 +97,7 @@ class MLPJob(FedAvgJob):
         n_batches = math.ceil(self.n_queries / params.slots)
         declaration = aggregate.declare(
             inference_id,
-            outputs={mlp.OUTPUT: (n_batches + self.config.single_queries, None)},
+            outputs={mlp.OUTPUT: (n_batches + self.config.mlp.single_queries, None)},
             min_parties=self.config.min_parties,
             params=params,
             task=mlp.INFERENCE_TASK,
@@ -113,7 +113,11 @@ class MLPJob(FedAvgJob):
             return PublicContext.from_bytes(public)
         reply = self.ask_keyholder(
             protocol.DECLARE,
-            protocol.content(config={"declaration": declaration.to_dict(), "keys": keys.to_dict()}),
+            protocol.content(
+                protocol.DECLARE,
+                protocol.REQUEST,
+                config={"declaration": declaration.to_dict(), "keys": keys.to_dict()},
+            ),
         )
         self.later_jobs.append(inference_id)
         self.run.timings_s["keygen"] += protocol.metrics_of(reply)["keygen-s"]
@@ -150,7 +154,7 @@ class MLPJob(FedAvgJob):
         contributors: list[str],
         layout: mlp.SingleLayout,
     ) -> dict[str, Any]:
-        count = min(self.config.single_queries, self.n_queries)
+        count = min(self.config.mlp.single_queries, self.n_queries)
         counts, compute, wall = [], [], []
         for index in range(count):
             began = time.perf_counter()
@@ -238,15 +242,15 @@ class MLPJob(FedAvgJob):
             return None
         train, _ = load_builtin(self.source.dataset, seed=self.source.seed)
         X = self.standardizer.features(train.X)
-        lr = self.config.lr
+        lr = self.config.training.lr
         for _ in range(4):
             model = build_model(self.spec, seed=self.config.seed)
             config = TrainConfig(
-                epochs=self.config.rounds * self.config.local_epochs,
-                batch_size=self.config.batch_size,
+                epochs=self.config.rounds * self.config.fedavg.local_epochs,
+                batch_size=self.config.training.batch_size,
                 lr=lr,
                 seed=self.config.seed,
-                optimizer=self.config.optimizer,
+                optimizer=self.config.fedavg.optimizer,
             )
             if math.isfinite(local_train(model, X, train.y, config)):
                 break

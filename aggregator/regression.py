@@ -79,14 +79,16 @@ class RegressionJob(Job):
     def _exact(self, standardizer: moments.Standardizer, total_samples: int) -> np.ndarray:
         # R and S stay here and go to the parties only: never to the key holder.
         left, right = linreg.masking_matrices(self.n_features + 1)
-        bound = linreg.statistics_sum_bound(self.n_features, total_samples, self.config.l2)
+        bound = linreg.statistics_sum_bound(
+            self.n_features, total_samples, self.config.regression.l2
+        )
         exchange = self.ask_parties(
             protocol.STATS,
             {
                 "standardizer": standardizer.to_dict(),
                 "mask": left.tolist(),
                 "right-mask": right.tolist(),
-                "l2": self.config.l2,
+                "l2": self.config.regression.l2,
                 "sum-bound": bound,
                 "min-scale-bits": linreg.STATISTICS_SCALE_BITS,
                 **contribution_settings(linreg.MASKED_OUTPUT, 0),
@@ -114,20 +116,20 @@ class RegressionJob(Job):
                 started = time.perf_counter()
                 # |mean gradient| ≤ clip ⇒ |Σ nᵢgᵢ| ≤ clip·Σnᵢ, plus one mask per party asked
                 bound = linreg.gradient_sum_bound(
-                    total_samples, self.config.clip, len(self.parties)
+                    total_samples, self.config.training.clip, len(self.parties)
                 )
                 masks = linreg.gradient_masks(
-                    self.parties, self.n_features + 1, total_samples, self.config.clip
+                    self.parties, self.n_features + 1, total_samples, self.config.training.clip
                 )
                 settings = {
                     "job-id": self.run.job_id,
                     "task": self.config.task,
                     "w": w.tolist(),
                     "standardizer": standardizer.to_dict(),
-                    "batch-size": self.config.batch_size,
+                    "batch-size": self.config.training.batch_size,
                     "round": round_number,
                     "seed": self.config.seed,
-                    "clip": self.config.clip,
+                    "clip": self.config.training.clip,
                     "sum-bound": bound,
                     "fail-party": self.config.drop_party,
                     **contribution_settings(linreg.GRADIENT_OUTPUT, round_number - 1),
@@ -137,7 +139,9 @@ class RegressionJob(Job):
                     protocol.GRADIENT,
                     {
                         name: protocol.content(
-                            config={**settings, "gradient-mask": masks[name].tolist()}
+                            protocol.GRADIENT,
+                            protocol.REQUEST,
+                            config={**settings, "gradient-mask": masks[name].tolist()},
                         )
                         for name in self.parties
                     },
@@ -155,7 +159,10 @@ class RegressionJob(Job):
                 )
                 gradient, _ = aggregate.average_update(flat, self.gradient_layout)
                 w = linreg.gradient_step(
-                    w, gradient["gradient"], lr=self.config.lr, l2=self.config.l2
+                    w,
+                    gradient["gradient"],
+                    lr=self.config.training.lr,
+                    l2=self.config.regression.l2,
                 )
                 self._record(round_number, w, standardizer, time.perf_counter() - started)
                 self.run.history[-1]["dropped"] = dict(exchange.failures)
@@ -207,8 +214,8 @@ class RegressionJob(Job):
                 "task": self.config.task,
                 "round": round_number,
                 "standardizer": standardizer.to_dict(),
-                "step": self.config.lr / total_samples,
-                "l2": self.config.l2,
+                "step": self.config.training.lr / total_samples,
+                "l2": self.config.regression.l2,
                 "fail-party": self.config.drop_party,
             },
             payload={f"broadcast-{j}": column.to_bytes() for j, column in enumerate(columns)},
@@ -238,6 +245,8 @@ class RegressionJob(Job):
             protocol.MODEL_RELEASE,
             {
                 name: protocol.content(
+                    protocol.MODEL_RELEASE,
+                    protocol.REQUEST,
                     config={
                         "job-id": self.run.job_id,
                         "output": encrypted_model.MODEL_OUTPUT,

@@ -56,14 +56,16 @@ def discover(
     deployment: of their node config's partition-id, else node id); with `parties_hold_keys`
     every party is also a member, under its party name."""
     content = protocol.content(
+        protocol.WHOAMI,
+        protocol.REQUEST,
         config={
             "keyholder-partition-id": keyholder_partition_id,
             "keyholders": 0 if parties_hold_keys else keyholders,
             "parties-hold-keys": parties_hold_keys,
-        }
+        },
     )
     exchange = session.ask({str(n): n for n in node_ids}, protocol.WHOAMI, content, role="node")
-    silent = {n: int(n) for n, reason in exchange.failures.items() if reason.startswith("no reply")}
+    silent = {n: int(n) for n in exchange.silent}
     if silent:  # a SuperNode that has just started may take a while to answer its first message
         again = session.ask(silent, protocol.WHOAMI, content, role="node")
         exchange.replies.update(again.replies)

@@ -1,4 +1,8 @@
-"""One place where the aggregator talks to nodes: sends, waits, logs failures, counts bytes."""
+"""One place where the aggregator talks to nodes: sends, waits, logs failures, counts bytes.
+
+Flower's public API only (`flwr.app`, `flwr.serverapp`): a failed reply is told apart by its
+`Error.code`, never by parsing Flower's error text (`fedhe.refusals`).
+"""
 
 from __future__ import annotations
 
@@ -12,23 +16,31 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedhe import protocol
+from fedhe.errors import FedHEError
+from fedhe.refusals import failure_reason
 
 log = logging.getLogger("fedhe.aggregator")
 
 
 @dataclass
 class Exchange:
-    """Replies by node name, failures by node name (with the reason), and the wall time."""
+    """Replies by node name, failures by node name (with the reason), and the wall time;
+    `silent`: the failed nodes that sent no reply at all (the others answered with an error)."""
 
     replies: dict[str, RecordDict]
     failures: dict[str, str]
     wall_s: float
+    silent: set[str] = field(default_factory=set)
 
 
 @dataclass
 class Session:
+    """`window`: messages awaiting a reply at a time (None: all at once); the simulation engine
+    wants SIMULATION_WINDOW, whoever starts it says so (Flower's public API does not tell)."""
+
     grid: Grid
     timeout_s: float
+    window: int | None = None
     bytes: Counter = field(default_factory=Counter)
     round_trips: int = 0  # send-and-wait exchanges: the latency floor of a real deployment
 
@@ -49,7 +61,9 @@ class Session:
             names[node_id] = name
         started = time.perf_counter()
         self.round_trips += 1
-        replies = send_and_receive(self.grid, messages, timeout_s=self.timeout_s)
+        replies = send_and_receive(
+            self.grid, messages, timeout_s=self.timeout_s, window=self.window
+        )
         wall = time.perf_counter() - started
         got, failures = {}, {}
         for reply in replies:
@@ -57,17 +71,22 @@ class Session:
             if name is None:
                 continue
             if reply.has_error():
-                failures[name] = short_reason(reply.error.reason)
+                failures[name] = failure_reason(reply.error)
                 log.warning("%s %s failed: %s", name, message_type, failures[name])
-                log.debug("%s %s full error: %s", name, message_type, reply.error.reason)
+                continue
+            try:  # the same schema and byte checks the node built its reply under
+                protocol.check_message(reply.content, message_type, protocol.REPLY)
+            except FedHEError as err:
+                failures[name] = f"{type(err).__name__}: {err}"
+                log.warning("%s %s refused: %s", name, message_type, failures[name])
                 continue
             self.bytes[f"{role}->aggregator"] += protocol.message_nbytes(reply.content)
             got[name] = reply.content
-        for name in nodes:
-            if name not in got and name not in failures:
-                failures[name] = f"no reply within {self.timeout_s:.0f} s"
-                log.warning("%s %s: no reply within %.0f s", name, message_type, self.timeout_s)
-        return Exchange(got, failures, wall)
+        silent = {name for name in nodes if name not in got and name not in failures}
+        for name in silent:
+            failures[name] = f"no reply within {self.timeout_s:.0f} s"
+            log.warning("%s %s: no reply within %.0f s", name, message_type, self.timeout_s)
+        return Exchange(got, failures, wall, silent)
 
 
 # Flower's own send_and_receive sleeps a fixed interval between pulls (0.1 s in simulation, 3 s
@@ -80,19 +99,20 @@ MAX_POLL_S = 0.25
 # messages at once cost O(nodes²) per poll: linreg with 1,000 parties took 81 s, 52 s with a
 # window of 16 (64: 64 s, 32: 55 s), now about linear in parties. A deployment sends all at
 # once: its SuperNodes poll on their own schedule (3 s), so a message sent late waits for it.
+# Who starts the simulation engine passes this window (`fedhe.cli.simulate`).
 SIMULATION_WINDOW = 16
 
 
 def send_and_receive(
     grid: Grid, messages: list[Message], *, timeout_s: float, window: int | None = None
 ) -> list[Message]:
-    """Push `messages`, at most `window` awaiting a reply at a time (default: SIMULATION_WINDOW
-    in the simulation engine, all at once otherwise), and pull replies until all are in or
-    `timeout_s` has passed (messages not yet pushed by then are never sent)."""
+    """Push `messages`, at most `window` awaiting a reply at a time (None: all at once), and
+    pull replies until all are in or `timeout_s` has passed (messages not yet pushed by then
+    are never sent)."""
     if not hasattr(grid, "push_messages"):  # a grid that offers only send_and_receive
         return list(grid.send_and_receive(messages, timeout=timeout_s))
     if window is None:
-        window = SIMULATION_WINDOW if _in_simulation(grid) else max(len(messages), 1)
+        window = max(len(messages), 1)
     queue = deque(messages)
     pending: set[str] = set()
     replies: list[Message] = []
@@ -115,17 +135,3 @@ def send_and_receive(
             backoff = max(FIRST_POLL_S, (now - last_reply) / 8)
             time.sleep(min(backoff, MAX_POLL_S, timeout_s - (now - started)))
     return replies
-
-
-def _in_simulation(grid: Grid) -> bool:
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # the simulation engine's grid
-
-    return isinstance(grid, InMemoryGrid)
-
-
-def short_reason(reason: str) -> str:
-    """The handler's own error message, without the simulation engine's traceback around it."""
-    marker = "occurred. Message:"
-    if marker not in reason:
-        return reason.strip()
-    return reason.rsplit(marker, 1)[-1].strip().removesuffix("'>").strip()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedhe import protocol
+from fedhe import protocol, refusals
 from fedhe.clients import keyholder, party
 from fedhe.clients.roles import (
     HOLD_KEY_SHARE,
@@ -19,10 +22,28 @@ from fedhe.crypto import pause_precompute
 from fedhe.errors import FedHEError, ProtocolError
 
 app = ClientApp()
+log = logging.getLogger("fedhe.clients")
+
+
+def _replying(handler):
+    """`handler`, with a refusal (a FedHEError) answered by fedhe's error reply
+    (`fedhe.refusals`: the aggregator tells it from Flower's own failures by its code)."""
+
+    @functools.wraps(handler)
+    def replying(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except FedHEError as err:
+            log.warning("refused %s: %s", msg.metadata.message_type, refusals.reason_of(err))
+            return refusals.error_reply(msg, err)
+
+    return replying
 
 
 @app.query("whoami")
+@_replying
 def whoami(msg: Message, context: Context) -> Message:
+    protocol.check_message(msg.content, protocol.WHOAMI, protocol.REQUEST)
     config = protocol.config_of(msg.content)
     role = resolve_role(context, config)
     holds_keys = role == protocol.ROLE_KEYHOLDER or bool(config.get("parties-hold-keys"))
@@ -36,6 +57,8 @@ def whoami(msg: Message, context: Context) -> Message:
     identity = keyholder.keyholder_for(context).identity.public if holds_keys else b""
     return Message(
         protocol.content(
+            protocol.WHOAMI,
+            protocol.REPLY,
             config={"role": role, "partition-id": partition_id(context)},
             payload={"identity": identity} if identity else None,
         ),
@@ -48,6 +71,7 @@ def _as(role: str, handler):
 
     def checked(msg: Message, context: Context) -> Message:
         require_role(context, role)
+        protocol.check_message(msg.content, msg.metadata.message_type, protocol.REQUEST)
         try:
             with pause_precompute():  # next round's Enc(0)s wait until this message is done
                 return handler(msg, context)
@@ -59,7 +83,7 @@ def _as(role: str, handler):
             ) from err
 
     checked.__name__ = handler.__name__
-    return checked
+    return _replying(checked)
 
 
 app.query("declare")(_as(protocol.ROLE_KEYHOLDER, keyholder.declare))

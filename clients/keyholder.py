@@ -103,6 +103,8 @@ def declare(msg: Message, context: Context) -> Message:
     public = keyholder.declare_job(job, keys)
     return Message(
         protocol.content(
+            protocol.DECLARE,
+            protocol.REPLY,
             payload={"public-context": public, "keyholder-identity": keyholder.identity.public},
             metrics={"keygen-s": time.perf_counter() - started},
         ),
@@ -122,6 +124,8 @@ def register(msg: Message, context: Context) -> Message:
     )
     return Message(
         protocol.content(
+            protocol.REGISTER,
+            protocol.REPLY,
             config={"refused": refused},
             payload={f"envelope/{p}": e for p, e in envelopes.items()},
         ),
@@ -139,6 +143,8 @@ def decrypt(msg: Message, context: Context) -> Message:
         released = {"values": protocol.array_to_bytes(released)}
     return Message(
         protocol.content(
+            protocol.DECRYPT,
+            protocol.REPLY,
             payload=released,
             metrics={"decrypt-s": time.perf_counter() - started},
         ),
@@ -155,7 +161,10 @@ def audit(msg: Message, context: Context) -> Message:
             "you want (the key holder hands out one job's records at a time)."
         )
     entries = keyholder_for(context).audit.job_entries(str(job_id))
-    return Message(protocol.content(config={"entries": json.dumps(entries)}), reply_to=msg)
+    return Message(
+        protocol.content(protocol.AUDIT, protocol.REPLY, config={"entries": json.dumps(entries)}),
+        reply_to=msg,
+    )
 
 
 def group_step(msg: Message, context: Context) -> Message:
@@ -171,7 +180,9 @@ def group_step(msg: Message, context: Context) -> Message:
     )
     return Message(
         protocol.content(
-            config=reply_config,
+            protocol.GROUP,
+            protocol.REPLY,
+            config={**reply_config, "step": str(config["step"])},
             payload=payload,
             metrics={"keyholder-s": time.perf_counter() - started},
         ),

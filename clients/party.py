@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 
-from fedhe import protocol
+from fedhe import protocol, seeds
 from fedhe.clients import trust
 from fedhe.clients.roles import REPORT_METRICS, SHARE_MODEL, allows_plaintext, node_flag
 from fedhe.crypto import PublicContext
@@ -77,6 +77,8 @@ def setup(msg: Message, context: Context) -> Message:
     )
     return Message(
         protocol.content(
+            protocol.SETUP,
+            protocol.REPLY,
             payload=link,
             metrics={
                 "n-samples": data.n_samples,
@@ -105,7 +107,11 @@ def model_release(msg: Message, context: Context) -> Message:
     _keep_output(context, job_id, "model", model)
     shared = node_flag(context, SHARE_MODEL)
     return Message(
-        protocol.content(payload={"model": protocol.array_to_bytes(model)} if shared else {}),
+        protocol.content(
+            protocol.MODEL_RELEASE,
+            protocol.REPLY,
+            payload={"model": protocol.array_to_bytes(model)} if shared else {},
+        ),
         reply_to=msg,
     )
 
@@ -143,7 +149,7 @@ def train(msg: Message, context: Context) -> Message:
         epochs=int(config["epochs"]),
         batch_size=int(config["batch-size"]),
         lr=float(config["lr"]),
-        seed=_round_seed(config, job),
+        seed=_round_seed(config, job, seeds.TRAIN),
         optimizer=str(config.get("optimizer", "sgd")),
     )
     started = time.perf_counter()
@@ -196,7 +202,7 @@ def gradient(msg: Message, context: Context) -> Message:
     w = np.asarray(config["w"], dtype=float)
     if _public_context(context, job["job-id"]) is not None:
         trust.check_new_model(context, job["job-id"], {"w": w}, _label(config))
-    batch = _batch(data.n_samples, int(config["batch-size"]), _round_seed(config, job))
+    batch = _batch(data.n_samples, int(config["batch-size"]), _round_seed(config, job, seeds.BATCH))
     started = time.perf_counter()
     mean_gradient, n = linreg.party_gradient(
         Z,
@@ -233,6 +239,8 @@ def model_step(msg: Message, context: Context) -> Message:
     step = encrypted_model.party_step(model, A, b, float(config["step"]))
     return Message(
         protocol.content(
+            protocol.MODEL_STEP,
+            protocol.REPLY,
             payload={"contribution": step.to_bytes()},
             metrics={"n-samples": data.n_samples, "encrypt-s": time.perf_counter() - started},
         ),
@@ -257,6 +265,8 @@ def knn_upload(msg: Message, context: Context) -> Message:
     )
     return Message(
         protocol.content(
+            protocol.KNN_UPLOAD,
+            protocol.REPLY,
             payload=payload,
             metrics={"n-samples": data.n_samples, "encrypt-s": time.perf_counter() - started},
         ),
@@ -285,6 +295,8 @@ def knn_query(msg: Message, context: Context) -> Message:
     _keep_mask(context, f"{job['job-id']}.{start}", rho)
     return Message(
         protocol.content(
+            protocol.KNN_QUERY,
+            protocol.REPLY,
             payload={"queries": query_bytes, "masks": masks.to_bytes()},
             metrics={"encrypt-s": time.perf_counter() - started},
         ),
@@ -310,7 +322,9 @@ def knn_answer(msg: Message, context: Context) -> Message:
     if node_flag(context, REPORT_METRICS):
         test = _test_set(job)
         report = scores.batch_counts(test.y[start:stop], predictions, n_classes)
-    return Message(protocol.content(metrics=report), reply_to=msg)
+    return Message(
+        protocol.content(protocol.KNN_ANSWER, protocol.REPLY, metrics=report), reply_to=msg
+    )
 
 
 def mlp_query(msg: Message, context: Context) -> Message:
@@ -334,6 +348,8 @@ def mlp_query(msg: Message, context: Context) -> Message:
     _keep_mask(context, f"{config['inference-id']}.{start}", rho)
     return Message(
         protocol.content(
+            protocol.MLP_QUERY,
+            protocol.REPLY,
             payload={"inputs": inputs.to_bytes(), "mask": mask.to_bytes()},
             metrics={"encrypt-s": time.perf_counter() - started},
         ),
@@ -367,7 +383,9 @@ def mlp_answer(msg: Message, context: Context) -> Message:
         report = scores.batch_counts(
             test.y[start:stop], mlp.predict(logits), 1, compared=mlp.predict(plain)
         ) | {"max_abs_logit_error": float(np.max(np.abs(logits - plain)))}
-    return Message(protocol.content(metrics=report), reply_to=msg)
+    return Message(
+        protocol.content(protocol.MLP_ANSWER, protocol.REPLY, metrics=report), reply_to=msg
+    )
 
 
 def _test_set(job: dict[str, Any]) -> Dataset:
@@ -487,6 +505,8 @@ def _contribute(
     encrypt_s = time.perf_counter() - started
     return Message(
         protocol.content(
+            msg.metadata.message_type,
+            protocol.REPLY,
             payload=payload,
             metrics={"n-samples": n_samples, "encrypt-s": encrypt_s, **(metrics or {})},
         ),
@@ -507,9 +527,11 @@ def _open(
     return config, job, data
 
 
-def _round_seed(config: dict[str, Any], job: dict[str, Any]) -> int:
-    """Distinct per job seed, round and party, identical in the HE run and its twin."""
-    return int(config["seed"]) * 1000 + int(config["round"]) * 100 + job["party-index"]
+def _round_seed(config: dict[str, Any], job: dict[str, Any], purpose: int) -> int:
+    """Distinct per job seed, round, party and purpose, identical in the HE run and its twin."""
+    return seeds.derive_seed(
+        int(config["seed"]), round_=int(config["round"]), party=job["party-index"], purpose=purpose
+    )
 
 
 def _job(context: Context, job_id: str) -> dict[str, Any]:

@@ -8,11 +8,18 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedhe.config import TASKS, ConfigError, JobConfig
+from fedhe.config import (
+    CONSTRAINTS,
+    SECTION_OF,
+    SECTIONS,
+    TASKS,
+    ConfigError,
+    JobConfig,
+    setting_key,
+)
 from fedhe.errors import FedHEError
 
 if TYPE_CHECKING:
@@ -42,16 +49,16 @@ _HELP = {
     "keyholders": "holders of the job's key: 1 (one key holder), a count K (a key-holder group; "
     "no holder can decrypt alone), or parties (each party holds a share: no third party)",
     "threshold": "key holders needed to decrypt (≥ 2 for a group; 0: all of them)",
-    "k": "knn: neighbours per query",
-    "query": "knn: plain (the aggregator sees the query) or encrypted (it does not)",
-    "query_batch": "knn: queries per batch (one ranking and one vote release each)",
-    "queries": "knn, mlp: ask only the querier's first N test rows (0: all)",
-    "querier": "knn: index of the party that asks the queries (it holds the test set)",
-    "standardize": "knn: measure distances on globally standardized features (true/false)",
+    "k": "neighbours per query",
+    "query": "plain (the aggregator sees the query) or encrypted (it does not)",
+    "query_batch": "queries per batch (one ranking and one vote release each)",
+    "queries": "ask only the querier's first N test rows (0: all)",
+    "querier": "index of the party that asks the queries (it holds the test set)",
+    "standardize": "measure distances on globally standardized features (true/false)",
     "activation": "hidden activation: relu, or square, relu-poly, silu-poly (encryptable; "
     "mlp default: square)",
     "alpha": "Dirichlet(alpha) label skew across parties for built-in data (0: IID)",
-    "single_queries": "mlp: test samples also sent one at a time (single-sample latency path)",
+    "single_queries": "test samples also sent one at a time (single-sample latency path)",
     "optimizer": "local training optimizer: sgd or adam",
     "packing": "model-update sums: quantized (4 values per slot, rounded to ~2^-17 of the "
     "bound), complex (2 per slot, CKKS precision) or auto (quantized while the rounding stays "
@@ -77,12 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     _configure_logging(args.verbose)
     try:
-        config = JobConfig(
-            **{
-                f.name: getattr(args, f.name)
-                for f in fields(JobConfig)
-                if f.name not in _SIMULATION_ONLY
-            },
+        config = JobConfig.of(
+            **{name: getattr(args, name) for name in _cli_settings()},
             task=args.task,
             plaintext_twin=not args.encrypted_only,
         )
@@ -104,6 +107,7 @@ def simulate(config: JobConfig, workers: int | None = None) -> Path:
     from flwr.simulation import run_simulation
 
     from fedhe.aggregator.app import build_server_app
+    from fedhe.aggregator.session import SIMULATION_WINDOW
     from fedhe.clients.keyholder import STATE_ROOT_ENV
 
     # The simulated key holder's secret keys live in a folder that is gone after the run.
@@ -112,7 +116,7 @@ def simulate(config: JobConfig, workers: int | None = None) -> Path:
         os.environ[STATE_ROOT_ENV] = state_root
         try:
             run_simulation(
-                server_app=build_server_app(config),
+                server_app=build_server_app(config, window=SIMULATION_WINDOW),
                 client_app=simulation_client_app(),
                 num_supernodes=config.num_nodes,
                 backend_config={
@@ -149,18 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     sim = commands.add_parser("simulate", help="run a job in Flower's simulation engine")
     sim.add_argument("task", choices=TASKS)
-    defaults = JobConfig()
-    for f in fields(JobConfig):
-        if f.name in _SIMULATION_ONLY:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        sim.add_argument(
-            flag,
-            type=_parse_bool if isinstance(default, bool) else type(default),
-            default=default,
-            help=f"{_HELP.get(f.name, '')} (default: {default!r})",
-        )
+    _add_settings(sim)
     sim.add_argument(
         "--encrypted-only",
         action="store_true",
@@ -196,6 +189,31 @@ def _parser() -> argparse.ArgumentParser:
 
     add_deploy_commands(commands)
     return parser
+
+
+def _cli_settings() -> list[str]:
+    """The settings `fedhe simulate` takes as options: all but the simulation's own."""
+    return [name for name in JobConfig().settings() if name not in _SIMULATION_ONLY]
+
+
+def _add_settings(sim: argparse.ArgumentParser) -> None:
+    """One option per setting, grouped as JobConfig groups them: the shared ones, then one
+    group per section, titled with the tasks that read it (the others refuse it)."""
+    defaults = JobConfig().settings()
+    groups = {"": sim.add_argument_group("settings of every task")}
+    for name, section in SECTIONS.items():
+        tasks = ", ".join(section.TASKS)
+        groups[name] = sim.add_argument_group(
+            f"{name} settings (task{'s' * (len(section.TASKS) > 1)} {tasks} only)"
+        )
+    for name in _cli_settings():
+        kind, default = CONSTRAINTS[name].kind, defaults[name]
+        groups[SECTION_OF.get(name, "")].add_argument(
+            "--" + setting_key(name),
+            type=_parse_bool if kind is bool else kind,
+            default=default,
+            help=f"{_HELP.get(name, '')} (default: {default!r})",
+        )
 
 
 def _show_identity(path: str, passphrase_file: str) -> int:

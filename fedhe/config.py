@@ -1,10 +1,22 @@
-"""Job settings, validated once: from Flower's run_config (dashed keys) or from the CLI."""
+"""Job settings, validated once: from Flower's run_config (dashed keys) or from the CLI.
+
+A job's settings are the ones every task reads (`JobConfig`'s own fields) plus one section per
+group of tasks (`TrainingSettings` … `MlpSettings`, each naming the `TASKS` that read it).
+Every setting's type and range is one row of `CONSTRAINTS`, checked by one function,
+`validate_settings`; the few checks that tie settings together are the named functions in
+`RULES`. A section the job's task does not read must keep its defaults: a setting the job would
+ignore is refused. On the wire (Flower's flat run_config, the CLI) each setting stays one dashed
+key (`local-epochs`); `JobConfig.of` takes the same settings by field name (`local_epochs`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+import difflib
+import numbers
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Protocol
 
 from fedhe.errors import FedHEError
 
@@ -13,6 +25,8 @@ QUERY_MODES = ("plain", "encrypted")
 # auto: quantized while its rounding stays small (fedhe.tasks.aggregate.choose_packing)
 UPDATE_PACKINGS = ("auto", "quantized", "complex")
 MODES = ("exact", "gradient", "encrypted-model")
+OPTIMIZERS = ("sgd", "adam")
+ACTIVATIONS = ("relu", "square", "relu-poly", "silu-poly")
 DEFAULT_DATASET = {
     "aggregate": "breast_cancer",
     "linreg": "diabetes",
@@ -20,22 +34,425 @@ DEFAULT_DATASET = {
     "knn": "breast_cancer",
     "mlp": "digits",
 }
-ACTIVATIONS = ("relu", "square", "relu-poly", "silu-poly")
 DEFAULT_ACTIVATION = {"mlp": "square"}
 DEFAULT_HIDDEN = {"mlp": "32"}
 DEFAULT_MODE = {"linreg": "exact", "logreg": "gradient"}
+PARTIES_HOLD_KEYS = "parties"  # --keyholders parties: each party holds a share of the key
 
 
 class ConfigError(FedHEError, ValueError):
     """A job setting is missing, of the wrong type or out of range."""
 
 
-PARTIES_HOLD_KEYS = "parties"  # --keyholders parties: each party holds a share of the key
+def setting_key(name: str) -> str:
+    """The wire and CLI spelling of a setting: `local_epochs` → `local-epochs`."""
+    return name.replace("_", "-")
+
+
+# -- constraints: what one setting accepts --------------------------------------------------------
+
+
+class Constraint(Protocol):
+    def accepts(self, value: Any) -> bool: ...
+
+    def refusal(self, key: str, value: Any) -> str: ...
+
+
+@dataclass(frozen=True)
+class Interval:
+    """low ≤ value (low < value when `open_low`), and value ≤ high when there is a high."""
+
+    low: float
+    high: float | None = None
+    open_low: bool = False
+    why: str = ""  # added to the refusal: what the bound protects, or what a special value means
+
+    def accepts(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+    def refusal(self, key: str, value: Any) -> str:
+        if self.high is not None:
+            bound = f"between {self.low} and {self.high}"
+        else:
+            bound = f"{'>' if self.open_low else '≥'} {self.low}"
+        why = f" ({self.why})" if self.why else ""
+        return f"{key} must be {bound}{why}, got {value!r}."
+
+
+@dataclass(frozen=True)
+class Options:
+    """One of `values`; with `task_default`, also "" (the task's default, chosen later)."""
+
+    values: tuple[str, ...]
+    task_default: bool = False
+
+    def accepts(self, value: str) -> bool:
+        return value in self.values or (self.task_default and value == "")
+
+    def refusal(self, key: str, value: Any) -> str:
+        empty = " (or empty: the task's default)" if self.task_default else ""
+        return f"{key} {value!r} is not one of {list(self.values)}{empty}."
+
+
+@dataclass(frozen=True)
+class KeyHolderCount:
+    """A count of key holders ≥ 1, or "parties": each party holds a share of the key."""
+
+    def accepts(self, value: str) -> bool:
+        return value == PARTIES_HOLD_KEYS or (
+            re.fullmatch("[0-9]+", value) is not None and int(value) >= 1
+        )
+
+    def refusal(self, key: str, value: Any) -> str:
+        return f"{key} must be a count ≥ 1 or {PARTIES_HOLD_KEYS!r}, got {value!r}."
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Comma-separated positive layer widths ("32,16"); empty: no hidden layer."""
+
+    def accepts(self, value: str) -> bool:
+        try:
+            parse_widths(value)
+        except ValueError:
+            return False
+        return True
+
+    def refusal(self, key: str, value: Any) -> str:
+        return f"{key} must be comma-separated positive widths such as '32,16', got {value!r}."
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    widths = tuple(int(w) for w in text.split(",") if w.strip())
+    if any(w < 1 for w in widths):
+        raise ValueError(f"widths must be positive: {text!r}")
+    return widths
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of CONSTRAINTS: the setting's type and, where it has one, its constraint."""
+
+    kind: type
+    constraint: Constraint | None = None
+
+
+# Every setting, shared and per section, by field name: the one place its range is written.
+CONSTRAINTS: dict[str, Setting] = {
+    # shared by every task
+    "task": Setting(str, Options(TASKS)),
+    "parties": Setting(int, Interval(1)),
+    "min_parties": Setting(int, Interval(1)),  # ≤ parties: a rule
+    "rounds": Setting(int, Interval(1)),
+    "dataset": Setting(str),  # a built-in name, checked where it loads (fedhe.data.datasets)
+    "data_dir": Setting(str),
+    "target": Setting(str),
+    "seed": Setting(int, Interval(0, 2**32 - 1)),
+    "alpha": Setting(float, Interval(0, why="0: IID")),
+    "out": Setting(str),
+    "keyholder_partition_id": Setting(int, Interval(-1, why="-1: the node after the parties")),
+    "keyholders": Setting(str, KeyHolderCount()),
+    "threshold": Setting(int, Interval(0, why="0: all key holders")),  # ≤ key holders: a rule
+    "plaintext_twin": Setting(bool),
+    "drop_party": Setting(int, Interval(-1, why="-1: none")),
+    "timeout_s": Setting(float, Interval(0, open_low=True)),
+    "keyholder_retries": Setting(int, Interval(0)),
+    "message_window": Setting(int, Interval(0, why="0: every message at once")),
+    "resume": Setting(bool),
+    # training
+    "batch_size": Setting(int, Interval(0, why="0: all local samples, gradient mode")),
+    "lr": Setting(float, Interval(0, open_low=True)),
+    "clip": Setting(float, Interval(1, why="it also bounds the sample counts")),
+    # fedavg
+    "local_epochs": Setting(int, Interval(1)),
+    "optimizer": Setting(str, Options(OPTIMIZERS)),
+    "packing": Setting(str, Options(UPDATE_PACKINGS)),
+    "hidden": Setting(str, Widths()),
+    "activation": Setting(str, Options(ACTIVATIONS, task_default=True)),
+    # regression
+    "mode": Setting(str, Options(MODES, task_default=True)),
+    "l2": Setting(float, Interval(0)),
+    # knn
+    "k": Setting(int, Interval(1)),
+    "query": Setting(str, Options(QUERY_MODES)),
+    "query_batch": Setting(int, Interval(1)),
+    "standardize": Setting(bool),
+    # inference
+    "querier": Setting(int, Interval(0)),  # < parties: a rule
+    "queries": Setting(int, Interval(0, why="0: every test row")),
+    # mlp
+    "single_queries": Setting(int, Interval(0)),
+}
+
+
+def validate_settings(settings: object) -> None:
+    """Coerce each setting of `settings` (a JobConfig or one of its sections) to its type and
+    check it against its row of CONSTRAINTS; the first bad one raises a ConfigError naming it."""
+    for f in fields(settings):  # type: ignore[arg-type]
+        if f.name in SECTIONS:
+            continue
+        row = CONSTRAINTS[f.name]
+        key = setting_key(f.name)
+        value = _coerce(key, getattr(settings, f.name), row.kind)
+        if row.constraint is not None and not row.constraint.accepts(value):
+            raise ConfigError(row.constraint.refusal(key, value))
+        object.__setattr__(settings, f.name, value)
+
+
+_BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}
+_KIND_NAMES = {bool: "a bool (true or false)", int: "an int", float: "a number", str: "a string"}
+
+
+def _coerce(key: str, raw: Any, kind: type) -> Any:
+    """`raw` as `kind` where it reads one way only ("6" and 6.0 as 6, "false" and 0 as False,
+    3 as "3"); anything else is refused."""
+    try:
+        value = _as_kind(raw, kind)
+    except (TypeError, ValueError, OverflowError):
+        value = None
+    if value is None:
+        raise ConfigError(f"setting {key!r}={raw!r} is not {_KIND_NAMES[kind]}.")
+    return value
+
+
+def _as_kind(raw: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(raw, bool | numbers.Integral) and raw in (0, 1):
+            return bool(raw)
+        return _BOOL_WORDS.get(raw.lower()) if isinstance(raw, str) else None
+    if isinstance(raw, bool):  # True is an int to Python, not a count
+        return None
+    if kind is int:
+        if isinstance(raw, numbers.Real) and not float(raw).is_integer():
+            return None
+        return int(raw) if isinstance(raw, numbers.Real | str) else None
+    if kind is float:
+        return float(raw) if isinstance(raw, numbers.Real | str) else None
+    return str(raw) if isinstance(raw, str | numbers.Integral) else None  # keyholders=3
+
+
+# -- sections: the settings only some tasks read --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Gradient steps on the parties' data (linreg's exact mode takes none)."""
+
+    TASKS: ClassVar[tuple[str, ...]] = ("aggregate", "mlp", "linreg", "logreg")
+    batch_size: int = 32  # per party and step; gradient mode: 0 = all local samples
+    lr: float = 0.1
+    clip: float = 10.0  # |Δw| per coordinate is clipped to this; bounds the encrypted sum
+
+    def __post_init__(self) -> None:
+        validate_settings(self)
+
+
+@dataclass(frozen=True)
+class FedAvgSettings:
+    """The torch model HE-FedAvg trains, and how its updates are packed."""
+
+    TASKS: ClassVar[tuple[str, ...]] = ("aggregate", "mlp")
+    local_epochs: int = 2
+    optimizer: str = "sgd"
+    packing: str = "auto"  # model-update sums: quantized (4 values per slot), complex (2), auto
+    hidden: str = ""  # hidden widths, e.g. "32,16"; empty: the task's (aggregate: none, mlp: 32)
+    activation: str = ""  # hidden activation; empty: the task's (aggregate: relu, mlp: square)
+
+    def __post_init__(self) -> None:
+        validate_settings(self)
+
+
+@dataclass(frozen=True)
+class RegressionSettings:
+    """How linreg and logreg fit their coefficients."""
+
+    TASKS: ClassVar[tuple[str, ...]] = ("linreg", "logreg")
+    mode: str = ""  # empty: the task's (linreg: exact, logreg: gradient)
+    l2: float = 0.0  # L2 penalty per sample on standardized coefficients (not the intercept)
+
+    def __post_init__(self) -> None:
+        validate_settings(self)
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    """Neighbours, and how the querier's queries travel."""
+
+    TASKS: ClassVar[tuple[str, ...]] = ("knn",)
+    k: int = 5
+    query: str = "plain"  # the querier sends its queries in the clear or encrypted
+    query_batch: int = 32  # queries per batch (one ranking and one vote release each)
+    standardize: bool = True  # distances on globally standardized features (else raw)
+
+    def __post_init__(self) -> None:
+        validate_settings(self)
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """The party that asks the queries (it holds the test set), and how many it asks."""
+
+    TASKS: ClassVar[tuple[str, ...]] = ("knn", "mlp")
+    querier: int = 0
+    queries: int = 0  # the querier's first this many test rows (0: all of them)
+
+    def __post_init__(self) -> None:
+        validate_settings(self)
+
+
+@dataclass(frozen=True)
+class MlpSettings:
+    """The MLP's single-sample latency path."""
+
+    TASKS: ClassVar[tuple[str, ...]] = ("mlp",)
+    single_queries: int = 3  # test samples also sent one by one
+
+    def __post_init__(self) -> None:
+        validate_settings(self)
+
+
+Section = (
+    TrainingSettings
+    | FedAvgSettings
+    | RegressionSettings
+    | KnnSettings
+    | InferenceSettings
+    | MlpSettings
+)
+SECTIONS: dict[str, type[Section]] = {
+    "training": TrainingSettings,
+    "fedavg": FedAvgSettings,
+    "regression": RegressionSettings,
+    "knn": KnnSettings,
+    "inference": InferenceSettings,
+    "mlp": MlpSettings,
+}
+SECTION_OF: dict[str, str] = {
+    f.name: name for name, section in SECTIONS.items() for f in fields(section)
+}
+
+
+# -- rules: the checks that tie settings together -------------------------------------------------
+
+
+def sections_fit_the_task(config: JobConfig) -> None:
+    """A section the task does not read keeps its defaults: the job would ignore a change."""
+    for name, kind in SECTIONS.items():
+        section = getattr(config, name)
+        if not isinstance(section, kind):
+            raise ConfigError(f"{name} must be a {kind.__name__}, got {section!r}.")
+        if config.task in kind.TASKS:
+            continue
+        changed = [f for f in fields(section) if getattr(section, f.name) != f.default]
+        if changed:
+            listed = ", ".join(
+                f"{setting_key(f.name)}={getattr(section, f.name)!r}" for f in changed
+            )
+            tasks = f"task{'s' * (len(kind.TASKS) > 1)} {', '.join(kind.TASKS)}"
+            it, applies = ("them", "apply") if len(changed) > 1 else ("it", "applies")
+            raise ConfigError(
+                f"{listed} {applies} to {tasks} only; task {config.task} would ignore {it}: "
+                f"leave {it} out."
+            )
+
+
+def min_parties_within_parties(config: JobConfig) -> None:
+    if config.min_parties > config.parties:
+        raise ConfigError(
+            f"min-parties must be between 1 and parties={config.parties}, got {config.min_parties}."
+        )
+
+
+def querier_is_a_party(config: JobConfig) -> None:
+    if config.inference.querier >= config.parties:
+        raise ConfigError(
+            f"querier must be a party index 0..{config.parties - 1}, "
+            f"got {config.inference.querier}."
+        )
+
+
+def threshold_within_keyholders(config: JobConfig) -> None:
+    count = config.keyholder_count
+    if config.threshold > count:
+        raise ConfigError(
+            f"threshold must be between 1 and the {count} key holders (0: all of them), got "
+            f"{config.threshold}."
+        )
+    if count > 1 and config.decryption_threshold == 1:
+        raise ConfigError(
+            "threshold 1 lets any one key holder decrypt alone: that is a single key holder "
+            "with copies. Choose a threshold of 2 or more."
+        )
+
+
+def exact_linreg_needs_dedicated_keyholders(config: JobConfig) -> None:
+    if config.parties_hold_keys and config.regression_mode == "exact":
+        raise ConfigError(
+            "exact linreg releases the masked normal equations to one key holder, and every "
+            "party knows the masks R, S: with --keyholders parties that holder would read "
+            "the global XᵀX. Use --mode gradient, or dedicated key holders (--keyholders 3)."
+        )
+
+
+def logreg_has_no_exact_mode(config: JobConfig) -> None:
+    if config.task == "logreg" and config.regression.mode == "exact":
+        raise ConfigError("logreg has no exact mode (no closed form); use --mode gradient.")
+
+
+def mlp_needs_polynomial_activation(config: JobConfig) -> None:
+    if config.task == "mlp" and config.activation_name == "relu":
+        raise ConfigError(
+            "the mlp task evaluates the model on encrypted inputs: choose a polynomial "
+            "activation (square, relu-poly, silu-poly), not relu."
+        )
+
+
+def whole_batches_for_regression_only(config: JobConfig) -> None:
+    if config.training.batch_size == 0 and config.task in FedAvgSettings.TASKS:
+        raise ConfigError(
+            f"batch-size 0 (all local samples) is for linreg and logreg gradient mode only; "
+            f"task {config.task} trains on mini-batches: choose a batch-size ≥ 1."
+        )
+
+
+def quantized_packing_needs_one_keyholder(config: JobConfig) -> None:
+    # Quantized lanes decode by rounding, with guard bits sized for encryption noise; a group's
+    # decryption shares each add smudging noise far above it.
+    if config.fedavg.packing == "quantized" and config.keyholder_count > 1:
+        raise ConfigError(
+            "quantized packing cannot absorb a key-holder group's smudging noise; use "
+            "--packing complex (or auto) with --keyholders > 1."
+        )
+
+
+def data_dir_needs_target(config: JobConfig) -> None:
+    if config.data_dir and not config.target:
+        raise ConfigError("--data-dir needs --target: the name of the label column.")
+
+
+Rule = Callable[["JobConfig"], None]
+RULES: tuple[Rule, ...] = (
+    sections_fit_the_task,
+    min_parties_within_parties,
+    querier_is_a_party,
+    threshold_within_keyholders,
+    exact_linreg_needs_dedicated_keyholders,
+    logreg_has_no_exact_mode,
+    mlp_needs_polynomial_activation,
+    whole_batches_for_regression_only,
+    quantized_packing_needs_one_keyholder,
+    data_dir_needs_target,
+)
+
+
+# -- the job --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class JobConfig:
-    """Settings every task keeps (`parties` … `out`) and the ones secure aggregation adds."""
+    """A job's settings: the ones every task reads, then one section per group of tasks.
+    `JobConfig.of(task="knn", k=3)` builds one from flat settings."""
 
     task: str = "aggregate"
     parties: int = 5
@@ -45,116 +462,67 @@ class JobConfig:
     data_dir: str = ""
     target: str = ""
     seed: int = 0
+    alpha: float = 0.0  # built-in data: Dirichlet(alpha) label skew across parties; 0: IID
     out: str = "runs/latest"
     keyholder_partition_id: int = -1  # simulation: which virtual node is the key holder (-1: last)
     keyholders: str = "1"  # holders of the job's key: a count, or "parties" (each party a share)
     threshold: int = 0  # key holders needed to decrypt (0: all of them)
-    local_epochs: int = 2
-    batch_size: int = 32  # per party and step; gradient mode: 0 = all local samples
-    lr: float = 0.1
-    clip: float = 10.0  # |Δw| per coordinate is clipped to this; bounds the encrypted sum
-    mode: str = ""  # linreg: exact (default), gradient, encrypted-model; logreg: the last two
-    l2: float = 0.0  # L2 penalty per sample on standardized coefficients (not the intercept)
-    hidden: str = ""  # MLP hidden widths, e.g. "32,16"; empty: logistic/softmax regression
     # Also run the same job in the clear, for result.json. Off: `fedhe simulate` turns it on;
     # a deployment never does, and parties refuse plaintext unless node config allows it.
     plaintext_twin: bool = False
     drop_party: int = -1  # simulation fault: this party index fails every training round
     timeout_s: float = 600.0
     keyholder_retries: int = 2  # more tries when the key holder stays silent (not on refusal)
-    k: int = 5  # knn: neighbours per query
-    query: str = "plain"  # knn: the querier sends its queries in the clear or encrypted
-    query_batch: int = 32  # knn: queries per batch (one ranking and one vote release each)
-    queries: int = 0  # knn, mlp: the querier's first this many test rows (0: all of them)
-    querier: int = 0  # knn: the party index that asks the queries (the test set)
-    standardize: bool = True  # knn: distances on globally standardized features (else raw)
-    activation: str = ""  # hidden activation: relu (aggregate's default), square, relu-poly, …
-    alpha: float = 0.0  # built-in data: Dirichlet(alpha) label skew across parties; 0: IID
-    single_queries: int = 3  # mlp: test samples also sent one by one (latency path)
-    optimizer: str = "sgd"  # local training: sgd or adam
-    packing: str = "auto"  # model-update sums: quantized (4 values per slot), complex (2), auto
+    # Messages awaiting a reply at a time per exchange (0: all at once, as a deployment wants).
+    # Flower's simulation engine runs faster with a window (aggregator.session.SIMULATION_WINDOW).
+    message_window: int = 0
     resume: bool = False  # continue from the checkpoint in `out` after an aggregator crash
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    fedavg: FedAvgSettings = field(default_factory=FedAvgSettings)
+    regression: RegressionSettings = field(default_factory=RegressionSettings)
+    knn: KnnSettings = field(default_factory=KnnSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    mlp: MlpSettings = field(default_factory=MlpSettings)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"task {self.task!r} is not one of {list(TASKS)}.")
-        if self.parties < 1:
-            raise ConfigError(f"parties must be ≥ 1, got {self.parties}.")
-        if not 1 <= self.min_parties <= self.parties:
-            raise ConfigError(
-                f"min-parties must be between 1 and parties={self.parties}, got {self.min_parties}."
-            )
-        if self.rounds < 1:
-            raise ConfigError(f"rounds must be ≥ 1, got {self.rounds}.")
-        if self.local_epochs < 1 or self.batch_size < 0 or not self.lr > 0:
-            raise ConfigError("local-epochs and lr must be positive, batch-size ≥ 0.")
-        if self.batch_size == 0 and self.task == "aggregate":
-            raise ConfigError("batch-size 0 (all local samples) is for gradient mode only.")
-        if not self.clip >= 1.0:
-            raise ConfigError(
-                f"clip must be ≥ 1 (it also bounds the sample counts), got {self.clip}."
-            )
-        if self.mode and self.mode not in MODES:
-            raise ConfigError(f"mode {self.mode!r} is not one of {list(MODES)}.")
-        if self.task == "logreg" and self.mode == "exact":
-            raise ConfigError("logreg has no exact mode (no closed form); use --mode gradient.")
-        if self.task == "aggregate" and self.mode:
-            raise ConfigError("--mode applies to linreg and logreg only.")
-        if self.keyholder_retries < 0:
-            raise ConfigError(f"keyholder-retries must be ≥ 0, got {self.keyholder_retries}.")
-        self._check_keyholders()
-        if self.l2 < 0:
-            raise ConfigError(f"l2 must be ≥ 0, got {self.l2}.")
-        if self.queries < 0:
-            raise ConfigError(f"queries must be ≥ 0 (0: every test row), got {self.queries}.")
-        if self.k < 1 or self.query_batch < 1:
-            raise ConfigError(f"k and query-batch must be ≥ 1, got {self.k}, {self.query_batch}.")
-        if self.query not in QUERY_MODES:
-            raise ConfigError(f"query {self.query!r} is not one of {list(QUERY_MODES)}.")
-        if not 0 <= self.querier < self.parties:
-            raise ConfigError(f"querier must be a party index 0..{self.parties - 1}.")
-        if self.activation and self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation {self.activation!r} is not one of {list(ACTIVATIONS)}.")
-        if self.task == "mlp" and self.activation_name == "relu":
-            raise ConfigError(
-                "the mlp task evaluates the model on encrypted inputs: choose a polynomial "
-                "activation (square, relu-poly, silu-poly), not relu."
-            )
-        if self.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"optimizer {self.optimizer!r} is not one of ['sgd', 'adam'].")
-        if self.packing not in UPDATE_PACKINGS:
-            raise ConfigError(f"packing {self.packing!r} is not one of {list(UPDATE_PACKINGS)}.")
-        if self.alpha < 0 or self.single_queries < 0:
-            raise ConfigError("alpha and single-queries must be ≥ 0.")
-        if self.data_dir and not self.target:
-            raise ConfigError("--data-dir needs --target: the name of the label column.")
-        self.hidden_widths  # noqa: B018 - validates the string
+        validate_settings(self)
+        for rule in RULES:
+            rule(self)
 
-    def _check_keyholders(self) -> None:
-        object.__setattr__(self, "keyholders", str(self.keyholders))  # JobConfig(keyholders=3)
-        if self.keyholders != PARTIES_HOLD_KEYS and not (
-            self.keyholders.isdigit() and int(self.keyholders) >= 1
-        ):
-            raise ConfigError(
-                f"keyholders must be a count ≥ 1 or {PARTIES_HOLD_KEYS!r}, got {self.keyholders!r}."
-            )
-        count = self.keyholder_count
-        if not 0 <= self.threshold <= count:
-            raise ConfigError(
-                f"threshold must be between 1 and the {count} key holders (0: all of them), got "
-                f"{self.threshold}."
-            )
-        if count > 1 and self.decryption_threshold == 1:
-            raise ConfigError(
-                "threshold 1 lets any one key holder decrypt alone: that is a single key holder "
-                "with copies. Choose a threshold of 2 or more."
-            )
-        if self.parties_hold_keys and self.regression_mode == "exact":
-            raise ConfigError(
-                "exact linreg releases the masked normal equations to one key holder, and every "
-                "party knows the masks R, S: with --keyholders parties that holder would read "
-                "the global XᵀX. Use --mode gradient, or dedicated key holders (--keyholders 3)."
-            )
+    @classmethod
+    def of(cls, **settings: Any) -> JobConfig:
+        """A config from flat settings by field name (`task="knn", k=3`), each put in its
+        section; a name that is no setting is refused."""
+        shared: dict[str, Any] = {}
+        sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        for name, value in settings.items():
+            if name in SECTION_OF:
+                sections[SECTION_OF[name]][name] = value
+            elif name in SHARED_SETTINGS:
+                shared[name] = value
+            else:
+                raise ConfigError(_unknown(name))
+        return cls(**shared, **{name: SECTIONS[name](**sections[name]) for name in SECTIONS})
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting by field name, flat: the shared ones, then each section's."""
+        flat = {name: getattr(self, name) for name in SHARED_SETTINGS}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            flat |= {f.name: getattr(section, f.name) for f in fields(section)}
+        return flat
+
+    def with_settings(self, **settings: Any) -> JobConfig:
+        """This config with some flat settings changed (`resume=True, query="encrypted"`)."""
+        return JobConfig.of(**(self.settings() | settings))
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {setting_key(name): value for name, value in self.settings().items()}
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> JobConfig:
+        """Read Flower's run_config: flat dashed keys, unknown keys refused, types coerced."""
+        return cls.of(**{key.replace("-", "_"): value for key, value in run_config.items()})
 
     @property
     def parties_hold_keys(self) -> bool:
@@ -167,20 +535,11 @@ class JobConfig:
 
     @property
     def activation_name(self) -> str:
-        return self.activation or DEFAULT_ACTIVATION.get(self.task, "relu")
+        return self.fedavg.activation or DEFAULT_ACTIVATION.get(self.task, "relu")
 
     @property
     def hidden_widths(self) -> tuple[int, ...]:
-        hidden = self.hidden or DEFAULT_HIDDEN.get(self.task, "")
-        try:
-            widths = tuple(int(w) for w in hidden.split(",") if w.strip())
-        except ValueError as err:
-            raise ConfigError(
-                f"hidden must be comma-separated widths, got {self.hidden!r}."
-            ) from err
-        if any(w < 1 for w in widths):
-            raise ConfigError(f"hidden widths must be positive, got {self.hidden!r}.")
-        return widths
+        return parse_widths(self.fedavg.hidden or DEFAULT_HIDDEN.get(self.task, ""))
 
     @property
     def dataset_name(self) -> str:
@@ -188,7 +547,7 @@ class JobConfig:
 
     @property
     def regression_mode(self) -> str:
-        return self.mode or DEFAULT_MODE.get(self.task, "")
+        return self.regression.mode or DEFAULT_MODE.get(self.task, "")
 
     @property
     def num_nodes(self) -> int:
@@ -205,30 +564,15 @@ class JobConfig:
     def decryption_threshold(self) -> int:
         return self.threshold or self.keyholder_count
 
-    def to_run_config(self) -> dict[str, Any]:
-        return {name.replace("_", "-"): value for name, value in asdict(self).items()}
 
-    @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> JobConfig:
-        """Read Flower's run_config: dashed keys, unknown keys refused, types coerced."""
-        known = {f.name: f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, raw in run_config.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"unknown setting {key!r}; known: {sorted(known)}.")
-            values[name] = _coerce(key, raw, type(getattr(cls(), name)))
-        return cls(**values)
+SHARED_SETTINGS: tuple[str, ...] = tuple(
+    f.name for f in fields(JobConfig) if f.name not in SECTIONS
+)
 
 
-def _coerce(key: str, raw: Any, kind: type) -> Any:
-    try:
-        if kind is bool:
-            if isinstance(raw, str):
-                if raw.lower() not in {"true", "false", "1", "0"}:
-                    raise ValueError(raw)
-                return raw.lower() in {"true", "1"}
-            return bool(raw)
-        return kind(raw)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"setting {key!r}={raw!r} is not a {kind.__name__}.") from err
+def _unknown(name: str) -> str:
+    key = setting_key(name)
+    known = sorted(setting_key(n) for n in CONSTRAINTS)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown setting {key!r}{hint}; known: {known}."

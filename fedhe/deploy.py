@@ -38,6 +38,7 @@ KEYHOLDER = "keyholder"
 ROLES = ("party", KEYHOLDER)
 CERT_DAYS = 365
 FEDERATION_NAME = "fedhe"
+WINDOW_SETTING = "message-window"  # 0 in every deployed job unless the coordinator says
 TWIN_SETTING = "plaintext-twin"  # forced off in every deployed job (deployment_run_config)
 
 
@@ -236,7 +237,10 @@ def deployment_run_config(run_config: str = "") -> list[str]:
                 "data would leave them unencrypted); remove it from --run-config, or compare "
                 "with the clear run in a simulation (`fedhe simulate`)."
             )
-    return ([run_config] if run_config.strip() else []) + [f"{TWIN_SETTING}=false"]
+    # A deployment sends every message at once (pyproject's window is for the simulation
+    # engine); the coordinator's own settings come after and may change that.
+    first = [f"{WINDOW_SETTING}=0"]
+    return first + ([run_config] if run_config.strip() else []) + [f"{TWIN_SETTING}=false"]
 
 
 # -- helpers -------------------------------------------------------------------------------

@@ -54,3 +54,8 @@ class TagError(PolicyError):
 class ShareError(FedHEError, ValueError):
     """A multiparty key or decryption share is malformed, or belongs to another ciphertext,
     key-generation round or set of key holders than it is combined with."""
+
+
+class TensorKindError(FedHEError, TypeError):
+    """An encrypted tensor met a plaintext one, or something that is no fedhe tensor at all,
+    where one kind of tensor is needed."""

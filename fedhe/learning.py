@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedhe.config import ConfigError
 from fedhe.tasks import mlp
 from fedhe.tasks.moments import Standardizer
 
@@ -126,7 +127,10 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=config.lr)
     if config.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=config.lr)
-    raise ValueError(f"optimizer {config.optimizer!r} is not one of {list(OPTIMIZERS)}.")
+    raise ConfigError(
+        f"optimizer {config.optimizer!r} is not one of {list(OPTIMIZERS)}: set the job's "
+        "optimizer to one of them."
+    )
 
 
 def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray) -> dict[str, float]:

@@ -1,69 +1,21 @@
-"""Benchmark KNN over an encrypted store (`fedhe.tasks.knn`) against plaintext KNN.
-
-In process: no Flower, no network, no Ray; the parties, the aggregator, the key holder and the
-querier run one after another in this process, through the steps of `fedhe.tasks.knn` that
-`aggregator/knn.py` and `clients/party.py` string together over Flower.
-
-* Data: synthetic, ``sklearn.datasets.make_classification`` (``--points`` + ``--test`` rows,
-  ``--features`` features, 10 informative, ``--classes`` classes, ``--seed``), standardized
-  with the stored points' mean and std (computed in the clear), stored points split over
-  ``--parties`` parties (``np.array_split``); the ``--test`` rows are the queries.
-* One key holder, one job per mode (keys generated at declaration, outside every timing):
-  HE (CKKS, `knn.PARAMS`, relinearization key) and its plaintext twin (context None). The job
-  declares its querier (``party-000``, also a party that stores points); the HE job's parties
-  register with the key holder (`fedhe.keyholder.inprocess.TaggedParties`: sealed seeds, once
-  per job, outside every timing, reported apart), so that the key holder can seal the votes to
-  the querier. Every request (rank or vote) is the release of the next round label of its
-  output (each (output, round) is released once).
-* Phases, each the median over ``--repeats`` (``time.perf_counter``):
-  1. Upload: per-party encryption (median over parties), bytes per party and per stored
-     point (all payload bytes / points), the store build (``store.add`` of every upload).
-  2. One plaintext query end to end: aggregator compute (masked distances + votes), aggregator
-     I/O (loading and serializing tensors), key holder (rank + vote release, the votes sealed
-     to the querier), querier (masks, opening the sealed votes, answer). Bars (issue 14):
-     aggregator compute ≤ 60 ms, end to end ≤ 150 ms.
-  3. One encrypted query (one packed ciphertext, ≤ 1 MB): the same, plus the querier's
-     encryption and the query's bytes. Bar: end to end ≤ 300 ms.
-  A store layout answers `knn.queries_per_layout(d)` queries; then every party uploads again
-  under a fresh layout, outside the query timings: its cost (all parties' encryption + the
-  store build) divided by the queries of one layout is reported as "re-upload per query".
-  4. Throughput: one batch of ``--batch`` plaintext queries and one of ``--enc-batch``
-     encrypted queries end to end → queries per second.
-  5. Plaintext references: brute-force KNN in numpy (one query at a time) and scikit-learn's
-     ``KNeighborsClassifier(algorithm="brute")`` (one query per predict, and all at once);
-     ratios HE/plaintext.
-  6. Agreement: every test query through the HE protocol (plaintext and encrypted queries) and
-     the twin, against ``KNeighborsClassifier`` fitted on all stored points pooled (same k).
-  Each query repeat takes the next test queries (cyclically); one unmeasured warm-up query
-  per mode runs first (TenSEAL and numpy first-call costs).
-
-Run:  python simulations/bench_knn.py [--quick]   (from the repository root, with the venv:
-      .venv/bin/python simulations/bench_knn.py --quick for a smoke run of a few seconds)
-"""
+"""KNN over an encrypted store (`fedhe.tasks.knn`) against plaintext KNN, in process (no
+Flower): uploads, one plaintext and one encrypted query end to end against issue 14's bars,
+fresh layouts, batches, numpy and scikit-learn references, agreement with scikit-learn.
+Methods: simulations/README.md. Run: python simulations/bench_knn.py [--quick]"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import _bench as bench  # simulations/_bench.py, beside this script
 import numpy as np
-from machine import (  # simulations/machine.py, beside this script
-    Timings,
-    fmt_bytes,
-    fmt_time,
-    machine_info,
-    print_phase_table,
-    row,
-    summarize,
-    timed,
-)
+from _bench import Timings, fmt_bytes, fmt_time, summarize, timed
 from rich.console import Console
 from sklearn.datasets import make_classification
 from sklearn.neighbors import KNeighborsClassifier
@@ -73,9 +25,9 @@ from fedhe.keyholder import DecryptionRequest, KeyHolder
 from fedhe.keyholder.inprocess import TaggedParties
 from fedhe.tasks import aggregate, check_declaration, knn
 
-DEFAULTS = {"points": 10_000, "repeats": 5, "batch": 32, "enc_batch": 8, "test": 64}
-QUICK = {"points": 2_000, "repeats": 2, "batch": 8, "enc_batch": 2, "test": 16}
-DEFAULT_OUT = {False: Path("benchmarks/knn.json"), True: Path("benchmarks/knn-quick.json")}
+DEFAULTS = {"points": (10_000, 2_000), "repeats": (5, 2), "batch": (32, 8)}  # full, --quick
+DEFAULTS |= {"enc_batch": (8, 2), "test": (64, 16)}
+QUERIES = ("plaintext", "encrypted")
 # Bars (issue 14): per plaintext query, aggregator compute and end to end; per encrypted query,
 # end to end and the bytes of the query itself.
 BARS = {
@@ -108,24 +60,20 @@ class Protocol:
     k: int
     n_classes: int
     parties: TaggedParties
-    store: knn.KNNStore | None = None
+    data: Data
+    store: knn.KNNStore = field(init=False)  # the latest upload's (`build_store`)
     rounds: Counter[str] = field(default_factory=Counter)  # next round label per output
-    data: Data | None = None
     relayouts: list[Timings] = field(default_factory=list)  # fresh layouts during queries
 
     def ready_for(self, n: int) -> None:
         """A fresh layout (all parties upload again) when the store's budget cannot take `n`
         more queries: timed apart, reported as the re-upload cost per query."""
-        assert self.store is not None and self.data is not None
-        if self.store.queries_left >= n:
-            return
-        seed = [len(self.relayouts), 99]
-        self.store, timing, _ = build_store(self, self.data, seed, self.store.encrypted_queries)
-        self.relayouts.append(timing)
+        if self.store.queries_left < n:
+            seed = [len(self.relayouts), 99]
+            self.relayouts.append(build_store(self, seed, self.store.encrypted_queries)[0])
 
     def request(self, output: str, tensor: bytes) -> DecryptionRequest:
         """The next release of `output` (ranks and votes are no sums: no tags)."""
-        assert self.store is not None
         round_ = self.rounds[output]
         self.rounds[output] += 1
         contributors = tuple(self.store.contributors)
@@ -133,24 +81,19 @@ class Protocol:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--points", type=int, help="stored points (10000; --quick 2000)")
-    parser.add_argument("--features", type=int, default=30, help="features d (30)")
-    parser.add_argument("--parties", type=int, default=10, help="parties (10)")
-    parser.add_argument("--classes", type=int, default=2, help="classes (2)")
-    parser.add_argument("--k", type=int, default=5, help="neighbours (5)")
-    parser.add_argument("--repeats", type=int, help="repeats per measure (5; --quick 2)")
-    parser.add_argument("--batch", type=int, help="plaintext queries per batch (32; --quick 8)")
-    parser.add_argument("--enc-batch", type=int, help="encrypted queries per batch (8; quick 2)")
-    parser.add_argument("--test", type=int, help="test queries (64; --quick 16)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="small smoke run")
-    parser.add_argument("--out", type=Path, help="JSON report (benchmarks/knn.json)")
-    args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.out = args.out or DEFAULT_OUT[args.quick]
+    parser = bench.command_line(__doc__, ("benchmarks/knn.json", "benchmarks/knn-quick.json"), True)
+    add = parser.add_argument
+    add("--points", type=int, help="stored points (10000; --quick 2000)")
+    add("--features", type=int, default=30, help="features d (30)")
+    add("--parties", type=int, default=10, help="parties (10)")
+    add("--classes", type=int, default=2, help="classes (2)")
+    add("--k", type=int, default=5, help="neighbours (5)")
+    add("--repeats", type=int, help="repeats per measure (5; --quick 2)")
+    add("--batch", type=int, help="plaintext queries per batch (32; --quick 8)")
+    add("--enc-batch", type=int, help="encrypted queries per batch (8; --quick 2)")
+    add("--test", type=int, help="test queries (64; --quick 16)")
+    add("--seed", type=int, default=0)
+    args = bench.parse(parser, argv, DEFAULTS)
     if args.parties < 2 or args.points < 2 * args.parties:
         parser.error("--parties must be ≥ 2 (the key holder's floor), with ≥ 2 points each.")
     if args.classes < 2 or args.features < 1 or not 1 <= args.k <= args.points // args.parties:
@@ -172,22 +115,19 @@ def main(argv: list[str] | None = None) -> None:
             "twin": run_mode(keyholder, data, args, encrypted=False, console=console),
         }
     console.print("plaintext references (numpy, scikit-learn) …")
-    reference, sklearn_predictions = run_reference(data, args)
-    results["reference"] = reference
+    results["reference"], sklearn_predictions = run_reference(data, args)
     results["accuracy"] = agreement(results, sklearn_predictions, data)
     results["ratios"] = ratios(results)
     results["bars"] = bars(results["he"])
+    bench.show(console, "Bars and agreement", BAR_COLUMNS, bar_rows(results))
     report = {
         "benchmark": "KNN over an encrypted store vs plaintext KNN, in process (no Flower)",
         "config": config(args),
-        "machine": machine_info(),
+        "machine": bench.machine_info(),
         "results": results,
         "wall_s": time.perf_counter() - started,
     }
-    print_report(console, report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {args.out} (wall time {report['wall_s']:.1f} s)")
+    bench.write_json(args.out, report, console)
 
 
 def config(args: argparse.Namespace) -> dict[str, Any]:
@@ -209,8 +149,8 @@ def bars(he: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "encrypted_query_bytes": enc["query_bytes"],
     }
     return {
-        name: {"measured": value, "limit": BARS[name], "pass": value <= BARS[name]}
-        for name, value in measured.items()
+        name: {"measured": v, "limit": BARS[name], "pass": v <= BARS[name]}
+        for name, v in measured.items()
     }
 
 
@@ -246,14 +186,16 @@ def run_mode(
     console: Console,
 ) -> dict[str, Any]:
     mode = "HE" if encrypted else "plaintext twin"
-    protocol, declared = declare(keyholder, encrypted, args, list(data.shares))
-    protocol.data = data
+    protocol, declared = declare(keyholder, encrypted, args, data)
     out: dict[str, Any] = {**declared, "queries_per_layout": knn.queries_per_layout(args.features)}
-    for query in ("plaintext", "encrypted") if encrypted else ("plaintext",):
+    for query in QUERIES if encrypted else QUERIES[:1]:
         enc = query == "encrypted"
         console.print(f"{mode}: upload for {query} queries ×{args.repeats} …")
-        out[f"{query}_upload"] = run_upload(protocol, data, args, encrypted_queries=enc)
-        assert protocol.store is not None
+        uploads = [build_store(protocol, [args.seed, r], enc) for r in range(args.repeats)]
+        out[f"{query}_upload"] = {  # the last store stays for the queries
+            **summarize([timing for timing, _ in uploads]),
+            "party_encrypt_s_per_repeat": [encrypt_s for _, encrypt_s in uploads],
+        }
         protocol.store.check_ready(args.k, min_parties=2)
         out[f"{query}_store"] = store_info(protocol.store)
         batch = min(args.enc_batch if enc else args.batch, protocol.store.query_budget)
@@ -272,7 +214,6 @@ def run_mode(
 def relayout_cost(protocol: Protocol) -> dict[str, Any]:
     """What a fresh layout costs (all parties encrypt again, the aggregator rebuilds the store),
     and that cost spread over the queries one layout answers."""
-    assert protocol.store is not None
     runs = summarize(protocol.relayouts)
     budget = protocol.store.query_budget
     median = runs["median"]
@@ -286,30 +227,20 @@ def relayout_cost(protocol: Protocol) -> dict[str, Any]:
 
 
 def declare(
-    keyholder: KeyHolder, encrypted: bool, args: argparse.Namespace, names: list[str]
+    keyholder: KeyHolder, encrypted: bool, args: argparse.Namespace, data: Data
 ) -> tuple[Protocol, dict[str, Any]]:
-    k, n_classes = args.k, args.classes
     job_id = f"bench-knn-{'he' if encrypted else 'twin'}"
-    declaration = aggregate.declare(
-        job_id,
-        outputs={knn.RANK_OUTPUT: (BUDGET, None), knn.VOTE_OUTPUT: (BUDGET, None)},
-        min_parties=2,
-        params=knn.PARAMS,
-        encrypted=encrypted,
-        task=knn.TASK,
-        meta={"k": k, "querier": QUERIER},
+    outputs = {knn.RANK_OUTPUT: (BUDGET, None), knn.VOTE_OUTPUT: (BUDGET, None)}
+    job = {"params": knn.PARAMS, "task": knn.TASK, "meta": {"k": args.k, "querier": QUERIER}}
+    job |= {"outputs": outputs, "min_parties": 2, "encrypted": encrypted}
+    declaration = aggregate.declare(job_id, **job)
+    public, keygen_s = bench.timed_call(
+        keyholder.declare_job, declaration, knn.query_keys(args.features)
     )
-    started = time.perf_counter()
-    public = keyholder.declare_job(declaration, knn.query_keys(args.features))
-    keygen_s = time.perf_counter() - started
-    context = PublicContext.from_bytes(public) if public else None
     # Registration, once per job (the twin registers nothing): the votes are sealed to QUERIER.
-    started = time.perf_counter()
-    parties = TaggedParties(keyholder, job_id, names)
-    register_s = time.perf_counter() - started
-    if parties.refused:
-        raise RuntimeError(f"the key holder refused parties at registration: {parties.refused}")
-    protocol = Protocol(keyholder, job_id, context, k, n_classes, parties)
+    parties, register_s = bench.register(keyholder, job_id, list(data.shares))
+    context = bench.context_of(public)
+    protocol = Protocol(keyholder, job_id, context, args.k, args.classes, parties, data)
     declared = {"keygen_s": keygen_s, "register_s": register_s, "public_context_bytes": len(public)}
     return protocol, declared
 
@@ -323,45 +254,24 @@ def store_info(store: knn.KNNStore) -> dict[str, int]:
 # -- upload ----------------------------------------------------------------------------------
 
 
-def run_upload(
-    protocol: Protocol, data: Data, args: argparse.Namespace, *, encrypted_queries: bool
-) -> dict[str, Any]:
-    """`--repeats` fresh stores; the last one stays for the queries."""
-    runs, per_party = [], []
-    for repeat in range(args.repeats):
-        seed = [args.seed, repeat]
-        protocol.store, timing, encrypt_s = build_store(protocol, data, seed, encrypted_queries)
-        runs.append(timing)
-        per_party.append(encrypt_s)
-    return {**summarize(runs), "party_encrypt_s_per_repeat": per_party}
-
-
 def build_store(
-    protocol: Protocol, data: Data, seed: list[int], encrypted_queries: bool
-) -> tuple[knn.KNNStore, Timings, list[float]]:
+    protocol: Protocol, seed: list[int], encrypted_queries: bool
+) -> tuple[Timings, list[float]]:
+    """Every party uploads its share into a fresh layout: the new store (`protocol.store`), its
+    timings and the parties' encryption seconds."""
+    data, n_classes = protocol.data, protocol.n_classes
     counts = {name: len(rows) for name, rows in data.shares.items()}
     layout = knn.StoreLayout.plan(counts, SLOTS, np.random.default_rng(seed))
-    store = knn.KNNStore(
-        protocol.context,
-        data.Z.shape[1],
-        protocol.n_classes,
-        layout,
-        encrypted_queries=encrypted_queries,
-    )
+    options = {"encrypted_queries": encrypted_queries}
+    store = knn.KNNStore(protocol.context, data.Z.shape[1], n_classes, layout, **options)
     uploads, encrypt_s, sizes = [], [], []
     for i, segment in enumerate(layout.segments):
         rows = data.shares[segment.party]
-        labels = knn.label_rows(data.y[rows], protocol.n_classes)
-        rng = np.random.default_rng([*seed, i])
+        labels = knn.label_rows(data.y[rows], n_classes)
+        options["rng"] = np.random.default_rng([*seed, i])
         started = time.perf_counter()
         payload = knn.party_upload(
-            protocol.context,
-            data.Z[rows],
-            labels,
-            segment,
-            SLOTS,
-            rng=rng,
-            encrypted_queries=encrypted_queries,
+            protocol.context, data.Z[rows], labels, segment, SLOTS, **options
         )
         encrypt_s.append(time.perf_counter() - started)
         sizes.append(sum(len(blob) for blob in payload.values()))
@@ -369,6 +279,7 @@ def build_store(
     started = time.perf_counter()
     for segment, payload in uploads:
         store.add(segment, payload)
+    protocol.store = store
     timing = {
         "party_encrypt_s": statistics.median(encrypt_s),
         "parties_encrypt_total_s": sum(encrypt_s),
@@ -377,7 +288,7 @@ def build_store(
         "bytes_per_point": sum(sizes) / len(data.Z),
         "build_s": time.perf_counter() - started,
     }
-    return store, timing, encrypt_s
+    return timing, encrypt_s
 
 
 # -- queries ---------------------------------------------------------------------------------
@@ -405,7 +316,6 @@ def ask(
 def rank(protocol: Protocol, queries: np.ndarray, encrypted_query: bool, timing: Timings) -> bytes:
     """Querier (query) → aggregator (masked distances) → key holder: Enc(selection) bytes."""
     store, n = protocol.store, len(queries)
-    assert store is not None
     asked: Any = queries
     timing["query_bytes"] = queries.astype(float).nbytes  # a plaintext query travels as float64
     if encrypted_query:
@@ -429,7 +339,6 @@ def vote(protocol: Protocol, selection: bytes, n: int, timing: Timings) -> np.nd
     """Querier (Enc(ρ)) → aggregator (masked votes) → key holder (slot sums: vote + ρ, sealed
     to the querier) → querier (open, unmask, majority): the predictions."""
     store = protocol.store
-    assert store is not None
     with timed(timing, "querier_masks_s"):
         masks, rho = knn.querier_masks(protocol.context, n, store.n_labels, SLOTS)
         mask_blob = masks.to_bytes()
@@ -544,173 +453,34 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
             "end_to_end_s"
         ],
     }
-    out = {}
-    for name, seconds in per_query.items():
-        out[f"{name}_vs_numpy"] = seconds / ref["numpy_s"]
-        out[f"{name}_vs_sklearn_single"] = seconds / ref["sklearn_single_s"]
-    return out
-
-
-# -- helpers ---------------------------------------------------------------------------------
+    references = {"numpy": ref["numpy_s"], "sklearn_single": ref["sklearn_single_s"]}
+    return {f"{n}_vs_{r}": s / v for n, s in per_query.items() for r, v in references.items()}
 
 
 # -- report ----------------------------------------------------------------------------------
 
 
-def print_report(console: Console, report: dict[str, Any]) -> None:
-    cfg, results = report["config"], report["results"]
-    he = results["he"]
-    title = (
-        f"KNN benchmark: {cfg['points']} points, d={cfg['features']}, {cfg['parties']} parties, "
-        f"{cfg['classes']} classes, k={cfg['k']}; median of {cfg['repeats']} repeats"
-    )
-    print_phase_table(console, title, caption(he, cfg), "seconds", rows(results, cfg))
-    console.print(summary_lines(report))
+BAR_COLUMNS = ("measure", "measured", "bar", "verdict")
 
 
-def caption(he: dict[str, Any], cfg: dict[str, Any]) -> str:
-    params = cfg["ckks_params"]
-    stores = "; ".join(
-        f"{query} queries {he[f'{query}_store']['blocks']} blocks, "
-        f"{he[f'{query}_store']['ciphertexts']} ciphertexts"
-        for query in ("plaintext", "encrypted")
-    )
-    return (
-        f"HE stores ({cfg['slots']} slots per block): {stores}; CKKS "
-        f"N={params['poly_modulus_degree']}, primes {params['coeff_mod_bit_sizes']}; keygen "
-        f"{fmt_time(he['keygen_s'])}; party registration {fmt_time(he['register_s'])}; public "
-        f"context {fmt_bytes(he['public_context_bytes'])}. A layout answers "
-        f"{he['queries_per_layout']} queries, then every party uploads again (re-upload rows). "
-        "Aggregator compute = masked distances + votes; aggregator I/O = loading and "
-        "serializing tensors; key holder: the votes sealed to the querier; querier = "
-        "encryption + masks + opening the votes + answer."
-    )
-
-
-def rows(results: dict[str, Any], cfg: dict[str, Any]) -> list[list[str]]:
-    he, twin = results["he"], results["twin"]
-    out = []
-    for query in ("plaintext", "encrypted"):
-        up = he[f"{query}_upload"]["median"]
-        again = he[f"{query}_relayout"]
-        out += [
-            row(
-                f"{query} store: party encryption (median)",
-                up["party_encrypt_s"],
-                up["party_bytes"],
-            ),
-            row(f"{query} store: build (store.add, all)", up["build_s"], up["upload_bytes_total"]),
-            row(
-                f"{query} store: re-upload per query",
-                again["per_query_compute_s"],
-                again["per_query_bytes"],
-                f"all parties + build, / {he['queries_per_layout']} queries",
-            ),
-        ]
-    for query in ("plaintext", "encrypted"):
-        out += query_rows(f"HE, 1 {query} query", he[f"{query}_query"]["median"], query)
-    out += batch_rows(he, cfg)
-    twin_query = twin["plaintext_query"]["median"]
-    out += [
-        row("twin (no HE), 1 plaintext query: aggregator", twin_query["aggregator_compute_s"]),
-        row("twin (no HE), 1 plaintext query: end to end", twin_query["end_to_end_s"]),
-    ]
-    out += reference_rows(results)
-    return out
-
-
-def _bar_note(name: str, value: float) -> str:
-    limit = BARS[name]
-    shown = fmt_bytes(limit) if name.endswith("bytes") else f"{limit * 1000:.0f} ms"
-    return f"bar ≤ {shown}: {'PASS' if value <= limit else 'FAIL'}"
-
-
-def query_rows(label: str, m: Timings, query: str) -> list[list[str]]:
-    compute = m["aggregator_compute_s"]
-    out = []
-    if query == "encrypted":
-        note = _bar_note("encrypted_query_bytes", m["query_bytes"])
-        out.append(
-            row(f"{label}: querier encryption", m["querier_encrypt_s"], m["query_bytes"], note)
-        )
-    compute_note = (
-        _bar_note("plaintext_aggregator_compute_s", compute) if query == "plaintext" else ""
-    )
-    return [
-        *out,
-        row(f"{label}: aggregator compute", compute, None, compute_note),
-        row("   masked distances", m["distances_s"], m["distances_bytes"], "→ key holder"),
-        row("   votes", m["votes_s"], m["votes_bytes"], "→ key holder"),
-        row("   aggregator I/O", m["aggregator_io_s"]),
-        row(
-            f"{label}: key holder (rank + vote)",
-            m["keyholder_s"],
-            m["selection_bytes"],
-            "selection →",
-        ),
-        row(f"{label}: querier (all)", m["querier_s"], m["masks_bytes"], "masks →"),
-        row(
-            f"{label}: end to end",
-            m["end_to_end_s"],
-            None,
-            _bar_note(f"{query}_end_to_end_s", m["end_to_end_s"]),
-        ),
-    ]
-
-
-def batch_rows(he: dict[str, Any], cfg: dict[str, Any]) -> list[list[str]]:
-    out = []
-    for query in ("plaintext", "encrypted"):
-        m = he[f"{query}_batch"]["median"]
-        n = he[f"{query}_batch"]["queries_per_request"]
-        per_query = fmt_time(m["aggregator_compute_s"] / n)
-        note = f"{m['queries_per_s']:.2f} queries/s; aggregator {per_query}/query"
-        out.append(
-            row(f"HE, batch of {n} {query} queries: end to end", m["end_to_end_s"], None, note)
-        )
-    return out
-
-
-def reference_rows(results: dict[str, Any]) -> list[list[str]]:
-    ref, r = results["reference"]["median"], results["ratios"]
-    return [
-        row(
-            "numpy brute force, per query",
-            ref["numpy_s"],
-            None,
-            f"HE agg. {r['he_plaintext_query_aggregator_vs_numpy']:.0f}×, "
-            f"HE e2e {r['he_plaintext_query_end_to_end_vs_numpy']:.0f}× / "
-            f"enc. {r['he_encrypted_query_end_to_end_vs_numpy']:.0f}×",
-        ),
-        row(
-            "sklearn KNN (brute), 1 query per predict",
-            ref["sklearn_single_s"],
-            None,
-            f"HE e2e {r['he_plaintext_query_end_to_end_vs_sklearn_single']:.0f}× / "
-            f"enc. {r['he_encrypted_query_end_to_end_vs_sklearn_single']:.0f}×",
-        ),
-        row("sklearn KNN (brute), batched, per query", ref["sklearn_batch_s"]),
-    ]
-
-
-def summary_lines(report: dict[str, Any]) -> str:
-    results, m = report["results"], report["machine"]
-    acc = results["accuracy"]
-    agree = ", ".join(
-        f"{name.removesuffix('_vs_sklearn')} {value:.1%}"
-        for name, value in acc.items()
-        if name.endswith("_vs_sklearn")
-    )
-    accuracy = ", ".join(f"{name} {value:.1%}" for name, value in acc["accuracy"].items())
-    verdicts = ", ".join(
-        f"{name} {'PASS' if bar['pass'] else 'FAIL'}" for name, bar in results["bars"].items()
-    )
-    return (
-        f"Agreement with sklearn KNeighborsClassifier on {acc['test_queries']} test queries: "
-        f"{agree}.\nAccuracy vs true labels: {accuracy}.\nBars: {verdicts}.\n"
-        f"Machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, Python "
-        f"{m['python']}, numpy {m['numpy']}, tenseal {m['tenseal']}."
-    )
+def bar_rows(results: dict[str, Any]) -> bench.Rows:
+    """The bars, the re-upload cost and the agreement with scikit-learn (also `benchmark.py`'s
+    KNN section of benchmarks/README.md)."""
+    rows = []
+    for name, bar in results["bars"].items():
+        shown = fmt_bytes if name.endswith("bytes") else fmt_time
+        verdict = "PASS" if bar["pass"] else "FAIL"
+        label = name.removesuffix("_s").replace("_", " ")
+        rows.append([label, shown(bar["measured"]), shown(bar["limit"]), verdict])
+    for q in QUERIES:
+        again = results["he"][f"{q}_relayout"]
+        cost = [fmt_time(again["per_query_compute_s"]), fmt_bytes(again["per_query_bytes"])]
+        rows.append([f"{q} store: re-upload per query", *cost, "(cost of fresh layouts)"])
+    for name, value in results["accuracy"].items():
+        if name.endswith("_vs_sklearn"):
+            verdict = "PASS" if value >= 0.99 else "FAIL"
+            rows.append([f"agreement with sklearn: {name[:-11]}", f"{value:.1%}", "≥ 99%", verdict])
+    return rows
 
 
 if __name__ == "__main__":

@@ -78,6 +78,15 @@ class InProcessGrid:
         return replies
 
 
+def check_logged(direction: str, message: Message) -> None:
+    """The full check every message passes (`fedhe.protocol.check_message`: its schema, and
+    no secret-key material in any bytes) of one message of `grid.log`."""
+    from fedhe import protocol
+
+    kind = protocol.REQUEST if direction == "sent" else protocol.REPLY
+    protocol.check_message(message.content, message.metadata.message_type, kind)
+
+
 def kept_answers(grid: InProcessGrid, kind: str, *, encrypted: bool, node: int = 1000):
     """What the querier (party-0: node 1000) kept of a job's answers, in query order:
     `kind` "predictions" (KNN) or "logits-batched" (MLP). They never leave its node."""
@@ -106,7 +115,11 @@ def assign_roles(grid: InProcessGrid, keyholder: int) -> InProcessGrid:
     grid.send_and_receive(
         [
             Message(
-                protocol.content(config={"keyholder-partition-id": keyholder}),
+                protocol.content(
+                    protocol.WHOAMI,
+                    protocol.REQUEST,
+                    config={"keyholder-partition-id": keyholder},
+                ),
                 dst_node_id=node,
                 message_type=protocol.WHOAMI,
             )

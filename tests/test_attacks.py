@@ -20,6 +20,7 @@ from fedhe.crypto import (
     EncryptedTensor,
     PublicContext,
     _seal,
+    _tenseal_proto,
     decrypt,
     encrypt,
     load_tensor,
@@ -109,7 +110,7 @@ def _vector_from_residues(like: EncryptedTensor, ct, data: np.ndarray) -> ts.CKK
     body = members + dyn
     blob = struct.pack("<HBBBBHQ", 0xA15E, 16, major, minor, 0, 0, 16 + len(body)) + body
     return ts.ckks_vector_from(
-        like.context.raw, _seal._vector_proto(like.chunks[0].size(), blob, ct.scale)
+        like.context.raw, _tenseal_proto.vector_proto(like.chunks[0].size(), blob, ct.scale)
     )
 
 
@@ -342,7 +343,9 @@ def test_a_party_refuses_a_job_that_would_have_it_send_plaintext():
     source = DataSource("breast_cancer", "", "", 0, 1)
     setup = Message(
         protocol.content(
-            config={"job-id": "twin", "source": source.to_dict(), "party-index": 0, "n-parties": 1}
+            protocol.SETUP,
+            protocol.REQUEST,
+            config={"job-id": "twin", "source": source.to_dict(), "party-index": 0, "n-parties": 1},
         ),
         dst_node_id=1000,
         message_type=protocol.SETUP,

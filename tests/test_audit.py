@@ -78,3 +78,15 @@ def test_a_run_folders_excerpt_verifies_as_a_segment(tmp_path):
     lines = excerpt.read_text().splitlines()
     _rewrite(excerpt, [lines[0].replace('"decrypt"', '"declare"'), lines[1]])
     assert not verify_log(excerpt, segment=True).ok
+
+
+def test_a_deleted_record_cannot_be_hidden_by_relinking_the_next_one(log_path):
+    """`prev` is part of each record's hash: pointing the record after a deleted one at the
+    deleted one's predecessor changes that record, so its own hash no longer matches."""
+    lines = log_path.read_text().splitlines()
+    relinked = json.loads(lines[2])
+    relinked["prev"] = json.loads(lines[0])["hash"]
+    _rewrite(log_path, [lines[0], json.dumps(relinked, sort_keys=True), *lines[3:]])
+    result = verify_log(log_path)
+    assert not result.ok and result.records == 1
+    assert result.problem == "line 2 was modified after it was written"

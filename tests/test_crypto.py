@@ -1,6 +1,5 @@
 """Encrypted tensors: sums match plaintext, bytes are validated, no secret key travels."""
 
-import json
 import math
 
 import numpy as np
@@ -30,6 +29,7 @@ from fedhe.errors import (
     ValueRangeError,
 )
 from tests.conftest import SMALL_PARAMS
+from tests.framed import context_in, tensor_frame, with_body, with_header
 
 SLOTS = SMALL_PARAMS.slots
 
@@ -150,8 +150,8 @@ def test_malformed_bytes_raise_a_fedhe_error(public, good_bytes, mangle):
 
 
 def test_ciphertext_body_replaced_by_random_bytes_is_rejected(public, good_bytes):
-    header_end = good_bytes.index(b"}") + 1
-    forged = good_bytes[:header_end] + np.random.default_rng(1).bytes(len(good_bytes) - header_end)
+    _, body = tensor_frame(good_bytes)
+    forged = with_body(good_bytes, np.random.default_rng(1).bytes(len(body)))
     with pytest.raises(InvalidCiphertextError):
         load_tensor(forged, public)
 
@@ -163,22 +163,10 @@ def test_foreign_context_is_rejected_by_fingerprint(public):
         load_tensor(data, public)
 
 
-def _split(data: bytes) -> tuple[dict, bytes]:
-    header_len = int.from_bytes(data[6:10], "big")
-    return json.loads(data[10 : 10 + header_len]), data[10 + header_len :]
-
-
-def _with_header(data: bytes, **changes) -> bytes:
-    """The same framed bytes with header fields replaced (what a forger would do)."""
-    header, body = _split(data)
-    new_header = json.dumps({**header, **changes}, sort_keys=True).encode()
-    return data[:6] + len(new_header).to_bytes(4, "big") + new_header + body
-
-
 def test_foreign_context_with_forged_fingerprint_fails_on_params(public):
     """A ciphertext of other parameters with this job's fingerprint pasted in still fails."""
     other = generate_keys(type(SMALL_PARAMS)(8192, (60, 40, 60), 40)).public()
-    forged = _with_header(encrypt(other, np.ones(5)).to_bytes(), fingerprint=public.fingerprint)
+    forged = with_header(encrypt(other, np.ones(5)).to_bytes(), fingerprint=public.fingerprint)
     with pytest.raises(FedHEError):
         load_tensor(forged, public)
 
@@ -247,7 +235,7 @@ def test_public_context_holds_no_secret_key(secret, public):
     data = public.to_bytes()
     restored = PublicContext.from_bytes(data)
     assert not restored.raw.is_private() and not restored.raw.has_secret_key()
-    assert not ts.context_from(_split(data)[1]).is_private()
+    assert not context_in(data)[1].is_private()
     assert restored.fingerprint == secret.fingerprint
 
 
@@ -260,7 +248,7 @@ def test_a_context_with_secret_key_is_refused_as_public(secret):
 
 def test_tampered_public_context_fingerprint_is_refused(public):
     other = generate_keys(SMALL_PARAMS).public()
-    forged = _with_header(public.to_bytes(), fingerprint=other.fingerprint)
+    forged = with_header(public.to_bytes(), fingerprint=other.fingerprint)
     with pytest.raises(ContextMismatchError):
         PublicContext.from_bytes(forged)
 
@@ -276,7 +264,7 @@ def test_secret_context_round_trips_for_the_key_holder_only(secret, public):
 def test_aggregation_keys_ship_without_evaluation_keys(agg_public):
     """Addition needs no relinearization or Galois key: the public context carries neither."""
     data = agg_public.to_bytes()
-    shipped = ts.context_from(_split(data)[1])
+    _, shipped = context_in(data)
     assert not shipped.has_galois_keys() and not shipped.has_relin_keys()
     assert len(data) < 1_000_000
 

@@ -25,6 +25,7 @@ from cryptography.x509 import DNSName, IPAddress, SubjectAlternativeName, load_p
 from fedhe import deploy
 from fedhe.aggregator.app import run_job
 from fedhe.config import JobConfig
+from fedhe.crypto.multiparty import SECRET_MAGIC
 from fedhe.deploy_cli import register
 from tests.inprocess import InProcessGrid
 
@@ -165,13 +166,18 @@ def test_a_party_that_dies_mid_job_is_left_out(deployment, tmp_path):
     audit = deployment.federation.folder.parent / "keyholder-data" / "keyholder" / "audit.jsonl"
     before = len(audit.read_text().splitlines()) if audit.exists() else 0
     out = tmp_path / "run"
-    killer = _kill_after_first_decryption(deployment, audit, before, "hospital-c")
+    killer = Killer(
+        deployment,
+        "hospital-c",
+        lambda: _decrypted_since(audit, before),
+        "the key holder's first decryption of the job",
+    )
     result = deployment.run(
         out,
         "task='linreg' mode='gradient' rounds=2 lr=0.4 batch-size=0 parties=3 min-parties=2 "
         "plaintext-twin=false timeout-s=40 keyholder-retries=0",
     )
-    killer.join(timeout=5)
+    killer.check()
     excluded = result["parties"]["excluded"]
     assert len(excluded) == 1 and "no reply" in next(iter(excluded.values())), excluded
     assert result["parties"]["per_round"] == [2, 2]  # the rounds after its death went on
@@ -179,23 +185,54 @@ def test_a_party_that_dies_mid_job_is_left_out(deployment, tmp_path):
     assert np.isfinite(result["encrypted"]["r2"])
 
 
-def _kill_after_first_decryption(deployment, audit: Path, before: int, site: str):
-    """Kill `site` once the key holder has decrypted the job's first sum (the moments)."""
-    import threading
+class Killer:
+    """Kills `site` from a thread as soon as `ready()` holds, while the job runs. `ready` reads
+    files (audit logs, SuperNode logs): the only wait is for the condition itself, under a guard
+    that is no speed requirement. `check()`, after the job, fails the test naming what never
+    happened."""
 
-    def watch() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if audit.exists():
-                lines = audit.read_text().splitlines()[before:]
-                if any('"decision": "decrypted"' in line for line in lines):
-                    deployment.stop(site)
-                    return
-            time.sleep(0.5)
+    GUARD_S = 900  # longer than any job here may take (`Deployment.run`: 420 s + 60 s)
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    def __init__(self, deployment: Deployment, site: str, ready, waits_for: str) -> None:
+        self.deployment, self.site, self.ready, self.waits_for = deployment, site, ready, waits_for
+        self.killed = threading.Event()
+        self._cancelled = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        deadline = time.monotonic() + self.GUARD_S
+        while not self.ready():
+            if self._cancelled.wait(0.2) or time.monotonic() > deadline:
+                return
+        self.deployment.stop(self.site)
+        self.killed.set()
+
+    def check(self) -> None:
+        self._cancelled.set()
+        self._thread.join()
+        if not self.killed.is_set():
+            pytest.fail(
+                f"{self.site} was never killed: the job ended before {self.waits_for} (or it "
+                f"did not come within {self.GUARD_S} s); logs in {self.deployment.logs}"
+            )
+
+
+def _audit_since(audit: Path, before: int) -> list[dict]:
+    """The audit records after the first `before` (a record being written is left for later)."""
+    if not audit.exists():
+        return []
+    records = []
+    for line in audit.read_text().splitlines()[before:]:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break
+    return records
+
+
+def _decrypted_since(audit: Path, before: int) -> bool:
+    return any(r.get("decision") == "decrypted" for r in _audit_since(audit, before))
 
 
 GROUP_SITES = {
@@ -233,28 +270,29 @@ def group_deployment(tmp_path_factory):
         running.stop_all()
 
 
-def _kill_after_group_setup(deployment, site: str) -> threading.Thread:
-    """Kill key holder `site` as soon as it has accepted a new job's public context (the
-    group's set-up is over; the job's registration and decryptions are still to come)."""
+def _kill_after_group_setup(deployment: Deployment, site: str) -> Killer:
+    """Kill key holder `site` as soon as it has accepted a new job's public context and its
+    SuperNode has sent that reply on (the group's set-up is over; the job's registration and
+    decryptions are still to come)."""
     audit = deployment.federation.folder.parent / f"{site}-data" / "keyholder" / "audit.jsonl"
     before = len(audit.read_text().splitlines()) if audit.exists() else 0
+    log = deployment.logs / f"{site}.log"
+    offset = log.stat().st_size
 
-    def watch() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if audit.exists():
-                lines = audit.read_text().splitlines()[before:]
-                if any('"step": 3' in line and '"declared"' in line for line in lines):
-                    # the record is written before the reply leaves: let it go (the job's next
-                    # key-holder message, the registration, is a party round trip away)
-                    time.sleep(1.5)
-                    deployment.stop(site)
-                    return
-            time.sleep(0.2)
+    def ready() -> bool:
+        declared = any(
+            r.get("step") == 3 and r.get("decision") == "declared"
+            for r in _audit_since(audit, before)
+        )
+        # the record is written before the reply leaves; a SuperNode handles one message at a
+        # time and logs each step, so once every message it took is sent on, so is that reply
+        return declared and _all_replies_sent(log.read_bytes()[offset:].decode(errors="replace"))
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    return Killer(deployment, site, ready, f"{site} sent its reply to the group's set-up")
+
+
+def _all_replies_sent(supernode_log: str) -> bool:
+    return supernode_log.count("Sent successfully") >= supernode_log.count("Receiving: ")
 
 
 @pytest.mark.slow
@@ -269,7 +307,7 @@ def test_a_key_holder_group_runs_linreg_with_one_holder_killed_after_setup(
         "task='linreg' parties=3 min-parties=2 plaintext-twin=false timeout-s=40 "
         "keyholders='3' threshold=2 keyholder-retries=0",
     )
-    killer.join(timeout=5)
+    killer.check()
     assert len(result["silent_keyholders"]) == 1
     simulated_out = tmp_path / "simulated"
     config = JobConfig(task="linreg", parties=3, min_parties=2, plaintext_twin=False,
@@ -283,7 +321,7 @@ def test_a_key_holder_group_runs_linreg_with_one_holder_killed_after_setup(
     for site in ("kh-a", "kh-b", "kh-c"):
         shares = list((folder / f"{site}-data").rglob("share.key"))
         assert shares and not list((folder / f"{site}-data").rglob("secret.ctx"))
-        assert all(not s.read_bytes().startswith(b"FHES") for s in shares)  # sealed at rest
+        assert all(not s.read_bytes().startswith(SECRET_MAGIC) for s in shares)  # sealed at rest
 
 
 @pytest.mark.slow
@@ -298,7 +336,7 @@ def test_a_key_holder_group_answers_knn_queries_with_one_holder_down(group_deplo
         "task='knn' dataset='iris' parties=3 min-parties=2 plaintext-twin=false timeout-s=40 "
         "keyholders='3' threshold=2 keyholder-retries=0 queries=4",  # one layout (d = 4)
     )
-    killer.join(timeout=5)
+    killer.check()
     (silent,) = result["silent_keyholders"]
     combined = [d for d in result["decryptions"] if d["decision"] == "combined"]
     assert {d["output"] for d in combined} == {"knn_rank", "knn_vote"}

@@ -235,7 +235,9 @@ def _audit(config: dict) -> Message:
     for job_id in ("job-a", "job-b"):
         log.append(job=job_id, event="declare", decision="declared")
     message = Message(
-        protocol.content(config=config), dst_node_id=1001, message_type=protocol.AUDIT
+        protocol.content(protocol.AUDIT, protocol.REQUEST, config=config),
+        dst_node_id=1001,
+        message_type=protocol.AUDIT,
     )
     (reply,) = grid.send_and_receive([message])
     return reply

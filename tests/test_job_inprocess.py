@@ -5,14 +5,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import tenseal as ts
 
 from fedhe import protocol
 from fedhe.aggregator.app import run_job
 from fedhe.config import JobConfig
-from fedhe.crypto.context import CONTEXT_MAGIC
 from fedhe.errors import ProtocolError, SecretKeyLeakError
-from tests.inprocess import InProcessGrid
+from tests.framed import context_in
+from tests.inprocess import InProcessGrid, check_logged
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +78,15 @@ def test_a_dropped_party_is_excluded_and_the_sum_covers_exactly_the_others(finis
 def test_no_message_to_any_role_carries_a_secret_key(finished):
     grid, _, _ = finished
     contexts_seen = 0
-    for _, message in grid.log:
+    for direction, message in grid.log:
         if message.has_error():
             continue
+        check_logged(direction, message)
         for value in protocol.payload_of(message.content).values():
-            if value[:4] == CONTEXT_MAGIC:
+            found = context_in(value)
+            if found is not None:
                 contexts_seen += 1
-                header_len = int.from_bytes(value[6:10], "big")
-                raw = ts.context_from(value[10 + header_len :])
+                _, raw = found
                 assert not raw.is_private() and not raw.has_secret_key()
     # declare reply to the aggregator + setup to each of 4 parties (HE run only)
     assert contexts_seen == 5
@@ -94,7 +94,9 @@ def test_no_message_to_any_role_carries_a_secret_key(finished):
 
 def test_packing_a_secret_context_into_a_message_is_refused(secret):
     with pytest.raises(SecretKeyLeakError):
-        protocol.content(payload={"public-context": secret.to_secret_bytes()})
+        protocol.content(
+            protocol.SETUP, protocol.REQUEST, payload={"public-context": secret.to_secret_bytes()}
+        )
 
 
 def test_job_refuses_to_start_without_a_key_holder(tmp_path):
@@ -113,28 +115,34 @@ def test_job_stops_when_parties_fall_below_min_parties(tmp_path):
         run_job(InProcessGrid(config.num_nodes), config)
 
 
-def test_party_refuses_a_key_holder_message():
+def test_party_refuses_a_key_holder_message(tmp_path):
     grid = InProcessGrid(2)
-    from flwr.app import Message
+    from flwr.app import ConfigRecord, Message, RecordDict
 
     party = 1000
     whoami = Message(
-        protocol.content(config={"keyholder-partition-id": 1}),
+        protocol.content(protocol.WHOAMI, protocol.REQUEST, config={"keyholder-partition-id": 1}),
         dst_node_id=party,
         message_type=protocol.WHOAMI,
     )
     grid.send_and_receive([whoami])
     decrypt = Message(
-        protocol.content(
-            config={"job-id": "x", "output": "update_sum", "contributors": ["a"]},
-            payload={"tensor": b"x"},
+        RecordDict(  # malformed on purpose: protocol.content would refuse the tensor
+            {
+                protocol.CONFIG: ConfigRecord(
+                    {"job-id": "x", "output": "update_sum", "contributors": ["a"]}
+                ),
+                protocol.PAYLOAD: ConfigRecord({"tensor": b"x"}),
+            }
         ),
         dst_node_id=party,
         message_type=protocol.DECRYPT,
     )
     (reply,) = grid.send_and_receive([decrypt])
     assert reply.has_error() and "is a party" in reply.error.reason
-    assert np.isfinite(0)
+    # refused before any key-holder code ran: the party's node holds no key-holder state
+    # (a key holder keeps it under $FEDHE_STATE_ROOT, which conftest points into tmp_path)
+    assert not (tmp_path / "keyholder-state").exists()
 
 
 def _write_csv_federation(directory, n_parties=4, seed=0):

@@ -10,7 +10,7 @@ import pytest
 import tenseal as ts
 import zstandard
 
-from fedhe.crypto import PublicContext, _seal, encrypt
+from fedhe.crypto import PublicContext, _seal, _tenseal_proto, encrypt
 from fedhe.crypto.framing import frame, unframe
 from fedhe.errors import InvalidCiphertextError, PolicyError
 from fedhe.keyholder import JobDeclaration, KeyHolder, OutputSpec
@@ -274,7 +274,7 @@ def _uncompressed(data: bytes, public) -> bytes:
         raw = _seal._SEAL_HEADER.pack(
             magic, length, major, minor, 0, reserved, _seal._SEAL_HEADER.size + len(inner)
         )
-        chunks.append(_seal._vector_proto(vector.size(), raw + inner, ct.scale))
+        chunks.append(_tenseal_proto.vector_proto(vector.size(), raw + inner, ct.scale))
     body = b"".join(chunks)
     digest = hashlib.sha256(body).hexdigest()
     sizes = [len(chunk) for chunk in chunks]

@@ -41,7 +41,7 @@ from fedhe.tasks import (
 )
 from fedhe.tasks import aggregate as aggregate_module
 from tests.conftest import SMALL_PARAMS
-from tests.inprocess import InProcessGrid, kept_answers
+from tests.inprocess import InProcessGrid, check_logged, kept_answers
 from tests.test_attacks import crafted
 
 GROUP = {"keyholders": "3", "threshold": 2}
@@ -50,7 +50,7 @@ KEYHOLDER_NODES = {1000 + PARTIES + i: f"keyholder-{i}" for i in range(3)}
 
 
 def _run(out: Path, *, grid_hook=None, **settings) -> tuple[InProcessGrid, dict]:
-    config = JobConfig(
+    config = JobConfig.of(
         **(
             {"parties": PARTIES, "min_parties": 2, "out": str(out), "plaintext_twin": True}
             | GROUP
@@ -112,9 +112,10 @@ def test_no_message_or_state_file_holds_the_secret_key(fedavg):
     assert np.array_equal(secret, _reconstruct(loaded[1:]))
     assert _decrypts_the_last_sum(grid, job.job_id, secret)
     rows = [secret[i].tobytes() for i in range(secret.shape[0])]
-    for _, message in grid.log:
+    for direction, message in grid.log:
         if message.has_error():
             continue
+        check_logged(direction, message)
         for record in message.content.config_records.values():
             for value in record.values():
                 if isinstance(value, bytes):
@@ -548,6 +549,8 @@ def test_members_receive_no_party_ciphertext_and_release_only_what_the_rules_all
     grid, _ = scanned
     contributions = set()
     for direction, message in grid.log:
+        if not message.has_error():
+            check_logged(direction, message)
         if direction == "received" and message.metadata.src_node_id not in KEYHOLDER_NODES:
             if message.has_error() or "payload" not in message.content:
                 continue

@@ -8,16 +8,15 @@ import pytest
 from fedhe import protocol
 from fedhe.aggregator.app import run_job
 from fedhe.config import JobConfig
-from fedhe.crypto import PublicContext
-from fedhe.crypto.context import CONTEXT_MAGIC
 from fedhe.errors import ProtocolError
 from fedhe.tasks import knn
-from tests.inprocess import InProcessGrid, kept_answers
+from tests.framed import context_in
+from tests.inprocess import InProcessGrid, check_logged, kept_answers
 
 
 def iris_knn(out, **settings) -> JobConfig:
     """A KNN job on iris over 3 parties (min 2) writing to `out`, with `settings` changed."""
-    return JobConfig(
+    return JobConfig.of(
         **{
             "task": "knn",
             "dataset": "iris",
@@ -31,12 +30,26 @@ def iris_knn(out, **settings) -> JobConfig:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def unmasked() -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """What the querier unmasked in `finished`'s jobs, per query batch: the released votes (as
+    it read them: the encrypted job's opened, the twin's as sent), its mask ρ and k."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, unmasked):
     out = tmp_path_factory.mktemp("knn")
     config = iris_knn(out, parties=4, min_parties=3, drop_party=1, query_batch=16)
     grid = InProcessGrid(config.num_nodes)
+    answer = knn.querier_answer
+
+    def recording(released, rho, k, n_classes):
+        unmasked.append((np.array(released, dtype=float), np.array(rho), k))
+        return answer(released, rho, k, n_classes)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEDHE_STATE_ROOT", str(out / "keyholder-state"))
+        patch.setattr(knn, "querier_answer", recording)
         run_job(grid, config)
     return grid, json.loads((out / "result.json").read_text()), out
 
@@ -93,19 +106,52 @@ def test_each_layout_answers_its_budget_then_the_parties_upload_afresh(finished)
     assert len(orders) > 1  # segment orders differ between layouts (6 orders possible)
 
 
-def test_no_message_carries_a_secret_key_or_a_clear_vote(finished):
+def test_no_message_carries_a_secret_key_or_a_clear_vote(finished, unmasked):
     grid, _, _ = finished
-    for _, message in grid.log:
+    answers: dict[bool, list[dict[str, bytes]]] = {True: [], False: []}  # by "encrypted job"
+    for direction, message in grid.log:
         if message.has_error():
             continue
-        for key, value in protocol.payload_of(message.content).items():
-            if value[:4] == CONTEXT_MAGIC:
-                raw = PublicContext.from_bytes(value).raw
+        check_logged(direction, message)
+        for value in protocol.payload_of(message.content).values():
+            found = context_in(value)
+            if found is not None:
+                _, raw = found
                 assert not raw.is_private() and not raw.has_secret_key()
-            if key == "votes" and message.metadata.message_type == protocol.KNN_ANSWER:
-                released = protocol.array_from_bytes(value)
-                # the querier's mask ρ (|ρ| up to 2^16) sits on every released vote count
-                assert np.max(np.abs(released)) > 100
+        if direction == "sent" and message.metadata.message_type == protocol.KNN_ANSWER:
+            job_id = protocol.config_of(message.content)["job-id"]
+            answers[job_id.endswith("-he")].append(protocol.payload_of(message.content))
+    # the encrypted job's votes reach the querier sealed; only the twin's travel in the clear
+    assert answers[True] and all(set(p) == {"sealed"} for p in answers[True])
+    assert answers[False] and all(set(p) == {"values"} for p in answers[False])
+    assert len(unmasked) == len(answers[True]) + len(answers[False])  # every batch's votes
+    for payload in answers[False]:  # what travelled in the clear is among the votes checked
+        sent = protocol.array_from_bytes(payload["values"])
+        assert any(np.array_equal(sent, released) for released, _, _ in unmasked)
+    for released, rho, k in unmasked:
+        _check_masked(released, rho, k)
+    _check_masks_are_uniform(np.concatenate([rho.ravel() for _, rho, _ in unmasked]))
+
+
+def _check_masked(released: np.ndarray, rho: np.ndarray, k: int) -> None:
+    """Every entry of a released vote (one per query and label) is a vote count plus its own
+    mask: released − ρ is a count, an integer in [0, k] (CKKS and flooding noise are far below
+    0.1 here), everywhere. A count released without its mask, or with another's, breaks it."""
+    assert released.shape == rho.shape
+    counts = released - rho
+    assert np.max(np.abs(counts - np.rint(counts))) < 0.1, counts
+    assert np.all((np.rint(counts) >= 0) & (np.rint(counts) <= k)), counts
+
+
+def _check_masks_are_uniform(rho: np.ndarray) -> None:
+    """ρ is uniform in ±VOTE_MASK_BOUND, drawn afresh for each entry. Each check below fails
+    for a sound mask with probability at most 2^-60 (the entries number ≥ 60): all of them in
+    one half of the range, or all of one sign."""
+    bound = knn.VOTE_MASK_BOUND
+    assert rho.size >= 60 and np.all(np.abs(rho) <= bound)
+    assert np.max(np.abs(rho)) > bound / 2
+    assert np.any(rho > 0) and np.any(rho < 0)
+    assert len(np.unique(rho)) == rho.size  # never one mask for two entries
 
 
 def test_a_querier_that_fails_stops_the_job_with_a_clear_error(tmp_path, monkeypatch):

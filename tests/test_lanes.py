@@ -195,3 +195,29 @@ def test_auto_packing_quantizes_only_while_the_rounding_stays_small(
     if chosen == QUANTIZED and requested == "auto":
         bound = aggregate.quantization_error_bound(layout, AGGREGATION_PARAMS, **kwargs)
         assert bound <= aggregate.QUANTIZATION_TOLERANCE
+
+
+@pytest.mark.parametrize("contributors", [4, 5], ids=["fits", "one-too-many"])
+def test_the_guard_is_checked_against_the_actual_number_of_contributors(tmp_path, contributors):
+    """Guard bits that just absorb the noise of 4 contributions: 4 are released, a fifth needs
+    one bit more and is refused (the check counts the request's contributors, not one)."""
+    assert min_guard_bits(5) == min_guard_bits(4) + 1
+    size, names = 64, tuple("abcde"[:contributors])
+    keyholder = KeyHolder(tmp_path / "kh")
+    job = JobDeclaration("job-g", "aggregate", {"sum": OutputSpec(1, size - 1)}, 2, SMALL_PARAMS)
+    public = PublicContext.from_bytes(keyholder.declare_job(job))
+    parties = TaggedParties(keyholder, "job-g", names)
+    planned = Lanes.plan(PRIME_BITS, [(size - 1, 100.0), (size, 5.0)], 5)
+    lanes = Lanes(min_guard_bits(4), planned.lane_bits, planned.steps)
+    values = np.append(np.linspace(-10, 10, size - 1), 1.0)
+    shares = {name: _quantized(public, values, lanes, 100.0, 5) for name in names}
+    request = parties.request("sum", shares)  # independent encryptions, tags that verify
+    if contributors == 4:
+        released = keyholder.decrypt_sum(request).values
+        np.testing.assert_allclose(released, 4 * values, atol=4 * lanes.step_of_each()[0])
+        assert released[-1] == 4
+    else:
+        with pytest.raises(PolicyError, match=r"17 guard bits cannot absorb the noise of 5"):
+            keyholder.decrypt_sum(request)
+    decision = keyholder.audit.entries()[-1]["decision"]
+    assert decision == ("decrypted" if contributors == 4 else "refused")

@@ -4,13 +4,15 @@ The key holder never receives one party's ciphertext (in its hands that is the p
 no party sends data in the clear (only a plaintext KNN query, which the querier chose); every
 decrypted value that reaches the aggregator is a sum the key holder verified (or the
 coefficients it solved from one), and every other release is a ciphertext or sealed to its
-recipient.
+recipient. And every message passes the full check (`fedhe.protocol.check_message`): its
+schema, and no secret-key material in any serialization in any of its bytes.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ from fedhe.crypto import PublicContext, load_tensor
 from fedhe.crypto.mac import content_digest
 from fedhe.errors import FedHEError
 from fedhe.tasks import aggregate, linreg, moments
-from tests.inprocess import InProcessGrid
+from tests.inprocess import InProcessGrid, check_logged
 
 PARTIES = 3
 KEYHOLDER_NODE = 1000 + PARTIES  # the last node
@@ -52,7 +54,7 @@ SEALED_KEYS = {"tag", "mac-seed"}
 def finished(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     settings = {"parties": PARTIES, "min_parties": 2, "out": str(out), **JOBS[request.param]}
-    config = JobConfig(**settings, plaintext_twin=False)
+    config = JobConfig.of(**settings, plaintext_twin=False)
     grid = InProcessGrid(config.num_nodes)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEDHE_STATE_ROOT", str(out / "state"))
@@ -84,6 +86,20 @@ def _from_parties(grid):
         if message.has_error() or message.metadata.message_type == protocol.WHOAMI:
             continue
         yield message
+
+
+def test_every_message_passes_the_full_check(finished):
+    """The check `protocol.content` builds every message under and every receiver runs."""
+    grid, _, _ = finished
+    checked = Counter()
+    for direction, message in grid.log:
+        if message.has_error():
+            continue
+        check_logged(direction, message)
+        checked[direction, message.metadata.message_type] += 1
+    kinds = {kind for _, kind in checked}
+    assert {protocol.DECLARE, protocol.SETUP, protocol.DECRYPT} <= kinds
+    assert all(checked["sent", k] and checked["received", k] for k in kinds)
 
 
 def test_the_key_holder_never_receives_a_single_partys_ciphertext(finished):

@@ -3,21 +3,20 @@
 import json
 
 import pytest
-import tenseal as ts
 
 from fedhe import protocol
 from fedhe.aggregator.app import run_job
 from fedhe.config import JobConfig
-from fedhe.crypto.context import CONTEXT_MAGIC
 from fedhe.errors import ParameterError
 from fedhe.tasks import mlp
-from tests.inprocess import InProcessGrid
+from tests.framed import context_in
+from tests.inprocess import InProcessGrid, check_logged
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("mlp")
-    config = JobConfig(
+    config = JobConfig.of(
         task="mlp",
         parties=4,
         min_parties=3,
@@ -67,17 +66,15 @@ def test_logits_are_decrypted_under_the_inference_job_only(finished):
 def test_the_querier_gets_the_public_key_only(finished):
     grid, _, _ = finished
     seen = 0
-    for _, message in grid.log:
+    for direction, message in grid.log:
         if message.has_error():
             continue
+        check_logged(direction, message)
         for key, value in protocol.payload_of(message.content).items():
-            if value[:4] != CONTEXT_MAGIC:
+            found = context_in(value)
+            if found is None:
                 continue
-            header_len = int.from_bytes(value[6:10], "big")
-            header = json.loads(value[10 : 10 + header_len])
-            raw = ts.context_from(
-                value[10 + header_len : 10 + header_len + header["context_bytes"]]
-            )
+            header, raw = found
             assert not raw.is_private() and not raw.has_secret_key(), key
             if message.metadata.message_type == protocol.MLP_QUERY:
                 seen += 1
@@ -86,7 +83,7 @@ def test_the_querier_gets_the_public_key_only(finished):
 
 
 def test_a_network_too_deep_is_refused_before_anything_is_encrypted(tmp_path):
-    config = JobConfig(
+    config = JobConfig.of(
         task="mlp",
         parties=3,
         min_parties=2,

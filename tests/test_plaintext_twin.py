@@ -154,6 +154,9 @@ def test_a_deployed_run_forces_the_twin_off(run_config):
     # What `flwr run` hands the ServerApp: the app's defaults, then the overrides in order.
     fused = fuse_dicts(_flwr_app_config(), parse_config_args(overrides))
     assert JobConfig.from_run_config(fused).plaintext_twin is False
+    # `flwr run .` simulations await 16 replies at a time; a deployment sends every message.
+    assert JobConfig.from_run_config(_flwr_app_config()).message_window == 16
+    assert JobConfig.from_run_config(fused).message_window == 0
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,17 @@
 """Encryptions of zero made ahead of time: same ciphertexts as direct ones, each used once."""
 
+from __future__ import annotations
+
+import queue
+import sys
+import threading
 import time
+from typing import Any
 
 import numpy as np
+import pytest
 
-from fedhe.crypto import _seal, decrypt, encrypt, pause_precompute
+from fedhe.crypto import _seal, _zero_pool, decrypt, encrypt, pause_precompute
 from fedhe.crypto.tensor import COMPLEX
 
 VALUES = np.linspace(-3, 3, 5000)
@@ -12,7 +19,7 @@ VALUES = np.linspace(-3, 3, 5000)
 
 def _pool(public, key=None):
     level, _ = public.params.encoding_for(100.0)
-    return _seal.zero_pool(public.raw, key or public.fingerprint, level)
+    return _zero_pool.zero_pool(public.raw, key or public.fingerprint, level)
 
 
 def _encrypt(public):
@@ -43,15 +50,67 @@ def test_each_encryption_of_zero_is_handed_out_once(public):
     assert len(blobs) == len(taken)
 
 
-def test_the_pool_fills_only_while_no_message_is_handled(public):
+class SettleGate:
+    """Stands in for the pool module's `time`. The pool's own worker announces each settle (its
+    sleep before it fills) and waits there until the test lets it go; other threads sleep."""
+
+    GUARD_S = 60  # only a broken pool makes the test wait this long, and then it fails
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._settles: queue.Queue[bool] = queue.Queue()
+        self._go = threading.Semaphore(0)
+        self._open = False
+        self.handling = False  # the test is inside pause_precompute
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        if self._open or threading.current_thread() is not self._pool._worker:
+            time.sleep(seconds)
+            return
+        self._settles.put(self.handling)
+        self._go.acquire()
+
+    def next_settle(self) -> bool:
+        """Wait until the worker begins a settle; whether a message was being handled then."""
+        try:
+            return self._settles.get(timeout=self.GUARD_S)
+        except queue.Empty:
+            pytest.fail(f"the pool's worker began no settle within {self.GUARD_S} s")
+
+    def release(self) -> None:
+        self._go.release()
+
+    def open(self) -> None:
+        """Let the worker go for good (end of test, passed or not)."""
+        self._open = True
+        self._go.release()
+
+
+def test_the_pool_fills_only_while_no_message_is_handled(public, monkeypatch):
     pool = _pool(public, key="paused")
     while pool.take() is not None:
         pass
-    with pause_precompute():
-        pool.refill(3)
-        time.sleep(10 * _seal.IDLE_SETTLE_S)
-        assert len(pool) == 0  # a message is being handled: no background work
-    pool.wait()
+    gate = SettleGate(pool)
+    monkeypatch.setattr(sys.modules[type(pool).__module__], "time", gate)
+    try:
+        with pause_precompute():  # a message, whose encryption used 3 Enc(0)s
+            gate.handling = True
+            pool.refill(3)
+            gate.handling = False
+        assert gate.next_settle() is False  # the worker waited for the message to end
+        with pause_precompute():  # the next message comes while the worker settles
+            gate.handling = True
+            gate.release()
+            gate.handling = False
+        assert gate.next_settle() is False  # it settles afresh once that one has ended,
+        assert len(pool) == 0  # having made nothing while it was handled
+        gate.release()
+        pool.wait()
+    finally:
+        gate.open()
     assert len(pool) == 3  # what this process used while busy
 
 
@@ -65,14 +124,14 @@ def test_an_empty_pool_means_encrypting_directly(secret, public):
 
 
 def test_a_long_lived_process_keeps_pools_for_a_few_keys_only(public):
-    for index in range(_seal.MAX_POOLS + 3):
-        _seal.zero_pool(public.raw, f"key-{index}", 1)
-    assert len(_seal._POOLS) == _seal.MAX_POOLS
-    assert ("key-0", 1) not in _seal._POOLS
+    for index in range(_zero_pool.MAX_POOLS + 3):
+        _zero_pool.zero_pool(public.raw, f"key-{index}", 1)
+    assert len(_zero_pool._POOLS) == _zero_pool.MAX_POOLS
+    assert ("key-0", 1) not in _zero_pool._POOLS
 
 
 def test_an_empty_pool_is_still_the_same_pool(public):
-    pool = _seal.zero_pool(public.raw, "drained", 1)
+    pool = _zero_pool.zero_pool(public.raw, "drained", 1)
     while pool.take() is not None:
         pass
-    assert _seal.zero_pool(public.raw, "drained", 1) is pool
+    assert _zero_pool.zero_pool(public.raw, "drained", 1) is pool

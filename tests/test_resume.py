@@ -77,7 +77,7 @@ def _knn_resumed_after_upload(tmp_path, monkeypatch, **changes):
             run_job(first, config)
     second = InProcessGrid(config.num_nodes, run_id=first.run_id)
     second.contexts = first.contexts  # the parties' and key holder's nodes kept running
-    run_job(second, replace(config, resume=True, **changes))
+    run_job(second, config.with_settings(resume=True, **changes))
     return second, json.loads((tmp_path / "result.json").read_text())
 
 

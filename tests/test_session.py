@@ -1,13 +1,13 @@
 """The aggregator's send-and-wait: a sliding window of messages in flight, replies as they come."""
 
-import time
 import uuid
 
 import pytest
 from flwr.app import Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedhe.aggregator.session import send_and_receive
+from fedhe.aggregator import session
+from fedhe.aggregator.session import MAX_POLL_S, send_and_receive
 
 
 @pytest.fixture(autouse=True)
@@ -58,10 +58,41 @@ def test_every_reply_arrives_with_at_most_a_window_in_flight():
     assert grid.most_in_flight <= 8
 
 
-def test_a_silent_node_times_out_and_messages_not_yet_sent_stay_unsent():
+class FakeClock:
+    """Stands in for the session module's `time`: a sleep advances the clock, nothing waits."""
+
+    MAX_SLEEPS = 100_000  # a loop that never reaches its timeout fails instead of hanging
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    perf_counter = monotonic
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds > 0 and len(self.sleeps) < self.MAX_SLEEPS, (seconds, len(self.sleeps))
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(session, "time", fake)
+    return fake
+
+
+def test_a_silent_node_times_out_and_messages_not_yet_sent_stay_unsent(clock):
     grid = SlowGrid(silent={100, 101})  # the first two hold their window slots forever
-    started = time.monotonic()
-    replies = send_and_receive(grid, _messages(10), timeout_s=0.3, window=2)
-    assert time.monotonic() - started < 1.0
+    replies = send_and_receive(grid, _messages(10), timeout_s=30, window=2)
     assert replies == []
     assert grid.pushed == [100, 101]  # the window never freed: the rest were never sent
+    # it gave up at its timeout, not later, polling ever more slowly (at most 4×/s)
+    assert clock.now == 30
+    backing_off = clock.sleeps[:-1]  # the last sleep is what was left of the timeout
+    assert backing_off == sorted(backing_off)
+    assert max(clock.sleeps) == MAX_POLL_S
+    assert len(clock.sleeps) < 30 / MAX_POLL_S + 100

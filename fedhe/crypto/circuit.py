@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 Context = PublicContext | SecretContext
 
+# How a rotation is done (Circuit._route): not at all, with the job's own key for the step,
+# with TenSEAL's power-of-two keys, or not possible in this context.
+_WHOLE_TURN, _OWN_KEY, _POWERS_OF_TWO, _NO_KEY = "whole turn", "own key", "powers of two", "none"
+
 
 @dataclass
 class Cipher:
@@ -122,17 +126,9 @@ class Circuit:
             raise ParameterError("a product sum needs at least one term.")
         first = pairs[0][0]
         self.check_rescalable(first, "a ciphertext product")
-        total = None
-        for a, b in pairs:
-            self._check_like(a, first)
-            self._check_like(b, first)
-            product = sealapi.Ciphertext(self._seal)
-            if a.raw is b.raw:
-                self._evaluator.square(a.raw, product)
-            else:
-                self._evaluator.multiply(a.raw, b.raw, product)
-            total = product if total is None else self._add_into(total, product)
-        assert total is not None
+        total = self._product(*pairs[0], first)
+        for a, b in pairs[1:]:
+            total = self._add_into(total, self._product(a, b, first))
         if total.is_transparent():  # the products cancelled exactly
             return Cipher(
                 self._zero_below(first.raw, first.scale**2 / self._last_prime(first.raw)),
@@ -141,6 +137,17 @@ class Circuit:
         self._evaluator.relinearize_inplace(total, self._relin)
         self._evaluator.rescale_to_next_inplace(total)
         return Cipher(total, first.size)
+
+    def _product(self, a: Cipher, b: Cipher, first: Cipher) -> sealapi.Ciphertext:
+        """a ⊙ b, not relinearized (three polynomials), both checked to sit like `first`."""
+        self._check_like(a, first)
+        self._check_like(b, first)
+        product = sealapi.Ciphertext(self._seal)
+        if a.raw is b.raw:
+            self._evaluator.square(a.raw, product)
+        else:
+            self._evaluator.multiply(a.raw, b.raw, product)
+        return product
 
     def square(self, cipher: Cipher) -> Cipher:
         """cipher², relinearized and rescaled (its scale becomes s²/prime, kept exact)."""
@@ -217,12 +224,7 @@ class Circuit:
     def check_rotations(self, steps: Sequence[int]) -> None:
         """Raise ParameterError, naming every missing step, unless this context can rotate by
         each of `steps`."""
-        missing = []
-        for step in steps:
-            try:
-                self._galois(step)
-            except ParameterError:
-                missing.append(operator.index(step))
+        missing = [operator.index(s) for s in steps if self._route(s)[0] == _NO_KEY]
         if missing:
             raise ParameterError(
                 f"no rotation keys for steps {sorted(set(missing))} in this context (it has "
@@ -235,18 +237,30 @@ class Circuit:
 
     def _galois(self, step: int) -> tuple[sealapi.GaloisKeys | None, int]:
         """The keys to rotate by `step` and the step SEAL gets (None: a whole turn)."""
+        route, shift = self._route(step)
+        if route == _NO_KEY:
+            raise ParameterError(
+                f"no rotation keys for step {step}: declare the job with "
+                "KeyRequest(rotations=(…)) naming every step it rotates by."
+            )
+        if route == _OWN_KEY:
+            return self.context.rotation_keys.keys, shift
+        if route == _POWERS_OF_TWO:
+            return self.context.raw.galois_keys().data, shift
+        return None, 0
+
+    def _route(self, step: int) -> tuple[str, int]:
+        """Which keys rotate by `step`, and the step SEAL gets; looks at the key request only
+        (loading the keys, which may fail on corrupt bytes, is left to `_galois`)."""
         slots = self.context.params.slots
         shift = operator.index(step) % slots
         if shift == 0:
-            return None, 0
+            return _WHOLE_TURN, 0
         if shift in {s % slots for s in self.context.keys.rotations}:
-            return self.context.rotation_keys.keys, shift
+            return _OWN_KEY, shift
         if self.context.keys.galois:  # the shorter way round: fewer power-of-two rotations
-            return (
-                self.context.raw.galois_keys().data,
-                shift if shift <= slots // 2 else shift - slots,
-            )
-        raise ParameterError(f"no rotation keys for step {step}.")
+            return _POWERS_OF_TWO, shift if shift <= slots // 2 else shift - slots
+        return _NO_KEY, shift
 
     def check_rescalable(self, cipher: Cipher, what: str) -> None:
         """Raise ParameterError unless `cipher` keeps a prime to rescale a product by."""

@@ -152,23 +152,28 @@ class PublicContext(_ContextBase):
         return frame(CONTEXT_MAGIC, _VERSION, header, body + self.rotation_key_bytes)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> PublicContext:
-        header, payload = _unframe_context(data)
-        body, rotation_keys = _split_body(header, payload)
+    def from_bytes(cls, data: bytes, *, what: str = "public context") -> PublicContext:
+        """Parse and check a public context; every defect raises a FedHEError naming `what`
+        (say, the file it was read from)."""
+        header, payload = _unframe_context(data, what)
+        body, rotation_keys = _split_body(header, payload, what)
         try:
             raw = ts.context_from(body)
-        except Exception as err:
-            raise ParameterError(f"public context bytes do not load: {err}") from err
+        except Exception as err:  # TenSEAL raises TypeError, ValueError or RuntimeError
+            raise ParameterError(
+                f"{what} bytes do not load ({err}): they are corrupt or truncated; fetch the "
+                "job's public context from the key holder again."
+            ) from err
         if raw.is_private() or raw.has_secret_key():
             raise SecretKeyLeakError(
                 "received a context that holds a secret key: only the key holder may have "
                 "it. Discard these bytes and ask the key holder for its public context."
             )
         params = CKKSParams.from_dict(header.get("params", {}))
-        check_real_params(raw, params, what="public context")
+        check_real_params(raw, params, what=what)
         keys = KeyRequest.from_dict(header.get("keys", {}))
         context = cls(raw, params, keys, rotation_keys)
-        context.check_same(header.get("fingerprint", ""), what="public context")
+        context.check_same(header.get("fingerprint", ""), what=what)
         raw.global_scale = 2.0**params.scale_bits
         return context
 
@@ -203,20 +208,25 @@ class SecretContext(_ContextBase):
         return frame(CONTEXT_MAGIC, _VERSION, header, body + self.rotation_key_bytes)
 
     @classmethod
-    def from_secret_bytes(cls, data: bytes) -> SecretContext:
-        header, payload = _unframe_context(data)
-        body, rotation_keys = _split_body(header, payload)
+    def from_secret_bytes(cls, data: bytes, *, what: str = "secret context") -> SecretContext:
+        """Parse and check the key holder's stored context; every defect raises a FedHEError
+        naming `what` (the key file) and how to recover."""
+        header, payload = _unframe_context(data, what, fix=_KEY_FILE_FIX)
+        body, rotation_keys = _split_body(header, payload, what, fix=_KEY_FILE_FIX)
         try:
             raw = ts.context_from(body)
         except Exception as err:  # TenSEAL raises TypeError, ValueError or RuntimeError
             raise ParameterError(
-                f"secret context bytes do not load ({err}): the key file is corrupt or "
-                "truncated; restore it from a backup or declare the job under a new id."
+                f"{what} does not load ({err}): the key file is corrupt or truncated; "
+                f"{_KEY_FILE_FIX}."
             ) from err
         if not raw.has_secret_key():
-            raise ParameterError("these context bytes hold no secret key.")
+            raise ParameterError(
+                f"{what} holds no secret key (a public context in the key file's place); "
+                f"{_KEY_FILE_FIX}."
+            )
         params = CKKSParams.from_dict(header.get("params", {}))
-        check_real_params(raw, params, what="secret context")
+        check_real_params(raw, params, what=what)
         raw.global_scale = 2.0**params.scale_bits
         return cls(raw, params, KeyRequest.from_dict(header.get("keys", {})), rotation_keys)
 
@@ -299,15 +309,31 @@ def check_real_params(raw: ts.Context, params: CKKSParams, *, what: str = "conte
         )
 
 
-def _split_body(header: dict, payload: bytes) -> tuple[bytes, bytes]:
-    """The TenSEAL context and, after it, the rotation keys (absent in older contexts)."""
+_KEY_FILE_FIX = "restore the key file from a backup or declare the job under a new id"
+_PUBLIC_FIX = "fetch the job's public context from the key holder again"
+
+
+def _split_body(
+    header: dict, payload: bytes, what: str, *, fix: str = _PUBLIC_FIX
+) -> tuple[bytes, bytes]:
+    """The TenSEAL context and, after it, the rotation keys (absent in older contexts), checked
+    to be whole: a truncated tail would otherwise load and fail only when a rotation needs it."""
     size = header.get("context_bytes", len(payload))
-    if not isinstance(size, int) or not 0 < size <= len(payload):
-        raise ParameterError(f"context header announces {size!r} bytes of {len(payload)}.")
-    return payload[:size], payload[size:]
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= len(payload):
+        raise ParameterError(
+            f"{what} header announces {size!r} bytes of context, the file holds "
+            f"{len(payload)}: it is truncated or corrupt; {fix}."
+        )
+    rotation_keys = payload[size:]
+    if rotation_keys:
+        _seal.check_whole(rotation_keys, f"the rotation keys of {what}", fix)
+    return payload[:size], rotation_keys
 
 
-def _unframe_context(data: bytes) -> tuple[dict, bytes]:
-    return unframe(
-        data, magic=CONTEXT_MAGIC, version=_VERSION, what="context", error=ParameterError
-    )
+def _unframe_context(data: bytes, what: str, *, fix: str = _PUBLIC_FIX) -> tuple[dict, bytes]:
+    try:
+        return unframe(
+            data, magic=CONTEXT_MAGIC, version=_VERSION, what="context", error=ParameterError
+        )
+    except ParameterError as err:
+        raise ParameterError(f"{what}: {err} To recover: {fix}.") from err

@@ -74,7 +74,7 @@ class Lanes:
     def step_of_each(self) -> np.ndarray:
         """The quantization step of every value."""
         out = np.empty(self.size)
-        start = 0
+        start = 0  # pragma: no mutate (equivalent: out[None:stop] is out[0:stop])
         for stop, log2_step in self.steps:
             out[start:stop] = math.ldexp(1.0, log2_step)
             start = stop
@@ -82,21 +82,24 @@ class Lanes:
 
     def pack(self, values: np.ndarray) -> np.ndarray:
         """Quantize (round to the nearest step) and pack: one complex slot per four values."""
-        flat = np.asarray(values, dtype=np.float64).ravel()
+        # no mutate: equivalent (dtype: the same array for numbers; reshape takes any -n)
+        flat = np.asarray(values, dtype=np.float64).ravel()  # pragma: no mutate
         if flat.size != self.size:
             raise ValueRangeError(f"lanes hold {self.size} values, got {flat.size}.")
         quantized = np.rint(flat / self.step_of_each())
+        # Equivalent mutants survive here: initial=None or none (size >= 1: never empty).
         if np.max(np.abs(quantized), initial=0) >= 2 ** (self.lane_bits - 1):
             raise ValueRangeError("a value exceeds its lane: it is larger than the sum bound.")
+        # An equivalent mutant survives here: max(size, 2) pads the same (size >= 1).
         padded = np.zeros(VALUES_PER_SLOT * math.ceil(max(flat.size, 1) / VALUES_PER_SLOT))
         padded[: flat.size] = quantized
-        q = padded.reshape(-1, VALUES_PER_SLOT)
+        q = padded.reshape(-1, VALUES_PER_SLOT)  # pragma: no mutate
         shift = 2.0**self.lane_bits
         return (q[:, 0] * shift + q[:, 1]) + 1j * (q[:, 2] * shift + q[:, 3])
 
     def unpack(self, slots: np.ndarray) -> np.ndarray:
         """Round decrypted slots to integers, split the lanes, and scale back by each step."""
-        slots = np.asarray(slots, dtype=np.complex128)
+        slots = np.asarray(slots, dtype=np.complex128)  # pragma: no mutate (equivalent)
         if slots.size * VALUES_PER_SLOT < self.size:
             raise InvalidCiphertextError(
                 f"{slots.size} slots cannot hold the {self.size} values these lanes announce."
@@ -137,6 +140,7 @@ def _split(parts: np.ndarray, lane_bits: int) -> np.ndarray:
     Refuses parts far from an integer: noise that large (a ciphertext with amplified noise, or
     a sum of more terms than planned) would make the rounding wrong and leak the noise."""
     rounded = np.rint(parts)
+    # Equivalent mutants survive here: initial=None or none (unpack never passes no slots).
     residual = float(np.max(np.abs(parts - rounded), initial=0.0))
     if residual > MAX_RESIDUAL:
         raise InvalidCiphertextError(
@@ -145,6 +149,7 @@ def _split(parts: np.ndarray, lane_bits: int) -> np.ndarray:
         )
     total = rounded.astype(np.int64)
     half = 1 << (lane_bits - 1)
+    # An equivalent mutant survives here: total − half (they differ by 2^lane, masked away).
     lo = ((total + half) & ((1 << lane_bits) - 1)) - half
     hi = (total - lo) >> lane_bits
-    return np.column_stack([hi, lo]).astype(np.float64)
+    return np.column_stack([hi, lo]).astype(np.float64)  # pragma: no mutate (None: float64)

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedhe.crypto import _seal
 from fedhe.crypto.tensor import EncryptedTensor
-from fedhe.errors import InvalidCiphertextError, TagError
+from fedhe.errors import InvalidCiphertextError, ProtocolError, TagError
 
 MAC_SEED_BYTES = 32
 _DOMAIN = b"fedhe-mac-v1"
@@ -70,7 +70,10 @@ class MacKey:
 
     def __init__(self, seed: bytes) -> None:
         if len(seed) != MAC_SEED_BYTES:
-            raise ValueError(f"a MAC seed has {MAC_SEED_BYTES} bytes, got {len(seed)}.")
+            raise ProtocolError(
+                f"a MAC seed has {MAC_SEED_BYTES} bytes, got {len(seed)}: the registration that "
+                "carried it is damaged; register the parties with the key holder again."
+            )
         self._seed = seed
 
     def tag(self, tensor: EncryptedTensor, label: str) -> Tag:

@@ -20,13 +20,20 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
-from fedhe.crypto import _seal
+from fedhe.crypto import _seal, _zero_pool
 from fedhe.crypto.circuit import Cipher, Circuit
 from fedhe.crypto.context import PublicContext, SecretContext
 from fedhe.crypto.framing import frame, unframe
 from fedhe.crypto.lanes import VALUES_PER_SLOT, Lanes
 from fedhe.crypto.params import MAX_PRIME_BITS
-from fedhe.errors import InvalidCiphertextError, ParameterError, ShapeError, ValueRangeError
+from fedhe.crypto.validation import FIX_BOUND, check_range
+from fedhe.errors import (
+    InvalidCiphertextError,
+    ParameterError,
+    ShapeError,
+    TensorKindError,
+    ValueRangeError,
+)
 
 _MAGIC = b"FHET"
 _VERSION = 1
@@ -381,7 +388,6 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
         for tensor, factor in zip(tensors, factors, strict=True):
             total += factor * tensor.values  # type: ignore[union-attr]
         return PlainTensor(total)
-    assert isinstance(first, EncryptedTensor)
     circuit = Circuit(first.context)
     rows = _ciphers(circuit, tensors, "weighted_sum")
     scale = rows[0][0].scale
@@ -412,7 +418,6 @@ def sum_of_products(left: Sequence[Tensor], right: Sequence[Tensor]) -> Tensor:
         for a, b in zip(left, right, strict=True):
             total += a.values * b.values  # type: ignore[union-attr]
         return PlainTensor(total)
-    assert isinstance(first, EncryptedTensor)
     first._require_relin()
     circuit = Circuit(first.context)
     rows = _ciphers(circuit, [*left, *right], "sum_of_products")
@@ -452,7 +457,9 @@ def rotations(tensor: Tensor, steps: Sequence[int]) -> list[Tensor]:
             )
         return [PlainTensor(np.roll(tensor.values, -shift)) for shift in shifts]
     if not isinstance(tensor, EncryptedTensor):
-        raise TypeError(f"cannot rotate a {type(tensor).__name__}.")
+        raise TensorKindError(
+            f"cannot rotate a {type(tensor).__name__}: pass an EncryptedTensor or a PlainTensor."
+        )
     tensor._require_real("rotation")
     slots = tensor.context.params.slots
     if tensor.shape != (slots,):
@@ -481,10 +488,19 @@ def _check_terms(tensors: Sequence[Tensor], what: str) -> Tensor:
             )
     if isinstance(first, EncryptedTensor):
         for other in tensors:
-            assert isinstance(other, EncryptedTensor)
-            first.context.check_same(other.fingerprint)
-            other._require_real(what)
+            encrypted = _as_encrypted(other, what)
+            first.context.check_same(encrypted.fingerprint)
+            encrypted._require_real(what)
     return first
+
+
+def _as_encrypted(tensor: Tensor, what: str) -> EncryptedTensor:
+    if not isinstance(tensor, EncryptedTensor):
+        raise TensorKindError(
+            f"{what} got a {type(tensor).__name__} among encrypted tensors: encrypt every term "
+            "under the job's context, or pass plaintext tensors only."
+        )
+    return tensor
 
 
 def _ciphers(circuit: Circuit, tensors: Sequence[Tensor], what: str) -> list[list[Cipher]]:
@@ -523,20 +539,11 @@ def n_ciphertexts(size: int, slots: int) -> int:
 
 def check_values(values: np.ndarray, max_abs: float) -> np.ndarray:
     """Refuse NaN, infinity and magnitudes the parameters cannot hold (CKKS overflows silently)."""
-    array = np.asarray(values, dtype=np.float64)
-    if not np.all(np.isfinite(array)):
-        bad = int(np.flatnonzero(~np.isfinite(array.ravel()))[0])
-        raise ValueRangeError(
-            f"value at flat index {bad} is {array.ravel()[bad]}: NaN and infinity cannot be "
-            "encrypted; check the data or the local training for divergence."
-        )
-    peak = float(np.max(np.abs(array))) if array.size else 0.0
-    if peak > max_abs:
-        raise ValueRangeError(
-            f"largest |value| {peak:.6g} exceeds the bound {max_abs:.6g} these CKKS parameters "
-            "keep exact; clip or rescale the values, or use parameters with more headroom."
-        )
-    return array
+    return check_range(
+        values,
+        max_abs,
+        fix="these CKKS parameters keep values exact only within it; " + FIX_BOUND,
+    )
 
 
 def encrypt(
@@ -558,7 +565,7 @@ def encrypt(
     more precision than the nominal scale, at the cost of more primes if needed. `packing`
     COMPLEX puts two values in each slot, QUANTIZED four (rounded as `lanes` says, which then
     fix the level and scale); both are for tensors that are only summed. `precompute` draws on
-    this process's encryptions of zero made in the background (`_seal.ZeroPool`) and tops them
+    this process's encryptions of zero made in the background (`_zero_pool.ZeroPool`) and tops them
     up for the next call: for a party that encrypts one such tensor per round.
     """
     params = context.params
@@ -579,7 +586,7 @@ def encrypt(
             slots = paired[0::2] + 1j * paired[1::2]
         else:
             slots = flat
-    zeros = _seal.zero_pool(context.raw, context.fingerprint, level) if precompute else None
+    zeros = _zero_pool.zero_pool(context.raw, context.fingerprint, level) if precompute else None
     encryptor = _seal.LevelEncryptor(context.raw, level, scale, zeros)
     chunks = [
         encryptor.encrypt(slots[start : start + params.slots].tolist())
@@ -829,8 +836,20 @@ def _plain_operand(values: np.ndarray, shape: Shape) -> np.ndarray:
 
 
 def _check_same_kind(a: Tensor, b: Tensor) -> None:
-    if a.kind != b.kind:
-        raise TypeError(f"cannot add {type(a).__name__} and {type(b).__name__}.")
+    if _kind(a) != _kind(b):
+        raise TensorKindError(
+            f"cannot add {type(a).__name__} and {type(b).__name__}: both must be encrypted "
+            "under the job's context, or both plaintext (the twin)."
+        )
+
+
+def _kind(tensor: Tensor) -> str:
+    if not isinstance(tensor, EncryptedTensor | PlainTensor):
+        raise TensorKindError(
+            f"{type(tensor).__name__} is not a fedhe tensor: pass an EncryptedTensor or a "
+            "PlainTensor (load received bytes with load_tensor)."
+        )
+    return tensor.kind
 
 
 def _check_same_shape(a: Shape, b: Shape) -> None:

@@ -93,7 +93,8 @@ class _SecretKeyOpener:
         # plaintext sum alone, so there is no decryption noise to flood.
         sigma = 0.0 if tensor.lanes is not None else self.keyholder._flooding_sigma(tensor.scale)
         if sigma:
-            values = values + secure_random().normal(0.0, sigma, values.shape)
+            # Not mutated: subtracting draws from the same symmetric noise (equivalent mutant).
+            values = values + secure_random().normal(0.0, sigma, values.shape)  # pragma: no mutate
         return Decryption(values, {}, _npy_bytes(values), {"flooding_sigma": sigma})
 
     def replayed(self, artifact: bytes) -> Decryption:
@@ -458,7 +459,7 @@ def _load_secret(
 ) -> SecretContext:
     what = f"secret key of job {job_id!r} ({path})"
     data = sealing.unseal(passphrase, Path(path).read_bytes(), what, binding=job_id)
-    return SecretContext.from_secret_bytes(data)
+    return SecretContext.from_secret_bytes(data, what=what)
 
 
 def _check_guard(tensor: EncryptedTensor, contributors: int) -> None:
@@ -499,7 +500,7 @@ def _check_job_id(job_id: str) -> None:
 
 def _npy_bytes(values: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, values, allow_pickle=False)
+    np.save(buffer, values, allow_pickle=False)  # pragma: no mutate (floats: no pickle either way)
     return buffer.getvalue()
 
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedhe.config import ConfigError
 from fedhe.crypto.params import CKKSParams
 from fedhe.errors import PolicyError, ProtocolError
 
@@ -93,7 +94,10 @@ class DecryptionPolicy:
 
     def __init__(self, *, min_parties_floor: int = 2) -> None:
         if min_parties_floor < 1:
-            raise ValueError(f"min_parties_floor must be ≥ 1, got {min_parties_floor}.")
+            raise ConfigError(
+                f"min_parties_floor must be ≥ 1, got {min_parties_floor}: a key holder releases "
+                "nothing below one party; start it with a floor of 1 or more (default 2)."
+            )
         self.min_parties_floor = min_parties_floor
 
     def check_declaration(self, job: JobDeclaration) -> None:

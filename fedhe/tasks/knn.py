@@ -71,6 +71,7 @@ from fedhe.crypto import (
 from fedhe.crypto.circuit import Circuit
 from fedhe.crypto.randomness import SecureRandom, secure_random
 from fedhe.crypto.tensor import COMPLEX, REAL
+from fedhe.crypto.validation import check_range
 from fedhe.errors import PolicyError, ProtocolError, ShapeError, ValueRangeError
 from fedhe.keyholder import DecryptionRequest, KeyHolder
 
@@ -106,6 +107,11 @@ VALID_BELOW = 2.0**16 + 2.0**14
 # and must stay within LABEL_BOUND.
 VOTE_MASK_BOUND = 2.0**16
 LABEL_BOUND = 2.0**8
+_KNN_FIX = (
+    "the KNN parameters keep values exact only within it; remove extreme outliers or rescale "
+    "the features"
+)
+_ASK_FIX = "fill or drop it before asking"
 # A layout answers at most this many queries (see the module docstring).
 MAX_QUERIES_PER_LAYOUT = 8
 
@@ -257,7 +263,7 @@ def label_rows(y: np.ndarray, n_classes: int) -> np.ndarray:
     y = np.asarray(y)
     if n_classes == 0:
         targets = np.asarray(y, dtype=float)[None, :]
-        _check_bound(targets, LABEL_BOUND, "standardized target")
+        check_range(targets, LABEL_BOUND, what="standardized target", fix=_KNN_FIX)
         return targets
     if y.size and (y.min() < 0 or y.max() >= n_classes):
         raise ValueRangeError(f"class labels must lie in 0..{n_classes - 1}.")
@@ -285,7 +291,9 @@ def party_upload(
             f"segment holds {segment.count} points, got X {X.shape} and labels {labels.shape}."
         )
     norms = np.sum(X**2, axis=1)
-    _check_bound(norms, norm_sq_bound(X.shape[1]), "squared norm of a standardized point")
+    check_range(
+        norms, norm_sq_bound(X.shape[1]), what="squared norm of a standardized point", fix=_KNN_FIX
+    )
     order = (rng or secure_random()).permutation(segment.count)
     points, labels = X[order], labels[:, order]
     first_block = segment.offset // slots
@@ -355,10 +363,9 @@ def check_queries(queries: np.ndarray, n_features: int) -> np.ndarray:
             f"queries must have shape (n, {n_features}) like the stored points, "
             f"got {queries.shape}."
         )
-    if not np.all(np.isfinite(queries)):
-        raise ValueRangeError("a query holds NaN or infinity: fill or drop it before asking.")
+    check_range(queries, np.inf, what="query value", nonfinite_fix=_ASK_FIX)
     bound = norm_sq_bound(n_features)
-    _check_bound(np.sum(queries**2, axis=1), bound, "squared norm of a query")
+    check_range(np.sum(queries**2, axis=1), bound, what="squared norm of a query", fix=_KNN_FIX)
     return queries
 
 
@@ -912,15 +919,4 @@ def _check_packing(tensor: Tensor, packing: str, what: str) -> None:
         raise ProtocolError(
             f"{what} must come {packing}-packed, got {tensor.packing}: upload them with this "  # type: ignore[union-attr]
             "version's fedhe.tasks.knn."
-        )
-
-
-def _check_bound(values: np.ndarray, bound: float, what: str) -> None:
-    values = np.asarray(values, dtype=float)
-    if not np.all(np.isfinite(values)):
-        raise ValueRangeError(f"a {what} is NaN or infinite.")
-    if values.size and np.max(np.abs(values)) > bound:
-        raise ValueRangeError(
-            f"a {what} reaches {np.max(np.abs(values)):.4g}, beyond {bound:g} that the KNN "
-            "parameters keep exact: remove extreme outliers or rescale the features."
         )

@@ -45,7 +45,8 @@ from fedhe.crypto import (
 )
 from fedhe.crypto.circuit import Cipher, Circuit
 from fedhe.crypto.randomness import secure_random
-from fedhe.errors import ParameterError, ShapeError, ValueRangeError
+from fedhe.crypto.validation import check_range
+from fedhe.errors import ParameterError, ShapeError
 from fedhe.keyholder import DecryptionRequest, KeyHolder
 
 TASK = "mlp"
@@ -310,14 +311,13 @@ def check_inputs(X: np.ndarray, n_features: int) -> np.ndarray:
     X = np.asarray(X, dtype=float)
     if X.ndim != 2 or X.shape[1] != n_features:
         raise ShapeError(f"inputs must have shape (n, {n_features}), got {X.shape}.")
-    if not np.all(np.isfinite(X)):
-        raise ValueRangeError("an input holds NaN or infinity: fill or drop it before asking.")
-    if X.size and np.max(np.abs(X)) > INPUT_BOUND:
-        raise ValueRangeError(
-            f"an input reaches {np.max(np.abs(X)):.4g}, beyond ±{INPUT_BOUND:g}: standardize "
-            "the features as the model was trained."
-        )
-    return X
+    return check_range(
+        X,
+        INPUT_BOUND,
+        what="input",
+        fix="standardize the features as the model was trained",
+        nonfinite_fix="fill or drop it before asking",
+    )
 
 
 def batch_width(n_samples: int, slots: int) -> int:
