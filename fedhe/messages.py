@@ -8,7 +8,7 @@ A key-holder group's messages (one type, ``query.group``) have a schema per step
 their config ``step`` in both directions.
 
 `fedhe.protocol.content` builds messages only to these schemas, and `fedhe.protocol.check_message`
-checks a received one against them, with the same byte checks (`fedhe.protocol.check_bytes`).
+checks a received one against them, with the same byte checks (`fedhe.payloads.check_bytes`).
 """
 
 from __future__ import annotations

@@ -7,11 +7,9 @@ from typing import Any
 
 import tenseal as ts
 
-from fedhe.crypto.context import _VERSION as CONTEXT_VERSION
-from fedhe.crypto.context import CONTEXT_MAGIC
+from fedhe.crypto.context import CONTEXT_MAGIC, CONTEXT_VERSION
 from fedhe.crypto.framing import frame, unframe
-from fedhe.crypto.tensor import _MAGIC as TENSOR_MAGIC
-from fedhe.crypto.tensor import _VERSION as TENSOR_VERSION
+from fedhe.crypto.tensor import TENSOR_MAGIC, TENSOR_VERSION
 from fedhe.errors import FedHEError
 
 FRAMES = {TENSOR_MAGIC: TENSOR_VERSION, CONTEXT_MAGIC: CONTEXT_VERSION}

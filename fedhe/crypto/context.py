@@ -20,7 +20,7 @@ from fedhe.crypto.params import CKKSParams, check_security
 from fedhe.errors import ContextMismatchError, ParameterError, SecretKeyLeakError
 
 CONTEXT_MAGIC = b"FHEC"
-_VERSION = 1
+CONTEXT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ class PublicContext(_ContextBase):
             "fingerprint": self.fingerprint,
             "context_bytes": len(body),
         }
-        return frame(CONTEXT_MAGIC, _VERSION, header, body + self.rotation_key_bytes)
+        return frame(CONTEXT_MAGIC, CONTEXT_VERSION, header, body + self.rotation_key_bytes)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, what: str = "public context") -> PublicContext:
@@ -205,7 +205,7 @@ class SecretContext(_ContextBase):
             "secret": True,
             "context_bytes": len(body),
         }
-        return frame(CONTEXT_MAGIC, _VERSION, header, body + self.rotation_key_bytes)
+        return frame(CONTEXT_MAGIC, CONTEXT_VERSION, header, body + self.rotation_key_bytes)
 
     @classmethod
     def from_secret_bytes(cls, data: bytes, *, what: str = "secret context") -> SecretContext:
@@ -333,7 +333,7 @@ def _split_body(
 def _unframe_context(data: bytes, what: str, *, fix: str = _PUBLIC_FIX) -> tuple[dict, bytes]:
     try:
         return unframe(
-            data, magic=CONTEXT_MAGIC, version=_VERSION, what="context", error=ParameterError
+            data, magic=CONTEXT_MAGIC, version=CONTEXT_VERSION, what="context", error=ParameterError
         )
     except ParameterError as err:
         raise ParameterError(f"{what}: {err} To recover: {fix}.") from err

@@ -8,13 +8,13 @@ from typing import Any
 
 from fedhe.errors import FedHEError
 
-_PREFIX = struct.Struct(">4sHI")  # magic, format version, length of the JSON header
-_MAX_HEADER_BYTES = 1 << 20
+FRAME_PREFIX = struct.Struct(">4sHI")  # magic, format version, length of the JSON header
+MAX_FRAME_HEADER = 1 << 20
 
 
 def frame(magic: bytes, version: int, header: dict[str, Any], body: bytes) -> bytes:
     header_bytes = json.dumps(header, sort_keys=True).encode()
-    return _PREFIX.pack(magic, version, len(header_bytes)) + header_bytes + body
+    return FRAME_PREFIX.pack(magic, version, len(header_bytes)) + header_bytes + body
 
 
 def unframe(
@@ -24,9 +24,9 @@ def unframe(
     if not isinstance(data, bytes | bytearray | memoryview):
         raise error(f"{what} must be bytes, got {type(data).__name__}.")
     data = bytes(data)
-    if len(data) < _PREFIX.size:
+    if len(data) < FRAME_PREFIX.size:
         raise error(f"{what} bytes are truncated ({len(data)} bytes).")
-    got_magic, got_version, header_len = _PREFIX.unpack_from(data)
+    got_magic, got_version, header_len = FRAME_PREFIX.unpack_from(data)
     if got_magic != magic:
         raise error(f"these bytes are not a fedhe {what} (bad magic {got_magic!r}).")
     if got_version != version:
@@ -34,11 +34,11 @@ def unframe(
             f"{what} format version {got_version} is not supported (this fedhe reads "
             f"{version}); run the same fedhe version on every role."
         )
-    end = _PREFIX.size + header_len
-    if header_len > _MAX_HEADER_BYTES or end > len(data):
+    end = FRAME_PREFIX.size + header_len
+    if header_len > MAX_FRAME_HEADER or end > len(data):
         raise error(f"{what} header of {header_len} bytes is truncated or too large.")
     try:
-        header = json.loads(data[_PREFIX.size : end])
+        header = json.loads(data[FRAME_PREFIX.size : end])
     except ValueError as err:
         raise error(f"{what} header is not valid JSON: {err}") from err
     if not isinstance(header, dict):

@@ -35,8 +35,8 @@ from fedhe.errors import (
     ValueRangeError,
 )
 
-_MAGIC = b"FHET"
-_VERSION = 1
+TENSOR_MAGIC = b"FHET"
+TENSOR_VERSION = 1
 MIN_SCALE_BITS = 12  # quantized lanes use small scales (their guard bits); anything lower is junk
 
 CKKS_KIND = "ckks"
@@ -96,7 +96,9 @@ class PlainTensor:
 
     def to_bytes(self) -> bytes:
         body = self.values.astype("<f8").tobytes()
-        return frame(_MAGIC, _VERSION, {"kind": PLAIN_KIND, "shape": list(self.shape)}, body)
+        return frame(
+            TENSOR_MAGIC, TENSOR_VERSION, {"kind": PLAIN_KIND, "shape": list(self.shape)}, body
+        )
 
 
 class EncryptedTensor:
@@ -296,7 +298,7 @@ def _encrypted_frame(tensor: EncryptedTensor, blobs: list[bytes]) -> bytes:
         "chunk_bytes": [len(b) for b in blobs],
         "body_sha256": hashlib.sha256(body).hexdigest(),
     }
-    return frame(_MAGIC, _VERSION, header, body)
+    return frame(TENSOR_MAGIC, TENSOR_VERSION, header, body)
 
 
 def stack(tensors: Sequence[Tensor]) -> Tensor:
@@ -682,7 +684,11 @@ def load_tensor(
     shape the job expects).
     """
     header, body = unframe(
-        data, magic=_MAGIC, version=_VERSION, what="tensor", error=InvalidCiphertextError
+        data,
+        magic=TENSOR_MAGIC,
+        version=TENSOR_VERSION,
+        what="tensor",
+        error=InvalidCiphertextError,
     )
     kind = header.get("kind")
     expected_kind = PLAIN_KIND if context is None else CKKS_KIND
