@@ -38,8 +38,14 @@ def resolve_role(context: Context, message_config: dict[str, Any]) -> str:
             raise ProtocolError(f"node_config role={role!r} is not one of {list(protocol.ROLES)}.")
     else:
         partition = int(context.node_config.get("partition-id", -1))
-        first = int(message_config.get("keyholder-partition-id", -2))
-        count = int(message_config.get("keyholders", 1))
+        try:
+            first = int(message_config.get("keyholder-partition-id", -2))
+            count = int(message_config.get("keyholders", 1))
+        except (TypeError, ValueError, OverflowError) as err:
+            raise ProtocolError(
+                "query.whoami config 'keyholder-partition-id' and 'keyholders' must be "
+                f"integers (the first key holder's partition id, how many follow): {err}."
+            ) from err
         role = (
             protocol.ROLE_KEYHOLDER if first <= partition < first + count else protocol.ROLE_PARTY
         )

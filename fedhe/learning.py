@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fedhe.config import ConfigError
+from fedhe.errors import ShapeError
 from fedhe.tasks import mlp
 from fedhe.tasks.moments import Standardizer
 
@@ -97,7 +98,10 @@ def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
 
 
 def set_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
-    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()})
+    try:
+        model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()})
+    except RuntimeError as err:  # torch names the missing, unexpected or misshapen tensors
+        raise ShapeError(f"the weights do not fit the model's layers: {err}") from err
 
 
 def local_train(model: nn.Module, X: np.ndarray, y: np.ndarray, config: TrainConfig) -> float:

@@ -8,7 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from fedhe.crypto import PublicContext, encrypt
+from fedhe.crypto import KeyRequest, PublicContext, encrypt
+from fedhe.crypto.channel import fingerprint
 from fedhe.crypto.tensor import PlainTensor
 from fedhe.errors import ChannelError, PolicyError
 from fedhe.keyholder import JobDeclaration, KeyHolder, OutputSpec
@@ -227,3 +228,118 @@ def test_the_count_slot_holds_the_claimed_count_within_half_a_contribution(
     else:
         with pytest.raises(PolicyError, match="count slot does not hold the 3 contributions"):
             _check_count(np.array(values), index, claimed)
+
+
+def _record(keyholder, *fields):
+    record = keyholder.audit.entries()[-1]
+    return {field: record.get(field) for field in fields}
+
+
+def test_declaring_a_job_is_audited_with_its_terms_and_keygen_time(tmp_path):
+    keyholder = KeyHolder(tmp_path / "kh", flooding_bits=None)
+    (tmp_path / "kh" / "jobs" / "job-d").mkdir(parents=True)  # left by an interrupted declaration
+    outputs = {"sum": OutputSpec(2), "model": OutputSpec(1)}
+    job = JobDeclaration("job-d", "aggregate", outputs, 3, SMALL_PARAMS)
+    public = keyholder.declare_job(job, KeyRequest(relin=True))
+    held = keyholder.public_context("job-d")
+    assert PublicContext.from_bytes(public).fingerprint == held.fingerprint
+    assert held.raw.has_relin_keys()
+    fields = ("job", "event", "task", "encrypted", "outputs", "min_parties", "decision")
+    expected = ("job-d", "declare", "aggregate", True, {"sum": 2, "model": 1}, 3, "declared")
+    assert _record(keyholder, *fields) == dict(zip(fields, expected, strict=True))
+    keygen_s = keyholder.audit.entries()[-1]["keygen_s"]
+    assert 0 < keygen_s < 5 and round(keygen_s, 6) == keygen_s
+    assert keyholder.declare_job(job) == public  # declared again: the same keys, none made
+    assert keyholder.audit.entries()[-1]["keygen_s"] == 0.0
+    twin = JobDeclaration("twin", "aggregate", outputs, 3, None)
+    assert keyholder.declare_job(twin) == b"" and keyholder.public_context("twin") is None
+    assert _record(keyholder, "job", "encrypted", "decision") == {
+        "job": "twin",
+        "encrypted": False,
+        "decision": "declared",
+    }
+
+
+def test_a_refused_declaration_is_audited_with_its_reason(tmp_path):
+    keyholder = KeyHolder(tmp_path / "kh", flooding_bits=None, min_parties_floor=3)
+    job = JobDeclaration("job-low", "aggregate", {"sum": OutputSpec(1)}, 2, SMALL_PARAMS)
+    with pytest.raises(PolicyError) as refused:
+        keyholder.declare_job(job)
+    assert keyholder.audit.entries()[-1] == {
+        **keyholder.audit.entries()[-1],
+        "job": "job-low",
+        "event": "declare",
+        "decision": "refused",
+        "reason": str(refused.value),
+    }
+    assert set(keyholder.audit.entries()[-1]) == {"time", "job", "event", "decision", "reason"} | {
+        "prev",
+        "hash",
+    }
+
+
+def test_registration_is_audited_and_a_resumed_job_keeps_its_parties(parties):
+    keyholder = parties.keyholder
+    registered = [e for e in keyholder.audit.entries() if e["event"] == "register"][-1]
+    assert {k: registered[k] for k in ("job", "event", "refused", "decision")} == {
+        "job": "job-r",
+        "event": "register",
+        "refused": {},
+        "decision": "registered",
+    }
+    assert registered["parties"] == {
+        name: fingerprint(parties.identities[name].public) for name in PARTIES
+    }
+    with pytest.raises(PolicyError) as refused:  # other identities for the same job
+        TaggedParties(keyholder, "job-r", PARTIES)
+    assert str(refused.value).startswith("the job registered other parties, identities or seeds")
+    assert _record(keyholder, "job", "event", "decision", "reason") == {
+        "job": "job-r",
+        "event": "register",
+        "decision": "refused",
+        "reason": str(refused.value),
+    }
+    assert set(parties.mac_seeds.values()) == {keyholder.registration("job-r").mac_seed}
+
+
+def test_a_plaintext_twin_has_nothing_to_register(tmp_path):
+    keyholder = KeyHolder(tmp_path / "kh", flooding_bits=None)
+    keyholder.declare_job(JobDeclaration("twin", "aggregate", {"sum": OutputSpec(1)}, 3, None))
+    message = "job 'twin' is a plaintext twin: it has nothing to tag."
+    with pytest.raises(PolicyError, match=f"^{re.escape(message)}$"):
+        keyholder.register_parties("twin", {}, {})
+    assert _record(keyholder, "job", "event", "decision", "reason") == {
+        "job": "twin",
+        "event": "register",
+        "decision": "refused",
+        "reason": message,
+    }
+
+
+def test_a_release_returns_its_audit_record_and_keeps_a_ledger(parties):
+    keyholder = parties.keyholder
+    released = keyholder.decrypt_sum(parties.request("sum", _shares(parties, "abc")))
+    assert released.record == keyholder.audit.entries()[-1]
+    assert released.record["n_parties"] == 3
+    assert (keyholder.state_dir / "jobs" / "job-r" / "ledger.json").exists()
+
+
+def test_a_stopped_job_is_named_in_the_refusal(tmp_path):
+    keyholder = KeyHolder(tmp_path / "kh", flooding_bits=None, max_refusals=1)
+    job = JobDeclaration("job-r", "aggregate", {"sum": OutputSpec(1)}, 3, SMALL_PARAMS)
+    keyholder.declare_job(job)
+    parties = TaggedParties(keyholder, "job-r", PARTIES)
+    with pytest.raises(PolicyError):
+        keyholder.decrypt_sum(parties.request("nothing", _shares(parties, "abc")))
+    message = "job 'job-r' was stopped after 1 refused requests; declare a new job."
+    with pytest.raises(PolicyError, match=re.escape(message)):
+        keyholder.decrypt_sum(parties.request("sum", _shares(parties, "abc")))
+
+
+def test_fewer_parties_than_the_job_needs_are_refused_by_count(tmp_path):
+    keyholder = KeyHolder(tmp_path / "kh", flooding_bits=None)
+    job = JobDeclaration("job-r", "aggregate", {"sum": OutputSpec(1)}, 3, SMALL_PARAMS)
+    keyholder.declare_job(job)
+    message = "2 parties registered, fewer than the job's min_parties=3; refused: {}."
+    with pytest.raises(PolicyError, match=f"^{re.escape(message)}$"):
+        TaggedParties(keyholder, "job-r", ("a", "b"))
