@@ -72,10 +72,13 @@ class Schema:
         return _lookup(self.payload, key)
 
     def allows_config(self, key: str) -> bool:
-        return _lookup(dict.fromkeys(self.config, True), key) is not None
+        return _lookup(dict.fromkeys(self.config, _LISTED), key) is not None
 
     def allows_metric(self, key: str) -> bool:
-        return _lookup(dict.fromkeys(self.metrics, True), key) is not None
+        return _lookup(dict.fromkeys(self.metrics, _LISTED), key) is not None
+
+
+_LISTED = True  # pragma: no mutate  # any value but None marks a listed name
 
 
 def _lookup(table: Mapping[str, object], key: str) -> object | None:

@@ -34,7 +34,11 @@ def check_bytes(data: Any, kinds: Iterable[Kind], *, what: str) -> bytes:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError(f"{what} must be bytes, got {type(data).__name__}.")
     data = bytes(data)
-    refuse_unframed(data, what=what, embedded=False)
+    refuse_unframed(
+        data,
+        what=what,
+        embedded=False,  # pragma: no mutate  # None is as false; each kind searches further
+    )
     kinds = tuple(kinds)
     reasons = []
     for kind in kinds:
@@ -60,9 +64,11 @@ def _context_reason(data: bytes, what: str) -> str | None:
     if digest in _PUBLIC_DIGESTS:
         return None
     PublicContext.from_bytes(data)  # raises SecretKeyLeakError if a secret key is inside
-    _PUBLIC_DIGESTS[digest] = None
+    _PUBLIC_DIGESTS[digest] = None  # pragma: no mutate  # the value is never read
     while len(_PUBLIC_DIGESTS) > 64:
-        _PUBLIC_DIGESTS.popitem(last=False)
+        _PUBLIC_DIGESTS.popitem(
+            last=False,  # pragma: no mutate  # None is as false: the oldest goes
+        )
     return None
 
 
@@ -89,7 +95,11 @@ def _tensor_reason(data: bytes, what: str) -> str | None:
         return f"kind {header.get('kind')!r} with chunks {sizes!s:.40} of {len(data) - start}"
     for size in sizes:
         if material_at(data, start) is not None:
-            refuse_unframed(data[start : start + size], what=f"{what} ciphertext", embedded=False)
+            refuse_unframed(
+                data[start : start + size],
+                what=f"{what} ciphertext",
+                embedded=False,  # pragma: no mutate  # material at the start is refused either way
+            )
         start += size
     return None
 
@@ -107,6 +117,7 @@ def _keygen_reason(data: bytes, what: str) -> str | None:
         return f"kind {header.get('kind')!r} is no public key-generation share"
     if shape is None or len(data) - start != 8 * math.prod(shape):
         return f"shape {header.get('shape')!r} does not fit {len(data) - start} bytes"
+    refuse_unframed(data[start:], what=what, embedded=True)  # residues: nothing else in them
     return None
 
 
@@ -118,9 +129,13 @@ def _decryption_share_reason(data: bytes, what: str) -> str | None:
     levels = header.get("levels")
     if not _counts(levels) or len(levels) != header.get("chunks"):
         return f"levels {levels!s:.40} do not match chunks {header.get('chunks')!r}"
-    n, rest = divmod(len(data) - start, 8 * sum(levels)) if levels else (0, 0)
-    if levels and (rest or n not in MAX_LOG_Q_128):  # n: the ring degree N of the residues
-        return f"{len(data) - start} bytes of residues do not fit levels {levels}"
+    size = len(data) - start
+    if not levels:
+        return None if size == 0 else f"{size} bytes of residues for no levels"
+    n, rest = divmod(size, 8 * sum(levels))
+    if rest or n not in MAX_LOG_Q_128:  # n: the ring degree N of the residues
+        return f"{size} bytes of residues do not fit levels {levels}"
+    refuse_unframed(data[start:], what=what, embedded=True)  # residues: nothing else in them
     return None
 
 

@@ -67,8 +67,20 @@ def test_a_replayed_release_is_the_stored_artifact_and_a_pickle_there_is_refused
     pickled = io.BytesIO()  # a tampered release file: an object array, i.e. a pickle
     np.save(pickled, np.array([{"not": "numbers"}], dtype=object), allow_pickle=True)
     stored.write_bytes(pickled.getvalue())
-    with pytest.raises(ValueError, match="allow_pickle=False"):
+    with pytest.raises(PolicyError, match=r"is damaged .*allow_pickle=False"):
         keyholder.decrypt_sum(request)
+
+
+def test_a_release_whose_stored_copy_is_gone_is_not_decrypted_again(parties):
+    """Mutant `_replay` 18: with the stored release deleted, the key holder decrypted the same
+    ciphertext again with fresh flooding noise (averaging such releases strips the noise)."""
+    keyholder = parties.keyholder
+    request = parties.request("sum", _shares(parties, "abc"))
+    keyholder.decrypt_sum(request)
+    keyholder._release_path(request).unlink()
+    with pytest.raises(PolicyError, match=r"stored release .* is missing: restore it"):
+        keyholder.decrypt_sum(request)
+    assert _decisions(keyholder) == ["decrypted", "refused"]
 
 
 def test_a_job_without_registered_parties_says_so(tmp_path):
@@ -343,3 +355,19 @@ def test_fewer_parties_than_the_job_needs_are_refused_by_count(tmp_path):
     message = "2 parties registered, fewer than the job's min_parties=3; refused: {}."
     with pytest.raises(PolicyError, match=f"^{re.escape(message)}$"):
         TaggedParties(keyholder, "job-r", ("a", "b"))
+
+
+def test_the_state_folder_is_private_and_holds_the_audit_log(tmp_path):
+    keyholder = KeyHolder(tmp_path / "state" / "kh", flooding_bits=None)
+    assert keyholder.state_dir.stat().st_mode & 0o777 == 0o700
+    assert keyholder.audit.path == tmp_path / "state" / "kh" / "audit.jsonl"
+
+
+def test_a_job_id_that_could_leave_the_state_folder_is_refused_with_the_rule(tmp_path):
+    keyholder = KeyHolder(tmp_path / "kh", flooding_bits=None)
+    message = (
+        "job id '../x' must be 1-128 letters, digits, '.', '_' or '-', starting with a "
+        "letter or digit."
+    )
+    with pytest.raises(PolicyError, match=f"^{re.escape(message)}$"):
+        keyholder.declare_job(JobDeclaration("../x", "aggregate", {"sum": OutputSpec(1)}, 3, None))

@@ -60,6 +60,9 @@ class Opener(Protocol):
     """Turns a checked ciphertext into what one key holder releases."""
 
     suffix: str  # file name suffix of the stored release (one per label and opener)
+    # True: one release per label, so a label the ledger lists without its stored release was
+    # tampered with or lost (a group member's share may instead be for a new active set).
+    single_release: bool
     decision: str  # the audit record's decision
     audit: dict[str, Any]  # what every audit record of this decision adds
 
@@ -74,6 +77,7 @@ class _SecretKeyOpener:
     """A single key holder: decrypt with the secret key and flood the values."""
 
     suffix = ".npy"
+    single_release = True
     decision = "decrypted"
     audit: dict[str, Any] = {}  # noqa: RUF012
 
@@ -279,7 +283,7 @@ class KeyHolder:
         inference job names its training job as `meta["parent"]`)."""
         for candidate in (job_id, self.declaration(job_id).meta.get("parent")):
             if not isinstance(candidate, str) or not candidate:
-                continue
+                continue  # an equivalent mutant survives: break (the parent comes last)
             path = self._job_dir(candidate) / "parties.json"
             if path.exists():
                 parties = registry.Registration.from_json(path.read_bytes()).parties
@@ -338,6 +342,8 @@ class KeyHolder:
             replay = self._replay(request, content, ledger, opener)
             if replay is not None:
                 return replay._replace(record=self.audit.append(**base, decision="replayed"))
+            # Mutants of these arguments survive the single key holder's tests (its opener
+            # ignores them, its suffix is the default); the group members' tests kill them.
             opener.check_new(request, self._release_path(request, opener.suffix))
             if verify:
                 self._verify_tags(request, tensor)
@@ -350,7 +356,7 @@ class KeyHolder:
             if ledger is not None and not ledger.stopped:
                 ledger.record_refusal(self.max_refusals)
             raise PolicyError(f"decryption refused: {err}") from err
-        _write_private(self._release_path(request, opener.suffix), opened.artifact)
+        _write_private(self._release_path(request, opener.suffix), opened.artifact)  # see above
         ledger.record_release(request.output_kind, request.round, content)
         record = self.audit.append(
             **base, decision=opener.decision, shape=list(tensor.shape), **opened.audit
@@ -379,8 +385,23 @@ class KeyHolder:
             )
         if opener is None:
             return None
-        path = self._release_path(request, opener.suffix)
-        return opener.replayed(path.read_bytes()) if path.exists() else None
+        path = self._release_path(request, opener.suffix)  # see check_new in `_decide`
+        if path.exists():
+            try:
+                return opener.replayed(path.read_bytes())
+            except (ValueError, OSError, FedHEError) as err:
+                raise PolicyError(
+                    f"the stored release {path} is damaged ({err}): restore it from a backup."
+                ) from err
+        if opener.single_release:
+            # Decrypting again would add fresh flooding noise to the same values: averaging
+            # many such releases would strip the noise that hides the secret key.
+            raise PolicyError(
+                f"{request.output_kind!r} of round {request.round} was released, but its stored "
+                f"release {path} is missing: restore it from a backup (a second decryption of "
+                "the same values with fresh noise is refused)."
+            )
+        return None
 
     def _tensor_context(self, job: JobDeclaration) -> SecretContext | PublicContext | None:
         """What parses the job's ciphertexts here: the secret context (None: a plaintext twin)."""

@@ -434,6 +434,7 @@ def _load_public(path: str, mtime_ns: int, size: int) -> PublicContext:
 class _ShareOpener:
     """A member's decryption share, in the clear or sealed to the lead."""
 
+    single_release = False  # a new active set makes a new release
     decision = "shared"
 
     def __init__(
@@ -479,6 +480,7 @@ class _ShareOpener:
 class _CombineOpener:
     """The lead: its own share plus the others' sealed ones, combined to values."""
 
+    single_release = False  # a new active set makes a new release
     decision = "combined"
 
     def __init__(
