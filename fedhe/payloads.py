@@ -19,7 +19,7 @@ import numpy as np
 from fedhe.crypto.context import CONTEXT_MAGIC, PublicContext
 from fedhe.crypto.multiparty import DECRYPTION_MAGIC, KEYGEN_MAGIC
 from fedhe.crypto.params import MAX_LOG_Q_128
-from fedhe.crypto.secret_material import frame_at, material_at, refuse_unframed
+from fedhe.crypto.secret_material import frame_at, refuse_unframed
 from fedhe.crypto.tensor import TENSOR_MAGIC
 from fedhe.errors import ProtocolError
 from fedhe.messages import Kind
@@ -94,12 +94,12 @@ def _tensor_reason(data: bytes, what: str) -> str | None:
     if header.get("kind") != "ckks" or not _counts(sizes) or sum(sizes) != len(data) - start:
         return f"kind {header.get('kind')!r} with chunks {sizes!s:.40} of {len(data) - start}"
     for size in sizes:
-        if material_at(data, start) is not None:
-            refuse_unframed(
-                data[start : start + size],
-                what=f"{what} ciphertext",
-                embedded=False,  # pragma: no mutate  # material at the start is refused either way
-            )
+        chunk = data[start : start + size]
+        # Where a chunk starts: TenSEAL's vector, never a raw SEAL or TenSEAL object.
+        refuse_unframed(chunk, what=f"{what} ciphertext", embedded=False)
+        # A chunk is TenSEAL's vector around raw SEAL ciphertexts: any secret key inside it
+        # (a SecretKey in place of a ciphertext, a context frame) is refused.
+        refuse_unframed(chunk, what=f"{what} ciphertext", embedded=True, secret_only=True)
         start += size
     return None
 

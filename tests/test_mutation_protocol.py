@@ -20,10 +20,11 @@ import pytest
 import zstandard
 
 from fedhe import messages, payloads, protocol
-from fedhe.crypto import encrypt, multiparty
+from fedhe.crypto import CKKSParams, encrypt, encrypt_for_compute, generate_keys, multiparty
 from fedhe.crypto.context import CONTEXT_MAGIC
-from fedhe.crypto.framing import MAX_FRAME_HEADER, frame
+from fedhe.crypto.framing import MAX_FRAME_HEADER, frame, unframe
 from fedhe.crypto.secret_material import frame_at, material_at, refuse_unframed
+from fedhe.crypto.tensor import TENSOR_MAGIC, TENSOR_VERSION, weighted_sum
 from fedhe.errors import ProtocolError, SecretKeyLeakError
 from fedhe.messages import Kind, Schema
 
@@ -186,9 +187,42 @@ def test_every_chunk_of_a_ckks_tensor_is_checked_where_it_starts(public, seal_se
         _kind(_ckks([seal_secret_key, real]), Kind.TENSOR)
 
 
+def test_the_members_of_an_uncompressed_ciphertext_are_its_own(seal_secret_key):
+    """A SEAL-level result travels uncompressed: its ciphertexts' coefficient arrays are SEAL
+    objects of their own, of no type the scan can tell; they lie within a public ciphertext."""
+    deep = generate_keys(CKKSParams(8192, (60, 40, 60), 40)).public()  # one level to spend
+    fresh = encrypt_for_compute(deep, np.arange(4.0), multiplications=1)
+    summed = weighted_sum([fresh, fresh], [1.0, 0.5]).to_bytes()
+    _kind(summed, Kind.TENSOR)
+    real = _real_chunk(summed)
+    message = f"x ciphertext holds a raw SEAL SecretKey at byte {len(real)}"
+    with pytest.raises(SecretKeyLeakError, match=message):
+        _kind(_ckks([real + seal_secret_key]), Kind.TENSOR)
+
+
+def test_a_ckks_chunk_that_is_a_raw_public_seal_object_is_refused(public, seal_public_key):
+    real = _real_chunk(encrypt(public, np.arange(4.0)).to_bytes())
+    with pytest.raises(
+        ProtocolError, match=r"x ciphertext holds a raw SEAL .*never travel unframed"
+    ):
+        _kind(_ckks([real, seal_public_key]), Kind.TENSOR)
+
+
+def test_a_secret_key_inside_a_ckks_chunk_is_refused(public, seal_secret_key):
+    """A chunk is TenSEAL's vector around raw SEAL ciphertexts, so public SEAL objects inside
+    it are expected; a SecretKey spliced in after them is not."""
+    real = _real_chunk(encrypt(public, np.arange(4.0)).to_bytes())
+    _kind(_ckks([real, real]), Kind.TENSOR)  # the ciphertexts' own SEAL objects pass
+    message = f"x ciphertext holds a raw SEAL SecretKey at byte {len(real)}"
+    with pytest.raises(SecretKeyLeakError, match=message):
+        _kind(_ckks([real, real + seal_secret_key]), Kind.TENSOR)
+
+
 def _real_chunk(tensor: bytes) -> bytes:
-    length = struct.unpack_from(">I", tensor, 6)[0]
-    return tensor[10 + length :]
+    _, body = unframe(
+        tensor, magic=TENSOR_MAGIC, version=TENSOR_VERSION, what="t", error=ProtocolError
+    )
+    return body
 
 
 @pytest.mark.parametrize(
@@ -845,6 +879,8 @@ def test_message_nbytes_counts_payload_weights_and_settings():
     )
     assert protocol.message_nbytes(reply) == len(_plain([1], bytes(8)))
     assert protocol.message_nbytes(protocol.RecordDict({})) == 0
+    both = protocol.RecordDict({protocol.PAYLOAD: protocol.ConfigRecord({"a": b"xyz"}), **records})
+    assert protocol.message_nbytes(both) == 3 + weights + len('{"round": 1}')
 
 
 def test_arrays_travel_as_float64_npy_without_pickles():

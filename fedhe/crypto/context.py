@@ -56,10 +56,10 @@ class KeyRequest:
     def from_dict(cls, data: dict) -> KeyRequest:
         try:
             return cls(
-                bool(data.get("relin", False)),
-                bool(data.get("galois", False)),
+                bool(data.get("relin", False)),  # pragma: no mutate  # bool(None) is False too
+                bool(data.get("galois", False)),  # pragma: no mutate  # bool(None) is False too
                 tuple(int(r) for r in data.get("rotations", ())),
-                bool(data.get("conjugate", False)),
+                bool(data.get("conjugate", False)),  # pragma: no mutate  # bool(None) is False too
             )
         except (TypeError, ValueError, AttributeError) as err:
             raise ParameterError(f"malformed key request {data!r}: {err}") from err
@@ -164,7 +164,7 @@ class PublicContext(_ContextBase):
                 f"{what} bytes do not load ({err}): they are corrupt or truncated; fetch the "
                 "job's public context from the key holder again."
             ) from err
-        if raw.is_private() or raw.has_secret_key():
+        if raw.is_private() or raw.has_secret_key():  # pragma: no mutate  # same key: or == and
             raise SecretKeyLeakError(
                 "received a context that holds a secret key: only the key holder may have "
                 "it. Discard these bytes and ask the key holder for its public context."

@@ -26,12 +26,17 @@ from fedhe.errors import ProtocolError, SecretKeyLeakError
 __all__ = ["frame_at", "material_at", "refuse_unframed"]
 
 
-def refuse_unframed(data: bytes, *, what: str, embedded: bool) -> None:
+def refuse_unframed(data: bytes, *, what: str, embedded: bool, secret_only: bool = False) -> None:
     """Refuse secret material, and raw SEAL or TenSEAL objects (which travel only inside fedhe
-    frames), at the start of `data` and, when `embedded`, anywhere inside it."""
-    offsets: Iterable[int] = _candidates(data) if embedded else (0,)
+    frames), at the start of `data` and, when `embedded`, anywhere inside it. `secret_only`:
+    public SEAL objects are expected there (a ciphertext's own), only secret material is
+    refused."""
+    offsets: Iterable[int] = sorted(_candidates(data)) if embedded else (0,)
     refusal = None
+    inside_until = 0  # the end of the last public SEAL object found: what lies within is its own
     for offset in offsets:
+        if offset < inside_until:
+            continue  # a member of that object (a ciphertext's coefficient array, say)
         found = material_at(data, offset)
         if found is None:
             continue
@@ -43,8 +48,9 @@ def refuse_unframed(data: bytes, *, what: str, embedded: bool) -> None:
                 "their holder's disk. Nothing was sent; send public material only (a "
                 "PublicContext, a public key-generation share, a decryption share)."
             )
+        inside_until = offset + _seal_object_at(data, offset)
         refusal = refusal or f"{what} holds {description}{where}"
-    if refusal is not None:
+    if refusal is not None and not secret_only:
         raise ProtocolError(
             f"{refusal}: raw SEAL and TenSEAL objects never travel unframed; send fedhe "
             "frames (PublicContext.to_bytes, tensor.to_bytes)."
@@ -52,6 +58,8 @@ def refuse_unframed(data: bytes, *, what: str, embedded: bool) -> None:
 
 
 def _candidates(data: bytes) -> Iterator[int]:
+    """Offset 0, then every offset where a secret frame, a context frame or a SEAL object may
+    start (bytes.find per needle: faster here than one regular expression for all three)."""
     yield 0
     for needle in (SECRET_MAGIC, CONTEXT_MAGIC, _SEAL_MAGIC_BYTES):
         offset = data.find(needle, 1)  # pragma: no mutate  # from 0 only re-yields offset 0
