@@ -96,7 +96,8 @@ def _tensor_reason(data: bytes, what: str) -> str | None:
     for size in sizes:
         chunk = data[start : start + size]
         # Where a chunk starts: TenSEAL's vector, never a raw SEAL or TenSEAL object.
-        refuse_unframed(chunk, what=f"{what} ciphertext", embedded=False)
+        # (embedded=None is equally false: an equivalent mutant.)
+        refuse_unframed(chunk, what=f"{what} ciphertext", embedded=False)  # pragma: no mutate
         # A chunk is TenSEAL's vector around raw SEAL ciphertexts: any secret key inside it
         # (a SecretKey in place of a ciphertext, a context frame) is refused.
         refuse_unframed(chunk, what=f"{what} ciphertext", embedded=True, secret_only=True)
