@@ -36,7 +36,8 @@ class Exchange:
 @dataclass
 class Session:
     """`window`: messages awaiting a reply at a time (None: all at once); the simulation engine
-    wants SIMULATION_WINDOW, whoever starts it says so (Flower's public API does not tell)."""
+    wants SIMULATION_WINDOW, and whoever starts it says so (`fedhe simulate`, or the job's
+    `message-window` setting: Flower's public API does not tell a simulation apart)."""
 
     grid: Grid
     timeout_s: float
