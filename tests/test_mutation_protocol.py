@@ -21,6 +21,7 @@ import zstandard
 
 from fedhe import messages, payloads, protocol
 from fedhe.crypto import CKKSParams, encrypt, encrypt_for_compute, generate_keys, multiparty
+from fedhe.crypto._tenseal_proto import varint
 from fedhe.crypto.context import CONTEXT_MAGIC
 from fedhe.crypto.framing import MAX_FRAME_HEADER, frame, unframe
 from fedhe.crypto.secret_material import frame_at, material_at, refuse_unframed
@@ -599,15 +600,6 @@ def test_frame_bounds():
         refuse_unframed(data, what="x", embedded=True)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 @pytest.fixture(scope="module")
 def parameters(secret) -> bytes:
     """SEAL EncryptionParameters, the first field of every TenSEAL context."""
@@ -616,11 +608,11 @@ def parameters(secret) -> bytes:
 
 
 def _field(number: int, wire: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | wire) + payload
+    return varint(number << 3 | wire) + payload
 
 
 def _context(parameters: bytes, *fields: bytes) -> bytes:
-    return _field(1, 2, _varint(len(parameters)) + parameters) + b"".join(fields)
+    return _field(1, 2, varint(len(parameters)) + parameters) + b"".join(fields)
 
 
 SECRET_PART = _field(3, 2, b"\x03key")
@@ -671,10 +663,10 @@ def test_an_empty_private_part_holds_no_key(parameters):
 
 
 def test_a_protobuf_around_a_raw_secret_key_is_secret(seal_secret_key, parameters):
-    data = _field(1, 2, _varint(len(seal_secret_key)) + seal_secret_key)
+    data = _field(1, 2, varint(len(seal_secret_key)) + seal_secret_key)
     assert material_at(data, 0) == ("a protobuf around a raw SEAL SecretKey", True)
     # the first field's length must be the SEAL object's size exactly
-    wrong = _field(1, 2, _varint(len(parameters) + 1) + parameters + b"\x00")
+    wrong = _field(1, 2, varint(len(parameters) + 1) + parameters + b"\x00")
     assert material_at(wrong, 0) is None
     assert material_at(b"\x0a\x80", 0) is None  # a length cut short
     assert material_at(b"\x0a", 0) is None

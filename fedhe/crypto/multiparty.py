@@ -62,6 +62,7 @@ import tenseal as ts
 import tenseal.sealapi as sealapi
 
 from fedhe.crypto import _ring
+from fedhe.crypto._tenseal_proto import varint
 from fedhe.crypto.context import KeyRequest, PublicContext, check_real_params
 from fedhe.crypto.framing import frame, unframe
 from fedhe.crypto.lanes import MAX_RESIDUAL
@@ -445,20 +446,11 @@ def _tenseal_context_proto(
 
 
 def _proto_bytes(field: int, value: bytes) -> bytes:
-    return _varint(field << 3 | 2) + _varint(len(value)) + value
+    return varint(field << 3 | 2) + varint(len(value)) + value
 
 
 def _proto_varint(field: int, value: int) -> bytes:
-    return _varint(field << 3) + _varint(value)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
+    return varint(field << 3) + varint(value)
 
 
 # -- threshold: Shamir over every RNS prime -----------------------------------------------------
