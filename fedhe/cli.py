@@ -5,25 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fedhe.config import (
     CONSTRAINTS,
     SECTION_OF,
     SECTIONS,
     TASKS,
-    ConfigError,
     JobConfig,
     setting_key,
 )
 from fedhe.errors import FedHEError
-
-if TYPE_CHECKING:
-    from flwr.clientapp import ClientApp
+from fedhe.simulation import simulate
 
 _HELP = {
     "parties": "number of parties (data owners); --keyholders more nodes hold the key",
@@ -95,57 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _print_summary(result_path)
     return 0
-
-
-def simulate(config: JobConfig, workers: int | None = None) -> Path:
-    """Run `config` in Flower's simulation engine: `parties` SuperNodes plus the key holder,
-    on `workers` Ray actors (default: one per CPU core, at most one per node)."""
-    if workers is not None and workers < 1:
-        raise ConfigError(f"workers must be ≥ 1, got {workers}.")
-    workers = workers or min(os.cpu_count() or 1, config.num_nodes)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    from flwr.simulation import run_simulation
-
-    from fedhe.aggregator.app import build_server_app
-    from fedhe.aggregator.session import SIMULATION_WINDOW
-    from fedhe.clients.keyholder import STATE_ROOT_ENV
-
-    # The simulated key holder's secret keys live in a folder that is gone after the run.
-    with tempfile.TemporaryDirectory(prefix="fedhe-sim-") as state_root:
-        previous = os.environ.get(STATE_ROOT_ENV)
-        os.environ[STATE_ROOT_ENV] = state_root
-        try:
-            run_simulation(
-                server_app=build_server_app(config, window=SIMULATION_WINDOW),
-                client_app=simulation_client_app(),
-                num_supernodes=config.num_nodes,
-                backend_config={
-                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                    "init_args": {
-                        "num_cpus": max(1, workers),
-                        "include_dashboard": False,
-                    },
-                },
-            )
-        finally:
-            if previous is None:
-                os.environ.pop(STATE_ROOT_ENV, None)
-            else:
-                os.environ[STATE_ROOT_ENV] = previous
-    result = Path(config.out) / "result.json"
-    if not result.exists():
-        raise FedHEError(f"the simulation ended without writing {result}; see the log above.")
-    return result
-
-
-def simulation_client_app() -> ClientApp:
-    """fedhe's ClientApp on simulated nodes: each node's config gets `allow-plaintext`, so its
-    parties may run the plaintext twin (Flower's simulation engine sets no node config of its
-    own; a deployed site never has it)."""
-    from fedhe.clients.app import app
-    from fedhe.clients.roles import SIMULATION_NODE_CONFIG, WithNodeConfig
-
-    return WithNodeConfig(app, SIMULATION_NODE_CONFIG)
 
 
 def _parser() -> argparse.ArgumentParser:

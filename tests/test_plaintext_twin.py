@@ -17,7 +17,7 @@ from fedhe import deploy, protocol
 from fedhe.aggregator.app import run_job
 from fedhe.aggregator.job import JobRun
 from fedhe.aggregator.report import build_result
-from fedhe.cli import main, simulate, simulation_client_app
+from fedhe.cli import main, simulate
 from fedhe.clients.roles import (
     ALLOW_PLAINTEXT,
     SIMULATION_NODE_CONFIG,
@@ -26,6 +26,7 @@ from fedhe.clients.roles import (
 )
 from fedhe.config import JobConfig
 from fedhe.errors import FedHEError
+from fedhe.simulation import simulation_client_app
 from tests.inprocess import InProcessGrid
 
 ROOT = Path(__file__).resolve().parent.parent
