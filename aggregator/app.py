@@ -14,6 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedhe.aggregator.checkpoint import Checkpoint, checkpoint_path
+from fedhe.aggregator.export import export_model
 from fedhe.aggregator.fedavg import FedAvgJob
 from fedhe.aggregator.job import Job, JobRun
 from fedhe.aggregator.knn import KNNJob
@@ -24,7 +25,13 @@ from fedhe.aggregator.report import build_result, write_run
 from fedhe.aggregator.roles import discover, wait_for_nodes
 from fedhe.aggregator.session import Session
 from fedhe.config import JobConfig
-from fedhe.data.sources import DataSource, count_party_files, csv_classes, test_data
+from fedhe.data.sources import (
+    DataSource,
+    count_party_files,
+    csv_classes,
+    test_data,
+    with_columns,
+)
 from fedhe.errors import DataError
 
 log = logging.getLogger("fedhe.aggregator")
@@ -64,6 +71,7 @@ def run_job(grid: Grid, config: JobConfig, *, window: int | None = None) -> Path
         runs.append(job.execute())
     he, twin = runs[0], (runs[1] if len(runs) > 1 else None)
     result = build_result(config, he, twin, test.feature_names)
+    result["model"] = export_model(config, he, source, test)
     path = write_run(config.out, result, he.audit)
     if config.task in ("aggregate", "mlp"):
         accuracy_per_round(result, path.parent / "accuracy.png")
@@ -96,6 +104,7 @@ def _data_source(config: JobConfig, n_parties: int) -> DataSource:
     )
     if not source.from_csv:
         return source
+    source = with_columns(source, config.schema, config.impute)  # schema.json, --impute
     files = count_party_files(source)
     if files != config.parties:
         raise DataError(

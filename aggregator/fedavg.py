@@ -38,7 +38,7 @@ class FedAvgJob(Job):
 
     def outputs(self) -> dict[str, tuple[int, aggregate.Layout]]:
         return {
-            moments.OUTPUT: (1, moments.layout(self.test.n_features)),
+            moments.OUTPUT: (1, self.moments_layout(self.test.n_features)),
             aggregate.OUTPUT: (self.config.rounds, self.layout),
         }
 
@@ -52,6 +52,7 @@ class FedAvgJob(Job):
             total_samples, first_round = checkpoint.total_samples, checkpoint.round + 1
             set_weights(self.model, checkpoint.weights)
         self.standardizer = standardizer
+        self.run.model.update(standardizer=standardizer.to_dict(), spec=self.spec.to_dict())
         # |Δw| ≤ clip ⇒ |Σ nᵢΔwᵢ| ≤ clip·Σnᵢ
         update_bound = total_samples * self.config.training.clip
         self.packing = self._update_packing(update_bound, total_samples)

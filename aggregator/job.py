@@ -12,7 +12,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -24,8 +24,9 @@ from fedhe.aggregator.roles import Federation
 from fedhe.aggregator.session import Exchange, Session
 from fedhe.config import JobConfig
 from fedhe.crypto import AGGREGATION_PARAMS, CKKSParams, KeyRequest, PublicContext
+from fedhe.data.csvdata import find_party_files
 from fedhe.data.datasets import Dataset
-from fedhe.data.sources import DataSource
+from fedhe.data.sources import DataSource, site_data_only
 from fedhe.errors import FedHEError, ProtocolError
 from fedhe.keyholder import DecryptionRequest, JobDeclaration
 from fedhe.keyholder.group import KeyHolderGroup
@@ -52,10 +53,32 @@ class JobRun:
     metrics: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # task-specific result.json entries
+    # What the model files need beyond the weights (aggregator/export.py): standardizer, spec.
+    model: dict[str, Any] = field(default_factory=dict)
+    # What the user reads for each party, by protocol id (party-0 → party-1.csv): `party_names`.
+    names: dict[str, str] = field(default_factory=dict)
 
     @property
     def final(self) -> dict[str, float]:
         return self.metrics or (self.history[-1] if self.history else {})
+
+
+def party_names(source: DataSource, parties: Sequence[str]) -> dict[str, str]:
+    """The name a user knows each party by, keyed by its protocol id (`party-<index>`, 0-based,
+    which MAC labels, identities and the key holder's records are bound to): the party's CSV
+    file (`party-2.csv` for index 1) when the job reads a data folder, else the id itself, whose
+    index is the one --drop-party and --querier take and the audit log shows."""
+    files = find_party_files(source.data_dir) if _reads_party_files(source) else []
+    names = {}
+    for party in parties:
+        index = party.removeprefix("party-")
+        known = index.isdigit() and int(index) < len(files)
+        names[party] = files[int(index)].name if known else party
+    return names
+
+
+def _reads_party_files(source: DataSource) -> bool:
+    return source.from_csv and not site_data_only(source)
 
 
 def contribution_settings(output: str, round_: int) -> dict[str, Any]:
@@ -85,6 +108,8 @@ class Job:
         self.test = test
         self.run = JobRun(job_id, encrypted)
         self.parties = dict(federation.parties)
+        self.run.names = party_names(source, list(self.parties))
+        self.session.names = self.run.names  # its warnings name parties as the user knows them
         self.samples: dict[str, int] = {}  # per party, as reported at setup
         self.queries: dict[str, int] = {}
         self.later_jobs: list[str] = []  # key-holder jobs this one declared (e.g. inference)
@@ -328,13 +353,24 @@ class Job:
         exchange = self.session.ask(self.parties, protocol.MOMENTS, contents, role="party")
         self.exclude(exchange.failures, "moments")
         self.require_quorum("moments")
-        layout = moments.layout(self.test.n_features + int(with_target))
+        layout = self.moments_layout(self.test.n_features + int(with_target))
         flat = self.secure_sum(exchange, layout, moments.OUTPUT, moments.SUM_BOUND, round_=0)
         averaged, total_samples = aggregate.average_update(flat, layout)
         standardizer = moments.Standardizer.from_moments(
-            averaged["mean"], averaged["meansq"], with_target=with_target
+            averaged["mean"],
+            averaged["meansq"],
+            with_target=with_target,
+            observed=averaged.get(moments.OBSERVED),
+            total_samples=round(total_samples),
+            names=self.test.feature_names,
         )
+        # An imputing job's test rows get the same global means as the parties' rows.
+        self.test = replace(self.test, X=standardizer.fill_missing(self.test.X))
         return standardizer, round(total_samples)
+
+    def moments_layout(self, n_columns: int) -> aggregate.Layout:
+        """The moments sum's layout; an imputing job also sums the observed fraction."""
+        return moments.layout(n_columns, observed=self.source.imputes)
 
     def secure_sum(
         self,
@@ -455,7 +491,10 @@ class Job:
     ) -> RecordDict:
         """One party's reply (the querier, say); the job cannot go on without it."""
         if name not in self.parties:
-            raise ProtocolError(f"{name} is not among the parties left: {sorted(self.parties)}.")
+            raise ProtocolError(
+                f"{self.name_of(name)} is not among the parties left: "
+                f"{sorted(map(self.name_of, self.parties))}."
+            )
         exchange = self.session.ask(
             {name: self.parties[name]},
             message_type,
@@ -469,7 +508,9 @@ class Job:
         )
         self.account(exchange)
         if name not in exchange.replies:
-            raise ProtocolError(f"{name} failed {message_type}: {exchange.failures.get(name)}")
+            raise ProtocolError(
+                f"{self.name_of(name)} failed {message_type}: {exchange.failures.get(name)}"
+            )
         return exchange.replies[name]
 
     def ask_keyholder(
@@ -557,10 +598,15 @@ class Job:
 
     def require_quorum(self, phase: str) -> None:
         if len(self.parties) < self.config.min_parties:
+            excluded = {self.name_of(name): why for name, why in self.run.excluded.items()}
             raise ProtocolError(
                 f"after {phase}, {len(self.parties)} parties remain, fewer than "
-                f"min_parties={self.config.min_parties}; excluded: {self.run.excluded}"
+                f"min_parties={self.config.min_parties}; excluded: {excluded}"
             )
+
+    def name_of(self, party: str) -> str:
+        """The party as the user knows it (`party_names`)."""
+        return self.run.names.get(party, party)
 
     def account(self, exchange: Exchange) -> None:
         """Time the parties reported (encryption) and the rest of the exchange (transfer)."""

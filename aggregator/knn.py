@@ -4,12 +4,20 @@ Moments (global standardization) → for every `knn.queries_per_layout(d)` queri
 layout and an upload of encrypted points into the store (the first one saved under the output
 folder) → query batches from the querier party: masked distances, ranking by the key holder,
 encrypted vote, release of the masked vote, unmasking by the querier.
+
+With `keep_store` (encrypted job) the job also declares rankings and votes for as many later
+queries as it asks itself, and after its own queries the parties upload that many fresh layouts,
+never queried, kept under `<out>/knn-kept/` with the public context and what a querier needs
+(k, the standardizer): `fedhe.knn_predict` asks them later, through the key holder's policy.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,23 @@ log = logging.getLogger("fedhe.aggregator")
 # Parties per upload message round: bounds the ciphertexts the aggregator holds at once (a
 # party's upload is up to (d + 2 + classes) ciphertexts of ~330 KB per block it touches).
 UPLOAD_WAVE = 32
+
+# What `keep_store` leaves under the output folder (read by fedhe.knn_predict).
+KEPT_FOLDER = "knn-kept"
+KEPT_MANIFEST = "manifest.json"
+KEPT_CONTEXT = "public.ctx"
+KEPT_VERSION = 1
+
+
+def store_digests(folder: Path, names: Iterable[str] | None = None) -> dict[str, str]:
+    """SHA-256 of each kept file (`names` in `folder`, default all), so that a later query
+    never runs on a changed ciphertext."""
+    paths = [folder / n for n in names] if names is not None else sorted(folder.iterdir())
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in paths
+        if p.is_file() and p.suffix != ".tmp"
+    }
 
 
 class KNNJob(Job):
@@ -60,12 +85,24 @@ class KNNJob(Job):
     def meta(self) -> dict[str, Any]:
         return {"k": self.config.knn.k, "querier": self.querier}
 
+    @property
+    def keeps_store(self) -> bool:
+        return self.config.knn.keep_store and self.run.encrypted
+
+    @property
+    def reserved_queries(self) -> int:
+        """Later queries the kept layouts answer: as many as the job asks itself."""
+        return self.n_queries if self.keeps_store else 0
+
     def outputs(self) -> dict[str, tuple[int, Any]]:
         columns = self.test.n_features + (0 if self.n_classes else 1)
+        # Later queries are declared now, with the job: one release per query at most (a
+        # batch of them takes one), so the key holder's budget bounds every ranking it sees.
+        releases = self.n_batches + self.reserved_queries
         return {
-            moments.OUTPUT: (1, moments.layout(columns)),
-            knn.RANK_OUTPUT: (self.n_batches, None),
-            knn.VOTE_OUTPUT: (self.n_batches, None),
+            moments.OUTPUT: (1, self.moments_layout(columns)),
+            knn.RANK_OUTPUT: (releases, None),
+            knn.VOTE_OUTPUT: (releases, None),
         }
 
     def phases(self) -> None:
@@ -82,6 +119,7 @@ class KNNJob(Job):
         before, started = dict(self.run.timings_s), time.perf_counter()
         reports = self._ask_all(store, standardizer)
         per_query = self._per_query(before, time.perf_counter() - started)
+        kept = self._keep_for_predictions(standardizer) if self.keeps_store else None
         self.run.extras["knn"] = {
             "k": self.config.knn.k,
             "query": self.config.knn.query,
@@ -92,6 +130,8 @@ class KNNJob(Job):
             "queries": self.n_queries,
             "per_query_s": per_query,
         }
+        if kept is not None:
+            self.run.extras["knn"]["kept"] = kept
         # The predictions stay with the querier; its opt-in counts are all that comes back.
         self.run.metrics = scores.combine(reports, self.n_classes)
 
@@ -121,6 +161,46 @@ class KNNJob(Job):
             path.parent,
         )
 
+    def _keep_for_predictions(self, standardizer: moments.Standardizer) -> dict[str, Any]:
+        """Fresh layouts for `reserved_queries` later queries, uploaded now and never queried
+        here, saved with the public context and the manifest `fedhe.knn_predict` reads. A
+        layout that cannot answer (too few parties) is left out, and said."""
+        folder = Path(self.config.out) / KEPT_FOLDER
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        layouts, budget = [], knn.queries_per_layout(self.test.n_features)
+        for number in range(-(-self.reserved_queries // budget)):
+            store = self._upload(standardizer, first=False)
+            try:
+                store.check_ready(self.config.knn.k, self.config.min_parties)
+            except FedHEError as err:
+                log.warning("kept layout %d left out: %s", number, err)
+                continue
+            store.save(folder / f"layout-{number}")
+            layouts.append(f"layout-{number}")
+        assert self.context is not None  # an encrypted job
+        (folder / KEPT_CONTEXT).write_bytes(self.context.to_bytes())
+        manifest = {
+            "version": KEPT_VERSION,
+            "job_id": self.run.job_id,
+            "k": self.config.knn.k,
+            "n_classes": self.n_classes,
+            "n_features": self.test.n_features,
+            "feature_names": list(self.test.feature_names),
+            "querier": self.querier,
+            "standardizer": standardizer.to_dict(),
+            "first_round": self.n_batches,  # the job's own releases take rounds 0 … n − 1
+            "reserved_queries": self.reserved_queries,
+            "query_batch": self.config.knn.query_batch,
+            "layouts": layouts,
+            "digests": {
+                **{name: store_digests(folder / name) for name in layouts},
+                KEPT_CONTEXT: store_digests(folder, (KEPT_CONTEXT,)),
+            },
+        }
+        (folder / KEPT_MANIFEST).write_text(json.dumps(manifest, indent=1))
+        log.info("KNN store kept for %d later queries in %s", self.reserved_queries, folder)
+        return {"folder": str(folder), "layouts": len(layouts), "queries": self.reserved_queries}
+
     @property
     def store_folder(self) -> Path:
         return Path(self.config.out) / f"knn-store-{'he' if self.run.encrypted else 'plain'}"
@@ -135,6 +215,7 @@ class KNNJob(Job):
             np.ones_like(standardizer.std),
             standardizer.y_mean,
             standardizer.y_std,
+            standardizer.fill,  # missing cells still get the global means
         )
 
     def _saved_store(self) -> knn.KNNStore | None:

@@ -46,7 +46,7 @@ class RegressionJob(Job):
     def outputs(self) -> dict[str, tuple[int, aggregate.Layout | int]]:
         columns = self.n_features + (0 if self.logistic else 1)
         outputs: dict[str, tuple[int, aggregate.Layout | int]] = {
-            moments.OUTPUT: (1, moments.layout(columns))
+            moments.OUTPUT: (1, self.moments_layout(columns))
         }
         if self.mode == EXACT:
             outputs[linreg.MASKED_OUTPUT] = (1, linreg.statistics_layout(self.n_features))
@@ -61,6 +61,7 @@ class RegressionJob(Job):
         if self.logistic:
             logreg.check_binary(self.test.y, "test set")
         standardizer, total_samples = self.feature_moments(with_target=not self.logistic)
+        self.run.model["standardizer"] = standardizer.to_dict()
         if self.mode == EXACT:
             started = time.perf_counter()
             w = self._exact(standardizer, total_samples)

@@ -27,9 +27,16 @@ def build_result(
             "registered": config.parties,
             "min_parties": config.min_parties,
             "per_round": [h["parties"] for h in he.history],
-            "contributors": he.contributors,
-            "excluded": he.excluded,
+            # Parties by the name the user knows (party-2.csv); `names` maps the protocol ids
+            # (party-1) that the key holder's records (decryptions, audit.jsonl) keep.
+            "contributors": [
+                {**c, "parties": [he.names.get(p, p) for p in c["parties"]]}
+                for c in he.contributors
+            ],
+            "excluded": {he.names.get(p, p): why for p, why in he.excluded.items()},
+            "names": he.names,
         },
+        "summary": run_summary(config, he),
         "encrypted": _metrics(he),
         "plaintext": _metrics(twin) if twin else None,
         "timings_s": _rounded(he.timings_s),
@@ -90,8 +97,44 @@ def write_run(out_dir: str | Path, result: dict[str, Any], audit: list[dict[str,
 
 def _metrics(run: JobRun) -> dict[str, Any]:
     final = {k: run.final[k] for k in _METRICS if k in run.final}
-    return {**final, "history": run.history}
+    history = [
+        {**h, "dropped": {run.names.get(p, p): why for p, why in h["dropped"].items()}}
+        if "dropped" in h
+        else h
+        for h in run.history
+    ]
+    return {**final, "history": history}
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 6) for k, v in timings.items()}
+
+
+def run_summary(config: JobConfig, run: JobRun) -> dict[str, Any]:
+    """What ran on what, and which parties it used: the head of `fedhe simulate`'s summary."""
+    found = len(run.names) or config.parties
+    excluded = {run.names.get(p, p): why for p, why in run.excluded.items()}
+    trains = config.task in ("aggregate", "mlp", "logreg") or config.regression_mode in (
+        "gradient",
+        "encrypted-model",
+    )
+    return {
+        "data": f"{config.data_dir} (target {config.target})"
+        if config.data_dir
+        else config.dataset_name,
+        "task": config.task,
+        "mode": config.regression_mode or None,
+        "rounds": config.rounds if trains else None,
+        "packing": run.extras.get("update_packing"),
+        "parties": {
+            "expected": config.parties,
+            "found": found,
+            "used": found - len(excluded),
+            "excluded": excluded,
+        },
+        "keyholders": {
+            "count": config.keyholder_count,
+            "threshold": config.decryption_threshold,
+            "parties_hold_keys": config.parties_hold_keys,
+        },
+    }

@@ -44,6 +44,7 @@ class Session:
     window: int | None = None
     bytes: Counter = field(default_factory=Counter)
     round_trips: int = 0  # send-and-wait exchanges: the latency floor of a real deployment
+    names: dict[str, str] = field(default_factory=dict)  # for warnings: party-0 → party-1.csv
 
     def ask(
         self,
@@ -73,21 +74,27 @@ class Session:
                 continue
             if reply.has_error():
                 failures[name] = failure_reason(reply.error)
-                log.warning("%s %s failed: %s", name, message_type, failures[name])
+                log.warning("%s %s failed: %s", self.label(name), message_type, failures[name])
                 continue
             try:  # the same schema and byte checks the node built its reply under
                 protocol.check_message(reply.content, message_type, protocol.REPLY)
             except FedHEError as err:
                 failures[name] = f"{type(err).__name__}: {err}"
-                log.warning("%s %s refused: %s", name, message_type, failures[name])
+                log.warning("%s %s refused: %s", self.label(name), message_type, failures[name])
                 continue
             self.bytes[f"{role}->aggregator"] += protocol.message_nbytes(reply.content)
             got[name] = reply.content
         silent = {name for name in nodes if name not in got and name not in failures}
         for name in silent:
             failures[name] = f"no reply within {self.timeout_s:.0f} s"
-            log.warning("%s %s: no reply within %.0f s", name, message_type, self.timeout_s)
+            log.warning(
+                "%s %s: no reply within %.0f s", self.label(name), message_type, self.timeout_s
+            )
         return Exchange(got, failures, wall, silent)
+
+    def label(self, name: str) -> str:
+        """A node as the user knows it (a party's file or 1-based name; `Job` sets them)."""
+        return self.names.get(name, name)
 
 
 # Flower's own send_and_receive sleeps a fixed interval between pulls (0.1 s in simulation, 3 s

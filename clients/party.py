@@ -117,14 +117,15 @@ def model_release(msg: Message, context: Context) -> Message:
 
 
 def feature_moments(msg: Message, context: Context) -> Message:
-    """Contribute Enc(n_i·(E_i[x] ‖ E_i[x²])) so the job standardizes with global statistics.
+    """Contribute Enc(n_i·(E_i[x] ‖ E_i[x²])) so the job standardizes with global statistics
+    (an imputing job adds each column's observed fraction: `fedhe.tasks.moments`).
     The job's MAC-key envelope rides on this message (`trust.accept_mac_keys`)."""
     config, job, data = _open(msg, context)
     envelopes = protocol.payload_of(msg.content)
     if any(key.startswith("envelope") for key in envelopes):
         trust.accept_mac_keys(context, job["job-id"], envelopes)
     columns = np.column_stack([data.X, data.y]) if config.get("with-target") else data.X
-    arrays = moments.party_moments(columns)
+    arrays = moments.party_moments(columns, observed=job["source"].imputes)
     return _contribute(
         msg,
         context,
@@ -451,7 +452,7 @@ def _regression_data(
     standardizer = Standardizer.from_dict(config["standardizer"])
     logistic = config["task"] == logreg.TASK
     if logistic:
-        logreg.check_binary(data.y, f"party {job['party-index']}")
+        logreg.check_binary(data.y, "this party's training labels")
     y = data.y.astype(float) if logistic else standardizer.target(data.y)
     return standardizer.features(data.X), y, logistic
 
@@ -521,7 +522,9 @@ def _open(
     config = protocol.config_of(msg.content)
     job = _job(context, str(config["job-id"]))
     if fault_injectable and int(config.get("fail-party", -1)) == job["party-index"]:
-        raise ProtocolError(f"party {job['party-index']} drops out (simulated fault).")
+        raise ProtocolError(
+            f"this party drops out (simulated fault: drop-party={job['party-index']})."
+        )
     local_file = context.node_config.get("data-path")  # deployment: the site's own CSV
     data = party_data(job["source"], job["party-index"], str(local_file) if local_file else None)
     return config, job, data

@@ -30,6 +30,10 @@ _HELP = {
     "l2": "L2 penalty per sample on standardized coefficients",
     "data_dir": "folder with party-*.csv (one per party) and test.csv, instead of --dataset",
     "target": "label column of the CSV files (with --data-dir)",
+    "schema": "schema.json shared by all sites: column types, categories (one-hot encoded the "
+    "same way everywhere), units; columns are matched by name",
+    "impute": "none (a missing cell is an error) or mean (missing feature cells get the global "
+    "column mean, computed by the secure moments sum)",
     "seed": "seed for splits, model initialization and local training",
     "out": "output folder for result.json and audit.jsonl",
     "local_epochs": "local epochs per round",
@@ -49,6 +53,9 @@ _HELP = {
     "queries": "ask only the querier's first N test rows (0: all)",
     "querier": "index of the party that asks the queries (it holds the test set)",
     "standardize": "measure distances on globally standardized features (true/false)",
+    "keep_store": "keep the encrypted store and the key holder's state under --out, so that "
+    "`fedhe predict` can ask as many new queries as the job did (true/false; whoever holds the "
+    "kept state can decrypt the store)",
     "activation": "hidden activation: relu, or square, relu-poly, silu-poly (encryptable; "
     "mlp default: square)",
     "alpha": "Dirichlet(alpha) label skew across parties for built-in data (0: IID)",
@@ -68,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         return _verify_audit(args.path, segment=args.segment)
     if args.command == "identity":
         return _show_identity(args.path, args.passphrase_file)
+    if args.command == "predict":
+        from fedhe import predict
+
+        return predict.main(args)
     if args.command == "deploy":
         from fedhe.deploy_cli import deploy
 
@@ -129,8 +140,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     identity.add_argument("--passphrase-file", default="", help="the key holder's passphrase")
     from fedhe.deploy_cli import add_deploy_commands
+    from fedhe.predict import add_predict_command
 
     add_deploy_commands(commands)
+    add_predict_command(commands)
     return parser
 
 

@@ -293,11 +293,11 @@ def test_header_mismatch_names_missing_and_extra(tmp_path: Path) -> None:
     assert "missing columns: ['b']" in message and "extra columns: ['c']" in message
 
 
-def test_header_order_mismatch(tmp_path: Path) -> None:
+def test_header_in_another_order_is_matched_by_name(tmp_path: Path) -> None:
     path = write(tmp_path / "d.csv", "b,a,y\n1,2,0\n")
-    with pytest.raises(DataError, match="order"):
-        load_csv(path, "y", expected_columns=["a", "b", "y"])
-    assert load_csv(path, "y", expected_columns=["b", "a", "y"]).n_features == 2
+    data = load_csv(path, "y", expected_columns=["a", "b", "y"])
+    assert data.feature_names == ("a", "b") and data.X.tolist() == [[2.0, 1.0]]
+    assert load_csv(path, "y", expected_columns=["b", "a", "y"]).X.tolist() == [[1.0, 2.0]]
 
 
 def test_duplicate_header(tmp_path: Path) -> None:

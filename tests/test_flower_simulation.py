@@ -41,7 +41,7 @@ def test_simulated_federation_matches_the_plaintext_twin(tmp_path):
     assert len(updates) == 2
     assert all(d["parties"] == ["party-0", "party-1", "party-3", "party-4"] for d in updates)
     dropped = [h["dropped"] for h in he["history"]]
-    fault = "ProtocolError: party 2 drops out (simulated fault)."
+    fault = "ProtocolError: this party drops out (simulated fault: drop-party=2)."
     assert all(d == {"party-2": fault} for d in dropped), dropped
     assert result["bytes"]["party->aggregator"] > 0 and result["timings_s"]["keygen"] > 0
     assert (out / "audit.jsonl").read_text().count('"decision": "decrypted"') == 3

@@ -176,8 +176,15 @@ def test_csv_federation_with_one_malformed_file_goes_on_without_it(tmp_path, cap
     )
     run_job(InProcessGrid(config.num_nodes), config)
     result = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert "party-3.csv" in result["parties"]["excluded"]["party-2"]
-    assert "line 6" in result["parties"]["excluded"]["party-2"]
+    # Named by its file (party index 2 reads party-3.csv), never by its 0-based protocol id.
+    assert set(result["parties"]["excluded"]) == {"party-3.csv"}
+    assert "line 6" in result["parties"]["excluded"]["party-3.csv"]
+    assert result["summary"]["parties"] | {"excluded": {}} == {
+        "expected": 4,
+        "found": 4,
+        "used": 3,
+        "excluded": {},
+    }
     he, plain = result["encrypted"], result["plaintext"]
     assert he["accuracy"] > 0.85
     assert he["accuracy"] == pytest.approx(plain["accuracy"], abs=0.01)

@@ -136,7 +136,7 @@ def test_linreg_on_csv_files_excludes_a_party_with_a_nan_cell(tmp_path):
     )
     run_job(InProcessGrid(config.num_nodes), config)
     result = json.loads((tmp_path / "out" / "result.json").read_text())
-    reason = result["parties"]["excluded"]["party-1"]
+    reason = result["parties"]["excluded"]["party-2.csv"]  # party index 1
     assert "party-2.csv" in reason and "line 4" in reason and "age" in reason
     pooled = pd.concat([frames[0], frames[2], frames[3]])
     sk = LinearRegression().fit(pooled[columns[:3]], pooled["outcome"])

@@ -233,7 +233,7 @@ def _smallest_eigenvalue_attack(M: np.ndarray, n: int, masked_view, rng) -> floa
 
 
 def test_exact_mode_still_reveals_how_collinear_the_features_are(diabetes, breast_cancer):
-    """The residual leak, measured (README, threat model): the view's singular values are A's
+    """The residual leak, measured (docs/threat-model.md): the view's singular values are A's
     eigenvalues distorted by the masks, σᵢ(R·A·S) ∈ [1, H²]·λᵢ(A), and a key holder that
     calibrates on the masks' known distribution estimates A's smallest eigenvalue (how nearly
     collinear the features are overall, not which ones) within a fraction of a nat. A wider

@@ -2,12 +2,13 @@
 
 Layout of a data directory::
 
-    party-1.csv, party-2.csv, ..., party-10.csv   one file per party, same header
+    party-1.csv, party-2.csv, ..., party-10.csv   one file per party, same columns
     test.csv                                      optional held-out test set
 
 Every file has a header line (line 1) and one numeric row per sample. Errors name the file,
 the line as an editor shows it (the header is line 1, the first data row line 2) and the column.
-Blank lines are skipped.
+Blank lines are skipped. Files are matched by column name: a file with the same columns in
+another order is read in the first file's order.
 
 Class labels: when several files hold one classification problem, pass the same `classes`
 (all label values of the whole problem) to every load; otherwise each file maps only the labels
@@ -31,7 +32,7 @@ PARTY_PATTERN = "party-<N>.csv (e.g. party-1.csv, party-2.csv)"
 TEST_FILE = "test.csv"
 MAX_INFERRED_CLASSES = 20
 _PARTY_RE = re.compile(r"party-(\d+)\.csv")
-_MISSING_TOKENS = frozenset({"nan", "-nan", "na", "n/a", "null", "none", "#n/a"})
+MISSING_TOKENS = frozenset({"nan", "-nan", "na", "n/a", "null", "none", "#n/a"})
 
 
 def load_csv(
@@ -50,7 +51,8 @@ def load_csv(
     target : name of the target column.
     task : "classification", "regression" or None to infer: classification when every target
         value is an integer and there are at most 20 distinct values (or `classes` is given).
-    expected_columns : when given, the header must equal it exactly (names and order).
+    expected_columns : when given, the header must hold exactly these names; files are matched
+        by name, so a file with the same columns in another order is read in this order.
     classes : classification only: all label values of the problem; label `classes[i]` becomes
         i and n_classes is len(classes). Without it, the file's own sorted labels become 0..k-1.
 
@@ -62,7 +64,7 @@ def load_csv(
     path = Path(path)
     header, body, lines = _read_table(path)
     if expected_columns is not None:
-        _check_header(path, header, [str(c) for c in expected_columns])
+        header, body = _match_header(path, header, body, [str(c) for c in expected_columns])
     if target not in header:
         hint = ""
         if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
@@ -127,8 +129,9 @@ def load_party(
 ) -> Dataset:
     """Load the `party_index`-th file (0-based) of find_party_files(data_dir).
 
-    Its header must equal the header of the first party file. Pass `classes` for
-    classification so every party numbers labels the same way (see the module docstring).
+    Its columns must be the first party file's (in any order; read in that file's order).
+    Pass `classes` for classification so every party numbers labels the same way (see the
+    module docstring).
     """
     files = find_party_files(data_dir)
     if isinstance(party_index, bool) or not 0 <= party_index < len(files):
@@ -216,18 +219,30 @@ def _check_header_names(path: Path, header: tuple[str, ...]) -> None:
         seen.add(name)
 
 
-def _check_header(path: Path, header: tuple[str, ...], expected: list[str]) -> None:
+def _match_header(
+    path: Path, header: tuple[str, ...], body: pd.DataFrame, expected: list[str]
+) -> tuple[tuple[str, ...], pd.DataFrame]:
+    """Header and cells in the `expected` column order: files are matched by column name."""
+    _check_header(path, header, expected)
     if list(header) == expected:
-        return
+        return header, body
+    order = [header.index(name) for name in expected]
+    return tuple(expected), body.iloc[:, order]
+
+
+def _check_header(path: Path, header: tuple[str, ...], expected: list[str]) -> None:
+    """The same column names as `expected`, in any order."""
     missing = [c for c in expected if c not in header]
     extra = [c for c in header if c not in expected]
-    if missing or extra:
-        detail = f"missing columns: {missing or 'none'}; extra columns: {extra or 'none'}"
-    else:
-        detail = f"same columns in another order: expected {expected}, got {list(header)}"
+    if not missing and not extra:
+        return
+    hint = ""
+    if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
+        hint = " It looks like it uses another separator; save the file with commas."
     raise DataError(
-        f"{path}: header (line 1) differs from the expected columns ({detail}). "
-        "Make its header match the other files."
+        f"{path}: header (line 1) differs from the expected columns (missing columns: "
+        f"{missing or 'none'}; extra columns: {extra or 'none'}). Give it the same column names "
+        f"as the other files (their order may differ).{hint}"
     )
 
 
@@ -248,7 +263,7 @@ def _to_numbers(
         problem = "empty cell. Fill in a number or remove the row."
     elif np.isinf(numbers[row, col]):
         problem = f"infinite value {shown!r}. Replace it with a finite number or remove the row."
-    elif text.lower() in _MISSING_TOKENS:
+    elif text.lower() in MISSING_TOKENS:
         problem = f"missing value {shown!r}. Fill in a number or remove the row."
     else:
         problem = f"{shown!r} is not a number. Use plain numbers such as 3 or -1.5e-2."

@@ -1,12 +1,15 @@
 """Where a job's data comes from: a built-in dataset split across parties, or CSV files.
 
 The same description (`DataSource`) travels from the aggregator to every party, which then
-loads only its own share; the aggregator loads only the test set.
+loads only its own share; the aggregator loads only the test set. A CSV job may carry a schema
+(`fedhe.data.schema`: column types, categories, units), parsed once at the aggregator and sent
+as its JSON form, so every site encodes its columns the same way; with `impute="mean"` missing
+feature cells stay NaN until the job's secure global means fill them (`fedhe.tasks.moments`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,10 @@ from fedhe.data.csvdata import (
 from fedhe.data.csvdata import find_party_files as _find_party_files
 from fedhe.data.datasets import Dataset, load_builtin
 from fedhe.data.partition import partition_dirichlet, partition_iid
+from fedhe.data.schema import Schema, load_encoded, load_schema, numeric_schema, parse_schema
 from fedhe.errors import DataError
+
+IMPUTE_MODES = ("none", "mean")
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,17 @@ class DataSource:
     classes: tuple[float, ...] = ()
     kind: str = ""  # CSV: "classification" or "regression"; empty: inferred from the target
     alpha: float = 0.0  # built-in data: Dirichlet(alpha) label skew across parties; 0: IID
+    schema: dict[str, Any] = field(default_factory=dict)  # schema.json's JSON form; {}: none
+    impute: str = "none"  # "mean": missing feature cells get the secure global column mean
+
+    @property
+    def imputes(self) -> bool:
+        return self.impute == "mean"
+
+    @property
+    def encoded(self) -> bool:
+        """Files are read through a schema (given, or all-numeric when imputing)."""
+        return bool(self.schema) or self.imputes
 
     @property
     def csv_task(self) -> str | None:
@@ -55,10 +72,28 @@ class DataSource:
         return cls(**{**data, "classes": tuple(float(c) for c in data.get("classes", ()))})
 
 
+def with_columns(source: DataSource, schema_path: str = "", impute: str = "none") -> DataSource:
+    """`source` with the schema read from `schema_path` (it travels as its JSON form) and the
+    imputation mode; both are for CSV jobs only."""
+    if impute not in IMPUTE_MODES:
+        raise DataError(f"impute must be one of {list(IMPUTE_MODES)}, got {impute!r}.")
+    if (schema_path or impute != "none") and not source.from_csv:
+        raise DataError(
+            "--schema and --impute apply to your own CSV files: pass --data-dir and --target "
+            f"(the built-in dataset {source.dataset!r} has no text or missing cells)."
+        )
+    schema = load_schema(schema_path) if schema_path else None
+    if schema is not None:
+        schema.check_target(source.target)
+    return replace(source, schema=schema.to_dict() if schema else {}, impute=impute)
+
+
 def party_data(source: DataSource, index: int, local_file: str | None = None) -> Dataset:
     """Party `index`'s training data: its share of a built-in set, its CSV file in the job's
     data folder (simulation), or `local_file`, the CSV file on its own site (deployment: the
     SuperNode's `data-path`)."""
+    if local_file and source.encoded:
+        return _load_encoded(source, Path(local_file))
     if local_file:
         return load_csv(
             Path(local_file),
@@ -67,6 +102,8 @@ def party_data(source: DataSource, index: int, local_file: str | None = None) ->
             expected_columns=_header(source) if source.from_csv else None,
             classes=source.classes or None,
         )
+    if source.from_csv and source.encoded:
+        return _load_encoded(source, _party_file(source, index))
     if source.from_csv:
         return load_party(
             source.data_dir,
@@ -91,6 +128,9 @@ def test_data(source: DataSource) -> Dataset | None:
     """The held-out test set: the built-in split, or test.csv (None when the folder has none)."""
     if not source.from_csv:
         return load_builtin(source.dataset, seed=source.seed)[1]
+    if source.encoded:
+        path = Path(source.data_dir) / TEST_FILE
+        return _load_encoded(source, path) if path.is_file() else None
     return load_test(
         source.data_dir,
         source.target,
@@ -100,12 +140,50 @@ def test_data(source: DataSource) -> Dataset | None:
     )
 
 
+def schema_of(source: DataSource, local_file: Path | None = None) -> Schema:
+    """The job's schema: the one it carries, or all columns numeric (an imputing job without
+    schema.json) as in the job's reference header (`_header`, or the site's own file)."""
+    if source.schema:
+        return parse_schema(source.schema)
+    if source.from_csv:
+        reference = _reference_file(source)
+        return numeric_schema(read_header(reference), origin=f"the header of {reference}")
+    if local_file is None:
+        raise DataError("an imputing job reads CSV files: pass --data-dir and --target.")
+    return numeric_schema(read_header(local_file), origin=f"the header of {local_file}")
+
+
+def _load_encoded(source: DataSource, path: Path) -> Dataset:
+    return load_encoded(
+        path,
+        schema_of(source, path),
+        source.target,
+        impute=source.imputes,
+        task=source.csv_task,
+        classes=source.classes or None,
+    )
+
+
+def _party_file(source: DataSource, index: int) -> Path:
+    files = _find_party_files(source.data_dir)
+    if isinstance(index, bool) or not 0 <= index < len(files):
+        raise DataError(
+            f"Party index {index} is out of range: {source.data_dir} has {len(files)} party "
+            f"files ({files[0].name} .. {files[-1].name}), so use 0..{len(files) - 1}."
+        )
+    return files[index]
+
+
 def _header(source: DataSource) -> tuple[str, ...]:
     """The columns every file of the job has: the party files' (simulation) or test.csv's
     (deployment: the aggregator's folder holds test.csv only, each site its own file)."""
+    return read_header(_reference_file(source))
+
+
+def _reference_file(source: DataSource) -> Path:
     if site_data_only(source):
-        return read_header(Path(source.data_dir) / TEST_FILE)
-    return read_header(_find_party_files(source.data_dir)[0])
+        return Path(source.data_dir) / TEST_FILE
+    return _find_party_files(source.data_dir)[0]
 
 
 def site_data_only(source: DataSource) -> bool:
@@ -127,5 +205,8 @@ def csv_classes(source: DataSource) -> tuple[float, ...]:
             f"{source.data_dir} has no test.csv: a classification job needs it to evaluate the "
             "model and to fix the label set every party uses."
         )
+    categories = schema_of(source).target_categories(source.target) if source.encoded else ()
+    if categories:  # a categorical target's labels are its categories' indexes
+        return tuple(float(i) for i in range(len(categories)))
     column = pd.read_csv(f"{source.data_dir}/test.csv", usecols=[source.target])[source.target]
     return tuple(sorted(float(v) for v in column.unique()))

@@ -11,7 +11,7 @@ Identities arrive through the aggregator. A deployment pins them (`trusted` belo
 public keys the sites exported, in the key holder's node config; the aggregator names the
 parties, so a pin is a key, not a name); without pins the key holder
 trusts what the first registration of a job shows, and an aggregator that deviates *at
-registration* could stand in for a party. The README states it.
+registration* could stand in for a party. docs/threat-model.md states it.
 """
 
 from __future__ import annotations

@@ -149,12 +149,13 @@ def _check_recipient(job: JobDeclaration) -> None:
 
 
 def _regression_sizes(job: JobDeclaration) -> dict[str, int]:
-    """Every output's size follows from the moments' size: 2·columns + 2."""
+    """Every output's size follows from the moments' size: 2·columns + 2 (3·columns + 2 when
+    the declared moments layout adds the imputing job's observed fractions)."""
     spec = job.outputs.get(moments.OUTPUT)
     if spec is None or spec.size is None:
         raise PolicyError(f"a {job.task} job must declare {moments.OUTPUT!r} with its size.")
     with_target = job.task == linreg.TASK
-    d = (spec.size - 2) // 2 - int(with_target)
+    d = (spec.size - 2) // _moments_fields(job) - int(with_target)
     return {
         "features": d,
         moments.OUTPUT: spec.size,
@@ -163,6 +164,19 @@ def _regression_sizes(job: JobDeclaration) -> dict[str, int]:
         encrypted_model.REFRESH_OUTPUT: d + 1,
         encrypted_model.MODEL_OUTPUT: d + 1,
     }
+
+
+def _moments_fields(job: JobDeclaration) -> int:
+    """Per-column fields of the moments sum, as its declared layout names them."""
+    layouts = job.meta.get("layouts")
+    layout = layouts.get(moments.OUTPUT) if isinstance(layouts, dict) else None
+    names = tuple(layout.get("names", ())) if isinstance(layout, dict) else moments.FIELDS
+    if names not in (moments.FIELDS, (*moments.FIELDS, moments.OBSERVED)):
+        raise PolicyError(
+            f"{moments.OUTPUT!r} declares fields {list(names)}; it sums mean, "
+            "meansq and (when imputing) observed only."
+        )
+    return len(names)
 
 
 def _check_knn(job: JobDeclaration) -> None:

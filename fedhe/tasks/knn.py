@@ -40,7 +40,7 @@ again under a fresh layout (new segment order, points shuffled afresh) and the k
 cannot link positions across layouts, unless one query (or two very close ones) is asked in
 both: equal rankings link them (a known weakness, tests/test_knn_leakage.py). Empty positions
 hold fresh noise, not the mask of u = 0. What remains is what B rankings of unlinked positions
-reveal: measured in simulations/attack_knn.py and the README's threat model.
+reveal: measured in simulations/attack_knn.py and docs/threat-model.md.
 
 Ties: exact distance ties are broken by the encryption noise (in effect at random); a tied
 vote goes to the smallest class label, as scikit-learn's KNeighborsClassifier does.
