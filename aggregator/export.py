@@ -32,6 +32,7 @@ def export_model(
     """Write the encrypted run's model into `config.out`; return result.json's "model" entry
     (the files written, relative to the run folder, and the architecture)."""
     out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
     kind = "knn" if config.task == "knn" else _KINDS[config.task]
     if kind != "knn" and not run.weights:
         return {"json": None, "withheld": "the model stayed with the parties (none shared it)"}
@@ -42,13 +43,12 @@ def export_model(
         _save_state_dict(run.weights, out / MODEL_PT)
         entry.update(weights=MODEL_PT, architecture=spec["architecture"])
     elif kind == "knn":
-        spec["knn"] = _knn_part(config, out)
+        spec["knn"] = _knn_part(config)
     else:
         spec["linear"] = _linear_part(run.weights["coefficients"], kind)
     if kind != "knn":  # a KNN job's answers stay with its querier
         _predictions(spec, run, test).to_csv(out / PREDICTIONS_CSV, index=False)
         entry["predictions"] = PREDICTIONS_CSV
-    out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_JSON).write_text(json.dumps(spec, indent=2) + "\n")
     return entry
 
@@ -142,20 +142,22 @@ def _softmax_in_original_units(run: JobRun) -> dict[str, Any]:
     }
 
 
-def _knn_part(config: JobConfig, out: Path) -> dict[str, Any]:
-    store = getattr(config.knn, "keep_store", False)
+def _knn_part(config: JobConfig) -> dict[str, Any]:
+    """A KNN model is its parties' encrypted points: `store` names the folder the run kept
+    them in (`--keep-store true`; fedhe.knn_predict answers against it), null when it did not."""
+    from fedhe.aggregator.knn import KEPT_FOLDER
+
     return {
         "k": config.knn.k,
         "standardize": config.knn.standardize,
         "query": config.knn.query,
-        "store": str(out) if store else None,
+        "store": KEPT_FOLDER if config.knn.keep_store else None,
     }
 
 
 def _save_state_dict(weights: dict[str, np.ndarray], path: Path) -> None:
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}, path)
 
 

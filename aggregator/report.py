@@ -121,7 +121,7 @@ def run_summary(config: JobConfig, run: JobRun) -> dict[str, Any]:
     return {
         "data": f"{config.data_dir} (target {config.target})"
         if config.data_dir
-        else config.dataset_name,
+        else f"{config.dataset_name} (built-in)",
         "task": config.task,
         "mode": config.regression_mode or None,
         "rounds": config.rounds if trains else None,

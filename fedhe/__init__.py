@@ -10,3 +10,21 @@ if (_root / "aggregator" / "app.py").is_file() and (_root / "clients" / "app.py"
     __path__.append(str(_root))
 
 __version__ = "0.1.0"
+
+# The notebook API (fedhe/api.py, fedhe/model.py), imported on first use: `import fedhe` stays
+# light (no torch, Flower or Ray until a job runs or a model loads).
+_LAZY = {
+    "simulate": "fedhe.api",
+    "load_run": "fedhe.api",
+    "RunResult": "fedhe.api",
+    "load_model": "fedhe.model",
+}
+__all__ = ["RunResult", "load_model", "load_run", "simulate"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fedhe' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)

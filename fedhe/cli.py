@@ -6,12 +6,15 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
 from pathlib import Path
+from typing import Any
 
 from fedhe.config import (
     CONSTRAINTS,
     SECTION_OF,
     SECTIONS,
+    TASK_DEFAULTS,
     TASKS,
     JobConfig,
     setting_key,
@@ -23,10 +26,9 @@ _HELP = {
     "parties": "number of parties (data owners); --keyholders more nodes hold the key",
     "min_parties": "fewest parties a sum may cover; the job stops below it",
     "rounds": "training rounds",
-    "dataset": "built-in dataset: breast_cancer, iris, wine, digits, diabetes, synthetic "
-    "(default: breast_cancer; diabetes for linreg, digits for mlp)",
-    "mode": "linreg: exact (masked normal equations, default), gradient or encrypted-model; "
-    "logreg: gradient (default) or encrypted-model",
+    "dataset": "built-in dataset: breast_cancer, iris, wine, digits, diabetes, synthetic",
+    "mode": "exact (masked normal equations; linreg only), gradient (encrypted gradients) or "
+    "encrypted-model (the model stays encrypted)",
     "l2": "L2 penalty per sample on standardized coefficients",
     "data_dir": "folder with party-*.csv (one per party) and test.csv, instead of --dataset",
     "target": "label column of the CSV files (with --data-dir)",
@@ -40,8 +42,8 @@ _HELP = {
     "batch_size": "mini-batch size per party and step (gradient mode: 0 = all local samples)",
     "lr": "local SGD learning rate",
     "clip": "clip each update coordinate to ±clip (bounds the encrypted sum)",
-    "hidden": "MLP hidden widths, e.g. 32,16 (default: logistic/softmax regression; mlp: 32)",
-    "drop_party": "simulate a fault: this party index fails every training round",
+    "hidden": "MLP hidden widths, e.g. 32,16 (empty: logistic/softmax regression)",
+    "drop_party": "simulate a fault: this 0-based party index fails every training round",
     "timeout_s": "seconds to wait for replies to one message",
     "keyholder_retries": "more tries when the key holder does not answer (never on a refusal)",
     "keyholders": "holders of the job's key: 1 (one key holder), a count K (a key-holder group; "
@@ -51,13 +53,13 @@ _HELP = {
     "query": "plain (the aggregator sees the query) or encrypted (it does not)",
     "query_batch": "queries per batch (one ranking and one vote release each)",
     "queries": "ask only the querier's first N test rows (0: all)",
-    "querier": "index of the party that asks the queries (it holds the test set)",
+    "querier": "0-based index of the party that asks the queries (it holds the test set; "
+    "with --data-dir, 0 is the first party file, party-1.csv)",
     "standardize": "measure distances on globally standardized features (true/false)",
     "keep_store": "keep the encrypted store and the key holder's state under --out, so that "
     "`fedhe predict` can ask as many new queries as the job did (true/false; whoever holds the "
     "kept state can decrypt the store)",
-    "activation": "hidden activation: relu, or square, relu-poly, silu-poly (encryptable; "
-    "mlp default: square)",
+    "activation": "hidden activation: relu, or square, relu-poly, silu-poly (encryptable)",
     "alpha": "Dirichlet(alpha) label skew across parties for built-in data (0: IID)",
     "single_queries": "test samples also sent one at a time (single-sample latency path)",
     "optimizer": "local training optimizer: sgd or adam",
@@ -66,7 +68,28 @@ _HELP = {
     "≤ 1e-3 per round)",
     "resume": "continue an interrupted job from the checkpoint in --out (true/false)",
 }
-_SIMULATION_ONLY = {"task", "keyholder_partition_id", "plaintext_twin"}
+# Settings `fedhe simulate` sets itself (its engine awaits SIMULATION_WINDOW replies at a time).
+_SIMULATION_ONLY = {"task", "keyholder_partition_id", "plaintext_twin", "message_window"}
+_TASK_HELP = {
+    "aggregate": "HE-FedAvg of a torch model: logistic/softmax regression, or an MLP (--hidden)",
+    "linreg": "linear/ridge regression: exact (masked normal equations), by encrypted "
+    "gradients, or with the model itself encrypted",
+    "logreg": "logistic regression by encrypted gradients, or with the model itself encrypted",
+    "knn": "k nearest neighbours over encrypted points (classification or regression)",
+    "mlp": "an MLP with polynomial activations trained by HE-FedAvg, then evaluated on "
+    "encrypted inputs",
+}
+_UNREAD_BY = {"rounds": ("knn",)}  # shared settings a task never reads: out of its help
+EXIT_EXCLUDED = 3  # --strict: the run finished, but without some of its parties
+_TIMINGS = {  # what each time row measures (seconds inside the run; start-up not included)
+    "keygen": "key generation (key holder)",
+    "train": "local training (slowest party per round, summed)",
+    "encrypt": "encryption (slowest party per round, summed)",
+    "compute": "aggregator compute",
+    "decrypt": "decryption (key holder)",
+    "transfer": "messaging (waits beyond party compute)",
+    "total": "run total, set-up to report",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         from fedhe import predict
 
         return predict.main(args)
+    if args.command == "check-data":
+        from fedhe.data.checks import check_data_command
+
+        return check_data_command(args)
     if args.command == "deploy":
         from fedhe.deploy_cli import deploy
 
@@ -89,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     _configure_logging(args.verbose)
     try:
-        config = JobConfig.of(
-            **{name: getattr(args, name) for name in _cli_settings()},
+        config = JobConfig.of(  # a setting left out takes the task's default (JobConfig.of)
+            **{name: getattr(args, name) for name in _cli_settings() if hasattr(args, name)},
             task=args.task,
             plaintext_twin=not args.encrypted_only,
         )
@@ -99,27 +126,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedhe: error: {err}", file=sys.stderr)
         return 2
     _print_summary(result_path)
-    return 0
+    return _strict_status(result_path) if args.strict else 0
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedhe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    sim = commands.add_parser("simulate", help="run a job in Flower's simulation engine")
-    sim.add_argument("task", choices=TASKS)
-    _add_settings(sim)
-    sim.add_argument(
-        "--encrypted-only",
-        action="store_true",
-        help="skip the plaintext twin run (which `fedhe simulate` runs by default)",
+    sim = commands.add_parser(
+        "simulate",
+        help="run a job in Flower's simulation engine",
+        description="Run a job in Flower's simulation engine: fedhe simulate TASK [options].",
+        epilog=_settings_overview(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sim.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="Ray actors running the nodes (default: one per CPU core)",
-    )
-    sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    tasks = sim.add_subparsers(dest="task", required=True, metavar="TASK")
+    for task in TASKS:
+        _add_task_parser(tasks, task)
     audit = commands.add_parser("audit", help="check a key holder's audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_commands.add_parser("verify", help="check the log's hash chain")
@@ -144,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_deploy_commands(commands)
     add_predict_command(commands)
+    from fedhe.data.checks import add_check_data_command
+
+    add_check_data_command(commands)
     return parser
 
 
@@ -152,24 +177,100 @@ def _cli_settings() -> list[str]:
     return [name for name in JobConfig().settings() if name not in _SIMULATION_ONLY]
 
 
-def _add_settings(sim: argparse.ArgumentParser) -> None:
-    """One option per setting, grouped as JobConfig groups them: the shared ones, then one
-    group per section, titled with the tasks that read it (the others refuse it)."""
-    defaults = JobConfig().settings()
-    groups = {"": sim.add_argument_group("settings of every task")}
+def _add_task_parser(tasks: argparse._SubParsersAction, task: str) -> None:
+    """`fedhe simulate TASK`: the settings `task` reads, with its defaults, and the run's own
+    options."""
+    parser = tasks.add_parser(
+        task,
+        help=_TASK_HELP[task],
+        description=f"fedhe simulate {task}: {_TASK_HELP[task]}. The defaults shown are "
+        f"{task}'s own.",
+    )
+    _add_settings(parser, task)
+    parser.add_argument(
+        "--encrypted-only",
+        action="store_true",
+        help="skip the plaintext twin run (which `fedhe simulate` runs by default)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="Ray actors running the nodes (default: one per CPU core)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"exit with status {EXIT_EXCLUDED} when any party was excluded or never answered "
+        "(default: the job goes on without it while --min-parties remain, and says so)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+
+
+def _add_settings(parser: argparse.ArgumentParser, task: str) -> None:
+    """One option per setting, grouped as JobConfig groups them, with `task`'s defaults. An
+    option of a section `task` does not read stays out of the help but is still parsed, so that
+    the config refuses it with its reason ("k=3 applies to task knn only")."""
+    defaults = _defaults_shown(task)
+    groups = {"": parser.add_argument_group("settings of every task")}
     for name, section in SECTIONS.items():
-        tasks = ", ".join(section.TASKS)
-        groups[name] = sim.add_argument_group(
-            f"{name} settings (task{'s' * (len(section.TASKS) > 1)} {tasks} only)"
-        )
+        if task in section.TASKS:
+            groups[name] = parser.add_argument_group(f"{name} settings")
     for name in _cli_settings():
-        kind, default = CONSTRAINTS[name].kind, defaults[name]
-        groups[SECTION_OF.get(name, "")].add_argument(
+        kind, section = CONSTRAINTS[name].kind, SECTION_OF.get(name, "")
+        shown = section in groups and task not in _UNREAD_BY.get(name, ())
+        (groups[section] if shown else parser).add_argument(
             "--" + setting_key(name),
             type=_parse_bool if kind is bool else kind,
-            default=default,
-            help=f"{_HELP.get(name, '')} (default: {default!r})",
+            default=argparse.SUPPRESS,  # left out: JobConfig.of gives the task's default
+            help=f"{_HELP.get(name, '')} (default: {defaults[name]})"
+            if shown
+            else argparse.SUPPRESS,
         )
+
+
+def _defaults_shown(task: str) -> dict[str, str]:
+    """Each setting's default for `task` as its help shows it: the task's own values, the value
+    an empty setting stands for ('' → the task's dataset), and where a mode has its own."""
+    config = JobConfig.of(task=task)
+    settings = config.settings()
+    shown = {name: repr(value) for name, value in settings.items()}
+    stands_for = {
+        "dataset": config.dataset_name,
+        "mode": config.regression_mode,
+        "hidden": ",".join(map(str, config.hidden_widths)),
+        "activation": config.activation_name,
+    }
+    for name, value in stands_for.items():
+        if settings[name] == "" and value:
+            shown[name] = repr(value)
+    for of_task, mode in TASK_DEFAULTS:
+        if of_task == task and mode != config.regression_mode:
+            in_mode = JobConfig.of(task=task, mode=mode).settings()
+            for name, value in in_mode.items():
+                if name != "mode" and value != settings[name]:
+                    shown[name] += f"; {mode} mode: {value!r}"
+    return shown
+
+
+def _settings_overview() -> str:
+    """`fedhe simulate --help`'s epilog: which settings each group of tasks reads."""
+    groups = {"settings of every task": [n for n in _cli_settings() if n not in SECTION_OF]}
+    for name, section in SECTIONS.items():
+        tasks = f"task{'s' * (len(section.TASKS) > 1)} {', '.join(section.TASKS)}"
+        groups[f"{name} settings ({tasks} only)"] = [
+            n for n in _cli_settings() if SECTION_OF.get(n) == name
+        ]
+    lines = [
+        "settings (`fedhe simulate TASK --help` lists a task's own, with its defaults):",
+        "  run options of every task: --encrypted-only, --workers, --strict, -v",
+    ]
+    for title, names in groups.items():
+        options = ", ".join("--" + setting_key(n) for n in names)
+        lines += textwrap.wrap(
+            f"{title}: {options}", width=90, initial_indent="  ", subsequent_indent="      "
+        )
+    return "\n".join(lines)
 
 
 def _show_identity(path: str, passphrase_file: str) -> int:
@@ -220,57 +321,118 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _print_summary(result_path: Path) -> None:
+    """What ran on which data, which parties it used (and why it left any out), then the
+    metrics and timings. Plain text when stdout is no terminal (rich writes no ANSI codes)."""
+    from rich.console import Console
+
     result = json.loads(result_path.read_text())
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover - rich is a dependency
-        print(json.dumps(result["encrypted"], indent=2))
-        return
-    table = Table(title=f"fedhe {result['task']} — {result_path.parent}")
+    for line in _summary_lines(result):
+        print(line, flush=True)
+    console = Console(highlight=False)
+    if not console.is_terminal:  # a log file: keep the rows whole rather than wrap at 80
+        console = Console(highlight=False, width=120)
+    console.print(_metrics_table(result, result_path))
+
+
+def _summary_lines(result: dict[str, Any]) -> list[str]:
+    """The summary's head, from result.json's `summary` (none in an older result.json)."""
+    summary = result.get("summary")
+    if not summary:
+        return []
+    parties = summary["parties"]
+    job = [summary["task"]]
+    job += [f"{summary['mode']} mode"] if summary.get("mode") else []
+    job += [f"{summary['rounds']} rounds"] if summary.get("rounds") else []
+    job += [f"{summary['packing']} packing"] if summary.get("packing") else []
+    lines = [
+        f"data      {summary['data']}",
+        f"job       {', '.join(job)}",
+        f"parties   {parties['used']} of {parties['expected']} used ({parties['found']} "
+        f"answered, {len(parties['excluded'])} left out; min-parties "
+        f"{result['parties']['min_parties']})",
+    ]
+    missing = parties["expected"] - parties["found"]
+    if missing:
+        lines.append(f"  never answered: {missing} party node(s)")
+    lines += [f"  left out {name}: {why}" for name, why in parties["excluded"].items()]
+    lines.append(f"keys      {_keyholders_text(summary['keyholders'])}")
+    return lines
+
+
+def _keyholders_text(keys: dict[str, Any]) -> str:
+    count, threshold = keys["count"], keys["threshold"]
+    if keys["parties_hold_keys"]:
+        return f"the {count} parties hold shares of the key; any {threshold} decrypt together"
+    if count == 1:
+        return "one key holder"
+    return f"{count} key holders; any {threshold} decrypt together"
+
+
+def _metrics_table(result: dict[str, Any], result_path: Path) -> Any:
+    from rich.table import Table
+
+    plain = result.get("plaintext")
+    table = Table(
+        title=f"fedhe {result['task']} — {result_path.parent}",
+        caption="time: seconds within the run; Python, Ray and node start-up not included",
+    )
     table.add_column("metric")
     table.add_column("encrypted (CKKS)", justify="right")
-    table.add_column("plaintext twin", justify="right")
-    plain = result.get("plaintext") or {}
+    if plain is not None:
+        table.add_column("plaintext twin", justify="right")
+
+    def row(label: str, encrypted: str, twin: str = "") -> None:
+        table.add_row(label, encrypted, *([twin] if plain is not None else []))
+
+    plain = plain or {}
     for key in ("accuracy", "loss", "train_loss", "log_loss", "auc", "mse", "r2"):
         if key in result["encrypted"]:
-            table.add_row(
-                key, f"{result['encrypted'][key]:.4f}", f"{plain[key]:.4f}" if key in plain else "-"
-            )
+            twin = f"{plain[key]:.4f}" if key in plain else "-"
+            row(key, f"{result['encrypted'][key]:.4f}", twin)
     inference = result.get("inference")
     if inference and "encrypted_accuracy" in inference:  # the querier reported its counts
-        table.add_row(
+        row(
             "inference accuracy (same weights)",
             f"{inference['encrypted_accuracy']:.4f}",
             f"{inference['plaintext_accuracy']:.4f}",
         )
-        table.add_row("inference max |logit error|", f"{inference['max_abs_logit_error']:.2e}", "")
+        row("inference max |logit error|", f"{inference['max_abs_logit_error']:.2e}")
         batched = inference["batched"]
-        table.add_row(
-            "batched: samples/s (full batch)", f"{batched['samples_per_s_at_capacity']:.0f}", ""
-        )
+        row("batched: samples/s (full batch)", f"{batched['samples_per_s_at_capacity']:.0f}")
         single = inference["single"]
         if "aggregator_compute_s_median" in single:
-            table.add_row(
-                "single sample: aggregator (s)", f"{single['aggregator_compute_s_median']:.4f}", ""
-            )
+            row("single sample: aggregator (s)", f"{single['aggregator_compute_s_median']:.4f}")
     if result.get("central"):
-        table.add_row(
-            "central model (pooled data) accuracy", "", f"{result['central']['accuracy']:.4f}"
-        )
+        row("central model (pooled data) accuracy", "", f"{result['central']['accuracy']:.4f}")
     for phase, seconds in result.get("knn", {}).get("per_query_s", {}).items():
-        table.add_row(f"per query: {phase} (s)", f"{seconds:.4f}", "-")
+        row(f"per query: {phase} (s)", f"{seconds:.4f}", "-")
     plain_timings = result.get("plaintext_timings_s", {})
     for phase, seconds in result["timings_s"].items():
         twin = f"{plain_timings[phase]:.3f}" if phase in plain_timings else "-"
-        table.add_row(f"time {phase} (s)", f"{seconds:.3f}", twin)
+        row(f"time: {_TIMINGS.get(phase, phase)}", f"{seconds:.3f}", twin)
     for direction, n in result["bytes"].items():
-        table.add_row(
+        row(
             f"bytes {direction}",
             f"{n:,}",
             f"{result.get('plaintext_bytes', {}).get(direction, 0):,}",
         )
-    Console(stderr=False, force_terminal=None).print(table)
+    return table
+
+
+def _strict_status(result_path: Path) -> int:
+    """--strict: 0, or EXIT_EXCLUDED when the run went on without some of its parties."""
+    parties = json.loads(result_path.read_text())["summary"]["parties"]
+    missing = parties["expected"] - parties["found"]
+    if not parties["excluded"] and not missing:
+        return 0
+    left_out = ", ".join(parties["excluded"]) or "none"
+    print(
+        f"fedhe: error: --strict: the run used {parties['used']} of {parties['expected']} "
+        f"parties (left out: {left_out}; never answered: {missing}); the reasons are above, "
+        f"the result in {result_path}.",
+        file=sys.stderr,
+    )
+    return EXIT_EXCLUDED
 
 
 if __name__ == "__main__":

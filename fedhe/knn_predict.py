@@ -62,7 +62,7 @@ from fedhe.tasks.moments import Standardizer
 if TYPE_CHECKING:
     from fedhe.config import JobConfig
 
-__all__ = ["KeptStore", "predict"]
+__all__ = ["KeptStore", "describe", "predict"]
 
 KEYHOLDER_FOLDER = "keyholder"
 IDENTITIES_FOLDER = "identities"
@@ -82,7 +82,7 @@ def keeps_state(config: JobConfig) -> bool:
 
 def keyholder_root(out: str | Path) -> Path:
     """The simulated key holder's state root under the run folder (made 0700)."""
-    return _private_folder(kept_folder(out) / KEYHOLDER_FOLDER)
+    return _private_folder(_private_folder(kept_folder(out)) / KEYHOLDER_FOLDER)
 
 
 class WithKeptIdentities(ClientApp):
@@ -103,7 +103,9 @@ class WithKeptIdentities(ClientApp):
 
 def identity_path(out: str | Path, node: int) -> Path:
     """Node `node`'s identity file under the run folder (what `WithKeptIdentities` sets)."""
-    return _private_folder(kept_folder(out) / IDENTITIES_FOLDER) / f"node-{node}.key"
+    return (
+        _private_folder(_private_folder(kept_folder(out)) / IDENTITIES_FOLDER) / f"node-{node}.key"
+    )
 
 
 def keep_only_the_querier(out: str | Path) -> None:
@@ -282,6 +284,20 @@ class KeptStore:
                 start = stop
 
 
+def describe(run_dir: str | Path) -> dict[str, object]:
+    """What `fedhe predict` prints about a kept store before it asks: the job, k, what it
+    answers (classes or a mean target), the features it expects and the queries left."""
+    kept = KeptStore.open(run_dir)
+    return {
+        "job_id": kept.job_id,
+        "k": int(kept.manifest["k"]),
+        "answers": f"{kept.n_classes} classes" if kept.n_classes else "mean target of the k",
+        "features": kept.feature_names,
+        "queries_left": kept.queries_left(),
+        "queries_declared": int(kept.manifest["reserved_queries"]),
+    }
+
+
 def predict(run_dir: str | Path, X: np.ndarray) -> np.ndarray:
     """Answer new queries with the kept store of a `--keep-store true` knn run.
 
@@ -363,7 +379,8 @@ def _check_rows(X: np.ndarray, n_features: int) -> np.ndarray:
     if bad.size:
         row, column = bad[0]
         raise DataError(
-            f"row {row}, column {column} to predict holds {X[row, column]!r}: fill or drop it."
+            f"row {row}, column {column} to predict (from 0) holds {float(X[row, column])!r}: "
+            "fill or drop it."
         )
     return X
 

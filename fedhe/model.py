@@ -248,7 +248,10 @@ class FedHEModel(BaseEstimator):
                 f"{self.folder}: a knn model is its parties' encrypted points, and this run did "
                 "not keep them: run knn with --keep-store true to score new records later."
             )
-        return np.asarray(knn_predict.predict(self.folder, self.raw_features(X)))
+        answers = np.asarray(knn_predict.predict(self.folder, self.raw_features(X)))
+        if self.spec_["estimator"] == "classifier":  # the querier's vote: a class index
+            return np.asarray(self.spec_["classes"])[answers.astype(int)]
+        return answers
 
 
 class FedHERegressor(RegressorMixin, FedHEModel):
@@ -337,7 +340,7 @@ def _numbers(frame: pd.DataFrame, source: str, where: Sequence[str] | None) -> n
         at = where[row] if where is not None else f"row {frame.index[row]!r}"
         text = str(raw[row, col])
         shown = text if len(text) <= 40 else text[:37] + "..."
-        problem = "infinite value" if np.isinf(numbers[row, col]) else "not a number"
+        problem = "an infinite value" if np.isinf(numbers[row, col]) else "not a number"
         raise DataError(
             f"{source}: {at}, column {frame.columns[col]!r}: {shown!r} is {problem}. Use plain "
             "numbers such as 3 or -1.5e-2 (a categorical column needs the run's schema.json)."

@@ -22,6 +22,9 @@ def simulate(config: JobConfig, workers: int | None = None) -> Path:
     on `workers` Ray actors (default: one per CPU core, at most one per node)."""
     if workers is not None and workers < 1:
         raise ConfigError(f"workers must be ≥ 1, got {workers}.")
+    from fedhe.data.checks import check_job_data
+
+    check_job_data(config)  # every data problem at once, before Ray or Flower start
     workers = workers or min(os.cpu_count() or 1, config.num_nodes)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation

@@ -27,28 +27,29 @@ from tests.inprocess import InProcessGrid, kept_answers
 TEST_QUERIES = 30  # iris: 150 rows, a fifth of them the querier's test set
 
 
-def run_knn(out: Path, **settings) -> InProcessGrid:
-    """An encrypted iris KNN job over 3 parties, kept as `fedhe simulate` keeps it."""
+def run_knn(out: Path, *, keep_store: bool = False) -> InProcessGrid:
+    """An encrypted iris KNN job over 3 parties, its state where `fedhe simulate` puts it:
+    with keep_store, node identities and the key holder's state under the run folder; without,
+    identities in the nodes' state and the key holder's in a folder of its own."""
     config = JobConfig.of(
         task="knn", dataset="iris", parties=3, min_parties=2, out=str(out),
-        plaintext_twin=False, query_batch=16, **settings,
+        plaintext_twin=False, query_batch=16, keep_store=keep_store,
     )  # fmt: skip
-    grid = InProcessGrid(
-        config.num_nodes,
-        node_configs={
-            i: {
-                "partition-id": i,
-                "num-partitions": config.num_nodes,
-                **SIMULATION_NODE_CONFIG,
-                "identity-path": str(knn_predict.identity_path(out, i)),
-            }
-            for i in range(config.num_nodes)
-        },
-    )
+    nodes = {
+        i: {"partition-id": i, "num-partitions": config.num_nodes, **SIMULATION_NODE_CONFIG}
+        for i in range(config.num_nodes)
+    }
+    state_root = out.parent / f"{out.name}-keyholder-state"
+    if keep_store:
+        for i, node in nodes.items():
+            node["identity-path"] = str(knn_predict.identity_path(out, i))
+        state_root = knn_predict.keyholder_root(out)
+    grid = InProcessGrid(config.num_nodes, node_configs=nodes)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FEDHE_STATE_ROOT", str(knn_predict.keyholder_root(out)))
+        patch.setenv("FEDHE_STATE_ROOT", str(state_root))
         run_job(grid, config)
-    knn_predict.keep_only_the_querier(out)
+    if keep_store:
+        knn_predict.keep_only_the_querier(out)
     return grid
 
 
@@ -127,6 +128,9 @@ def test_the_declared_later_queries_are_all_it_answers(kept, tmp_path):
     assert len(knn_predict.predict(run, X[20:])) == 10
     with pytest.raises(PolicyError, match="answers 0 more queries"):
         knn_predict.predict(run, X[:1])
+    described = knn_predict.describe(run)
+    assert (described["queries_left"], described["queries_declared"]) == (0, TEST_QUERIES)
+    assert described["answers"] == "3 classes" and len(described["features"]) == 4
 
 
 def test_the_job_declares_the_later_queries_with_its_own(kept, tmp_path):
@@ -205,7 +209,7 @@ def test_rows_of_the_wrong_shape_or_with_gaps_are_refused(kept):
         knn_predict.predict(out, np.zeros((2, 3)))
     rows = np.ones((2, 4))
     rows[1, 2] = np.nan
-    with pytest.raises(FedHEError, match=r"row 1, column 2 to predict holds nan"):
+    with pytest.raises(FedHEError, match=r"row 1, column 2 to predict \(from 0\) holds nan"):
         knn_predict.predict(out, rows)
 
 
@@ -215,7 +219,18 @@ def test_keep_store_needs_one_key_holder():
 
 
 def test_only_a_kept_simulation_gives_its_nodes_identity_files(tmp_path):
+    from flwr.app import Context, RecordDict
+
     assert isinstance(simulation_client_app(), WithNodeConfig)
-    app = simulation_client_app(str(tmp_path))
-    assert isinstance(app, knn_predict.WithKeptIdentities)
-    assert stat.S_IMODE((tmp_path / "knn-kept" / "identities").stat().st_mode) == 0o700
+    assert isinstance(simulation_client_app(str(tmp_path)), knn_predict.WithKeptIdentities)
+    seen = {}
+    app = knn_predict.WithKeptIdentities(
+        lambda _, context: seen.update(context.node_config), tmp_path
+    )
+    node = Context(
+        run_id=1, node_id=7, node_config={"partition-id": 2}, state=RecordDict(), run_config={}
+    )
+    app(None, node)
+    folder = tmp_path / "knn-kept" / "identities"
+    assert seen == {"partition-id": 2, "identity-path": str(folder / "node-2.key")}
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700

@@ -15,8 +15,9 @@ from sklearn.preprocessing import OneHotEncoder
 
 from fedhe.aggregator.app import run_job
 from fedhe.config import ConfigError, JobConfig
+from fedhe.data import sources
 from fedhe.data.schema import load_encoded, load_schema, numeric_schema, parse_schema
-from fedhe.data.sources import DataSource, party_data, test_data, with_columns
+from fedhe.data.sources import DataSource, party_data, with_columns
 from fedhe.errors import DataError
 from fedhe.tasks import moments
 from tests.inprocess import InProcessGrid
@@ -266,7 +267,7 @@ def test_every_site_encodes_alike_whatever_its_column_order(hospitals):
     folder, _, _ = hospitals
     source = source_of(folder, impute="mean")
     shares = [party_data(source, i) for i in range(3)]
-    test = test_data(source)
+    test = sources.test_data(source)
     names = {d.feature_names for d in [*shares, test]}
     assert names == {("age", "sex=M", "bmi", "smoker=former", "smoker=current")}
     assert not shares[1].X[:, 4].any()  # hospital 2 has no current smokers: a zero column
@@ -283,7 +284,7 @@ def test_impute_without_a_schema_reads_every_column_as_numeric(tmp_path):
     write_csv(tmp_path / "test.csv", "b,a,y\n1,2,3\n")
     source = with_columns(DataSource("", str(tmp_path), "y", n_parties=2), impute="mean")
     assert party_data(source, 0).feature_names == ("a", "b")
-    assert test_data(source).X.tolist() == [[2, 1]]  # matched by name
+    assert sources.test_data(source).X.tolist() == [[2, 1]]  # matched by name
     header = numeric_schema(["y", "a", "b"], origin="h")
     assert header.feature_names("y") == ("a", "b")
 
@@ -336,6 +337,7 @@ def test_a_column_no_party_observed_cannot_be_imputed():
 
 
 def run(folder: Path, out: Path, **settings) -> dict:
+    out.mkdir()
     config = JobConfig.of(
         parties=3,
         min_parties=3,
@@ -424,6 +426,7 @@ def test_logreg_with_a_categorical_target_and_missing_cells_runs_end_to_end(tmp_
     for number in (1, 2, 3):
         site(70).to_csv(tmp_path / f"party-{number}.csv", index=False, na_rep="")
     site(60).to_csv(tmp_path / "test.csv", index=False, na_rep="")
+    (tmp_path / "out").mkdir()
     config = JobConfig.of(
         task="logreg",
         parties=3,
@@ -442,3 +445,34 @@ def test_logreg_with_a_categorical_target_and_missing_cells_runs_end_to_end(tmp_
     assert result["parties"]["excluded"] == {}
     assert result["encrypted"]["accuracy"] >= 0.85
     assert result["encrypted"]["accuracy"] == pytest.approx(result["plaintext"]["accuracy"])
+
+
+def test_knn_on_raw_features_fills_missing_cells_too(tmp_path):
+    """KNN without standardization still fills each hole with the global mean (the querier's
+    test rows as well), so no NaN reaches the encrypted distances."""
+    rng = np.random.default_rng(4)
+
+    def site(n: int) -> pd.DataFrame:
+        frame = pd.DataFrame({"a": rng.normal(0, 1, n).round(3), "b": rng.normal(0, 1, n)})
+        frame["y"] = (frame["a"] + frame["b"] > 0).astype(int)
+        frame.loc[rng.random(n) < 0.2, "a"] = np.nan
+        return frame
+
+    for number in (1, 2, 3):
+        site(60).to_csv(tmp_path / f"party-{number}.csv", index=False, na_rep="")
+    site(20).to_csv(tmp_path / "test.csv", index=False, na_rep="")
+    (tmp_path / "out").mkdir()
+    config = JobConfig.of(
+        task="knn",
+        parties=3,
+        min_parties=2,
+        data_dir=str(tmp_path),
+        target="y",
+        impute="mean",
+        standardize=False,
+        out=str(tmp_path / "out"),
+    )
+    run_job(InProcessGrid(config.num_nodes), config)
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["parties"]["excluded"] == {}
+    assert result["encrypted"]["accuracy"] >= 0.8

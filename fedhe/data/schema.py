@@ -323,7 +323,9 @@ def _encode(
 def _numbers(
     path: Path, name: str, cells: np.ndarray, lines: np.ndarray, missing: np.ndarray
 ) -> np.ndarray:
-    values = pd.to_numeric(pd.Series(cells, dtype=object), errors="coerce").to_numpy(float)
+    values = pd.to_numeric(pd.Series(cells, dtype=object), errors="coerce").to_numpy(
+        float, copy=True
+    )
     bad = ~missing & ~np.isfinite(values)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
