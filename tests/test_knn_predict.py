@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fedhe import knn_predict
-from fedhe.aggregator.app import run_job
+from fedhe.aggregator.app import _data_source, run_job
 from fedhe.clients.roles import SIMULATION_NODE_CONFIG, WithNodeConfig
 from fedhe.config import ConfigError, JobConfig
 from fedhe.data import sources
@@ -27,13 +27,13 @@ from tests.inprocess import InProcessGrid, kept_answers
 TEST_QUERIES = 30  # iris: 150 rows, a fifth of them the querier's test set
 
 
-def run_knn(out: Path, *, keep_store: bool = False) -> InProcessGrid:
+def run_knn(out: Path, *, keep_store: bool = False, **settings) -> InProcessGrid:
     """An encrypted iris KNN job over 3 parties, its state where `fedhe simulate` puts it:
     with keep_store, node identities and the key holder's state under the run folder; without,
     identities in the nodes' state and the key holder's in a folder of its own."""
     config = JobConfig.of(
-        task="knn", dataset="iris", parties=3, min_parties=2, out=str(out),
-        plaintext_twin=False, query_batch=16, keep_store=keep_store,
+        **{"task": "knn", "dataset": "iris", "parties": 3, "min_parties": 2, "out": str(out),
+           "plaintext_twin": False, "query_batch": 16, "keep_store": keep_store} | settings,
     )  # fmt: skip
     nodes = {
         i: {"partition-id": i, "num-partitions": config.num_nodes, **SIMULATION_NODE_CONFIG}
@@ -64,8 +64,6 @@ def kept(tmp_path_factory):
 
 
 def _source():
-    from fedhe.aggregator.app import _data_source
-
     return _data_source(JobConfig.of(task="knn", dataset="iris", parties=3), 3)
 
 
@@ -116,6 +114,17 @@ def test_predict_gives_the_jobs_own_answers_through_the_key_holders_policy(kept,
         for r in range(first, first + batches)
     }
     assert not [e for e in new if e["decision"] != "decrypted"]
+
+
+def test_a_regression_store_answers_the_mean_target_in_original_units(tmp_path):
+    out = tmp_path / "diabetes"
+    grid = run_knn(out, keep_store=True, dataset="diabetes", queries=8)  # d = 10: one layout
+    config = JobConfig.of(task="knn", dataset="diabetes", parties=3)
+    test = sources.test_data(_data_source(config, 3))
+    predicted = knn_predict.predict(out, test.X[:8])
+    job = kept_answers(grid, "predictions", encrypted=True)
+    assert len(predicted) == 8 and np.ptp(predicted) > 50  # diabetes targets span ~25-346
+    np.testing.assert_allclose(predicted, job, atol=0.05)  # the same k neighbours, CKKS noise
 
 
 def test_the_declared_later_queries_are_all_it_answers(kept, tmp_path):

@@ -476,3 +476,22 @@ def test_knn_on_raw_features_fills_missing_cells_too(tmp_path):
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["parties"]["excluded"] == {}
     assert result["encrypted"]["accuracy"] >= 0.8
+
+
+def test_the_key_holder_sizes_an_imputing_regression_from_its_moments_fields():
+    from fedhe.errors import PolicyError
+    from fedhe.tasks import aggregate, check_declaration, linreg
+
+    def declaration(layout: aggregate.Layout):
+        d = layout.shapes[0][0] - 1  # linreg: the target is the last column
+        outputs = {
+            moments.OUTPUT: (1, layout),
+            linreg.MASKED_OUTPUT: (1, linreg.statistics_layout(d)),
+        }
+        return aggregate.declare("j", outputs=outputs, min_parties=2, task=linreg.TASK)
+
+    check_declaration(declaration(moments.layout(6)))
+    check_declaration(declaration(moments.layout(6, observed=True)))
+    forged = aggregate.Layout(("mean", "meansq", "extra"), ((6,),) * 3)
+    with pytest.raises(PolicyError, match=r"declares fields \['mean', 'meansq', 'extra'\]"):
+        check_declaration(declaration(forged))
