@@ -37,13 +37,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 
 from fedhe.errors import DataError, FedHEError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "fedhe-model/1"
 MODEL_JSON = "model.json"
@@ -224,7 +227,7 @@ class FedHEModel(BaseEstimator):
             self._weights = {k: v.numpy() for k, v in state.items()}
         return self._weights
 
-    def to_torch(self):
+    def to_torch(self) -> torch.nn.Module:
         """The trained network as a torch module (eval mode, float64); its input is
         `features(X)` (standardized), its output logits (one column for two classes)."""
         if self.kind_ != "torch":
@@ -239,15 +242,13 @@ class FedHEModel(BaseEstimator):
         return module.eval()
 
     def _knn_predict(self, X: Any) -> np.ndarray:
-        try:
-            from fedhe import knn_predict
-        except ImportError:
-            knn_predict = None
-        if knn_predict is None or not self.spec_["knn"].get("store"):
+        if not self.spec_["knn"].get("store"):
             raise FedHEError(
                 f"{self.folder}: a knn model is its parties' encrypted points, and this run did "
                 "not keep them: run knn with --keep-store true to score new records later."
             )
+        from fedhe import knn_predict  # Flower and the crypto stack: only for a kept store
+
         answers = np.asarray(knn_predict.predict(self.folder, self.raw_features(X)))
         if self.spec_["estimator"] == "classifier":  # the querier's vote: a class index
             return np.asarray(self.spec_["classes"])[answers.astype(int)]
@@ -314,7 +315,7 @@ def _forward(
     weights: dict[str, np.ndarray], architecture: dict[str, Any], Z: np.ndarray
 ) -> np.ndarray:
     """The network of `fedhe.learning.build_model` in numpy: Linear, activation, …, Linear."""
-    linear = sorted({int(key.split(".")[0]) for key in weights}, key=int)
+    linear = sorted({int(key.split(".")[0]) for key in weights})
     coefficients = architecture.get("activation_coefficients")
     h = Z
     for position, index in enumerate(linear):
