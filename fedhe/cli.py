@@ -20,7 +20,7 @@ from fedhe.config import (
     setting_key,
 )
 from fedhe.errors import FedHEError
-from fedhe.simulation import simulate
+from fedhe.simulation import simulate, wall_time_line
 
 _HELP = {
     "parties": "number of parties (data owners); --keyholders more nodes hold the key",
@@ -121,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             task=args.task,
             plaintext_twin=not args.encrypted_only,
         )
-        result_path = simulate(config, workers=args.workers)
+        result_path = simulate(config, workers=args.workers, verbose=args.verbose)
     except FedHEError as err:
         print(f"fedhe: error: {err}", file=sys.stderr)
         return 2
     _print_summary(result_path)
+    print(wall_time_line(json.loads(result_path.read_text())))
     return _strict_status(result_path) if args.strict else 0
 
 

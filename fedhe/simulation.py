@@ -1,12 +1,42 @@
 """Flower's simulation engine running one job: the parties, the key holder(s) and the aggregator
-as simulated SuperNodes and a ServerApp on this machine."""
+as simulated SuperNodes and a ServerApp on this machine.
+
+Which Flower entry point, and why. `flwr.simulation.run_simulation` is deprecated in Flower 1.42
+(it logs DEPRECATED twice). Its supported replacement, `flwr run` against a local SuperLink with
+`--simulation`, starts that SuperLink, which starts a `flwr-simulation` process, which loads the
+app from a FAB and calls `flwr.simulation.run_simulation._run_simulation` — the simulation
+runtime itself. fedhe calls that same runtime function directly: the path Flower's own runtime
+takes, minus a SuperLink process, a FAB round trip and a second Python start (seconds each),
+and with the app objects at hand (`flwr run` could not hand the simulated nodes their
+`allow-plaintext` node config, so it runs no plaintext twin). It is a private name: flwr is held
+below 2 in pyproject, and `tests/test_quiet.py` runs it end to end.
+
+Start-up. Most of a small job's wall time is start-up: this process imports torch, scikit-learn
+and Flower (~4 s), Ray starts (~6 s), and every Ray worker imports the same again before it can
+run a ClientApp (~5 s each on a 2-core machine, the workers in parallel). fedhe starts Ray
+itself, before those imports, with a worker set-up hook (`_preload_worker`) that imports the
+ClientApp and warms torch up as each worker starts: the workers load while this process loads,
+instead of after it. Flower's Ray backend then finds Ray running, uses it, and shuts it down.
+
+Output. Without `verbose`, Flower logs errors only, without colours, Ray forwards no worker
+output (a node's refusal reaches the aggregator as its error reply, which the aggregator logs)
+and its FutureWarning about accelerator variables is muted; with `verbose`, both speak.
+`engine` in result.json holds the measured wall time and its parts (`wall_time_line`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
+import sys
 import tempfile
+import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedhe.config import ConfigError, JobConfig
 from fedhe.errors import FedHEError
@@ -14,57 +44,240 @@ from fedhe.errors import FedHEError
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
-__all__ = ["simulate", "simulation_client_app"]
+__all__ = ["simulate", "simulation_client_app", "wall_time_line"]
+
+log = logging.getLogger("fedhe.simulation")
 
 
-def simulate(config: JobConfig, workers: int | None = None) -> Path:
+def simulate(config: JobConfig, workers: int | None = None, *, verbose: bool = False) -> Path:
     """Run `config` in Flower's simulation engine: `parties` SuperNodes plus the key holder,
-    on `workers` Ray actors (default: one per CPU core, at most one per node)."""
+    on `workers` Ray actors (default: one per CPU core, at most one per node). `verbose`: let
+    Flower and Ray log (otherwise only errors, and fedhe's own lines). Returns result.json."""
+    started = time.perf_counter()
+    _stamp("simulate")
     if workers is not None and workers < 1:
         raise ConfigError(f"workers must be ≥ 1, got {workers}.")
-    from fedhe.data.checks import check_job_data
+    if config.data_dir:  # built-in datasets need no check (and no pandas import here)
+        from fedhe.data.checks import check_job_data
 
-    check_job_data(config)  # every data problem at once, before Ray or Flower start
+        check_job_data(config)  # every data problem at once, before Ray or Flower start
     workers = workers or min(os.cpu_count() or 1, config.num_nodes)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    from flwr.simulation import run_simulation
+    kept_out = _kept_out(config)
+    with _keyholder_state(kept_out):
+        _stamp("ray start")
+        ray_s = _start_ray(workers, verbose)
+        _stamp("ray ready")
+        try:
+            _run_engine(config, workers, verbose, kept_out=kept_out)
+        finally:
+            _stop_ray()
+    if kept_out:
+        from fedhe import knn_predict
 
+        knn_predict.keep_only_the_querier(kept_out)
+    result = Path(config.out) / "result.json"
+    if not result.exists():
+        raise FedHEError(
+            f"the simulation ended without writing {result}; run again with -v for Flower's "
+            "and Ray's logs."
+        )
+    _record_engine(result, workers, wall_s=time.perf_counter() - started, ray_s=ray_s)
+    return result
+
+
+def _kept_out(config: JobConfig) -> str | None:
+    """The run folder where a knn job keeps its store and keys (`--keep-store`), else None."""
+    if config.task != "knn":
+        return None
     from fedhe import knn_predict
-    from fedhe.aggregator.app import build_server_app
-    from fedhe.aggregator.session import SIMULATION_WINDOW
+
+    return config.out if knn_predict.keeps_state(config) else None
+
+
+@contextlib.contextmanager
+def _keyholder_state(kept_out: str | None) -> Iterator[None]:
+    """The simulated key holder keeps its secret keys in a folder that is gone after the run
+    (or, with --keep-store, under the run folder). Set before Ray starts: its workers inherit
+    this process's environment when they start."""
     from fedhe.clients.keyholder import STATE_ROOT_ENV
 
-    kept = knn_predict.keeps_state(config)  # --keep-store: keys kept for `fedhe predict`
-    # The simulated key holder's secret keys live in a folder that is gone after the run.
-    with tempfile.TemporaryDirectory(prefix="fedhe-sim-") as state_root:
-        if kept:
-            state_root = str(knn_predict.keyholder_root(config.out))
+    with tempfile.TemporaryDirectory(prefix="fedhe-sim-") as temporary:
+        root = temporary
+        if kept_out:
+            from fedhe import knn_predict
+
+            root = str(knn_predict.keyholder_root(kept_out))
         previous = os.environ.get(STATE_ROOT_ENV)
-        os.environ[STATE_ROOT_ENV] = state_root
+        os.environ[STATE_ROOT_ENV] = root
         try:
-            run_simulation(
-                server_app=build_server_app(config, window=SIMULATION_WINDOW),
-                client_app=simulation_client_app(config.out if kept else None),
-                num_supernodes=config.num_nodes,
-                backend_config={
-                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                    "init_args": {
-                        "num_cpus": max(1, workers),
-                        "include_dashboard": False,
-                    },
-                },
-            )
+            yield
         finally:
             if previous is None:
                 os.environ.pop(STATE_ROOT_ENV, None)
             else:
                 os.environ[STATE_ROOT_ENV] = previous
-    if kept:
-        knn_predict.keep_only_the_querier(config.out)
-    result = Path(config.out) / "result.json"
-    if not result.exists():
-        raise FedHEError(f"the simulation ended without writing {result}; see the log above.")
-    return result
+
+
+def _start_ray(workers: int, verbose: bool) -> float:
+    """Start Ray with `workers` CPUs, each worker preloading the ClientApp as it starts; the
+    seconds it took. Flower's Ray backend uses a running Ray as it is (and shuts it down)."""
+    started = time.perf_counter()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # As Flower's flwr-simulation does: no `uv run` runtime-env hook in the workers.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    import ray
+
+    if ray.is_initialized():  # a caller's own Ray (a notebook): Flower's backend uses it
+        return 0.0
+    # The workers import fedhe from this process's path (a source tree, a notebook's sys.path),
+    # as Flower's backend gives them.
+    pythonpath = os.pathsep.join(p for p in [*sys.path, os.environ.get("PYTHONPATH")] if p)
+    with warnings.catch_warnings():
+        if not verbose:  # "In future versions of Ray, Ray will no longer override accelerator…"
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
+        ray.init(
+            num_cpus=workers,
+            num_gpus=0,
+            include_dashboard=False,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+            runtime_env={
+                "env_vars": {"PYTHONPATH": pythonpath},
+                "worker_process_setup_hook": f"{__name__}._preload_worker",
+            },
+        )
+    # Start the workers now (each runs the set-up hook as it starts), while this process
+    # goes on importing the aggregator; Flower's actors then take these warm workers.
+    warm = ray.remote(num_cpus=1)(_worker_ready)
+    for _ in range(workers):
+        warm.remote()
+    return time.perf_counter() - started
+
+
+def _worker_ready() -> int:
+    return os.getpid()
+
+
+def _stop_ray() -> None:
+    """Shut Ray down if Flower's backend did not (it does when it got as far as running)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _preload_worker() -> None:
+    """Ray worker set-up hook: import the ClientApp's modules and run torch once, so a
+    worker's first message finds them loaded (runs as each worker starts, alongside the
+    driver's own imports)."""
+    _stamp("hook start")
+    import fedhe.clients.app  # noqa: F401  (flwr, torch, tenseal, scikit-learn)
+    from fedhe.clients.party import warm_up_training
+    _stamp("hook imported")
+    warm_up_training()
+    _stamp("hook warm")
+
+
+def _stamp(what):
+    with open("/tmp/h5-trace.log", "a") as f:
+        f.write(f"{time.time():.2f} pid={os.getpid()} {what}\n")
+
+
+def _run_engine(config: JobConfig, workers: int, verbose: bool, kept_out: str | None) -> None:
+    """Flower's simulation runtime (what `flwr-simulation` runs) on this job's apps."""
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from fedhe.aggregator.app import build_server_app
+    from fedhe.aggregator.session import SIMULATION_WINDOW
+
+    _stamp("driver imported")
+    _quiet_flower(verbose)
+    try:
+        _run_simulation(
+            num_supernodes=config.num_nodes,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            server_app=build_server_app(config, window=SIMULATION_WINDOW),
+            client_app=simulation_client_app(kept_out),
+            backend_name="ray",
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+            verbose_logging=verbose,
+        )
+    except FedHEError:
+        raise
+    except Exception as err:
+        cause = _fedhe_cause(err)
+        if cause is not None:  # the ServerApp's own error, wrapped by the runtime
+            raise cause from None
+        if verbose:
+            raise
+        raise FedHEError(
+            f"the simulation engine failed: {type(err).__name__}: {err}. Run again with -v "
+            "for Flower's and Ray's logs."
+        ) from err
+
+
+def _fedhe_cause(err: BaseException) -> FedHEError | None:
+    """The FedHEError behind `err` in its chain of causes, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, FedHEError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _quiet_flower(verbose: bool) -> None:
+    """Flower's logger (configured when flwr is imported): errors only and no colour codes
+    unless `verbose`; never also through the root logger (each line once)."""
+    from flwr.supercore.logger import update_console_handler
+
+    flower = logging.getLogger("flwr")
+    flower.propagate = False
+    if verbose:
+        update_console_handler(level=logging.DEBUG, colored=sys.stderr.isatty())
+        flower.setLevel(logging.DEBUG)
+    else:
+        update_console_handler(level=logging.ERROR, colored=False)
+        flower.setLevel(logging.ERROR)
+
+
+def _record_engine(result: Path, workers: int, *, wall_s: float, ray_s: float) -> None:
+    """Add the measured wall time and what it went to under `engine` in result.json."""
+    data = json.loads(result.read_text())
+    runs_s = _runs_s(data)
+    data["engine"] = {
+        "runtime": "Flower simulation runtime on Ray (as flwr-simulation runs it)",
+        "workers": workers,
+        "wall_s": round(wall_s, 3),
+        "ray_start_s": round(ray_s, 3),
+        "runs_s": {name: round(seconds, 3) for name, seconds in runs_s.items()},
+        # checks, imports, Ray and its workers starting, discovery, and shutting down
+        "overhead_s": round(max(0.0, wall_s - sum(runs_s.values())), 3),
+    }
+    result.write_text(json.dumps(data, indent=2))
+
+
+def _runs_s(data: dict[str, Any]) -> dict[str, float]:
+    """The jobs' own measured totals: the encrypted run and, if it ran, the plaintext twin."""
+    runs = {"encrypted": float(data.get("timings_s", {}).get("total", 0.0))}
+    if data.get("plaintext_timings_s"):
+        runs["plaintext twin"] = float(data["plaintext_timings_s"].get("total", 0.0))
+    return runs
+
+
+def wall_time_line(result: dict[str, Any]) -> str:
+    """One line for the end of `fedhe simulate`: the measured wall time and its parts."""
+    engine = result.get("engine")
+    if not engine:
+        return ""
+    runs = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in engine["runs_s"].items())
+    return (
+        f"wall {engine['wall_s']:.1f} s: {runs}; start-up and shut-down "
+        f"{engine['overhead_s']:.1f} s (of which Ray start {engine['ray_start_s']:.1f} s)"
+    )
 
 
 def simulation_client_app(kept_out: str | None = None) -> ClientApp:

@@ -83,7 +83,7 @@ def test_flwr_runs_pyproject_settings_as_written():
 def test_the_cli_passes_only_the_options_given(monkeypatch, flags, expected):
     seen: list[JobConfig] = []
 
-    def fake_simulate(config: JobConfig, workers: int | None = None) -> Path:
+    def fake_simulate(config: JobConfig, **engine: object) -> Path:
         seen.append(config)
         raise FedHEError("stopped before Flower starts")
 
@@ -108,7 +108,7 @@ def _csv_federation(folder: Path, files: list[str]) -> None:
 def in_process(monkeypatch):
     """`fedhe simulate` on the in-process grid (no Ray): the real job, the real result.json."""
 
-    def simulate(config: JobConfig, workers: int | None = None) -> Path:
+    def simulate(config: JobConfig, **engine: object) -> Path:
         return run_job(InProcessGrid(config.num_nodes), config)
 
     monkeypatch.setattr("fedhe.cli.simulate", simulate)

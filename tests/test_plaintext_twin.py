@@ -57,7 +57,7 @@ def test_flwr_run_config_keeps_the_twin_off():
 def test_fedhe_simulate_runs_the_twin_unless_encrypted_only(tmp_path, monkeypatch, flags, twin):
     seen: list[JobConfig] = []
 
-    def fake_simulate(config: JobConfig, workers: int | None = None) -> Path:
+    def fake_simulate(config: JobConfig, workers: int | None = None, verbose: bool = False) -> Path:
         seen.append(config)
         raise FedHEError("stopped before Flower starts")
 
