@@ -19,6 +19,14 @@ from fedhe.learning import ModelSpec, build_model, evaluate, get_weights, set_we
 from fedhe.progress import progress
 from fedhe.tasks import aggregate, moments
 
+# What the timings leave out (result.json's "timings_note"): each party process trains tiny
+# models once before it times any training (clients.party.warm_up_training).
+TIMINGS_NOTE = (
+    "train excludes torch's one-time warm-up (each party process trains two tiny models "
+    "before timing any training), so the encrypted run and its plaintext twin are timed alike; "
+    "Python, Ray and node start-up are outside every timing"
+)
+
 log = logging.getLogger("fedhe.aggregator")
 
 
@@ -147,6 +155,7 @@ class FedAvgJob(Job):
                 total_samples=total_samples,
             )
         self.run.timings_s["train"] += max(m.get("train-s", 0.0) for m in party_metrics)
+        self.run.extras["timings_note"] = TIMINGS_NOTE
         self.run.history.append(
             {
                 "round": round_number,

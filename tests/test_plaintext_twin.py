@@ -4,6 +4,7 @@ It is off by default, `fedhe simulate` turns it on for its simulated nodes, a de
 turn it on, and a party sends plaintext only when its own node config says `allow-plaintext`.
 """
 
+import importlib
 import json
 import tomllib
 from pathlib import Path
@@ -100,13 +101,12 @@ def test_simulated_nodes_get_allow_plaintext(monkeypatch):
 
 def test_fedhe_simulate_hands_flower_the_simulated_nodes_app(tmp_path, monkeypatch):
     apps = []
-    monkeypatch.setattr(
-        "flwr.simulation.run_simulation", lambda **kwargs: apps.append(kwargs["client_app"])
-    )
+    runtime = importlib.import_module("flwr.simulation.run_simulation")  # the module
+    monkeypatch.setattr(runtime, "_run_simulation", lambda **kw: apps.append(kw["client_app"]))
     with pytest.raises(FedHEError, match="without writing"):
         simulate(JobConfig(out=str(tmp_path), plaintext_twin=True), workers=1)
-    assert len(apps) == 1 and isinstance(apps[0], WithNodeConfig)
-    assert apps[0].extra == SIMULATION_NODE_CONFIG
+    assert len(apps) == 1 and isinstance(apps[0].app(), WithNodeConfig)  # built in each actor
+    assert apps[0].app().extra == SIMULATION_NODE_CONFIG
 
 
 def test_the_in_process_grid_simulates_nodes_that_allow_plaintext():
