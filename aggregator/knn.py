@@ -177,7 +177,8 @@ class KNNJob(Job):
                 continue
             store.save(folder / f"layout-{number}")
             layouts.append(f"layout-{number}")
-        assert self.context is not None  # an encrypted job
+        if self.context is None:  # keeps_store holds for encrypted jobs only
+            raise FedHEError("a kept KNN store needs the job's public context.")
         (folder / KEPT_CONTEXT).write_bytes(self.context.to_bytes())
         manifest = {
             "version": KEPT_VERSION,

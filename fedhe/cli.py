@@ -167,9 +167,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_deploy_commands(commands)
     add_predict_command(commands)
-    from fedhe.data.checks import add_check_data_command
-
-    add_check_data_command(commands)
+    _add_check_data_command(commands)
     return parser
 
 
@@ -316,7 +314,9 @@ def _configure_logging(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("fedhe").setLevel(logging.INFO)
+    # Without -v, fedhe says only what needs attention (a party left out, a retry); the summary
+    # reports the rest.
+    logging.getLogger("fedhe").setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
 
@@ -434,6 +434,40 @@ def _strict_status(result_path: Path) -> int:
         file=sys.stderr,
     )
     return EXIT_EXCLUDED
+
+
+def _add_check_data_command(commands: Any) -> None:
+    """`fedhe check-data DIR_OR_FILE --target COL [--task T] [--schema F]` on `commands`
+    (argparse sub-parsers)."""
+    parser = commands.add_parser(
+        "check-data",
+        help="check CSV files before a job: one site's file, or a data folder",
+        description="Check one site's CSV file, or a data folder (party-*.csv and test.csv), "
+        "the way a job will read it: every problem with its file, line, column and value.",
+    )
+    parser.add_argument("path", help="a CSV file, or a folder with party-*.csv and test.csv")
+    parser.add_argument("--target", required=True, help="the label column")
+    parser.add_argument(
+        "--task",
+        choices=("aggregate", "linreg", "logreg", "knn", "mlp"),
+        default=None,
+        help="the job's task: its labels and the values it can encrypt (default: labels are "
+        "classes when the target holds few whole numbers)",
+    )
+    parser.add_argument("--schema", default=None, help="the schema.json all sites share")
+    parser.add_argument(
+        "--parties",
+        type=int,
+        default=None,
+        help="the job's party count: the parties share the bound on what they encrypt "
+        "(default: the party files checked, 1 for one file)",
+    )
+    parser.add_argument(
+        "--impute",
+        choices=("none", "mean"),
+        default="none",
+        help="mean: the job fills missing feature cells, so they are no error",
+    )
 
 
 if __name__ == "__main__":

@@ -136,6 +136,9 @@ def _run_engine(config: JobConfig, workers: int, verbose: bool, kept_out: str | 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # As Flower's flwr-simulation does: no `uv run` runtime-env hook in the Ray workers.
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # A simulation on a hospital's machine reports nothing to Flower's telemetry service unless
+    # the user turned it on (FLWR_TELEMETRY_ENABLED=1).
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 

@@ -29,7 +29,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -63,7 +63,6 @@ __all__ = [
     "CheckReport",
     "FileSummary",
     "Problem",
-    "add_check_data_command",
     "check_data_command",
     "check_files",
     "check_job_data",
@@ -226,40 +225,6 @@ def _load_schema(schema: str | Path | None, target: str, report: CheckReport) ->
         report.problems.append(Problem(str(schema), str(err).rstrip("."), fix))
         return None
     return loaded
-
-
-def add_check_data_command(commands: Any) -> None:
-    """`fedhe check-data DIR_OR_FILE --target COL [--task T] [--schema F]` on `commands`
-    (argparse sub-parsers)."""
-    parser = commands.add_parser(
-        "check-data",
-        help="check CSV files before a job: one site's file, or a data folder",
-        description="Check one site's CSV file, or a data folder (party-*.csv and test.csv), "
-        "the way a job will read it: every problem with its file, line, column and value.",
-    )
-    parser.add_argument("path", help="a CSV file, or a folder with party-*.csv and test.csv")
-    parser.add_argument("--target", required=True, help="the label column")
-    parser.add_argument(
-        "--task",
-        choices=("aggregate", "linreg", "logreg", "knn", "mlp"),
-        default=None,
-        help="the job's task: its labels and the values it can encrypt (default: labels are "
-        "classes when the target holds few whole numbers)",
-    )
-    parser.add_argument("--schema", default=None, help="the schema.json all sites share")
-    parser.add_argument(
-        "--parties",
-        type=int,
-        default=None,
-        help="the job's party count: the parties share the bound on what they encrypt "
-        "(default: the party files checked, 1 for one file)",
-    )
-    parser.add_argument(
-        "--impute",
-        choices=("none", "mean"),
-        default="none",
-        help="mean: the job fills missing feature cells, so they are no error",
-    )
 
 
 def check_data_command(args: argparse.Namespace) -> int:
