@@ -36,7 +36,7 @@ def build_result(
             "excluded": {he.names.get(p, p): why for p, why in he.excluded.items()},
             "names": he.names,
         },
-        "summary": run_summary(config, he),
+        "summary": run_summary(config, he, len(test_feature_names)),
         "encrypted": _metrics(he),
         "plaintext": _metrics(twin) if twin else None,
         "timings_s": _rounded(he.timings_s),
@@ -110,7 +110,7 @@ def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 6) for k, v in timings.items()}
 
 
-def run_summary(config: JobConfig, run: JobRun) -> dict[str, Any]:
+def run_summary(config: JobConfig, run: JobRun, n_features: int = 0) -> dict[str, Any]:
     """What ran on what, and which parties it used: the head of `fedhe simulate`'s summary."""
     found = len(run.names) or config.parties
     excluded = {run.names.get(p, p): why for p, why in run.excluded.items()}
@@ -119,9 +119,7 @@ def run_summary(config: JobConfig, run: JobRun) -> dict[str, Any]:
         "encrypted-model",
     )
     return {
-        "data": f"{config.data_dir} (target {config.target})"
-        if config.data_dir
-        else f"{config.dataset_name} (built-in)",
+        "data": _data_text(config, n_features),
         "task": config.task,
         "mode": config.regression_mode or None,
         "rounds": config.rounds if trains else None,
@@ -138,3 +136,14 @@ def run_summary(config: JobConfig, run: JobRun) -> dict[str, Any]:
             "parties_hold_keys": config.parties_hold_keys,
         },
     }
+
+
+def _data_text(config: JobConfig, n_features: int) -> str:
+    """The data a run read: folder and target, how its columns were encoded and filled."""
+    if not config.data_dir:
+        return f"{config.dataset_name} (built-in)"
+    notes = [f"target {config.target}"]
+    notes += [f"{n_features} features"] if n_features else []
+    notes += [f"columns by {config.schema}"] if config.schema else []
+    notes += ["missing cells: global means"] if config.impute == "mean" else []
+    return f"{config.data_dir} ({'; '.join(notes)})"

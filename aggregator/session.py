@@ -93,7 +93,8 @@ class Session:
         return Exchange(got, failures, wall, silent)
 
     def label(self, name: str) -> str:
-        """A node as the user knows it (a party's file or 1-based name; `Job` sets them)."""
+        """A node as the user knows it (a party's CSV file with --data-dir, else its id; `Job`
+        sets them)."""
         return self.names.get(name, name)
 
 

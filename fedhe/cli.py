@@ -37,7 +37,7 @@ _HELP = {
     "impute": "none (a missing cell is an error) or mean (missing feature cells get the global "
     "column mean, computed by the secure moments sum)",
     "seed": "seed for splits, model initialization and local training",
-    "out": "output folder for result.json and audit.jsonl",
+    "out": "output folder: result.json, audit.jsonl, model.json (model.pt), predictions.csv",
     "local_epochs": "local epochs per round",
     "batch_size": "mini-batch size per party and step (gradient mode: 0 = all local samples)",
     "lr": "local SGD learning rate",
@@ -372,20 +372,20 @@ def _keyholders_text(keys: dict[str, Any]) -> str:
 def _metrics_table(result: dict[str, Any], result_path: Path) -> Any:
     from rich.table import Table
 
-    plain = result.get("plaintext")
+    has_twin = result.get("plaintext") is not None
+    plain = result.get("plaintext") or {}
     table = Table(
         title=f"fedhe {result['task']} — {result_path.parent}",
         caption="time: seconds within the run; Python, Ray and node start-up not included",
     )
     table.add_column("metric")
     table.add_column("encrypted (CKKS)", justify="right")
-    if plain is not None:
+    if has_twin:
         table.add_column("plaintext twin", justify="right")
 
     def row(label: str, encrypted: str, twin: str = "") -> None:
-        table.add_row(label, encrypted, *([twin] if plain is not None else []))
+        table.add_row(label, encrypted, *([twin] if has_twin else []))
 
-    plain = plain or {}
     for key in ("accuracy", "loss", "train_loss", "log_loss", "auc", "mse", "r2"):
         if key in result["encrypted"]:
             twin = f"{plain[key]:.4f}" if key in plain else "-"

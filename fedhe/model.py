@@ -383,7 +383,7 @@ def _apply_schema(
     blocks = {}
     for column in columns:
         cells = np.array([_as_text(cell) for cell in frame[column.name]], dtype=object)
-        block = schemas._encode(Path(source), column, cells, rows, impute=True)
+        block = schemas.encode_column(Path(source), column, cells, rows, impute=True)
         blocks.update({name: block[:, i] for i, name in enumerate(column.encoded_names)})
     return pd.DataFrame(blocks, index=frame.index)
 

@@ -59,7 +59,7 @@ def predict_file(run: str | Path, data: str | Path, out: str | Path | None = Non
 
     model = load_model(run)
     data = Path(data)
-    header, body, lines = csvdata._read_table(data)
+    header, body, lines = csvdata.read_table(data)
     frame = pd.DataFrame(body.to_numpy(dtype=object), columns=list(header))
     X = model.frame_features(frame, source=str(data), lines=lines)
     table = pd.DataFrame({"row": np.arange(len(lines)), "line": lines})

@@ -9,7 +9,7 @@ runtime itself. fedhe calls that same runtime function directly: the path Flower
 takes, minus a SuperLink process, a FAB round trip and a second Python start (seconds each),
 and with the app objects at hand (`flwr run` could not hand the simulated nodes their
 `allow-plaintext` node config, so it runs no plaintext twin). It is a private name: flwr is held
-below 2 in pyproject, and `tests/test_quiet.py` runs it end to end.
+to 1.42.x in pyproject, and `tests/test_quiet.py` runs it end to end.
 
 Start-up. Most of a small job's wall time is start-up: Python imports torch, scikit-learn,
 TenSEAL and Flower (~4 s in this process, the same again in every Ray actor), Ray starts

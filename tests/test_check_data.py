@@ -54,7 +54,7 @@ def test_clean_folder_is_ok_with_one_summary_line_per_file(tmp_path: Path) -> No
     assert report.ok and not report.warnings, report.render()
     lines = report.render().splitlines()
     assert len(lines) == 4 and all(line.startswith("ok: ") for line in lines)
-    assert "30 rows, 3 features" in lines[0]
+    assert "30 rows, 3 feature columns" in lines[0]
 
 
 def test_semicolon_file_says_so_once(tmp_path: Path) -> None:
@@ -71,7 +71,8 @@ def test_typo_in_target_suggests_the_column_once(tmp_path: Path) -> None:
     report = check_files(folder(tmp_path), "Y", "linreg")
     text = only_error(report)
     assert "target column 'Y' is not in the header" in text
-    assert "did you mean 'y'?" in text and "nor in party-2.csv" in text
+    assert "did you mean 'y'?" in text and "also in party-2.csv" in text
+    assert "ok: " not in report.render()  # no file whose error was folded reads as fine
 
 
 def test_string_column_asks_for_a_schema_entry(tmp_path: Path) -> None:
@@ -236,7 +237,7 @@ def test_folder_without_test_csv(tmp_path: Path) -> None:
 def test_a_single_site_file_needs_no_other_party_nor_test_csv(tmp_path: Path) -> None:
     path = write(tmp_path / "hospital-a.csv", rows(30, seed=5))
     report = check_files(path, "y", "linreg")
-    assert report.ok and report.render() == f"ok: {path}: 30 rows, 3 features"
+    assert report.ok and report.render() == f"ok: {path}: 30 rows, 3 feature columns"
 
 
 def test_classification_labels(tmp_path: Path) -> None:
@@ -362,4 +363,4 @@ def test_aggregator_folder_with_test_csv_only(tmp_path: Path) -> None:
     for party in data.glob("party-*.csv"):
         party.unlink()
     report = check_files(data, "y", "knn")
-    assert report.ok and report.render() == f"ok: {data / 'test.csv'}: 30 rows, 3 features"
+    assert report.ok and report.render() == f"ok: {data / 'test.csv'}: 30 rows, 3 feature columns"

@@ -129,7 +129,7 @@ def _drop_second_party(tmp_path: Path, *extra: str) -> list[str]:
 def test_the_summary_names_the_left_out_party_by_its_file(tmp_path, capsys, in_process):
     assert main(_drop_second_party(tmp_path)) == 0
     out = capsys.readouterr().out
-    assert f"data      {tmp_path / 'data'} (target target)" in out
+    assert f"data      {tmp_path / 'data'} (target target; 2 features)" in out
     assert "job       linreg, gradient mode, 2 rounds" in out
     assert "parties   2 of 3 used (3 answered, 1 left out; min-parties 2)" in out
     assert "left out party-2.csv: gradient round 1: " in out and "drops out" in out

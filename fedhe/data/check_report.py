@@ -54,6 +54,8 @@ class CheckReport:
     files: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     summaries: dict[str, FileSummary] = field(default_factory=dict)
+    # Files whose problems `collapse` folded into another file's line: never "ok".
+    folded: set[str] = field(default_factory=set)
 
     @property
     def errors(self) -> list[Problem]:
@@ -72,8 +74,9 @@ class CheckReport:
         for file in self.files + sorted({p.file for p in self.problems} - set(self.files)):
             own = [p for p in self.problems if p.file == file and p.severity in severities]
             summary = self.summaries.get(file)
-            if summary is not None and not any(p.severity == ERROR for p in own):
-                lines.append(f"ok: {file}: {summary.rows} rows, {summary.features} features")
+            clean = not any(p.severity == ERROR for p in own) and file not in self.folded
+            if summary is not None and clean:
+                lines.append(f"ok: {file}: {summary.rows} rows, {summary.features} feature columns")
             lines.extend(str(p) for p in own)
         return "\n".join(lines)
 
@@ -89,9 +92,10 @@ class CheckReport:
         self.problems = [
             same[0]
             if len(same) == 1
-            else replace(same[0], message=f"{same[0].message} (nor in {_others(same[1:])})")
+            else replace(same[0], message=f"{same[0].message} (also in {_others(same[1:])})")
             for same in merged.values()
         ]
+        self.folded |= {p.file for same in merged.values() for p in same[1:] if p.severity == ERROR}
         return self
 
 

@@ -222,7 +222,8 @@ def _load_schema(schema: str | Path | None, target: str, report: CheckReport) ->
         loaded.check_target(target)
     except DataError as err:
         fix = "fix schema.json (the same file at every site)"
-        report.problems.append(Problem(str(schema), str(err).rstrip("."), fix))
+        message = str(err).rstrip(".").removeprefix(f"{schema}: ")  # the Problem names the file
+        report.problems.append(Problem(str(schema), message, fix))
         return None
     return loaded
 

@@ -62,17 +62,10 @@ def load_csv(
         NaN or infinite cell, or a label outside `classes`.
     """
     path = Path(path)
-    header, body, lines = _read_table(path)
+    header, body, lines = read_table(path)
     if expected_columns is not None:
         header, body = _match_header(path, header, body, [str(c) for c in expected_columns])
-    if target not in header:
-        hint = ""
-        if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
-            hint = " The header looks like it uses another separator; save the file with commas."
-        raise DataError(
-            f"{path}: target column {target!r} not found. Available columns: "
-            f"{', '.join(header)}. Pass one of these as the target.{hint}"
-        )
+    require_target(path, header, target)
     if len(header) < 2:
         raise DataError(f"{path}: only the target column {target!r}; add feature columns.")
     values = _to_numbers(path, header, body, lines)
@@ -87,10 +80,23 @@ def load_csv(
     return Dataset(X, y, features, target, task, n_classes)
 
 
+def require_target(path: Path, header: Sequence[str], target: str) -> None:
+    """Raise a DataError naming the columns there are when `target` is not among them."""
+    if target in header:
+        return
+    hint = ""
+    if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
+        hint = " The header looks like it uses another separator; save the file with commas."
+    raise DataError(
+        f"{path}: target column {target!r} not found. Available columns: "
+        f"{', '.join(header)}. Pass one of these as the target.{hint}"
+    )
+
+
 def read_header(path: str | Path) -> tuple[str, ...]:
     """Return the column names on line 1 of a CSV file (stripped)."""
     path = Path(path)
-    return _read_table(path, nrows=1)[0]
+    return read_table(path, nrows=1)[0]
 
 
 def find_party_files(data_dir: str | Path) -> list[Path]:
@@ -167,7 +173,7 @@ def load_test(
     return load_csv(path, target, task=task, expected_columns=expected_columns, classes=classes)
 
 
-def _read_table(
+def read_table(
     path: Path, nrows: int | None = None
 ) -> tuple[tuple[str, ...], pd.DataFrame, np.ndarray]:
     """Return (header, data cells as stripped strings, file line number of each data row)."""

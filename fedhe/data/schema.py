@@ -189,11 +189,11 @@ def load_encoded(
     missing feature cells NaN when `impute` (else an error). `task` and `classes` as in
     `fedhe.data.csvdata.load_csv`; a categorical target's labels are its categories' indexes."""
     path = Path(path)
-    header, body, lines = csvdata._read_table(path)
+    header, body, lines = csvdata.read_table(path)
     _check_columns(path, header, schema, target)
     cells = {name: body.iloc[:, i].to_numpy(dtype=object) for i, name in enumerate(header)}
     blocks = [
-        _encode(path, column, cells[column.name], lines, impute)
+        encode_column(path, column, cells[column.name], lines, impute)
         for column in schema.features(target)
     ]
     X = np.column_stack(blocks) if blocks else np.zeros((len(lines), 0))
@@ -268,14 +268,7 @@ def _parse_categories(where: str, raw: Any) -> tuple[str, ...]:
 
 
 def _check_columns(path: Path, header: tuple[str, ...], schema: Schema, target: str) -> None:
-    if target not in header:
-        hint = ""
-        if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
-            hint = " The header looks like it uses another separator; save the file with commas."
-        raise DataError(
-            f"{path}: target column {target!r} not found. Available columns: "
-            f"{', '.join(header)}. Pass one of these as the target.{hint}"
-        )
+    csvdata.require_target(path, header, target)
     expected = [c.name for c in schema.columns] + ([] if schema.column(target) else [target])
     extra = [name for name in header if name not in expected]
     missing = [name for name in expected if name not in header]
@@ -300,7 +293,7 @@ def _shown(text: str) -> str:
     return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
-def _encode(
+def encode_column(
     path: Path, column: Column, cells: np.ndarray, lines: np.ndarray, impute: bool
 ) -> np.ndarray:
     """The column's feature block: (n, 1) numbers or (n, k-1) indicators, NaN where missing."""
