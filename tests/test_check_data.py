@@ -341,7 +341,8 @@ def test_simulate_on_bad_data_stops_before_flower_and_ray(
     data = folder(tmp_path)
     write(data / "party-2.csv", rows(30, seed=2), sep=";")
     argv = ["simulate", "linreg", "--data-dir", str(data), "--target", "y", "--parties", "3"]
-    assert cli.main([*argv, "--min-parties", "2", "--out", str(tmp_path / "run")]) == 2
+    # min-parties 3 of 3: the job could not leave the bad party out (with 2 it would, saying so)
+    assert cli.main([*argv, "--min-parties", "3", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "party-2.csv: line 1" in err and "looks semicolon-separated" in err
     assert "Traceback" not in err and not ray.is_initialized()
@@ -352,10 +353,26 @@ def test_job_that_imputes_accepts_missing_feature_cells(tmp_path: Path) -> None:
     body = rows(30, seed=2)
     body[3][2] = "NA"
     write(data / "party-2.csv", body)
-    config = JobConfig.of(task="linreg", parties=3, min_parties=2, data_dir=str(data), target="y")
+    config = JobConfig.of(task="linreg", parties=3, min_parties=3, data_dir=str(data), target="y")
     with pytest.raises(DataError, match=r"party-2.csv: line 5, column 'bmi', value 'NA'"):
         check_job_data(config)
     check_job_data(config.with_settings(impute="mean"))
+
+
+def test_a_bad_party_file_is_left_out_only_while_min_parties_hold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = folder(tmp_path)
+    body = rows(30, seed=2)
+    body[3][2] = "NA"
+    write(data / "party-2.csv", body)
+    config = JobConfig.of(task="linreg", parties=3, min_parties=2, data_dir=str(data), target="y")
+    with caplog.at_level("WARNING", logger="fedhe.data"):
+        check_job_data(config)  # 2 clean parties hold min-parties 2: the job goes on without it
+    assert "goes on without party-2.csv while min-parties 2 hold" in caplog.text
+    write(data / "test.csv", body)  # test.csv cannot be left out: the job stops
+    with pytest.raises(DataError, match=r"value 'NA': missing value \(also in test.csv\)"):
+        check_job_data(config)
 
 
 def test_aggregator_folder_with_test_csv_only(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from fedhe.aggregator.app import run_job
 from fedhe.aggregator.job import party_names
 from fedhe.cli import EXIT_EXCLUDED, _strict_status, _summary_lines, main
 from fedhe.config import JobConfig
+from fedhe.data.checks import check_job_data
 from fedhe.data.sources import DataSource
 from fedhe.errors import FedHEError
 from tests.inprocess import InProcessGrid
@@ -106,9 +107,11 @@ def _csv_federation(folder: Path, files: list[str]) -> None:
 
 @pytest.fixture
 def in_process(monkeypatch):
-    """`fedhe simulate` on the in-process grid (no Ray): the real job, the real result.json."""
+    """`fedhe simulate` on the in-process grid (no Ray): the real data checks first, as the
+    engine makes them, then the real job and the real result.json."""
 
     def simulate(config: JobConfig, **engine: object) -> Path:
+        check_job_data(config)
         return run_job(InProcessGrid(config.num_nodes), config)
 
     monkeypatch.setattr("fedhe.cli.simulate", simulate)
@@ -190,3 +193,42 @@ def test_parties_are_named_by_their_files_in_file_order(tmp_path):
         "party-0": "party-0",
         "party-1": "party-1",
     }
+
+
+def _spoil_a_cell(data: Path, name: str) -> None:
+    """Empties the first feature cell of data row 3 (file line 4) of `name`."""
+    lines = (data / name).read_text().splitlines()
+    lines[3] = "," + lines[3].split(",", 1)[1]
+    (data / name).write_text("\n".join(lines) + "\n")
+
+
+def test_a_party_with_a_bad_cell_is_left_out_said_up_front_and_in_the_summary(
+    tmp_path, capsys, caplog, in_process
+):
+    args = _drop_second_party(tmp_path)
+    args[args.index("--drop-party") + 1] = "-1"  # no simulated fault: the bad cell is the fault
+    _spoil_a_cell(tmp_path / "data", "party-3.csv")
+    with caplog.at_level("WARNING", logger="fedhe.data"):
+        assert main(args) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "fedhe.data"]
+    assert any(
+        "party-3.csv: line 4, column 'a'" in m and "goes on without party-3.csv" in m for m in said
+    )
+    out = capsys.readouterr().out
+    assert "parties   2 of 3 used" in out and "left out party-3.csv: " in out
+    assert main([*args, "--strict"]) == EXIT_EXCLUDED  # --strict turns the exclusion into a failure
+
+
+def test_a_bad_cell_that_would_leave_too_few_parties_stops_the_run_before_it_starts(
+    tmp_path, capsys, monkeypatch
+):
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine must not start")
+
+    monkeypatch.setattr("fedhe.simulation._run_engine", no_engine)
+    args = _drop_second_party(tmp_path)
+    args[args.index("--min-parties") + 1] = "3"
+    _spoil_a_cell(tmp_path / "data", "party-3.csv")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot run this job" in err and "party-3.csv: line 4, column 'a'" in err

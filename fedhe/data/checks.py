@@ -145,9 +145,31 @@ def check_job_data(config: JobConfig) -> None:
     report.problems.extend(_party_count(folder, config.parties))
     for warning in report.warnings:
         log.warning("%s", warning.text)
-    if not report.ok:
+    if report.ok:
+        return
+    bad = _parties_with_errors(report, folder)
+    if bad is None or config.parties - len(bad) < config.min_parties:
         errors = "\n".join(str(p) for p in report.errors)
         raise DataError(f"the data in {config.data_dir} cannot run this job:\n{errors}")
+    # As in a real federation, a party whose data cannot take part is left out while
+    # min-parties hold: said now, and again in the summary (--strict makes it fail the run).
+    for problem in report.errors:
+        log.warning(
+            "%s (the job goes on without %s while min-parties %d hold)",
+            problem.text,
+            Path(problem.file).name,
+            config.min_parties,
+        )
+
+
+def _parties_with_errors(report: CheckReport, folder: Path) -> set[str] | None:
+    """The party files the report's errors concern, or None when an error concerns anything
+    else (test.csv, the folder, the schema): then no party can be left out to fix it."""
+    parties = {str(path.resolve()) for path in folder.glob(PARTY_GLOB)}
+    concerned = {str(Path(p.file).resolve()) for p in report.errors} | {
+        str(Path(file).resolve()) for file in report.folded
+    }
+    return concerned if concerned <= parties else None
 
 
 def _party_count(folder: Path, parties: int) -> list[Problem]:
