@@ -113,6 +113,8 @@ class KNNJob(Job):
         else:  # the moments' budget is spent: take them from the checkpoint, and the store
             standardizer = moments.Standardizer.from_dict(checkpoint.standardizer)
             store = self._saved_store()
+        # model.json: the global moments (a declared output) and the fill of missing cells
+        self.run.model["standardizer"] = standardizer.to_dict()
         if store is None:
             store = self._upload(standardizer, first=True)
             self._save_first(store, standardizer)

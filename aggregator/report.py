@@ -113,7 +113,10 @@ def _rounded(timings: dict[str, float]) -> dict[str, float]:
 def run_summary(config: JobConfig, run: JobRun, n_features: int = 0) -> dict[str, Any]:
     """What ran on what, and which parties it used: the head of `fedhe simulate`'s summary."""
     found = len(run.names) or config.parties
-    excluded = {run.names.get(p, p): why for p, why in run.excluded.items()}
+    # A party that missed a sum but is in the last one came back: it missed, it was not left out.
+    last = set(run.contributors[-1]["parties"]) if run.contributors else set()
+    excluded = {run.names.get(p, p): why for p, why in run.excluded.items() if p not in last}
+    missed = {run.names.get(p, p): why for p, why in run.excluded.items() if p in last}
     trains = config.task in ("aggregate", "mlp", "logreg") or config.regression_mode in (
         "gradient",
         "encrypted-model",
@@ -129,6 +132,7 @@ def run_summary(config: JobConfig, run: JobRun, n_features: int = 0) -> dict[str
             "found": found,
             "used": found - len(excluded),
             "excluded": excluded,
+            "missed": missed,
         },
         "keyholders": {
             "count": config.keyholder_count,

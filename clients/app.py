@@ -35,7 +35,7 @@ def _replying(handler):
             return handler(msg, context)
         except FedHEError as err:
             log.warning("refused %s: %s", msg.metadata.message_type, refusals.reason_of(err))
-            return refusals.error_reply(msg, err)
+            return refusals.error_reply(msg, party.site_private(err, context))
 
     return replying
 

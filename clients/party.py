@@ -7,6 +7,7 @@ holds or accepts a secret key (`PublicContext.from_bytes` refuses one).
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from fedhe.crypto import PublicContext
 from fedhe.crypto.mac import mac_label
 from fedhe.data.datasets import Dataset
 from fedhe.data.sources import DataSource, party_data, test_data
-from fedhe.errors import ProtocolError
+from fedhe.errors import DataError, FedHEError, ProtocolError, ValueRangeError
 from fedhe.learning import (
     ModelSpec,
     TrainConfig,
@@ -32,6 +33,8 @@ from fedhe.learning import (
 )
 from fedhe.tasks import aggregate, encrypted_model, knn, linreg, logreg, mlp, moments, scores
 from fedhe.tasks.moments import Standardizer
+
+log = logging.getLogger("fedhe.party")
 
 _JOB_RECORD = "fedhe.job."
 _CONTEXT_RECORD = "fedhe.context."
@@ -64,8 +67,7 @@ def setup(msg: Message, context: Context) -> Message:
             "takes part in a plaintext twin."
         )
     source = DataSource.from_dict(config["source"])
-    local_file = context.node_config.get("data-path")  # deployment: the site's own CSV
-    data = party_data(source, int(config["party-index"]), str(local_file) if local_file else None)
+    data = _own_data(source, int(config["party-index"]), context)
     # The querier says how many test rows it will query with (the rows stay here).
     test = test_data(source) if config.get("querier") else None
     context.state[_JOB_RECORD + job_id] = ConfigRecord(
@@ -539,9 +541,31 @@ def _open(
         raise ProtocolError(
             f"this party drops out (simulated fault: drop-party={job['party-index']})."
         )
-    local_file = context.node_config.get("data-path")  # deployment: the site's own CSV
-    data = party_data(job["source"], job["party-index"], str(local_file) if local_file else None)
-    return config, job, data
+    return config, job, _own_data(job["source"], job["party-index"], context)
+
+
+def _own_data(source: DataSource, index: int, context: Context) -> Dataset:
+    """This party's training data: its share of the job's data folder (simulation), or its
+    site's own file, the SuperNode's data-path (deployment)."""
+    local_file = context.node_config.get("data-path")
+    return party_data(source, index, str(local_file) if local_file else None)
+
+
+def site_private(err: FedHEError, context: Context) -> FedHEError:
+    """What a deployed party's refusal may tell the aggregator (it lands in result.json): that
+    the site's data failed, never its file path, a line, a column or a raw cell (a patient's
+    value), nor the size of a value it would not encrypt. The site's own log keeps the whole
+    message. Simulation nodes read the aggregator's own folder: their refusals stay whole."""
+    deployed_party = context.node_config.get("data-path") and (
+        context.node_config.get("role") != protocol.ROLE_KEYHOLDER
+    )
+    if not deployed_party or not isinstance(err, DataError | ValueRangeError):
+        return err
+    log.error("this site's data cannot take part: %s", err)
+    return type(err)(
+        "this site's data cannot take part in the job; what is wrong stays at the site: see its "
+        "log, or run `fedhe check-data` there on its file."
+    )
 
 
 def _round_seed(config: dict[str, Any], job: dict[str, Any], purpose: int) -> int:

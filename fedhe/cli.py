@@ -356,6 +356,7 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
     if missing:
         lines.append(f"  never answered: {missing} party node(s)")
     lines += [f"  left out {name}: {why}" for name, why in parties["excluded"].items()]
+    lines += [f"  missed a sum {name}: {why}" for name, why in parties.get("missed", {}).items()]
     lines.append(f"keys      {_keyholders_text(summary['keyholders'])}")
     return lines
 
@@ -424,13 +425,14 @@ def _strict_status(result_path: Path) -> int:
     """--strict: 0, or EXIT_EXCLUDED when the run went on without some of its parties."""
     parties = json.loads(result_path.read_text())["summary"]["parties"]
     missing = parties["expected"] - parties["found"]
-    if not parties["excluded"] and not missing:
+    missed = parties.get("missed", {})
+    if not parties["excluded"] and not missed and not missing:
         return 0
     left_out = ", ".join(parties["excluded"]) or "none"
     print(
         f"fedhe: error: --strict: the run used {parties['used']} of {parties['expected']} "
-        f"parties (left out: {left_out}; never answered: {missing}); the reasons are above, "
-        f"the result in {result_path}.",
+        f"parties (left out: {left_out}; missed a sum: {', '.join(missed) or 'none'}; never "
+        f"answered: {missing}); the reasons are above, the result in {result_path}.",
         file=sys.stderr,
     )
     return EXIT_EXCLUDED

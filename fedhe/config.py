@@ -47,6 +47,10 @@ TASK_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("linreg", "gradient"): {"rounds": 40, "lr": 0.4, "batch_size": 0},
     ("linreg", "encrypted-model"): {"rounds": 20, "lr": 0.4},
 }
+# Built-in datasets with a continuous target (fedhe.data.datasets; tests/test_config.py keeps the
+# two in step without config importing scikit-learn).
+REGRESSION_DATASETS = ("diabetes", "synthetic")
+CLASSIFYING_TASKS = ("aggregate", "logreg", "mlp")
 PARTIES_HOLD_KEYS = "parties"  # --keyholders parties: each party holds a share of the key
 
 
@@ -459,6 +463,16 @@ def data_dir_needs_target(config: JobConfig) -> None:
         raise ConfigError("--data-dir needs --target: the name of the label column.")
 
 
+def classifiers_need_classes(config: JobConfig) -> None:
+    built_in = not config.data_dir  # CSV labels are checked where they load
+    if built_in and config.task in CLASSIFYING_TASKS and config.dataset_name in REGRESSION_DATASETS:
+        raise ConfigError(
+            f"{config.dataset_name} has a continuous target, and task {config.task} trains a "
+            "classifier: use linreg (or knn) on it, or a classification dataset such as "
+            "breast_cancer, iris, wine or digits."
+        )
+
+
 def schema_and_impute_need_data_dir(config: JobConfig) -> None:
     if (config.schema or config.impute != "none") and not config.data_dir:
         raise ConfigError(
@@ -480,6 +494,7 @@ RULES: tuple[Rule, ...] = (
     kept_store_needs_one_keyholder,
     quantized_packing_needs_one_keyholder,
     data_dir_needs_target,
+    classifiers_need_classes,
     schema_and_impute_need_data_dir,
 )
 

@@ -40,6 +40,7 @@ CERT_DAYS = 365
 FEDERATION_NAME = "fedhe"
 WINDOW_SETTING = "message-window"  # 0 in every deployed job unless the coordinator says
 TWIN_SETTING = "plaintext-twin"  # forced off in every deployed job (deployment_run_config)
+KEEP_STORE_SETTING = "keep-store"  # refused in a deployed job (deployment_run_config)
 
 
 class DeployError(FedHEError):
@@ -237,6 +238,12 @@ def deployment_run_config(run_config: str = "") -> list[str]:
                 "data would leave them unencrypted); remove it from --run-config, or compare "
                 "with the clear run in a simulation (`fedhe simulate`)."
             )
+        if key.replace("_", "-") == KEEP_STORE_SETTING and _turns_on(value):
+            raise DeployError(
+                f"{key}={value!r}: a kept KNN store answers later queries with every role on one "
+                "machine, the key holder's secret key beside the store; it is for simulations "
+                "only (`fedhe simulate knn --keep-store true`). Remove it from --run-config."
+            )
     # A deployment sends every message at once (pyproject's window is for the simulation
     # engine); the coordinator's own settings come after and may change that.
     first = [f"{WINDOW_SETTING}=0"]
@@ -280,8 +287,8 @@ def _parse_run_config(run_config: str) -> dict[str, Any]:
 
 
 def _turns_on(value: Any) -> bool:
-    """Whether the ServerApp would read `value` as true (JobConfig's coercion); a value it
-    cannot read counts as on."""
+    """Whether the ServerApp would read `value` as true (JobConfig's coercion, the same for
+    every boolean setting); a value it cannot read counts as on."""
     try:
         return JobConfig.from_run_config({TWIN_SETTING: value}).plaintext_twin
     except ConfigError:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,8 @@ def keep_only_the_querier(out: str | Path) -> None:
     a later query needs), and a kept folder whose job kept no store (an interrupted job)."""
     try:
         kept = KeptStore.open(out)
-    except FedHEError:
+    except FedHEError:  # no store kept (the job failed or stopped): keep no key either
+        shutil.rmtree(kept_folder(out), ignore_errors=True)
         return
     querier = kept.querier_identity_path()
     for path in (kept.folder / IDENTITIES_FOLDER).glob("*.key"):

@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 
+from fedhe.data.csvdata import MISSING_TOKENS
 from fedhe.errors import DataError, FedHEError
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ MODEL_JSON = "model.json"
 MODEL_PT = "model.pt"
 PREDICTIONS_CSV = "predictions.csv"
 KINDS = ("linear", "logistic", "torch", "knn")
-_MISSING_TOKENS = frozenset({"", "nan", "-nan", "na", "n/a", "null", "none", "#n/a"})
+_MISSING_TOKENS = MISSING_TOKENS | {""}  # a CSV's missing-cell spellings, and an empty cell
 
 
 def load_model(path: str | Path) -> FedHEModel:

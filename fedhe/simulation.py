@@ -69,15 +69,17 @@ def simulate(config: JobConfig, workers: int | None = None, *, verbose: bool = F
     # scikit-learn made (~1.5 s of a 20 s demo); frozen first, they are left to the OS.
     atexit.register(gc.freeze)
     kept_out = _kept_out(config)
-    with _keyholder_state(kept_out):
-        try:
-            _run_engine(config, workers, verbose, kept_out=kept_out)
-        finally:
-            _stop_ray()
-    if kept_out:
-        from fedhe import knn_predict
+    try:
+        with _keyholder_state(kept_out):
+            try:
+                _run_engine(config, workers, verbose, kept_out=kept_out)
+            finally:
+                _stop_ray()
+    finally:
+        if kept_out:  # also after a failed run: no secret key outlives a job that kept no store
+            from fedhe import knn_predict
 
-        knn_predict.keep_only_the_querier(kept_out)
+            knn_predict.keep_only_the_querier(kept_out)
     result = Path(config.out) / "result.json"
     if not result.exists():
         raise FedHEError(

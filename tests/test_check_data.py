@@ -381,3 +381,33 @@ def test_aggregator_folder_with_test_csv_only(tmp_path: Path) -> None:
         party.unlink()
     report = check_files(data, "y", "knn")
     assert report.ok and report.render() == f"ok: {data / 'test.csv'}: 30 rows, 3 feature columns"
+
+
+def test_a_party_whose_header_is_wrong_stops_the_run_even_above_min_parties(tmp_path: Path) -> None:
+    """party-1.csv's header is the one every other file is read against: leaving it out
+    would fail every party later, after the engine started."""
+    data = folder(tmp_path)
+    write(data / "party-1.csv", rows(30, seed=2), sep=";")
+    config = JobConfig.of(task="linreg", parties=3, min_parties=2, data_dir=str(data), target="y")
+    with pytest.raises(DataError, match="looks semicolon-separated"):
+        check_job_data(config)
+
+
+def test_logreg_on_three_classes_stops_the_run_even_above_min_parties(tmp_path: Path) -> None:
+    data = folder(tmp_path)
+    for name in ("party-1.csv", "party-2.csv", "party-3.csv", "test.csv"):
+        body = rows(30, seed=len(name))
+        for i, row in enumerate(body):
+            row[-1] = str(i % 3)
+        write(data / name, body)
+    config = JobConfig.of(task="logreg", parties=3, min_parties=2, data_dir=str(data), target="y")
+    with pytest.raises(DataError, match="cannot run this job"):
+        check_job_data(config)
+
+
+def test_a_folder_of_wrongly_named_party_files_is_an_error(tmp_path: Path) -> None:
+    data = folder(tmp_path)
+    for i, party in enumerate(sorted(data.glob("party-*.csv"))):
+        party.rename(data / f"hospital-{'abc'[i]}.csv")
+    report = check_files(data, "y", "linreg")
+    assert not report.ok and "holds no party-<N>.csv but hospital-a.csv" in only_error(report)

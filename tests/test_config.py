@@ -149,3 +149,15 @@ def test_auto_packing_is_the_default_for_updates_and_others_are_refused():
     assert JobConfig().fedavg.packing == "auto"
     with pytest.raises(ConfigError, match="packing 'real'"):
         JobConfig.of(packing="real")
+
+
+def test_a_classifying_task_refuses_a_regression_dataset_up_front():
+    from fedhe.config import REGRESSION_DATASETS
+    from fedhe.data.datasets import BUILTIN_DATASETS
+
+    regression = {name for name, spec in BUILTIN_DATASETS.items() if spec.task == "regression"}
+    assert set(REGRESSION_DATASETS) == regression
+    for task in ("aggregate", "logreg", "mlp"):
+        with pytest.raises(ConfigError, match=r"diabetes has a continuous target.*use linreg"):
+            JobConfig.of(task=task, dataset="diabetes")
+    JobConfig.of(task="knn", dataset="diabetes")  # knn regresses too

@@ -309,3 +309,51 @@ def test_sites_read_their_own_csv_in_deployment_mode(tmp_path):
         simulated["encrypted"]["accuracy"], abs=1e-9
     )
     assert deployed["parties"]["excluded"] == {}
+
+
+@pytest.mark.parametrize(
+    ("secret_cell", "traces"),
+    [
+        ("BMI-31.7-PATIENT-0042", ()),  # refused as it loads: not a number
+        ("7.77e15", ("7.77e+15", "e+31")),  # refused as it encrypts: the value, its square
+    ],
+)
+def test_a_sites_bad_cell_never_reaches_the_aggregator(tmp_path, caplog, secret_cell, traces):
+    """Error replies are a side channel: a deployed site whose own file holds a bad cell is
+    left out, and neither the messages the aggregator receives nor result.json carry the
+    cell's value (or its size), its line or its column (the site's own log has them)."""
+    shared, sites = tmp_path / "shared", tmp_path / "sites"
+    shared.mkdir()
+    sites.mkdir()
+    _write_csv_federation(shared, n_parties=3)
+    for i in range(3):
+        (shared / f"party-{i + 1}.csv").rename(sites / f"hospital-{i}.csv")
+    rows = (sites / "hospital-1.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    cells = rows[5].split(",")
+    cells[0] = secret_cell
+    rows[5] = ",".join(cells)
+    (sites / "hospital-1.csv").write_text("\n".join(rows) + "\n")
+    config = JobConfig(
+        parties=3, min_parties=2, rounds=1, data_dir=str(shared), target="target",
+        plaintext_twin=False, out=str(tmp_path / "out"),
+    )  # fmt: skip
+    node_configs = {
+        i: {"partition-id": i, "num-partitions": 4, "data-path": str(sites / f"hospital-{i}.csv")}
+        for i in range(3)
+    }
+    grid = InProcessGrid(4, node_configs=node_configs)
+    with caplog.at_level("ERROR", logger="fedhe.party"):
+        result_path = run_job(grid, config)
+    result = json.loads(result_path.read_text())
+    assert set(result["parties"]["excluded"]) == {"party-1"}
+    reason = result["parties"]["excluded"]["party-1"]
+    assert "stays at the site" in reason and "fedhe check-data" in reason
+    received = "".join(
+        repr(m.content) if m.has_content() else repr(m.error)
+        for direction, m in grid.log
+        if direction == "received"
+    )
+    for leaked in (secret_cell, "line 6", repr(header[0]), str(sites), *traces):
+        assert leaked not in received and leaked not in result_path.read_text()
+    assert "this site's data cannot take part: " in caplog.text  # the site's log says it all

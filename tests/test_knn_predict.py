@@ -243,3 +243,24 @@ def test_only_a_kept_simulation_gives_its_nodes_identity_files(tmp_path):
     folder = tmp_path / "knn-kept" / "identities"
     assert seen == {"partition-id": 2, "identity-path": str(folder / "node-2.key")}
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_a_failed_keep_store_run_leaves_no_key_behind(tmp_path, monkeypatch):
+    """The key holder's state and the node identities go under the run folder as the run
+    starts; a run that fails before the store is kept must not leave them there."""
+    from fedhe import simulation
+
+    out = tmp_path / "run"
+
+    def engine_that_fails_midway(config, workers, verbose, kept_out):
+        secret = knn_predict.keyholder_root(kept_out) / "job" / "secret.ctx"
+        secret.parent.mkdir(parents=True)
+        secret.write_bytes(b"the job's secret key")
+        knn_predict.identity_path(kept_out, 0).write_bytes(b"a node's identity")
+        raise FedHEError("the job stopped")
+
+    monkeypatch.setattr(simulation, "_run_engine", engine_that_fails_midway)
+    config = JobConfig.of(task="knn", dataset="iris", parties=3, out=str(out), keep_store=True)
+    with pytest.raises(FedHEError, match="the job stopped"):
+        simulation.simulate(config)
+    assert not (out / "knn-kept").exists()

@@ -189,6 +189,8 @@ def test_knn_model_says_how_to_keep_its_store(tmp_path):
     _run(tmp_path, {"task": "knn", "dataset": "iris", "queries": 4})
     spec = json.loads((tmp_path / "model.json").read_text())
     assert spec["kind"] == "knn" and spec["knn"]["k"] == 5 and spec["knn"]["store"] is None
+    # the global moments it measured distances with (a declared output), as every task records
+    assert len(spec["standardizer"]["mean"]) == 4 and len(spec["standardizer"]["std"]) == 4
     assert not (tmp_path / "predictions.csv").exists()  # the querier's answers stay with it
     model = load_model(tmp_path)
     _, test = load_builtin("iris", seed=0)

@@ -176,6 +176,16 @@ def test_a_deployed_run_refuses_to_turn_the_twin_on(run_config):
         deploy.run_command(".", run_config)
 
 
+@pytest.mark.parametrize(
+    "run_config", ["task='knn' keep-store=true", "task='knn' keep_store=1", "keep-store='yes'"]
+)
+def test_a_deployed_run_refuses_to_keep_a_knn_store(run_config):
+    """A kept store keeps the key holder's secret key beside it: simulation only."""
+    with pytest.raises(deploy.DeployError, match="for simulations only"):
+        deploy.run_command(".", run_config)
+    deploy.deployment_run_config("task='knn' keep-store=false")  # the default passes
+
+
 def test_a_deployed_run_refuses_a_toml_file_it_cannot_check():
     with pytest.raises(deploy.DeployError, match="not a TOML file"):
         deploy.deployment_run_config("job.toml")

@@ -163,13 +163,15 @@ def check_job_data(config: JobConfig) -> None:
 
 
 def _parties_with_errors(report: CheckReport, folder: Path) -> set[str] | None:
-    """The party files the report's errors concern, or None when an error concerns anything
-    else (test.csv, the folder, the schema): then no party can be left out to fix it."""
+    """The party files the report's errors concern, or None when leaving them out would not
+    help: an error of anything else (test.csv, the folder, the schema), or one that is not a
+    data row's (a header, a label set: the other files are read against them)."""
     parties = {str(path.resolve()) for path in folder.glob(PARTY_GLOB)}
     concerned = {str(Path(p.file).resolve()) for p in report.errors} | {
         str(Path(file).resolve()) for file in report.folded
     }
-    return concerned if concerned <= parties else None
+    rows_only = all(p.line is not None and p.line > 1 for p in report.errors)
+    return concerned if rows_only and concerned <= parties else None
 
 
 def _party_count(folder: Path, parties: int) -> list[Problem]:
@@ -217,6 +219,15 @@ def _resolve(
             return [path], None
         test = path / TEST_FILE
         has_parties = any(path.glob(PARTY_GLOB))
+        strays = sorted(p.name for p in path.glob("*.csv") if p.name != TEST_FILE)
+        if strays and not has_parties:  # e.g. hospital-a.csv: a job would find no party
+            report.problems.append(
+                Problem(
+                    str(path),
+                    f"holds no party-<N>.csv but {', '.join(strays[:3])}",
+                    "name the party files party-1.csv, party-2.csv, … (or check one file alone)",
+                )
+            )
         try:
             parties = find_party_files(path) if has_parties else []
         except DataError as err:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from fedhe.config import IMPUTE_MODES
 from fedhe.data.csvdata import (
     PARTY_GLOB,
     TEST_FILE,
@@ -28,8 +29,6 @@ from fedhe.data.datasets import Dataset, load_builtin
 from fedhe.data.partition import partition_dirichlet, partition_iid
 from fedhe.data.schema import Schema, load_encoded, load_schema, numeric_schema, parse_schema
 from fedhe.errors import DataError
-
-IMPUTE_MODES = ("none", "mean")
 
 
 @dataclass(frozen=True)
