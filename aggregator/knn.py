@@ -201,6 +201,8 @@ class KNNJob(Job):
             },
         }
         (folder / KEPT_MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for path in folder.rglob("*"):  # the key holder's secret key lies beside: owner only
+            path.chmod(0o700 if path.is_dir() else 0o600)
         log.info("KNN store kept for %d later queries in %s", self.reserved_queries, folder)
         return {"folder": str(folder), "layouts": len(layouts), "queries": self.reserved_queries}
 

@@ -192,6 +192,8 @@ def test_the_kept_keys_stay_private(kept):
     assert stat.S_IMODE(identities[0].stat().st_mode) == 0o600
     secrets = list((folder / "keyholder").rglob("secret.ctx"))
     assert secrets and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in secrets)
+    for path in folder.rglob("*"):  # the store, its context and manifest too: owner only
+        assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
 
 
 def test_a_changed_store_file_is_refused_before_anything_is_decrypted(kept, tmp_path):
