@@ -184,6 +184,7 @@ def test_csv_federation_with_one_malformed_file_goes_on_without_it(tmp_path, cap
         "found": 4,
         "used": 3,
         "excluded": {},
+        "missed": {},  # left out at setup: never in a sum, so not one that missed a sum
     }
     he, plain = result["encrypted"], result["plaintext"]
     assert he["accuracy"] > 0.85
