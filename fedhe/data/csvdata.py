@@ -84,9 +84,7 @@ def require_target(path: Path, header: Sequence[str], target: str) -> None:
     """Raise a DataError naming the columns there are when `target` is not among them."""
     if target in header:
         return
-    hint = ""
-    if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
-        hint = " The header looks like it uses another separator; save the file with commas."
+    hint = _separator_hint(header, "The header looks")
     raise DataError(
         f"{path}: target column {target!r} not found. Available columns: "
         f"{', '.join(header)}. Pass one of these as the target.{hint}"
@@ -236,15 +234,20 @@ def _match_header(
     return tuple(expected), body.iloc[:, order]
 
 
+def _separator_hint(header: Sequence[str], subject: str) -> str:
+    """A hint when a one-column header holds another separator (a semicolon-separated file)."""
+    if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
+        return f" {subject} like it uses another separator; save the file with commas."
+    return ""
+
+
 def _check_header(path: Path, header: tuple[str, ...], expected: list[str]) -> None:
     """The same column names as `expected`, in any order."""
     missing = [c for c in expected if c not in header]
     extra = [c for c in header if c not in expected]
     if not missing and not extra:
         return
-    hint = ""
-    if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
-        hint = " It looks like it uses another separator; save the file with commas."
+    hint = _separator_hint(header, "It looks")
     raise DataError(
         f"{path}: header (line 1) differs from the expected columns (missing columns: "
         f"{missing or 'none'}; extra columns: {extra or 'none'}). Give it the same column names "
