@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedhe.aggregator.checkpoint import Checkpoint, checkpoint_path
 from fedhe.aggregator.export import export_model
 from fedhe.aggregator.fedavg import FedAvgJob
-from fedhe.aggregator.job import Job, JobRun
+from fedhe.aggregator.job import Job, JobRun, party_names
 from fedhe.aggregator.knn import KNNJob
 from fedhe.aggregator.mlp import MLPJob
 from fedhe.aggregator.plots import accuracy_per_round
@@ -24,11 +24,15 @@ from fedhe.aggregator.regression import RegressionJob
 from fedhe.aggregator.report import build_result, write_run
 from fedhe.aggregator.roles import discover, wait_for_nodes
 from fedhe.aggregator.session import Session
+from fedhe.aggregator.shape import survey_sites
 from fedhe.config import JobConfig
 from fedhe.data.sources import (
     DataSource,
+    coordinator_test_file,
     count_party_files,
     csv_classes,
+    pin_columns,
+    site_data_only,
     test_data,
     with_columns,
 )
@@ -52,7 +56,14 @@ def run_job(grid: Grid, config: JobConfig, *, window: int | None = None) -> Path
         parties_hold_keys=config.parties_hold_keys,
     )
     source = _data_source(config, len(federation.parties))
-    test = test_data(source)
+    test = test_data(source) if coordinator_test_file(source) else None
+    survey = None
+    if test is None and site_data_only(source):  # the shape comes from the sites themselves
+        names = party_names(source, list(federation.parties), federation.sites)
+        survey = survey_sites(
+            session, federation.parties, source, f"{config.task}-{grid.run.run_id}", names
+        )
+        source, test = survey.source, survey.shape
     if test is None:
         raise DataError(f"{config.data_dir} has no test.csv to evaluate the model on.")
     runs: list[JobRun] = []
@@ -68,6 +79,8 @@ def run_job(grid: Grid, config: JobConfig, *, window: int | None = None) -> Path
             encrypted=encrypted,
             job_id=job_id,
         )
+        if survey is not None:
+            job.adopt_survey(survey.excluded, survey.round_trips if encrypted else 0)
         runs.append(job.execute())
     he, twin = runs[0], (runs[1] if len(runs) > 1 else None)
     result = build_result(config, he, twin, test.feature_names)
@@ -111,6 +124,11 @@ def _data_source(config: JobConfig, n_parties: int) -> DataSource:
             f"{config.data_dir} holds {files} party files but the job has {config.parties} "
             "parties: pass --parties to match, one party-<N>.csv per party."
         )
+    if not coordinator_test_file(source):  # the sites' survey sets the classes (or the task)
+        kind = {"linreg": "regression", "knn": ""}.get(config.task, "classification")
+        return replace(source, kind=kind)
+    if site_data_only(source):  # the sites check their files against test.csv's header
+        source = pin_columns(source)
     if config.task == "knn":
         test = test_data(source)  # a KNN job on CSV files takes the task its target suggests
         if test is not None and test.task == "regression":

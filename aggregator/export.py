@@ -33,24 +33,40 @@ def export_model(
     (the files written, relative to the run folder, and the architecture)."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    kind = "knn" if config.task == "knn" else _KINDS[config.task]
+    kind = model_kind(config)
     if kind != "knn" and not run.weights:
         return {"json": None, "withheld": "the model stayed with the parties (none shared it)"}
-    spec = _common(config, run, source, test, kind)
+    spec = model_spec(config, run, source, test)
     entry: dict[str, Any] = {"json": MODEL_JSON, "weights": None, "predictions": None}
     if kind == "torch":
-        spec.update(_torch_part(run))
         _save_state_dict(run.weights, out / MODEL_PT)
         entry.update(weights=MODEL_PT, architecture=spec["architecture"])
-    elif kind == "knn":
-        spec["knn"] = _knn_part(config)
-    else:
-        spec["linear"] = _linear_part(run.weights["coefficients"], kind)
-    if kind != "knn":  # a KNN job's answers stay with its querier
+    # A KNN job's answers stay with its querier; a deployment's test rows stay at their site.
+    if kind != "knn" and test.n_samples:
         _predictions(spec, run, test).to_csv(out / PREDICTIONS_CSV, index=False)
         entry["predictions"] = PREDICTIONS_CSV
     (out / MODEL_JSON).write_text(json.dumps(spec, indent=2) + "\n")
     return entry
+
+
+def model_kind(config: JobConfig) -> str:
+    """model.json's "kind" of the job's task."""
+    return "knn" if config.task == "knn" else _KINDS[config.task]
+
+
+def model_spec(config: JobConfig, run: JobRun, source: DataSource, test: Dataset) -> dict[str, Any]:
+    """model.json's content for `run` (what every party of the job also receives): `test` gives
+    the job's shape only (its rows may be none). A linear model without coefficients here
+    (encrypted-model mode) has no "linear" entry: the sites fill it from what they open."""
+    kind = model_kind(config)
+    spec = _common(config, run, source, test, kind)
+    if kind == "torch":
+        spec.update(_torch_part(run))
+    elif kind == "knn":
+        spec["knn"] = _knn_part(config)
+    elif "coefficients" in run.weights:
+        spec["linear"] = _linear_part(run.weights["coefficients"], kind)
+    return spec
 
 
 def _common(

@@ -70,7 +70,8 @@ class FedAvgJob(Job):
             for round_number in range(first_round, self.config.rounds + 1):
                 started = time.perf_counter()
                 self._train_round(round_number, standardizer, update_bound)
-                metrics = evaluate(self.model, test_X, self.test.y)
+                # A coordinator without test rows leaves evaluation to the sites that opt in.
+                metrics = evaluate(self.model, test_X, self.test.y) if self.evaluates else {}
                 self.run.history[-1].update(metrics, round_s=time.perf_counter() - started)
                 log.info("%s round %d: %s", self.run.job_id, round_number, self.run.history[-1])
                 self.save_checkpoint(
@@ -79,7 +80,8 @@ class FedAvgJob(Job):
                     total_samples=total_samples,
                     weights=get_weights(self.model),
                 )
-                advance(f"{kind}: round {round_number}, accuracy {metrics['accuracy']:.3f}")
+                accuracy = f", accuracy {metrics['accuracy']:.3f}" if metrics else ""
+                advance(f"{kind}: round {round_number}{accuracy}")
         self.run.weights = get_weights(self.model)
 
     def _update_packing(self, update_bound: float, total_samples: float) -> str:

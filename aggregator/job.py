@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -63,14 +63,21 @@ class JobRun:
         return self.metrics or (self.history[-1] if self.history else {})
 
 
-def party_names(source: DataSource, parties: Sequence[str]) -> dict[str, str]:
+def party_names(
+    source: DataSource, parties: Sequence[str], sites: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The name a user knows each party by, keyed by its protocol id (`party-<index>`, 0-based,
-    which MAC labels, identities and the key holder's records are bound to): the party's CSV
-    file (`party-2.csv` for index 1) when the job reads a data folder, else the id itself, whose
-    index is the one --drop-party and --querier take and the audit log shows."""
+    which MAC labels, identities and the key holder's records are bound to): its site name in a
+    deployment (`sites`, from `discover`, which numbers the sites in the order of their names),
+    the party's CSV file (`party-2.csv` for index 1) when a simulation reads a data folder, else
+    the id itself, whose index is the one --drop-party and --querier take and the audit log
+    shows."""
     files = find_party_files(source.data_dir) if _reads_party_files(source) else []
     names = {}
     for party in parties:
+        if sites and party in sites:
+            names[party] = sites[party]
+            continue
         index = party.removeprefix("party-")
         known = index.isdigit() and int(index) < len(files)
         names[party] = files[int(index)].name if known else party
@@ -108,7 +115,7 @@ class Job:
         self.test = test
         self.run = JobRun(job_id, encrypted)
         self.parties = dict(federation.parties)
-        self.run.names = party_names(source, list(self.parties))
+        self.run.names = party_names(source, list(self.parties), federation.sites)
         self.session.names = self.run.names  # its warnings name parties as the user knows them
         self.samples: dict[str, int] = {}  # per party, as reported at setup
         self.queries: dict[str, int] = {}
@@ -120,6 +127,8 @@ class Job:
         self.group: KeyHolderGroup | None = None
         self.envelopes: dict[str, dict[str, bytes]] = {}  # MAC-key envelopes not yet delivered
         self.querier: str | None = None  # the party that asks the queries (KNN, MLP)
+        self.model_handed_out = False  # the final model reached the parties (chained: no extra)
+        self.extra_round_trips = 0  # the sites' shape survey, before the job (aggregator/shape)
 
     # -- to implement --------------------------------------------------------------------------
 
@@ -150,11 +159,73 @@ class Job:
         self.declare()
         self.setup_parties()
         self.phases()
+        self.hand_out_model()
         self.run.audit = self.fetch_audit()
         self.run.timings_s["total"] = time.perf_counter() - started
         self.run.bytes = dict(self.session.bytes)
-        self.run.extras["round_trips"] = self.session.round_trips
+        self.run.extras["round_trips"] = self.session.round_trips + self.extra_round_trips
         return self.run
+
+    # -- the final model at every site, evaluation where a site opts in -------------------------
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether this aggregator holds test rows (the built-in split, or test.csv in its
+        folder); a deployment's coordinator need not: sites that opt in evaluate instead."""
+        return self.test.n_samples > 0
+
+    def adopt_survey(self, excluded: Mapping[str, str], round_trips: int) -> None:
+        """The sites left out by the shape survey (`aggregator.shape`), and its round trip."""
+        self.exclude(dict(excluded), "shape")
+        self.extra_round_trips += round_trips
+
+    def hand_out_model(self) -> None:
+        """Every party that took part gets the final model, model.json's content (and a torch
+        model's weights), which it keeps at its site: one message, unless the job already
+        sent it along with its own last message (encrypted-model mode). A KNN job has none:
+        its "model" is the parties' own data."""
+        if self.model_handed_out or not self.run.encrypted or self.config.task == "knn":
+            return
+        if not self.run.weights:
+            return
+        from fedhe.aggregator.export import model_spec  # export reads JobRun from this module
+
+        spec = model_spec(self.config, self.run, self.source, self.test)
+        exchange = self.ask_parties(
+            protocol.FINAL_MODEL,
+            {"model": spec},
+            weights=self.run.weights if spec["kind"] == "torch" else None,
+        )
+        self.take_site_reports(exchange)
+
+    def take_site_reports(self, exchange: Exchange) -> None:
+        """Who got the final model, and the metrics of the sites that evaluated it on their
+        own test rows: the job's metrics when this aggregator holds no test set."""
+        self.model_handed_out = True
+        self.run.extras["model_sent_to"] = sorted(map(self.name_of, exchange.replies))
+        if exchange.failures:
+            self.run.extras["model_not_delivered"] = {
+                self.name_of(name): why for name, why in exchange.failures.items()
+            }
+        reports = {
+            name: protocol.metrics_of(reply)
+            for name, reply in exchange.replies.items()
+            if protocol.metrics_of(reply).get("n-test")
+        }
+        sites = {
+            self.name_of(name): {k: v for k, v in metrics.items() if k != "n-test"}
+            | {"test_rows": int(metrics["n-test"])}
+            for name, metrics in sorted(reports.items())
+        }
+        if self.evaluates:
+            evaluation: dict[str, Any] = {"by": "aggregator", "test_rows": self.test.n_samples}
+        elif sites:
+            first = next(iter(sites))
+            self.run.metrics = {k: v for k, v in sites[first].items() if k != "test_rows"}
+            evaluation = {"by": first, "test_rows": sites[first]["test_rows"]}
+        else:
+            evaluation = {"by": None, "note": "no evaluation (no site opted in with test-path)"}
+        self.run.extras["evaluation"] = evaluation | ({"sites": sites} if sites else {})
 
     def declare(self) -> None:
         declaration = aggregate.declare(
@@ -249,7 +320,7 @@ class Job:
                 if self.public_bytes
                 else {},
             )
-            for index, name in enumerate(self.parties)
+            for name, index in self._party_indexes().items()
         }
         exchange = self.session.ask(self.parties, protocol.SETUP, contents, role="party")
         self.samples = {
@@ -264,6 +335,12 @@ class Job:
         self.require_quorum("setup")
         if self.context is not None:
             self.register_parties(exchange)
+
+    def _party_indexes(self) -> dict[str, int]:
+        """Each remaining party's index among all the job's parties: a party left out before
+        setup (the shape survey) leaves the others' indexes, and so their ids, as they are."""
+        order = list(self.federation.parties)
+        return {name: order.index(name) for name in self.parties}
 
     def _keyholder_identities(self) -> dict[str, bytes]:
         if self.group is None:
@@ -491,9 +568,11 @@ class Job:
     ) -> RecordDict:
         """One party's reply (the querier, say); the job cannot go on without it."""
         if name not in self.parties:
+            why = self.run.excluded.get(name)
+            left = sorted(map(self.name_of, self.parties))
             raise ProtocolError(
-                f"{self.name_of(name)} is not among the parties left: "
-                f"{sorted(map(self.name_of, self.parties))}."
+                f"{self.name_of(name)} is not among the parties left: {left}"
+                + (f"; left out at {why}" if why else ".")
             )
         exchange = self.session.ask(
             {name: self.parties[name]},

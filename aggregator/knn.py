@@ -25,6 +25,7 @@ import numpy as np
 
 from fedhe import protocol
 from fedhe.aggregator.job import Job
+from fedhe.config import ConfigError, querier_party
 from fedhe.crypto import CKKSParams, KeyRequest, Tensor
 from fedhe.errors import FedHEError
 from fedhe.progress import progress
@@ -60,18 +61,39 @@ class KNNJob(Job):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.n_classes = self.source_classes()
-        self.n_queries = min(
-            self.test.n_samples, self.config.inference.queries or self.test.n_samples
-        )
+        # The releases are declared before the querier says how many rows it holds (a
+        # deployed querier: its own query file): `queries`, else the test set's rows; it asks
+        # no more than it holds (`_fit_to_querier`).
+        self.n_queries = self.config.inference.queries or self.test.n_samples
+        if not self.n_queries:
+            raise ConfigError(
+                "this aggregator holds no test set to size the KNN queries by: set queries=N, "
+                "the most queries the querier's site may ask (its query-path file's rows)."
+            )
+        self._plan_queries()
+        # by index, or by the name the user knows it by (a deployment: its site name)
+        self.querier = querier_party(self.config.inference.querier, self.run.names)
+        self.encrypted_queries = self.config.knn.query == "encrypted"  # else feature columns
+        self.uploaded: set[str] = set()  # parties whose first upload was stored
+
+    def _plan_queries(self) -> None:
+        """Layouts and batches for `n_queries` queries (`knn.query_plan`)."""
         self.plan = knn.query_plan(
             self.n_queries,
             self.config.knn.query_batch,
             knn.queries_per_layout(self.test.n_features),
         )
         self.n_batches = sum(len(batches) for batches in self.plan)
-        self.querier = f"party-{self.config.inference.querier}"
-        self.encrypted_queries = self.config.knn.query == "encrypted"  # else feature columns
-        self.uploaded: set[str] = set()  # parties whose first upload was stored
+
+    def _fit_to_querier(self) -> None:
+        """The job declared its releases for the test set's rows before the parties said
+        anything; a deployed querier holds its own query file, which may hold fewer rows: ask
+        only those (more than declared are never asked)."""
+        held = self.queries.get(self.querier, self.n_queries)
+        if held < self.n_queries:
+            log.info("the querier holds %d queries; the job asks those", held)
+            self.n_queries = held
+            self._plan_queries()
 
     def source_classes(self) -> int:
         return self.test.n_classes if self.test.task == "classification" else 0
@@ -106,6 +128,7 @@ class KNNJob(Job):
         }
 
     def phases(self) -> None:
+        self._fit_to_querier()
         checkpoint = self.resumable()
         store = None
         if checkpoint is None:
@@ -130,6 +153,7 @@ class KNNJob(Job):
             "queries_per_layout": store.query_budget,
             "layouts": len(self.plan),
             "queries": self.n_queries,
+            "querier": self.name_of(self.querier),
             "per_query_s": per_query,
         }
         if kept is not None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from fedhe import protocol
 from fedhe.aggregator.fedavg import FedAvgJob
+from fedhe.config import querier_party
 from fedhe.crypto import CKKSParams, KeyRequest, PublicContext
 from fedhe.data.datasets import load_builtin
 from fedhe.errors import FedHEError
@@ -32,7 +33,8 @@ class MLPJob(FedAvgJob):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.querier = f"party-{self.config.inference.querier}"
+        # by index, or by the name the user knows it by (a deployment: its site name)
+        self.querier = querier_party(self.config.inference.querier, self.run.names)
         self.test_X = None
         self.inference_releases = 0  # one release label per logits batch or sample
 
@@ -66,6 +68,7 @@ class MLPJob(FedAvgJob):
         report: dict[str, Any] = {
             "ckks": {**params.to_dict(), "slots": slots, "depth": model.depth},
             "activation": self.spec.activation,
+            "querier": self.name_of(self.querier),
             "context_bytes": {
                 "aggregator": len(context.to_bytes()),
                 "querier": len(context.encryption_only().to_bytes()),

@@ -73,7 +73,8 @@ class RegressionJob(Job):
             if w is None:  # the model stays with the parties: nothing to evaluate here
                 return
         self.run.weights = {"coefficients": self._coefficients(w, standardizer)}
-        self.run.metrics = self._evaluate(w, standardizer)
+        if self.evaluates:  # else the sites that opt in evaluate it (`Job.hand_out_model`)
+            self.run.metrics = self._evaluate(w, standardizer)
 
     # -- exact mode ------------------------------------------------------------------------------
 
@@ -241,6 +242,10 @@ class RegressionJob(Job):
         whose node config shares it (None when none does). The twin's comes in the clear."""
         if "values" in released:
             return protocol.array_from_bytes(released["values"])
+        from fedhe.aggregator.export import model_spec  # export reads JobRun from aggregator.job
+
+        # The model's description rides along: each site writes its model.json (no extra trip).
+        spec = model_spec(self.config, self.run, self.source, self.test)
         exchange = self.session.ask(
             self.parties,
             protocol.MODEL_RELEASE,
@@ -252,6 +257,7 @@ class RegressionJob(Job):
                         "job-id": self.run.job_id,
                         "output": encrypted_model.MODEL_OUTPUT,
                         "round": 0,
+                        "model": spec,
                     },
                     payload={"sealed": released[f"sealed/{name}"]},
                 )
@@ -263,6 +269,7 @@ class RegressionJob(Job):
         shared = [protocol.payload_of(r).get("model") for r in exchange.replies.values()]
         shared = [protocol.array_from_bytes(m) for m in shared if m]
         self.run.extras["model_released_to"] = sorted(exchange.replies)
+        self.take_site_reports(exchange)
         return shared[0] if shared else None
 
     def _refresh(
@@ -294,7 +301,7 @@ class RegressionJob(Job):
         entry = {
             "round": round_number,
             "parties": len(self.run.contributors[-1]["parties"]),
-            **self._evaluate(w, standardizer),
+            **(self._evaluate(w, standardizer) if self.evaluates else {}),
             "round_s": round_s,
         }
         self.run.history.append(entry)

@@ -16,11 +16,13 @@ log = logging.getLogger("fedhe.aggregator")
 @dataclass(frozen=True)
 class Federation:
     """The key holders' node ids and identities by name (one: "keyholder"; a group:
-    keyholder-0, keyholder-1, …) and the parties' node ids by name (party-0, party-1, …)."""
+    keyholder-0, keyholder-1, …) and the parties' node ids by name (party-0, party-1, …).
+    `sites`: the site name of each of them that has one (a deployment), by that same name."""
 
     keyholders: dict[str, int]
     parties: dict[str, int]
     identities: dict[str, bytes] = field(default_factory=dict)
+    sites: dict[str, str] = field(default_factory=dict)
 
     @property
     def keyholder(self) -> int:
@@ -52,9 +54,11 @@ def discover(
     parties_hold_keys: bool = False,
 ) -> Federation:
     """Ask every node its role; refuse to go on without the expected key holders and enough
-    parties. Group members are named keyholder-0, … in the order of their partition id (a
-    deployment: of their node config's partition-id, else node id); with `parties_hold_keys`
-    every party is also a member, under its party name."""
+    parties. Parties are named party-0, party-1, … and group members keyholder-0, … in the
+    order of their site name (a deployment: `fedhe deploy site` sets it, so the order is the
+    sites' names sorted, whichever node Flower lists first), then of their partition id (a
+    simulation), then of their node id; with `parties_hold_keys` every party is also a
+    member, under its party name. Two nodes claiming one site name are refused."""
     content = protocol.content(
         protocol.WHOAMI,
         protocol.REQUEST,
@@ -70,14 +74,20 @@ def discover(
         again = session.ask(silent, protocol.WHOAMI, content, role="node")
         exchange.replies.update(again.replies)
         exchange.failures = {n: r for n, r in exchange.failures.items() if n not in again.replies}
-    found, parties = [], []
+    found: list[_Node] = []
+    parties: list[_Node] = []
     for name, reply in exchange.replies.items():
         info = protocol.config_of(reply)
-        identity = protocol.payload_of(reply).get("identity", b"")
-        if info.get("role") == protocol.ROLE_KEYHOLDER:
-            found.append((int(info.get("partition-id", -1)), int(name), identity))
-        else:
-            parties.append((int(info.get("partition-id", -1)), int(name), identity))
+        node = _Node(
+            str(info.get("site-name", "")),
+            int(info.get("partition-id", -1)),
+            int(name),
+            protocol.payload_of(reply).get("identity", b""),
+        )
+        (found if info.get("role") == protocol.ROLE_KEYHOLDER else parties).append(node)
+    _refuse_shared_site_names(found + parties)
+    found.sort()
+    parties.sort()
     if parties_hold_keys:
         return _parties_as_holders(parties, min_parties, found)
     if len(found) != keyholders:
@@ -91,20 +101,47 @@ def discover(
             f"found {len(parties)} parties, fewer than min_parties={min_parties}; start more "
             f"party SuperNodes (unreachable: {sorted(exchange.failures) or 'none'})."
         )
-    ordered = [node for _, node, _ in sorted(parties)]
-    found.sort()
     names = ["keyholder"] if keyholders == 1 else [f"keyholder-{i}" for i in range(keyholders)]
+    holders = dict(zip(names, found, strict=True))
+    members = {f"party-{i}": node for i, node in enumerate(parties)}
     federation = Federation(
-        {name: node for name, (_, node, _) in zip(names, found, strict=True)},
-        {f"party-{i}": n for i, n in enumerate(ordered)},
-        {name: identity for name, (_, _, identity) in zip(names, found, strict=True)},
+        {name: node.node_id for name, node in holders.items()},
+        {name: node.node_id for name, node in members.items()},
+        {name: node.identity for name, node in holders.items()},
+        _site_names(holders | members),
     )
-    log.info("key holders: %s; %d parties", federation.keyholders, len(ordered))
+    log.info("key holders: %s; %d parties", federation.keyholders, len(parties))
     return federation
 
 
+@dataclass(frozen=True, order=True)
+class _Node:
+    """One node's whoami reply, ordered as `discover` names the nodes."""
+
+    site: str  # "" on a simulated node
+    partition: int  # -1 on a deployed node
+    node_id: int
+    identity: bytes = field(compare=False)
+
+
+def _site_names(named: dict[str, _Node]) -> dict[str, str]:
+    return {name: node.site for name, node in named.items() if node.site}
+
+
+def _refuse_shared_site_names(nodes: list[_Node]) -> None:
+    """A site name names one site: the user reads results, and picks the querier, by it."""
+    seen: dict[str, int] = {}
+    for node in nodes:
+        if node.site and node.site in seen:
+            raise ProtocolError(
+                f"nodes {seen[node.site]} and {node.node_id} both say they are site "
+                f"{node.site!r}: give each SuperNode its own site-name (fedhe deploy site NAME)."
+            )
+        seen[node.site] = node.node_id
+
+
 def _parties_as_holders(
-    parties: list[tuple[int, int, bytes]], min_parties: int, dedicated: list
+    parties: list[_Node], min_parties: int, dedicated: list[_Node]
 ) -> Federation:
     """`--keyholders parties`: every party is also a member of the key-holder group."""
     if dedicated:
@@ -114,16 +151,15 @@ def _parties_as_holders(
         )
     if len(parties) < max(min_parties, 2):
         raise ProtocolError(f"found {len(parties)} parties, fewer than min_parties={min_parties}.")
-    names = {
-        f"party-{i}": (node, identity) for i, (_, node, identity) in enumerate(sorted(parties))
-    }
-    missing = sorted(name for name, (_, identity) in names.items() if not identity)
+    names = {f"party-{i}": node for i, node in enumerate(sorted(parties))}
+    missing = sorted(name for name, node in names.items() if not node.identity)
     if missing:
         raise ProtocolError(f"parties {missing} hold no key share: they sent no identity.")
     federation = Federation(
-        {name: node for name, (node, _) in names.items()},
-        {name: node for name, (node, _) in names.items()},
-        {name: identity for name, (_, identity) in names.items()},
+        {name: node.node_id for name, node in names.items()},
+        {name: node.node_id for name, node in names.items()},
+        {name: node.identity for name, node in names.items()},
+        _site_names(names),
     )
     log.info("parties hold the key's shares: %s", sorted(names))
     return federation

@@ -17,6 +17,7 @@ from fedhe.clients.roles import (
     partition_id,
     require_role,
     resolve_role,
+    site_name,
 )
 from fedhe.crypto import pause_precompute
 from fedhe.errors import FedHEError, ProtocolError
@@ -55,11 +56,14 @@ def whoami(msg: Message, context: Context) -> Message:
             )
         hold_key_share(context)
     identity = keyholder.keyholder_for(context).identity.public if holds_keys else b""
+    info = {"role": role, "partition-id": partition_id(context)}
+    if site_name(context):  # deployed: the aggregator orders and names the sites by it
+        info["site-name"] = site_name(context)
     return Message(
         protocol.content(
             protocol.WHOAMI,
             protocol.REPLY,
-            config={"role": role, "partition-id": partition_id(context)},
+            config=info,
             payload={"identity": identity} if identity else None,
         ),
         reply_to=msg,
@@ -102,4 +106,6 @@ app.query("knn_answer")(_as(protocol.ROLE_PARTY, party.knn_answer))
 app.query("mlp_query")(_as(protocol.ROLE_PARTY, party.mlp_query))
 app.query("mlp_answer")(_as(protocol.ROLE_PARTY, party.mlp_answer))
 app.query("model_release")(_as(protocol.ROLE_PARTY, party.model_release))
+app.query("final_model")(_as(protocol.ROLE_PARTY, party.final_model))
+app.query("shape")(_as(protocol.ROLE_PARTY, party.shape))
 app.train()(_as(protocol.ROLE_PARTY, party.train))

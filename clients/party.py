@@ -13,15 +13,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from flwr.app import ConfigRecord, Context, Message
 
-from fedhe import protocol, seeds
+from fedhe import protocol, seeds, site_model
 from fedhe.clients import trust
-from fedhe.clients.roles import REPORT_METRICS, SHARE_MODEL, allows_plaintext, node_flag
+from fedhe.clients.roles import (
+    QUERY_PATH,
+    REPORT_METRICS,
+    SHARE_MODEL,
+    TEST_PATH,
+    allows_plaintext,
+    node_flag,
+)
 from fedhe.crypto import PublicContext
 from fedhe.crypto.mac import mac_label
 from fedhe.data.datasets import Dataset
-from fedhe.data.sources import DataSource, party_data, test_data
+from fedhe.data.queries import Queries, load_queries
+from fedhe.data.sources import DataSource, party_data, site_shape, test_data
 from fedhe.errors import DataError, FedHEError, ProtocolError, ValueRangeError
 from fedhe.learning import (
     ModelSpec,
@@ -69,7 +78,7 @@ def setup(msg: Message, context: Context) -> Message:
     source = DataSource.from_dict(config["source"])
     data = _own_data(source, int(config["party-index"]), context)
     # The querier says how many test rows it will query with (the rows stay here).
-    test = test_data(source) if config.get("querier") else None
+    test = _queries(source, context) if config.get("querier") else None
     context.state[_JOB_RECORD + job_id] = ConfigRecord(
         {
             "source": protocol.to_json(source.to_dict()),
@@ -95,8 +104,9 @@ def setup(msg: Message, context: Context) -> Message:
 
 def model_release(msg: Message, context: Context) -> Message:
     """Encrypted-model mode: the final model, sealed to this party. It stays here (under the
-    node's output folder when it has one); it goes back to the aggregator only from a node whose
-    config says share-model."""
+    node's output folder when it has one, also as model.json: the job's model description
+    comes along); it goes back to the aggregator only from a node whose config says
+    share-model. A site that opts in evaluates it on its own test rows (`final_model`)."""
     config = protocol.config_of(msg.content)
     job_id = str(config["job-id"])
     model = trust.open_release(
@@ -107,15 +117,77 @@ def model_release(msg: Message, context: Context) -> Message:
         protocol.payload_of(msg.content)["sealed"],
     )
     _keep_output(context, job_id, "model", model)
+    report: dict[str, float] = {}
+    if "model" in config:
+        spec = {**config["model"], "linear": site_model.linear_part(config["model"], model)}
+        report = _keep_model(context, job_id, spec, {})
     shared = node_flag(context, SHARE_MODEL)
     return Message(
         protocol.content(
             protocol.MODEL_RELEASE,
             protocol.REPLY,
             payload={"model": protocol.array_to_bytes(model)} if shared else {},
+            metrics=report,
         ),
         reply_to=msg,
     )
+
+
+def final_model(msg: Message, context: Context) -> Message:
+    """The job's final model (model.json's content, and a torch model's weights): kept at this
+    site, under the node's output folder, where `fedhe predict` and `fedhe.load_model` read it.
+    A site whose node config names a test-path and says report-metrics evaluates it on its own
+    test rows and replies the metrics only; any other site replies nothing."""
+    config = protocol.config_of(msg.content)
+    job_id = str(config["job-id"])
+    _job(context, job_id)  # only a party of the job keeps its model
+    weights = protocol.weights_of(msg.content)
+    report = _keep_model(context, job_id, dict(config["model"]), weights)
+    return Message(
+        protocol.content(protocol.FINAL_MODEL, protocol.REPLY, metrics=report), reply_to=msg
+    )
+
+
+def shape(msg: Message, context: Context) -> Message:
+    """What this site's file looks like, for a job whose coordinator holds no data: its header,
+    feature names, task and label values (schema-level facts, never a row)."""
+    config = protocol.config_of(msg.content)
+    local_file = context.node_config.get("data-path")
+    if not local_file:
+        raise ProtocolError(
+            "the job's coordinator holds no data and this node has no data-path in its node "
+            "config: start it with `fedhe deploy site --data-path FILE`."
+        )
+    source = DataSource.from_dict(config["source"])
+    found = site_shape(source, str(local_file))
+    return Message(
+        protocol.content(
+            protocol.SHAPE,
+            protocol.REPLY,
+            config={k: found[k] for k in ("columns", "features", "labels", "task")},
+            metrics={"n-features": found["n-features"]},
+        ),
+        reply_to=msg,
+    )
+
+
+def _keep_model(
+    context: Context, job_id: str, spec: dict[str, Any], weights: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Write model.json (and model.pt) under the node's output folder; evaluate it on the
+    site's own test rows when its config opts in. Returns the metrics to report ({} if not)."""
+    context.state[_OUTPUT_RECORD + f"{job_id}.model.json"] = ConfigRecord(
+        {"spec": protocol.to_json(spec)}
+    )
+    folder = context.node_config.get("output-dir")
+    if folder:
+        site_model.write_model(site_model.job_folder(Path(str(folder)), job_id), spec, weights)
+    test_path = context.node_config.get(TEST_PATH)
+    if not test_path or not node_flag(context, REPORT_METRICS):
+        return {}
+    job = _job(context, job_id)
+    test = party_data(job["source"], job["party-index"], str(test_path))
+    return site_model.evaluate(spec, weights, test)
 
 
 def feature_moments(msg: Message, context: Context) -> Message:
@@ -297,7 +369,7 @@ def knn_query(msg: Message, context: Context) -> Message:
     ρ stays here until `knn_answer`: only this node can unmask the batch's answer."""
     config, job, _ = _open(msg, context)
     standardizer = Standardizer.from_dict(config["standardizer"])
-    test = _test_set(job)
+    test = _test_set(job, context)
     start, stop = int(config["start"]), int(config["stop"])
     queries = knn.check_queries(standardizer.features(test.X[start:stop]), test.n_features)
     public = _public_context(context, job["job-id"])
@@ -324,8 +396,9 @@ def knn_query(msg: Message, context: Context) -> Message:
 def knn_answer(msg: Message, context: Context) -> Message:
     """KNN querier: unmask the released votes of a batch into predictions (original units).
 
-    The predictions stay here; the aggregator gets the batch's counts (correct answers, or
-    squared errors) only from a querier whose node config says report-metrics."""
+    The predictions stay here (a CSV under the node's output-dir); the aggregator gets the
+    batch's counts (correct answers, or squared errors) only from a querier whose node config
+    says report-metrics and whose queries come with their labels."""
     config, job, _ = _open(msg, context)
     start, stop = int(config["start"]), int(config["stop"])
     rho = _take_mask(context, f"{job['job-id']}.{start}")
@@ -334,10 +407,10 @@ def knn_answer(msg: Message, context: Context) -> Message:
     predictions = knn.querier_answer(released, rho, int(config["k"]), n_classes)
     if not n_classes:
         predictions = Standardizer.from_dict(config["standardizer"]).target_to_original(predictions)
-    _keep_output(context, job["job-id"], f"predictions-{start}", predictions)
+    _keep_answers(context, job["job-id"], "predictions", start, predictions, job["source"])
     report = {"n": float(stop - start)}
-    if node_flag(context, REPORT_METRICS):
-        test = _test_set(job)
+    test = _test_set(job, context) if node_flag(context, REPORT_METRICS) else None
+    if test is not None and test.y is not None:
         report = scores.batch_counts(test.y[start:stop], predictions, n_classes)
     return Message(
         protocol.content(protocol.KNN_ANSWER, protocol.REPLY, metrics=report), reply_to=msg
@@ -349,7 +422,7 @@ def mlp_query(msg: Message, context: Context) -> Message:
     layout) and Enc(ρ); ρ stays here until `mlp_answer`."""
     config, job, _ = _open(msg, context)
     public = PublicContext.from_bytes(protocol.payload_of(msg.content)["public-context"])
-    test = _test_set(job)
+    test = _test_set(job, context)
     start, stop = int(config["start"]), int(config["stop"])
     standardizer = Standardizer.from_dict(config["standardizer"])
     X = mlp.check_inputs(standardizer.features(test.X[start:stop]), test.n_features)
@@ -375,9 +448,10 @@ def mlp_query(msg: Message, context: Context) -> Message:
 
 
 def mlp_answer(msg: Message, context: Context) -> Message:
-    """MLP querier: unmask the released logits. They stay here; a querier whose node config
-    says report-metrics reports the batch's counts: correct answers, agreement with the
-    plaintext model (the aggregator's trained model, sent along) and the largest logit error."""
+    """MLP querier: unmask the released logits. They stay here (a CSV under the node's
+    output-dir); a querier whose node config says report-metrics, and whose queries come with
+    their labels, reports the batch's counts: correct answers, agreement with the plaintext
+    model (the aggregator's trained model, sent along) and the largest logit error."""
     config = protocol.config_of(msg.content)
     rho = _take_mask(context, f"{config['inference-id']}.{int(config['start'])}")
     released = _released(msg, context, str(config["inference-id"]), config, via=config["job-id"])
@@ -390,10 +464,12 @@ def mlp_answer(msg: Message, context: Context) -> Message:
         n = int(config["stop"]) - int(config["start"])
         logits = mlp.querier_unmask_batched(released, rho, n)
     start, stop = int(config["start"]), int(config["stop"])
-    _keep_output(context, str(config["inference-id"]), f"logits-{config['mode']}-{start}", logits)
+    job = _job(context, str(config["job-id"]))
+    name = f"logits-{config['mode']}"
+    _keep_answers(context, str(config["inference-id"]), name, start, logits, job["source"])
     report = {"n": float(stop - start)}
-    if node_flag(context, REPORT_METRICS):
-        test = _test_set(_job(context, str(config["job-id"])))
+    test = _test_set(job, context) if node_flag(context, REPORT_METRICS) else None
+    if test is not None and test.y is not None:
         X = Standardizer.from_dict(config["standardizer"]).features(test.X[start:stop])
         model = mlp.HEModel.from_weights(protocol.weights_of(msg.content), config["activation"])
         plain = model.logits(X)
@@ -405,11 +481,29 @@ def mlp_answer(msg: Message, context: Context) -> Message:
     )
 
 
-def _test_set(job: dict[str, Any]) -> Dataset:
-    test = test_data(job["source"])
+def _test_set(job: dict[str, Any], context: Context) -> Queries:
+    return _queries(job["source"], context)
+
+
+def _queries(source: DataSource, context: Context) -> Queries:
+    """The rows this querier asks about: its site's own file (`query-path` in its node config;
+    a deployment), else the job's test set (a simulation reads the job's folder). A deployed
+    site with its own data but no query file is refused: it would query the coordinator's
+    rows, which it does not hold."""
+    query_path = context.node_config.get(QUERY_PATH)
+    local_file = context.node_config.get("data-path")
+    if query_path:
+        return load_queries(source, Path(str(query_path)), Path(local_file) if local_file else None)
+    if local_file:
+        raise ProtocolError(
+            f"this site is the job's querier but its node config names no {QUERY_PATH}: "
+            f"start its SuperNode with `fedhe deploy site … --query-path FILE`, a CSV of the "
+            "job's feature columns (the target column optional) that stays at the site."
+        )
+    test = test_data(source)
     if test is None:
         raise ProtocolError("the querier has no test set to ask queries from.")
-    return test
+    return Queries.of(test)
 
 
 def _released(
@@ -459,6 +553,42 @@ def _keep_output(context: Context, job_id: str, name: str, values: np.ndarray) -
         path = Path(str(folder)) / job_id
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         np.save(path / f"{name}.npy", values, allow_pickle=False)
+
+
+def _keep_answers(
+    context: Context,
+    job_id: str,
+    name: str,
+    start: int,
+    values: np.ndarray,
+    source: DataSource,
+) -> None:
+    """A querier's answers to one batch (predictions, or logits one column per class): kept in
+    the node's state for this run and, when its config names an `output-dir`, appended to
+    `<output-dir>/<job id>/<name>.csv`, one row per query (`query`: its row in the query file;
+    `prediction`: the label as the job's data writes it). They never leave this node."""
+    context.state[_OUTPUT_RECORD + f"{job_id}.{name}-{start}"] = ConfigRecord(
+        {"values": protocol.array_to_bytes(values)}
+    )
+    folder = context.node_config.get("output-dir")
+    if not folder:
+        return
+    table = pd.DataFrame({"query": np.arange(start, start + len(values))})
+    if values.ndim == 2:
+        for column in range(values.shape[1]):
+            table[f"logit-{column}"] = values[:, column]
+        predicted = np.argmax(values, axis=1)
+    else:
+        predicted = values
+    classes = source.classes
+    table["prediction"] = [classes[int(p)] for p in predicted] if classes else predicted
+    path = Path(str(folder)) / job_id
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    answers = path / f"{name}.csv"
+    if start == 0:  # a fresh file, the site's own (owner only)
+        answers.unlink(missing_ok=True)
+        answers.touch(mode=0o600)
+    table.to_csv(answers, mode="a", header=start == 0, index=False)
 
 
 def _regression_data(
@@ -556,9 +686,8 @@ def site_private(err: FedHEError, context: Context) -> FedHEError:
     the site's data failed, never its file path, a line, a column or a raw cell (a patient's
     value), nor the size of a value it would not encrypt. The site's own log keeps the whole
     message. Simulation nodes read the aggregator's own folder: their refusals stay whole."""
-    deployed_party = context.node_config.get("data-path") and (
-        context.node_config.get("role") != protocol.ROLE_KEYHOLDER
-    )
+    own_files = context.node_config.get("data-path") or context.node_config.get(QUERY_PATH)
+    deployed_party = own_files and context.node_config.get("role") != protocol.ROLE_KEYHOLDER
     if not deployed_party or not isinstance(err, DataError | ValueRangeError):
         return err
     log.error("this site's data cannot take part: %s", err)

@@ -24,6 +24,14 @@ SHARE_MODEL = "share-model"
 # A party site that holds a share of the key when a job has the parties hold it
 # (`--keyholders parties`); simulated nodes always may.
 HOLD_KEY_SHARE = "hold-key-share"
+# The name a deployed site goes by (`fedhe deploy site` sets it): the aggregator orders and names
+# the parties by it in everything a user reads; simulated nodes have none.
+SITE_NAME = "site-name"
+# A deployed querier's own queries (a CSV of the job's feature columns, the target optional).
+QUERY_PATH = "query-path"
+# A site's own test set (a CSV with the target): with report-metrics, the site evaluates the
+# job's final model on it and reports the metrics only (`fedhe.site_model`).
+TEST_PATH = "test-path"
 SIMULATION_NODE_CONFIG = {ALLOW_PLAINTEXT: True, REPORT_METRICS: True, SHARE_MODEL: True}
 
 
@@ -74,6 +82,11 @@ def require_role(context: Context, expected: str) -> None:
 
 def partition_id(context: Context) -> int:
     return int(context.node_config.get("partition-id", -1))
+
+
+def site_name(context: Context) -> str:
+    """This site's name from its own node config ("" on a simulated node)."""
+    return str(context.node_config.get(SITE_NAME, ""))
 
 
 def allows_plaintext(context: Context) -> bool:

@@ -53,8 +53,9 @@ _HELP = {
     "query": "plain (the aggregator sees the query) or encrypted (it does not)",
     "query_batch": "queries per batch (one ranking and one vote release each)",
     "queries": "ask only the querier's first N test rows (0: all)",
-    "querier": "0-based index of the party that asks the queries (it holds the test set; "
-    "with --data-dir, 0 is the first party file, party-1.csv)",
+    "querier": "the party that asks the queries (it holds the test set): its 0-based index "
+    "(with --data-dir, 0 is the first party file, party-1.csv) or its name (party-1.csv; a "
+    "deployment: its site name)",
     "standardize": "measure distances on globally standardized features (true/false)",
     "keep_store": "keep the encrypted store and the key holder's state under --out, so that "
     "`fedhe predict` can ask as many new queries as the job did (true/false; whoever holds the "

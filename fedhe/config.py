@@ -143,6 +143,47 @@ class Widths:
         return f"{key} must be comma-separated positive widths such as '32,16', got {value!r}."
 
 
+@dataclass(frozen=True)
+class PartyChoice:
+    """A party index ≥ 0, or a site name (a deployment: `fedhe deploy site NAME`)."""
+
+    def accepts(self, value: int | str) -> bool:
+        if isinstance(value, int):
+            return value >= 0
+        return bool(value) and value == value.strip()
+
+    def refusal(self, key: str, value: Any) -> str:
+        return f"{key} must be a party index ≥ 0 or a site name, got {value!r}."
+
+
+def party_ref(raw: Any) -> int | str:
+    """A party as a setting names it: its 0-based index (2, "2") or its site name
+    ("hospital-b"); the kind of the `querier` setting (also the CLI's parser of it)."""
+    if isinstance(raw, bool):
+        raise TypeError(f"{raw!r} names no party")
+    if isinstance(raw, numbers.Integral):
+        return int(raw)
+    if not isinstance(raw, str):
+        raise TypeError(f"{raw!r} names no party")
+    return int(raw) if raw.strip().isdigit() else raw
+
+
+def querier_party(querier: int | str, names: Mapping[str, str]) -> str:
+    """The protocol id (`party-<i>`) of the job's querier. An index stands as it is (a
+    simulation's party order; a deployment numbers its sites in the order of their names); a
+    name is looked up in `names` (protocol id → the name the user knows the party by: its site
+    name, or its CSV file), and an unknown one is refused naming the known ones."""
+    if isinstance(querier, int):
+        return f"party-{querier}"
+    for party, name in names.items():
+        if name == querier:
+            return party
+    raise ConfigError(
+        f"querier {querier!r} is none of this job's parties; they are "
+        f"{sorted(set(names.values()))}: pass one of these names (or a party index)."
+    )
+
+
 def parse_widths(text: str) -> tuple[int, ...]:
     widths = tuple(int(w) for w in text.split(",") if w.strip())
     if any(w < 1 for w in widths):
@@ -154,7 +195,7 @@ def parse_widths(text: str) -> tuple[int, ...]:
 class Setting:
     """One row of CONSTRAINTS: the setting's type and, where it has one, its constraint."""
 
-    kind: type
+    kind: type | Callable[[Any], Any]
     constraint: Constraint | None = None
 
 
@@ -202,7 +243,7 @@ CONSTRAINTS: dict[str, Setting] = {
     "standardize": Setting(bool),
     "keep_store": Setting(bool),  # simulation: keep the store and keys for later queries
     # inference
-    "querier": Setting(int, Interval(0)),  # < parties: a rule
+    "querier": Setting(party_ref, PartyChoice()),  # an index < parties: a rule
     "queries": Setting(int, Interval(0, why="0: every test row")),
     # mlp
     "single_queries": Setting(int, Interval(0)),
@@ -224,10 +265,16 @@ def validate_settings(settings: object) -> None:
 
 
 _BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}
-_KIND_NAMES = {bool: "a bool (true or false)", int: "an int", float: "a number", str: "a string"}
+_KIND_NAMES = {
+    bool: "a bool (true or false)",
+    int: "an int",
+    float: "a number",
+    str: "a string",
+    party_ref: "a party index or a site name",
+}
 
 
-def _coerce(key: str, raw: Any, kind: type) -> Any:
+def _coerce(key: str, raw: Any, kind: type | Callable[[Any], Any]) -> Any:
     """`raw` as `kind` where it reads one way only ("6" and 6.0 as 6, "false" and 0 as False,
     3 as "3"); anything else is refused."""
     try:
@@ -239,7 +286,9 @@ def _coerce(key: str, raw: Any, kind: type) -> Any:
     return value
 
 
-def _as_kind(raw: Any, kind: type) -> Any:
+def _as_kind(raw: Any, kind: type | Callable[[Any], Any]) -> Any:
+    if kind is party_ref:
+        return party_ref(raw)
     if kind is bool:
         if isinstance(raw, bool | numbers.Integral) and raw in (0, 1):
             return bool(raw)
@@ -315,10 +364,11 @@ class KnnSettings:
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """The party that asks the queries (it holds the test set), and how many it asks."""
+    """The party that asks the queries (it holds the test set, or in a deployment its own
+    `query-path` file), and how many it asks. `querier`: a party index, or a site name."""
 
     TASKS: ClassVar[tuple[str, ...]] = ("knn", "mlp")
-    querier: int = 0
+    querier: int | str = 0
     queries: int = 0  # the querier's first this many test rows (0: all of them)
 
     def __post_init__(self) -> None:
@@ -389,7 +439,10 @@ def min_parties_within_parties(config: JobConfig) -> None:
 
 
 def querier_is_a_party(config: JobConfig) -> None:
-    if config.inference.querier >= config.parties:
+    """An index must be a party's; a site name is checked against the sites that answer
+    (`querier_party`, once the job knows them)."""
+    querier = config.inference.querier
+    if isinstance(querier, int) and querier >= config.parties:
         raise ConfigError(
             f"querier must be a party index 0..{config.parties - 1}, "
             f"got {config.inference.querier}."

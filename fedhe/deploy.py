@@ -1,16 +1,19 @@
 """Deployment across institutions with Flower's own runtime: a SuperLink with TLS and SuperNode
 authentication, one SuperNode per site (parties and the key holder), `flwr run` for jobs.
 
-`init_federation` writes a federation folder for the coordinator:
+Each site makes its own SuperNode key (`fedhe deploy keygen`, fedhe.deploy_kit): its private
+half never leaves the site. `init_federation` writes the coordinator's federation folder:
 
     ca/ca.crt, ca/ca.key            the federation's CA (ca.key never leaves the coordinator)
     superlink/server.pem, .key      the SuperLink's TLS certificate (SAN: its host) and key
-    sites/<name>/<name>, .pub       each site's ECDSA P-384 SuperNode key pair (OpenSSH format);
-                                    a site gets its folder plus ca/ca.crt, and keeps <name> secret
+    keys/<name>.pub                 each site's public key, as the site handed it (`add-key`)
     flwr/config.toml                the coordinator's `flwr` connection (FLWR_HOME)
     federation.json                 the SuperLink address and every site's role
 
-The other functions build the exact command line of each role; `fedhe deploy …` runs them.
+A site's folder holds its key pair (supernode.key, supernode.pub) and its kit from the
+coordinator (ca.crt, a federation.json naming that site only, start.sh, a systemd unit).
+`Federation.load` reads either; the other functions build the exact command line of each role,
+and `fedhe deploy …` runs them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import datetime
 import ipaddress
 import json
 import os
-import shutil
+import re
 import sys
 import unicodedata
 from dataclasses import dataclass
@@ -41,6 +44,11 @@ FEDERATION_NAME = "fedhe"
 WINDOW_SETTING = "message-window"  # 0 in every deployed job unless the coordinator says
 TWIN_SETTING = "plaintext-twin"  # forced off in every deployed job (deployment_run_config)
 KEEP_STORE_SETTING = "keep-store"  # refused in a deployed job (deployment_run_config)
+SITE_KEY = "supernode.key"  # a site's private SuperNode key, in its own folder (0600)
+SITE_PUBLIC_KEY = "supernode.pub"  # its public half: the only part handed to the coordinator
+SUPERLINK = "superlink"  # `fedhe deploy kit FED superlink`: the coordinator's own service
+# a site name becomes a file name, a systemd unit and a user (fedhe-<name>, ≤ 32 characters)
+SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,25}")
 
 
 class DeployError(FedHEError):
@@ -49,10 +57,15 @@ class DeployError(FedHEError):
 
 @dataclass(frozen=True)
 class Federation:
+    """The coordinator's federation folder, or one site's kit (`site` set: `sites` is that site
+    alone, and `key_fingerprint` the public key the coordinator registered for it)."""
+
     folder: Path
     host: str
     port: int
     sites: dict[str, str]  # name → role
+    site: str = ""
+    key_fingerprint: str = ""
 
     @property
     def address(self) -> str:
@@ -60,33 +73,83 @@ class Federation:
 
     @property
     def ca_cert(self) -> Path:
-        return self.folder / "ca" / "ca.crt"
+        return self.folder / ("ca.crt" if self.site else "ca/ca.crt")
 
     @property
     def flwr_home(self) -> Path:
         return self.folder / "flwr"
 
     def site_key(self, name: str) -> Path:
+        """The site's private key: only a site's own folder (its kit) has it."""
+        if self.site and name != self.site:
+            raise DeployError(f"{self.folder} is the kit of site {self.site!r}, not of {name!r}.")
+        self._check_site(name)
+        if not self.site:
+            raise DeployError(
+                f"{self.folder} is the coordinator's federation folder, which holds no site's "
+                f"private key: site {name!r} makes its own (`fedhe deploy keygen SITE_DIR "
+                f"{name}`) and runs from its kit (`fedhe deploy kit {self.folder} {name} --out "
+                "DIR`, copied into SITE_DIR)."
+            )
+        return self.folder / SITE_KEY
+
+    def public_key(self, name: str) -> Path:
+        """Where the coordinator keeps the public key site `name` handed it (`add-key`)."""
+        self._check_site(name)
+        return self.folder / "keys" / f"{name}.pub"
+
+    def for_site(self, name: str, folder: str | Path, key_fingerprint: str = "") -> Federation:
+        """What site `name` knows of the federation, read from its kit in `folder`."""
+        self._check_site(name)
+        return Federation(
+            Path(folder), self.host, self.port, {name: self.sites[name]}, name, key_fingerprint
+        )
+
+    def _check_site(self, name: str) -> None:
         if name not in self.sites:
             raise DeployError(f"no site {name!r} in {self.folder}; sites: {sorted(self.sites)}.")
-        return self.folder / "sites" / name / name
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {"host": self.host, "port": self.port}
+        if self.site:
+            data.update(site=self.site, role=self.sites[self.site])
+            data["key-fingerprint"] = self.key_fingerprint
+        else:
+            data["sites"] = self.sites
+        return json.dumps(data, indent=2) + "\n"
 
     @classmethod
-    def load(cls, folder: str | Path) -> Federation:
+    def load(cls, folder: str | Path, *, as_site: bool = False) -> Federation:
+        """The federation file in `folder`; `as_site`: a site's kit is expected (the advice
+        on a missing file is then to ask the coordinator for the kit, never to make a CA)."""
         path = Path(folder) / "federation.json"
+        if as_site and not path.exists():
+            raise DeployError(
+                f"{folder} has no federation.json: ask the coordinator for this site's kit "
+                "(they run `fedhe deploy kit FED NAME --out DIR`) and copy its files into "
+                f"{folder}, beside the key made there by `fedhe deploy keygen`."
+            )
         try:
             data = json.loads(path.read_text())
-            return cls(Path(folder), data["host"], int(data["port"]), dict(data["sites"]))
+            host, port = data["host"], int(data["port"])
+            if "site" in data:  # a site's kit
+                site, registered = str(data["site"]), str(data.get("key-fingerprint", ""))
+                return cls(Path(folder), host, port, {site: str(data["role"])}, site, registered)
+            return cls(Path(folder), host, port, dict(data["sites"]))
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise DeployError(
-                f"{path} is missing or malformed ({err}); create it with `fedhe deploy init`."
-            ) from err
+            advice = (
+                "ask the coordinator for this site's kit again (`fedhe deploy kit`)"
+                if as_site
+                else "the coordinator creates it once with `fedhe deploy init`"
+            )
+            raise DeployError(f"{path} is missing or malformed ({err}); {advice}.") from err
 
 
 def init_federation(
     folder: str | Path, sites: dict[str, str], *, host: str = "127.0.0.1", port: int = 8000
 ) -> Federation:
-    """Create the CA, the SuperLink certificate and one SuperNode key pair per site."""
+    """Create the CA, the SuperLink certificate, the `flwr` config and federation.json. No
+    site's key: each site makes its own (`fedhe deploy keygen`) and hands over the public half."""
     folder = Path(folder)
     if (folder / "federation.json").exists():
         raise DeployError(f"{folder} already holds a federation; choose another folder.")
@@ -96,6 +159,8 @@ def init_federation(
             f"sites need parties and any number of {KEYHOLDER!r} sites (none when the parties "
             f"hold the key's shares), roles in {ROLES}; got {sites}."
         )
+    for name in sites:
+        check_site_name(name)
     federation = Federation(folder, host, port, dict(sites))
     ca_key, ca_cert = _certificate_authority()
     _write(folder / "ca" / "ca.key", _private_pem(ca_key), secret=True)
@@ -105,19 +170,25 @@ def init_federation(
     _write(
         folder / "superlink" / "server.pem", server_cert.public_bytes(serialization.Encoding.PEM)
     )
-    for name in sites:
-        write_site_key(folder / "sites" / name / name)
-        shutil.copy(folder / "ca" / "ca.crt", folder / "sites" / name / "ca.crt")
+    (folder / "keys").mkdir(mode=0o700, exist_ok=True)  # the public keys sites hand in
     _write(folder / "flwr" / "config.toml", _flwr_config(federation).encode())
-    _write(
-        folder / "federation.json",
-        json.dumps({"host": host, "port": port, "sites": sites}, indent=2).encode(),
-    )
+    _write(folder / "federation.json", federation.to_json().encode())
     return federation
 
 
-def write_site_key(path: Path) -> None:
-    """An ECDSA P-384 key pair in OpenSSH format, as `flower-supernode` expects it."""
+def check_site_name(name: str) -> str:
+    """A site's name names its kit, its systemd unit and its service user: keep it plain."""
+    if not SITE_NAME.fullmatch(name) or name in (SUPERLINK, "none"):
+        raise DeployError(
+            f"site name {name!r}: use 1-26 lowercase letters, digits, '-' or '_', starting with "
+            f"a letter or digit (not {SUPERLINK!r} or 'none'), e.g. 'hospital-a'."
+        )
+    return name
+
+
+def write_site_key(path: Path, comment: str = "") -> str:
+    """An ECDSA P-384 key pair in OpenSSH format, as `flower-supernode` expects it: the
+    private key at `path` (0600), the public one beside it (`.pub`); returns the public line."""
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(
         serialization.Encoding.PEM,
@@ -127,8 +198,10 @@ def write_site_key(path: Path) -> None:
     public = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
+    line = public.decode() + (f" {comment}" if comment else "")
     _write(path, private, secret=True)
-    _write(path.with_suffix(".pub"), public + b"\n")
+    _write(path.with_suffix(".pub"), (line + "\n").encode())
+    return line
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -144,7 +217,10 @@ def environment(federation: Federation) -> dict[str, str]:
     return env
 
 
-def superlink_command(federation: Federation) -> list[str]:
+def superlink_command(federation: Federation, bind: str = "") -> list[str]:
+    """The SuperLink, listening on `bind` (default: the federation's host when it is an IP
+    address, else every address). Flower 1.42 serves the Fleet, Control and ServerAppIo APIs on
+    this one port, and its own default (127.0.0.1) would keep every other machine out."""
     folder = federation.folder
     return [
         _tool("flower-superlink"),
@@ -154,24 +230,39 @@ def superlink_command(federation: Federation) -> list[str]:
         "--enable-supernode-auth",
         "--database", str(folder / "superlink" / "state.db"),
         "--disable-runtime-dependency-installation",
+        "--host", bind or _bind_address(federation.host),
         "--port", str(federation.port),
     ]  # fmt: skip
 
 
-def register_commands(federation: Federation) -> list[list[str]]:
-    """`flwr supernode register` of every site's public key, under its name."""
-    return [
-        [
+def _bind_address(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return "0.0.0.0"  # a DNS name: listen everywhere; the firewall says who may connect
+
+
+def register_commands(federation: Federation) -> dict[str, list[str]]:
+    """`flwr supernode register` of every public key a site handed in, under the site's name
+    (a site whose key has not come yet is left out: `unregistered_sites`)."""
+    return {
+        name: [
             _tool("flwr"),
             "supernode",
             "register",
-            str(federation.site_key(name).with_suffix(".pub")),
+            str(federation.public_key(name)),
             FEDERATION_NAME,
             "--name",
             name,
         ]
         for name in federation.sites
-    ]
+        if federation.public_key(name).exists()
+    }
+
+
+def unregistered_sites(federation: Federation) -> list[str]:
+    """Sites whose public key the coordinator has not been handed yet (`add-key`)."""
+    return [name for name in federation.sites if not federation.public_key(name).exists()]
 
 
 def site_command(
@@ -183,6 +274,11 @@ def site_command(
     superlink: str = "",
     passphrase_file: str = "",
     keyholder_path: str = "",
+    approved: str = "",
+    query_path: str = "",
+    output_dir: str = "",
+    report_metrics: bool = False,
+    test_path: str = "",
 ) -> list[str]:
     """The SuperNode of one site: its key, the CA, its role and where its data lives
     (party: its CSV file, or nothing for built-in data; key holder: its state folder, and
@@ -190,7 +286,7 @@ def site_command(
     `keyholder_path` also holds a share of the key of jobs run with `keyholders=parties`."""
     key = federation.site_key(name)
     role = federation.sites[name]
-    node_config = _setting("role", role)
+    node_config = _setting("role", role) + " " + _setting("site-name", name)
     if data_path:
         node_config += " " + _setting("data-path", data_path)
     if role != KEYHOLDER:  # its end-to-end identity, kept at the site
@@ -205,14 +301,45 @@ def site_command(
                 "only a key holder, or a party with --keyholder-path, has key shares to seal."
             )
         node_config += " " + _setting("passphrase-file", passphrase_file)
+    node_config += _querier_settings(role, query_path, output_dir, report_metrics)
+    node_config += f" {_setting('test-path', test_path)}" if test_path else ""  # with metrics
     return [
-        _tool("flower-supernode"),
+        *_launcher(approved),  # Flower's SuperNode, approved app bundles only (fedhe.supernode)
         "--superlink", superlink or federation.address,
         "--root-certificates", str(key.parent / "ca.crt"),
         "--auth-supernode-private-key", str(key),
         "--port", str(port),
         "--node-config", node_config,
     ]  # fmt: skip
+
+
+def _querier_settings(role: str, query_path: str, output_dir: str, report_metrics: bool) -> str:
+    """A party's own queries (when it is a job's querier: KNN, MLP inference), the folder its
+    answers and released models stay in, and whether it reports counts about its answers
+    (accuracy, errors: needs the target column in its query file)."""
+    if role == KEYHOLDER and (query_path or output_dir or report_metrics):
+        raise DeployError("--query-path, --output-dir and --report-metrics are for a party site.")
+    settings = ""
+    if query_path:
+        settings += " " + _setting("query-path", query_path)
+    if output_dir:
+        settings += " " + _setting("output-dir", output_dir)
+    if report_metrics:
+        settings += " report-metrics=true"
+    return settings
+
+
+def _launcher(approved: str) -> list[str]:
+    """`python -m fedhe.supernode --approved FILE --`: a site runs only the app bundles it
+    approved, so a SuperNode without an approved file is refused here."""
+    if not approved:
+        raise DeployError(
+            "a site needs --approved FILE, the hashes of the app bundles it runs: review the "
+            "app's code, then `fedhe deploy approve APP_DIR >> FILE` (see docs/deploy.md)."
+        )
+    from fedhe.supernode import launcher_command
+
+    return launcher_command(approved)
 
 
 def run_command(app_dir: str | Path, run_config: str = "") -> list[str]:

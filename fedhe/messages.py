@@ -32,6 +32,8 @@ KNN_ANSWER = "query.knn_answer"
 MLP_QUERY = "query.mlp_query"
 MLP_ANSWER = "query.mlp_answer"
 MODEL_RELEASE = "query.model_release"
+SHAPE = "query.shape"  # a site's columns and labels, when the coordinator holds no data
+FINAL_MODEL = "query.final_model"  # the job's final model, kept at every site
 TRAIN = "train"
 DECRYPT = "query.decrypt"
 AUDIT = "query.audit"
@@ -133,6 +135,9 @@ _QUERIER_COUNTS = (  # fedhe.tasks.scores.batch_counts
     "compared_correct",
     "max_abs_logit_error",
 )
+# What a site that opts in (test-path, report-metrics) reports about the final model on its own
+# test rows: the metrics result.json shows, and how many rows; never a row or a prediction.
+_SITE_METRICS = ("n-test", "accuracy", "loss", "log_loss", "auc", "mse", "r2")
 _KNN_BATCH = ("job-id", "standardizer", "n-classes", "slots", "start", "stop", "query", "k")
 _MLP_BATCH = (
     "job-id",
@@ -150,7 +155,7 @@ _GROUP_METRICS = ("keyholder-s",)
 
 SCHEMAS: dict[tuple[str, str], Schema] = {
     (WHOAMI, REQUEST): _schema(("keyholder-partition-id", "keyholders", "parties-hold-keys")),
-    (WHOAMI, REPLY): _schema(("role", "partition-id"), {"identity": (Kind.IDENTITY,)}),
+    (WHOAMI, REPLY): _schema(("role", "partition-id", "site-name"), {"identity": (Kind.IDENTITY,)}),
     (DECLARE, REQUEST): _schema(("declaration", "keys")),
     (DECLARE, REPLY): _schema(
         (),
@@ -256,8 +261,16 @@ SCHEMAS: dict[tuple[str, str], Schema] = {
         (*_MLP_BATCH, "output", "round", "activation"), _ANSWER, weights=True
     ),
     (MLP_ANSWER, REPLY): _schema((), {}, _QUERIER_COUNTS),
-    (MODEL_RELEASE, REQUEST): _schema(("job-id", "output", "round"), {"sealed": (Kind.SEALED,)}),
-    (MODEL_RELEASE, REPLY): _schema((), {"model": (Kind.ARRAY,)}),  # a share-model node only
+    (MODEL_RELEASE, REQUEST): _schema(
+        ("job-id", "output", "round", "model"), {"sealed": (Kind.SEALED,)}
+    ),
+    (MODEL_RELEASE, REPLY): _schema(  # the model: from a share-model node only
+        (), {"model": (Kind.ARRAY,)}, _SITE_METRICS
+    ),
+    (SHAPE, REQUEST): _schema(("job-id", "source")),
+    (SHAPE, REPLY): _schema(("columns", "features", "labels", "task"), {}, ("n-features",)),
+    (FINAL_MODEL, REQUEST): _schema(("job-id", "model"), weights=True),
+    (FINAL_MODEL, REPLY): _schema((), {}, _SITE_METRICS),
     (DECRYPT, REQUEST): _schema(_DECRYPTION_REQUEST, {"tensor": (Kind.TENSOR,), "tag/*": _TAGS}),
     (DECRYPT, REPLY): _schema((), _RELEASE, ("decrypt-s",)),
     (AUDIT, REQUEST): _schema(("job-id",)),

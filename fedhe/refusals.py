@@ -15,6 +15,9 @@ from fedhe.errors import FedHEError
 # Flower's own codes are 0–8 in flwr 1.42 (flwr.common.constant.ErrorCode, not public API);
 # fedhe's sits well clear of them.
 FEDHE_ERROR_CODE = 100
+# Flower's ErrorCode.INVALID_FAB: a deployed site's launcher (`fedhe.supernode`) refused the
+# run's app bundle because its hash is not in the site's approved list.
+INVALID_FAB_CODE = 7
 
 
 def error_reply(msg: Message, err: FedHEError) -> Message:
@@ -33,4 +36,9 @@ def failure_reason(error: Error) -> str:
     reason = (error.reason or "").strip()
     if error.code == FEDHE_ERROR_CODE:
         return reason
+    if error.code == INVALID_FAB_CODE:
+        return (
+            "the site refused this run's app bundle: its hash is not in the site's approved "
+            "list (the site reviews the code and adds `fedhe deploy approve APP_DIR` to it)"
+        )
     return f"Flower error code {error.code}: {reason or 'no reason given'}"

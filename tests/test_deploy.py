@@ -19,15 +19,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import DNSName, IPAddress, SubjectAlternativeName, load_pem_x509_certificate
 
 from fedhe import deploy
 from fedhe.aggregator.app import run_job
+from fedhe.approval import approval_line, bundle_files
 from fedhe.config import JobConfig
 from fedhe.crypto.multiparty import SECRET_MAGIC
 from fedhe.deploy_cli import register
 from tests.inprocess import InProcessGrid
+from tests.test_deploy_kit import (
+    assert_site_keys_stayed_home,
+    private_keys_in,
+    set_up_site,
+    site_start,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = {
@@ -44,51 +50,63 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_init_writes_a_ca_a_server_certificate_and_site_keys(tmp_path):
+def test_init_writes_a_ca_and_a_server_certificate_and_no_site_key(tmp_path):
     federation = deploy.init_federation(tmp_path / "fed", SITES, host="10.0.0.5", port=9000)
     server = load_pem_x509_certificate((tmp_path / "fed/superlink/server.pem").read_bytes())
     san = server.extensions.get_extension_for_class(SubjectAlternativeName).value
     assert "10.0.0.5" in [str(ip) for ip in san.get_values_for_type(IPAddress)]
     assert "localhost" in san.get_values_for_type(DNSName)
+    assert private_keys_in(tmp_path / "fed") == {
+        tmp_path / "fed/ca/ca.key",
+        tmp_path / "fed/superlink/server.key",
+    }  # each site makes its own (`fedhe deploy keygen`, tests/test_deploy_kit.py)
     for name in SITES:
-        key = federation.site_key(name)
-        assert key.stat().st_mode & 0o777 == 0o600
-        serialization.load_ssh_private_key(key.read_bytes(), password=None)
-        assert key.with_suffix(".pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+        with pytest.raises(deploy.DeployError, match="fedhe deploy keygen"):
+            federation.site_key(name)
     assert (tmp_path / "fed/ca/ca.key").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "fed/superlink/server.key").stat().st_mode & 0o777 == 0o600
     with pytest.raises(deploy.DeployError, match="already holds"):
         deploy.init_federation(tmp_path / "fed", SITES)
     with pytest.raises(deploy.DeployError, match="need parties"):
         deploy.init_federation(tmp_path / "other", {"a": "keyholder"})
+    with pytest.raises(deploy.DeployError, match="site name"):
+        deploy.init_federation(tmp_path / "other", {"Hospital A": "party"})
 
 
 class Deployment:
-    """Processes of one federation; everything is killed at the end."""
+    """Processes of one federation; everything is killed at the end. Set up as documented:
+    the coordinator's folder is `folder`; each site makes its key in `<folder>/../sites/<name>`,
+    hands over the public half, and gets its kit (written to `../kits/<name>`, copied in)."""
 
     def __init__(self, folder: Path, sites: dict[str, str] = SITES) -> None:
         self.port = _free_port()
         self.federation = deploy.init_federation(folder, sites, port=self.port)
         self.env = deploy.environment(self.federation)
+        self.kits = {name: set_up_site(self.federation, name) for name in sites}
         self.logs = folder / "logs"
         self.logs.mkdir()
         self.processes: dict[str, subprocess.Popen] = {}
         self.site_args: dict[str, dict[str, str]] = {}
+        # the sites run REPO's bundle as it is now (a snapshot: REPO may change meanwhile)
+        self.app = bundle_files(REPO, folder.parent / "app" / "fedhe")
+        self.approved = folder.parent / "approved.txt"
+        self.approved.write_text(approval_line(self.app) + "\n")
 
-    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+    def start(self, name: str, command: list[str], env: dict | None = None) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("wb")
         process = subprocess.Popen(
-            command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            command, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
         self.processes[name] = process
         return process
 
     def start_site(self, name: str, **kwargs) -> subprocess.Popen:
-        command = deploy.site_command(self.federation, name, port=_free_port(), **kwargs)
-        return self.start(name, command)
+        kwargs.setdefault("approved", str(self.approved))
+        return self.start(name, *site_start(self.kits[name], port=_free_port(), **kwargs))
 
     def run(self, out: Path, settings: str, timeout_s: float = 420) -> dict:
-        command = deploy.run_command(REPO, f"{settings} out='{out}'")
+        command = deploy.run_command(self.app, f"{settings} out='{out}'")
         with (self.logs / f"run-{out.name}.log").open("wb") as log:
             subprocess.run(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                            timeout=timeout_s, check=True)  # fmt: skip
@@ -109,6 +127,11 @@ class Deployment:
         for name in list(self.processes):
             self.stop(name)
 
+    def assert_keys_stayed_home(self, root: Path) -> None:
+        """After the jobs: no site's private key anywhere under `root` (the coordinator's
+        folder, its logs, every other site, every job's output) but in that site's folder."""
+        assert_site_keys_stayed_home(root, {name: kit.folder for name, kit in self.kits.items()})
+
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
@@ -123,6 +146,7 @@ def deployment(tmp_path_factory):
         yield running
     finally:
         running.stop_all()
+    running.assert_keys_stayed_home(tmp_path_factory.getbasetemp())
 
 
 @pytest.mark.slow
@@ -149,7 +173,10 @@ def test_a_tls_deployment_runs_linreg_as_the_simulation_does(deployment, tmp_pat
 def test_a_supernode_with_an_unregistered_key_is_refused(deployment, tmp_path):
     rogue = tmp_path / "rogue" / "rogue"
     deploy.write_site_key(rogue)
-    command = deploy.site_command(deployment.federation, "hospital-a", port=_free_port())
+    command = deploy.site_command(
+        deployment.kits["hospital-a"], "hospital-a", port=_free_port(),
+        approved=str(deployment.approved),
+    )  # fmt: skip
     command[command.index("--auth-supernode-private-key") + 1] = str(rogue)
     process = deployment.start("rogue", command)
     try:
@@ -268,6 +295,7 @@ def group_deployment(tmp_path_factory):
         yield running
     finally:
         running.stop_all()
+    running.assert_keys_stayed_home(tmp_path_factory.getbasetemp())
 
 
 def _kill_after_group_setup(deployment: Deployment, site: str) -> Killer:

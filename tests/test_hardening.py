@@ -268,7 +268,8 @@ def federation(tmp_path_factory):
 def _node_config(federation, name: str, **kwargs) -> dict:
     from flwr.common.config import parse_config_args
 
-    command = deploy.site_command(federation, name, port=9094, **kwargs)
+    kit = federation.for_site(name, federation.folder / "sites" / name)  # the site's own kit
+    command = deploy.site_command(kit, name, port=9094, approved="/site/ok.txt", **kwargs)
     return parse_config_args([command[command.index("--node-config") + 1]])
 
 
@@ -286,7 +287,7 @@ def test_a_data_path_cannot_inject_node_config_settings(federation, site, data_p
         parsed = _node_config(federation, site, data_path=data_path)
     except deploy.DeployError:
         return  # refused with a clear error: nothing injected
-    assert parsed == {"role": federation.sites[site], "data-path": data_path}
+    assert parsed == {"role": federation.sites[site], "site-name": site, "data-path": data_path}
 
 
 @pytest.mark.parametrize(
@@ -296,4 +297,9 @@ def test_a_data_path_cannot_inject_node_config_settings(federation, site, data_p
 )
 def test_a_data_path_reaches_the_supernode_unchanged(federation, data_path):
     parsed = _node_config(federation, "keyholder", data_path=data_path, passphrase_file=data_path)
-    assert parsed == {"role": "keyholder", "data-path": data_path, "passphrase-file": data_path}
+    assert parsed == {
+        "role": "keyholder",
+        "site-name": "keyholder",
+        "data-path": data_path,
+        "passphrase-file": data_path,
+    }

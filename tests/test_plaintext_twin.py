@@ -123,11 +123,17 @@ def federation(tmp_path) -> deploy.Federation:
     return deploy.init_federation(tmp_path / "fed", sites)
 
 
+def _site_command(federation: deploy.Federation, name: str, **kwargs) -> list[str]:
+    """What site `name` runs from its own kit (the coordinator's folder holds no site key)."""
+    kit = federation.for_site(name, federation.folder.parent / name)
+    return deploy.site_command(kit, name, approved="/site/approved.txt", **kwargs)
+
+
 def test_deploy_site_never_writes_allow_plaintext(federation):
     commands = [
-        deploy.site_command(federation, "hospital-a", port=9101),
-        deploy.site_command(federation, "hospital-b", port=9102, data_path="/data/b.csv"),
-        deploy.site_command(
+        _site_command(federation, "hospital-a", port=9101),
+        _site_command(federation, "hospital-b", port=9102, data_path="/data/b.csv"),
+        _site_command(
             federation, "keyholder", port=9100, data_path="/kh", passphrase_file="/kh/pass"
         ),
     ]
@@ -139,7 +145,7 @@ def test_deploy_site_never_writes_allow_plaintext(federation):
 
 def test_deploy_site_refuses_a_path_that_would_smuggle_in_settings(federation):
     with pytest.raises(deploy.DeployError, match="data-path"):
-        deploy.site_command(
+        _site_command(
             federation, "hospital-a", port=9101, data_path='/a.csv" allow-plaintext=true x="'
         )
 

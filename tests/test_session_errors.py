@@ -126,3 +126,13 @@ def test_only_flowers_public_api_is_imported(module):
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     flower = {name for name in imported if name and name.split(".")[0] == "flwr"}
     assert flower and flower <= {"flwr.app", "flwr.serverapp"}, flower
+
+
+def test_a_site_that_refused_the_app_bundle_is_named_as_such():
+    """Flower's INVALID_FAB reply (the site's launcher refused an unapproved bundle) reads as
+    that refusal, with the fix, not as a node that is unreachable."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    reason = refusals.failure_reason(Error(ErrorCode.INVALID_FAB, "The FAB could not be verified."))
+    assert "refused this run's app bundle" in reason and "fedhe deploy approve" in reason

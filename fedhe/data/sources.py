@@ -43,6 +43,9 @@ class DataSource:
     alpha: float = 0.0  # built-in data: Dirichlet(alpha) label skew across parties; 0: IID
     schema: dict[str, Any] = field(default_factory=dict)  # schema.json's JSON form; {}: none
     impute: str = "none"  # "mean": missing feature cells get the secure global column mean
+    # The job's CSV header (features and target), fixed by the aggregator: a site checks its
+    # own file against it (deployment: no site can read the coordinator's folder). ()=read it.
+    columns: tuple[str, ...] = ()
 
     @property
     def imputes(self) -> bool:
@@ -64,11 +67,18 @@ class DataSource:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["classes"] = list(self.classes)
+        data["columns"] = list(self.columns)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataSource:
-        return cls(**{**data, "classes": tuple(float(c) for c in data.get("classes", ()))})
+        return cls(
+            **{
+                **data,
+                "classes": tuple(float(c) for c in data.get("classes", ())),
+                "columns": tuple(str(c) for c in data.get("columns", ())),
+            }
+        )
 
 
 def with_columns(source: DataSource, schema_path: str = "", impute: str = "none") -> DataSource:
@@ -144,6 +154,8 @@ def schema_of(source: DataSource, local_file: Path | None = None) -> Schema:
     schema.json) as in the job's reference header (`_header`, or the site's own file)."""
     if source.schema:
         return parse_schema(source.schema)
+    if source.columns:
+        return numeric_schema(source.columns, origin="the job's header")
     if source.from_csv:
         reference = _reference_file(source)
         return numeric_schema(read_header(reference), origin=f"the header of {reference}")
@@ -173,10 +185,16 @@ def _party_file(source: DataSource, index: int) -> Path:
     return files[index]
 
 
+def pin_columns(source: DataSource) -> DataSource:
+    """`source` with its header fixed (`columns`): a site checks its file against it without
+    reading the coordinator's folder."""
+    return replace(source, columns=_header(source)) if source.from_csv else source
+
+
 def _header(source: DataSource) -> tuple[str, ...]:
-    """The columns every file of the job has: the party files' (simulation) or test.csv's
-    (deployment: the aggregator's folder holds test.csv only, each site its own file)."""
-    return read_header(_reference_file(source))
+    """The columns every file of the job has: the job's own (`columns`, set by the aggregator
+    for sites that cannot read its folder), else the party files' (simulation) or test.csv's."""
+    return source.columns or read_header(_reference_file(source))
 
 
 def _reference_file(source: DataSource) -> Path:
@@ -186,9 +204,45 @@ def _reference_file(source: DataSource) -> Path:
 
 
 def site_data_only(source: DataSource) -> bool:
-    """True when the job's folder has test.csv but no party files: parties read their own."""
+    """True when the job's folder has no party files: each party reads its site's own file (the
+    folder may hold test.csv, schema.json, or nothing at all)."""
     folder = Path(source.data_dir)
-    return source.from_csv and (folder / TEST_FILE).is_file() and not any(folder.glob(PARTY_GLOB))
+    return source.from_csv and not any(folder.glob(PARTY_GLOB))
+
+
+def coordinator_test_file(source: DataSource) -> bool:
+    """Whether the aggregator holds a test set: the built-in split, or test.csv in its folder
+    (a deployment need not: a site that opts in evaluates the model on its own test rows)."""
+    return not source.from_csv or (Path(source.data_dir) / TEST_FILE).is_file()
+
+
+def site_shape(source: DataSource, local_file: str) -> dict[str, Any]:
+    """What a site tells the aggregator about its own file when the coordinator holds no data:
+    schema-level facts only (the header, the encoded feature names, the task and the label
+    values the file uses), never a row."""
+    path = Path(local_file)
+    header = read_header(path)
+    # The site's own header stands in for the job's: the aggregator compares the sites' headers.
+    data = party_data(replace(source, columns=header, classes=()), 0, local_file)
+    labels: list[float] = []
+    if data.task == "classification":
+        categories = (
+            schema_of(source, path).target_categories(source.target) if source.encoded else ()
+        )
+        if categories:
+            labels = [float(i) for i in range(len(categories))]
+        else:
+            column = pd.read_csv(path, usecols=[source.target])[source.target]
+            labels = sorted(
+                float(v) for v in pd.to_numeric(column, errors="coerce").dropna().unique()
+            )
+    return {
+        "columns": list(header),
+        "features": list(data.feature_names),
+        "labels": labels,
+        "task": data.task,
+        "n-features": data.n_features,
+    }
 
 
 def count_party_files(source: DataSource) -> int:
