@@ -21,7 +21,7 @@ from flwr.app import RecordDict
 from fedhe import protocol
 from fedhe.aggregator.checkpoint import Checkpoint, checkpoint_path
 from fedhe.aggregator.roles import Federation
-from fedhe.aggregator.session import Exchange, Session
+from fedhe.aggregator.session import Exchange, Request, Session
 from fedhe.config import JobConfig
 from fedhe.crypto import AGGREGATION_PARAMS, CKKSParams, KeyRequest, PublicContext
 from fedhe.data.csvdata import find_party_files
@@ -86,6 +86,16 @@ def party_names(
 
 def _reads_party_files(source: DataSource) -> bool:
     return source.from_csv and not site_data_only(source)
+
+
+def _part(exchange: Exchange, prefix: str) -> Exchange:
+    """The replies and failures of one kind of request in a mixed exchange, keyed by name."""
+
+    def strip(items: Mapping[str, Any]) -> dict[str, Any]:
+        return {k.removeprefix(prefix): v for k, v in items.items() if k.startswith(prefix)}
+
+    silent = {k.removeprefix(prefix) for k in exchange.silent if k.startswith(prefix)}
+    return Exchange(strip(exchange.replies), strip(exchange.failures), exchange.wall_s, silent)
 
 
 def contribution_settings(output: str, round_: int) -> dict[str, Any]:
@@ -159,8 +169,7 @@ class Job:
         self.declare()
         self.setup_parties()
         self.phases()
-        self.hand_out_model()
-        self.run.audit = self.fetch_audit()
+        self.finish()
         self.run.timings_s["total"] = time.perf_counter() - started
         self.run.bytes = dict(self.session.bytes)
         self.run.extras["round_trips"] = self.session.round_trips + self.extra_round_trips
@@ -179,24 +188,52 @@ class Job:
         self.exclude(dict(excluded), "shape")
         self.extra_round_trips += round_trips
 
-    def hand_out_model(self) -> None:
+    def finish(self) -> None:
+        """The job's last round trip: the final model to every party (`final_model_requests`)
+        and the audit request to the key holders travel in one exchange. A key holder that
+        does not answer it is asked again on its own, with the usual retries."""
+        requests = {f"model:{name}": r for name, r in self.final_model_requests().items()}
+        holders = self._audit_holders()
+        requests |= {
+            f"audit:{member}": Request(node, protocol.AUDIT, self._audit_request(), "keyholder")
+            for member, node in holders.items()
+        }
+        exchange = self.session.ask_each(requests)
+        if any(key.startswith("model:") for key in requests):
+            self.take_site_reports(_part(exchange, "model:"))
+        audit = _part(exchange, "audit:")
+        if self.group is None and "keyholder" not in audit.replies:
+            self.run.audit = self.fetch_audit()
+            return
+        self.run.audit = [
+            {**record, "keyholder": member} if self.group is not None else record
+            for member in holders
+            if member in audit.replies
+            for record in json.loads(protocol.config_of(audit.replies[member])["entries"])
+        ]
+
+    def final_model_requests(self) -> dict[str, Request]:
         """Every party that took part gets the final model, model.json's content (and a torch
-        model's weights), which it keeps at its site: one message, unless the job already
-        sent it along with its own last message (encrypted-model mode). A KNN job has none:
-        its "model" is the parties' own data."""
+        model's weights), which it keeps at its site; none when the job already sent it along
+        with its own last message (encrypted-model mode). A KNN job has none: its "model" is
+        the parties' own data."""
         if self.model_handed_out or not self.run.encrypted or self.config.task == "knn":
-            return
+            return {}
         if not self.run.weights:
-            return
+            return {}
         from fedhe.aggregator.export import model_spec  # export reads JobRun from this module
 
         spec = model_spec(self.config, self.run, self.source, self.test)
-        exchange = self.ask_parties(
+        content = protocol.content(
             protocol.FINAL_MODEL,
-            {"model": spec},
+            protocol.REQUEST,
+            config={"job-id": self.run.job_id, "model": spec},
             weights=self.run.weights if spec["kind"] == "torch" else None,
         )
-        self.take_site_reports(exchange)
+        return {
+            name: Request(node, protocol.FINAL_MODEL, content, "party")
+            for name, node in self.parties.items()
+        }
 
     def take_site_reports(self, exchange: Exchange) -> None:
         """Who got the final model, and the metrics of the sites that evaluated it on their
@@ -614,28 +651,28 @@ class Job:
         raise ProtocolError(f"key holder refused or failed {message_type}: {reason}")
 
     def fetch_audit(self) -> list[dict[str, Any]]:
-        """The key holder's records of this job and of the jobs it declared after it (in
-        order: one contiguous stretch of the hash chain)."""
-        entries = []
-        for job_id in (self.run.job_id, *self.later_jobs):
-            content = protocol.content(protocol.AUDIT, protocol.REQUEST, config={"job-id": job_id})
-            if self.group is None:
-                reply = self.ask_keyholder(protocol.AUDIT, content)
-                entries += json.loads(protocol.config_of(reply)["entries"])
-                continue
-            # Each member's own log, asked at once; a silent one's stays on its disk.
-            alive = [m for m in self.group.spec.members if m not in self.group.silent]
-            exchange = self.session.ask(
-                {m: self.federation.keyholders[m] for m in alive},
-                protocol.AUDIT,
-                content,
-                role="keyholder",
-            )
-            for member in alive:
-                if member in exchange.replies:
-                    records = json.loads(protocol.config_of(exchange.replies[member])["entries"])
-                    entries += [{**r, "keyholder": member} for r in records]
-        return entries
+        """The single key holder's records of this job and of the jobs it declared after it
+        (in order: one contiguous stretch of the hash chain), asked on their own."""
+        reply = self.ask_keyholder(protocol.AUDIT, self._audit_request())
+        return json.loads(protocol.config_of(reply)["entries"])
+
+    def _audit_request(self) -> RecordDict:
+        return protocol.content(
+            protocol.AUDIT,
+            protocol.REQUEST,
+            config={"job-id": self.run.job_id, "later-jobs": json.dumps(self.later_jobs)},
+        )
+
+    def _audit_holders(self) -> dict[str, int]:
+        """Who keeps this job's audit log: the key holder, or each group member still alive (a
+        silent one's log stays on its disk)."""
+        if self.group is None:
+            return {"keyholder": self.federation.keyholder}
+        return {
+            m: self.federation.keyholders[m]
+            for m in self.group.spec.members
+            if m not in self.group.silent
+        }
 
     # -- checkpoints -------------------------------------------------------------------------------
 

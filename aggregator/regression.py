@@ -73,7 +73,7 @@ class RegressionJob(Job):
             if w is None:  # the model stays with the parties: nothing to evaluate here
                 return
         self.run.weights = {"coefficients": self._coefficients(w, standardizer)}
-        if self.evaluates:  # else the sites that opt in evaluate it (`Job.hand_out_model`)
+        if self.evaluates:  # else the sites that opt in evaluate it (`Job.final_model_requests`)
             self.run.metrics = self._evaluate(w, standardizer)
 
     # -- exact mode ------------------------------------------------------------------------------

@@ -33,6 +33,16 @@ class Exchange:
     silent: set[str] = field(default_factory=set)
 
 
+@dataclass(frozen=True)
+class Request:
+    """One message of an exchange: to which node, of which kind, with what, to which role."""
+
+    node_id: int
+    message_type: str
+    content: RecordDict
+    role: str
+
+
 @dataclass
 class Session:
     """`window`: messages awaiting a reply at a time (None: all at once); the simulation engine
@@ -55,12 +65,29 @@ class Session:
         role: str,
     ) -> Exchange:
         """Send one message per node and wait; a failed or missing reply is logged, not raised."""
+        return self.ask_each(
+            {
+                name: Request(
+                    node_id,
+                    message_type,
+                    contents if isinstance(contents, RecordDict) else contents[name],
+                    role,
+                )
+                for name, node_id in nodes.items()
+            }
+        )
+
+    def ask_each(self, requests: Mapping[str, Request]) -> Exchange:
+        """One exchange of messages of several kinds (to parties and key holders at once, say):
+        one round trip, however many kinds it carries. Replies are keyed as `requests` are."""
         messages, names = [], {}
-        for name, node_id in nodes.items():
-            body = contents if isinstance(contents, RecordDict) else contents[name]
-            self.bytes[f"aggregator->{role}"] += protocol.message_nbytes(body)
-            messages.append(Message(body, dst_node_id=node_id, message_type=message_type))
-            names[node_id] = name
+        for name, request in requests.items():
+            self.bytes[f"aggregator->{request.role}"] += protocol.message_nbytes(request.content)
+            message = Message(
+                request.content, dst_node_id=request.node_id, message_type=request.message_type
+            )
+            messages.append(message)
+            names[id(message)] = name
         started = time.perf_counter()
         self.round_trips += 1
         replies = send_and_receive(
@@ -69,26 +96,34 @@ class Session:
         wall = time.perf_counter() - started
         got, failures = {}, {}
         for reply in replies:
-            name = names.get(reply.metadata.src_node_id)
+            name = _addressee(reply, messages, names)
             if name is None:
                 continue
+            request = requests[name]
             if reply.has_error():
                 failures[name] = failure_reason(reply.error)
-                log.warning("%s %s failed: %s", self.label(name), message_type, failures[name])
+                log.warning(
+                    "%s %s failed: %s", self.label(name), request.message_type, failures[name]
+                )
                 continue
             try:  # the same schema and byte checks the node built its reply under
-                protocol.check_message(reply.content, message_type, protocol.REPLY)
+                protocol.check_message(reply.content, request.message_type, protocol.REPLY)
             except FedHEError as err:
                 failures[name] = f"{type(err).__name__}: {err}"
-                log.warning("%s %s refused: %s", self.label(name), message_type, failures[name])
+                log.warning(
+                    "%s %s refused: %s", self.label(name), request.message_type, failures[name]
+                )
                 continue
-            self.bytes[f"{role}->aggregator"] += protocol.message_nbytes(reply.content)
+            self.bytes[f"{request.role}->aggregator"] += protocol.message_nbytes(reply.content)
             got[name] = reply.content
-        silent = {name for name in nodes if name not in got and name not in failures}
+        silent = {name for name in requests if name not in got and name not in failures}
         for name in silent:
             failures[name] = f"no reply within {self.timeout_s:.0f} s"
             log.warning(
-                "%s %s: no reply within %.0f s", self.label(name), message_type, self.timeout_s
+                "%s %s: no reply within %.0f s",
+                self.label(name),
+                requests[name].message_type,
+                self.timeout_s,
             )
         return Exchange(got, failures, wall, silent)
 
@@ -96,6 +131,18 @@ class Session:
         """A node as the user knows it (a party's CSV file with --data-dir, else its id; `Job`
         sets them)."""
         return self.names.get(name, name)
+
+
+def _addressee(reply: Message, messages: list[Message], names: dict[int, str]) -> str | None:
+    """Which request `reply` answers: by message id (Flower's grids set it when they push), else
+    by its node when that node was sent one message only."""
+    for message in messages:
+        if message.metadata.message_id and (
+            message.metadata.message_id == reply.metadata.reply_to_message_id
+        ):
+            return names[id(message)]
+    sent = [m for m in messages if m.metadata.dst_node_id == reply.metadata.src_node_id]
+    return names[id(sent[0])] if len(sent) == 1 else None
 
 
 # Flower's own send_and_receive sleeps a fixed interval between pulls (0.1 s in simulation, 3 s

@@ -153,18 +153,34 @@ def decrypt(msg: Message, context: Context) -> Message:
 
 
 def audit(msg: Message, context: Context) -> Message:
-    """One job's audit records: the aggregator names the job (other jobs are not its business)."""
+    """One job's audit records, then those of the jobs it declared after it (`later-jobs`, e.g.
+    an MLP job's inference jobs): the aggregator names them (other jobs are not its business)."""
     job_id = protocol.config_of(msg.content).get("job-id")
     if job_id is None or job_id == "":
         raise ProtocolError(
             "an audit request must name its job: set config 'job-id' to the job whose records "
             "you want (the key holder hands out one job's records at a time)."
         )
-    entries = keyholder_for(context).audit.job_entries(str(job_id))
+    audit = keyholder_for(context).audit
+    entries = audit.job_entries(str(job_id))
+    for later in _later_jobs(protocol.config_of(msg.content).get("later-jobs", "[]")):
+        entries += audit.job_entries(later)
     return Message(
         protocol.content(protocol.AUDIT, protocol.REPLY, config={"entries": json.dumps(entries)}),
         reply_to=msg,
     )
+
+
+def _later_jobs(value: object) -> list[str]:
+    try:
+        jobs = json.loads(str(value))
+    except ValueError:
+        jobs = None
+    if not isinstance(jobs, list) or not all(isinstance(j, str) and j for j in jobs):
+        raise ProtocolError(
+            f"an audit request's 'later-jobs' must be a JSON list of job ids; got {value!r}."
+        )
+    return jobs
 
 
 def group_step(msg: Message, context: Context) -> Message:

@@ -273,7 +273,7 @@ SCHEMAS: dict[tuple[str, str], Schema] = {
     (FINAL_MODEL, REPLY): _schema((), {}, _SITE_METRICS),
     (DECRYPT, REQUEST): _schema(_DECRYPTION_REQUEST, {"tensor": (Kind.TENSOR,), "tag/*": _TAGS}),
     (DECRYPT, REPLY): _schema((), _RELEASE, ("decrypt-s",)),
-    (AUDIT, REQUEST): _schema(("job-id",)),
+    (AUDIT, REQUEST): _schema(("job-id", "later-jobs")),
     (AUDIT, REPLY): _schema(("entries",)),
     # A key-holder group (fedhe.keyholder.group): one schema per step.
     (f"{GROUP}/setup-1", REQUEST): _schema(("step", "declaration", "keys", "group", "name")),
