@@ -23,7 +23,7 @@ from fedhe.aggregator.plots import accuracy_per_round
 from fedhe.aggregator.regression import RegressionJob
 from fedhe.aggregator.report import build_result, write_run
 from fedhe.aggregator.roles import discover, wait_for_nodes
-from fedhe.aggregator.session import Session
+from fedhe.aggregator.session import Session, quicken_reply_pulls
 from fedhe.aggregator.shape import survey_sites
 from fedhe.config import JobConfig
 from fedhe.data.sources import (
@@ -145,6 +145,7 @@ def build_server_app(config: JobConfig | None = None, *, window: int | None = No
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        quicken_reply_pulls(grid)
         run_job(grid, config or JobConfig.from_run_config(context.run_config), window=window)
 
     return server_app

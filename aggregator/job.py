@@ -136,6 +136,7 @@ class Job:
         # A key-holder group (`fedhe.keyholder.group`) for an encrypted job of several holders.
         self.group: KeyHolderGroup | None = None
         self.envelopes: dict[str, dict[str, bytes]] = {}  # MAC-key envelopes not yet delivered
+        self.context_follows = False  # the parties get the public context with the envelopes
         self.querier: str | None = None  # the party that asks the queries (KNN, MLP)
         self.model_handed_out = False  # the final model reached the parties (chained: no extra)
         self.extra_round_trips = 0  # the sites' shape survey, before the job (aggregator/shape)
@@ -166,8 +167,11 @@ class Job:
 
     def execute(self) -> JobRun:
         started = time.perf_counter()
-        self.declare()
-        self.setup_parties()
+        if self.declares_with_setup:
+            self.declare_with_setup()
+        else:
+            self.declare()
+            self.setup_parties()
         self.phases()
         self.finish()
         self.run.timings_s["total"] = time.perf_counter() - started
@@ -265,6 +269,52 @@ class Job:
         self.run.extras["evaluation"] = evaluation | ({"sites": sites} if sites else {})
 
     def declare(self) -> None:
+        declaration, keys = self._declaration()
+        if self.federation.is_group and self.run.encrypted:
+            self.declare_to_group(declaration, keys)
+            return
+        self._accept_declaration(
+            self.ask_keyholder(protocol.DECLARE, self._declare_request(declaration, keys))
+        )
+
+    @property
+    def declares_with_setup(self) -> bool:
+        """Whether the key holder's declaration and the parties' setup can travel in one round
+        trip: an encrypted job (not resumed) of a single key holder whose identity discovery
+        gave. The parties then seal their MAC seeds to that identity, and the job's public
+        context reaches them with their MAC-key envelopes, on the feature moments."""
+        return (
+            self.run.encrypted
+            and not self.federation.is_group
+            and not self.config.resume
+            and bool(self.federation.identities.get("keyholder"))
+        )
+
+    def declare_with_setup(self) -> None:
+        declaration, keys = self._declaration()
+        request = self._declare_request(declaration, keys)
+        identity = self.federation.identities["keyholder"]
+        requests = {
+            "declare": Request(self.federation.keyholder, protocol.DECLARE, request, "keyholder")
+        }
+        for name, content in self._setup_contents({"keyholder-identity": identity}, True).items():
+            requests[f"setup:{name}"] = Request(
+                self.parties[name], protocol.SETUP, content, "party"
+            )
+        exchange = self.session.ask_each(requests)
+        reply = exchange.replies.get("declare")
+        if reply is None:  # silent or refused: asked again on its own, with the usual retries
+            reply = self.ask_keyholder(protocol.DECLARE, request)
+        self._accept_declaration(reply)
+        if self.keyholder_identity != identity:
+            raise ProtocolError(
+                "the key holder declared the job under another identity than the one it gave "
+                "at discovery, which the parties sealed their MAC seeds to: refusing to go on."
+            )
+        self.context_follows = True
+        self._take_setup(_part(exchange, "setup:"))
+
+    def _declaration(self) -> tuple[JobDeclaration, KeyRequest]:
         declaration = aggregate.declare(
             self.run.job_id,
             outputs=self.outputs(),
@@ -275,21 +325,17 @@ class Job:
             meta=self.meta(),
         )
         self.run.params = self.params().to_dict()
-        keys = self.keys()
-        if self.federation.is_group and self.run.encrypted:
-            self.declare_to_group(declaration, keys)
-            return
-        reply = self.ask_keyholder(
+        return declaration, self.keys()
+
+    @staticmethod
+    def _declare_request(declaration: JobDeclaration, keys: KeyRequest) -> RecordDict:
+        return protocol.content(
             protocol.DECLARE,
-            protocol.content(
-                protocol.DECLARE,
-                protocol.REQUEST,
-                config={
-                    "declaration": declaration.to_dict(),
-                    "keys": keys.to_dict(),
-                },
-            ),
+            protocol.REQUEST,
+            config={"declaration": declaration.to_dict(), "keys": keys.to_dict()},
         )
+
+    def _accept_declaration(self, reply: RecordDict) -> None:
         self.run.timings_s["keygen"] += protocol.metrics_of(reply)["keygen-s"]
         public = protocol.payload_of(reply)["public-context"]
         # The aggregator, like every party, accepts only a public context (raises on a secret key).
@@ -342,7 +388,18 @@ class Job:
         return list(self.group.spec.members) if self.group is not None else [""]
 
     def setup_parties(self) -> None:
-        contents = {
+        keyholders = (
+            {"public-context": self.public_bytes, **self._keyholder_identities()}
+            if self.public_bytes
+            else {}
+        )
+        contents = self._setup_contents(keyholders, False)
+        self._take_setup(self.session.ask(self.parties, protocol.SETUP, contents, role="party"))
+
+    def _setup_contents(
+        self, payload: dict[str, bytes], context_follows: bool
+    ) -> dict[str, RecordDict]:
+        return {
             name: protocol.content(
                 protocol.SETUP,
                 protocol.REQUEST,
@@ -352,14 +409,14 @@ class Job:
                     "party-index": index,
                     "n-parties": len(self.parties),
                     "querier": name == self.querier,
+                    **({"context-follows": True} if context_follows else {}),
                 },
-                payload={"public-context": self.public_bytes, **self._keyholder_identities()}
-                if self.public_bytes
-                else {},
+                payload=payload,
             )
             for name, index in self._party_indexes().items()
         }
-        exchange = self.session.ask(self.parties, protocol.SETUP, contents, role="party")
+
+    def _take_setup(self, exchange: Exchange) -> None:
         self.samples = {
             name: int(protocol.metrics_of(reply)["n-samples"])
             for name, reply in exchange.replies.items()
@@ -459,11 +516,12 @@ class Job:
                 protocol.MOMENTS,
                 protocol.REQUEST,
                 config=config,
-                payload=self.envelopes.get(name),
+                payload={**self.envelopes.get(name, {}), **self._context_if_it_follows()},
             )
             for name in self.parties
         }
         self.envelopes = {}
+        self.context_follows = False
         exchange = self.session.ask(self.parties, protocol.MOMENTS, contents, role="party")
         self.exclude(exchange.failures, "moments")
         self.require_quorum("moments")
@@ -481,6 +539,11 @@ class Job:
         # An imputing job's test rows get the same global means as the parties' rows.
         self.test = replace(self.test, X=standardizer.fill_missing(self.test.X))
         return standardizer, round(total_samples)
+
+    def _context_if_it_follows(self) -> dict[str, bytes]:
+        """The job's public context, on the first party message after a setup that came
+        without it (`declare_with_setup`)."""
+        return {"public-context": self.public_bytes} if self.context_follows else {}
 
     def moments_layout(self, n_columns: int) -> aggregate.Layout:
         """The moments sum's layout; an imputing job also sums the observed fraction."""

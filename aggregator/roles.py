@@ -41,7 +41,7 @@ def wait_for_nodes(session: Session, expected: int, timeout_s: float) -> list[in
         nodes = sorted(session.grid.get_node_ids())
         if len(nodes) >= expected or time.monotonic() > deadline:
             return nodes
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 def discover(

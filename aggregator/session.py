@@ -6,7 +6,10 @@ Flower's public API only (`flwr.app`, `flwr.serverapp`): a failed reply is told 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Mapping
@@ -131,6 +134,28 @@ class Session:
         """A node as the user knows it (a party's CSV file with --data-dir, else its id; `Job`
         sets them)."""
         return self.names.get(name, name)
+
+
+# The ServerApp's pull of a reply's objects retries after 1 s (Flower's default) when the node
+# has announced its reply but not yet uploaded every object of it: a retry at ~50 ms instead
+# saves about a second per round trip in a deployment.
+REPLY_PULL_BACKOFF_S = 0.05
+REPLY_PULL_BACKOFF_CAP_S = 1.0
+
+
+def quicken_reply_pulls(grid: Grid) -> None:
+    """Shorten the retry backoff of the deployed grid's object pulls (Flower's HTTP grid, the
+    one a SuperLink gives a ServerApp); any other grid, or a Flower whose pull takes no backoff
+    settings, is left as it is: this is latency only."""
+    module = sys.modules.get(type(grid).__module__)
+    pull = getattr(module, "pull_objects", None)
+    if pull is None or getattr(pull, "func", None) is not None:  # absent, or done already
+        return
+    if "initial_backoff" not in inspect.signature(pull).parameters:
+        return
+    module.pull_objects = functools.partial(
+        pull, initial_backoff=REPLY_PULL_BACKOFF_S, backoff_cap=REPLY_PULL_BACKOFF_CAP_S
+    )
 
 
 def _addressee(reply: Message, messages: list[Message], names: dict[int, str]) -> str | None:

@@ -67,6 +67,10 @@ def setup(msg: Message, context: Context) -> Message:
             trust.keyholders_of(payload),
             context_fingerprint=public.fingerprint,
         )
+    elif config.get("context-follows") is True:
+        # An encrypted job whose public context comes with the MAC-key envelopes (the feature
+        # moments): this party joins now and contributes nothing before it has the context.
+        link = trust.join(context, job_id, _party_name(config), trust.keyholders_of(payload))
     elif allows_plaintext(context):
         link = {}
     else:
@@ -194,8 +198,10 @@ def feature_moments(msg: Message, context: Context) -> Message:
     """Contribute Enc(n_i·(E_i[x] ‖ E_i[x²])) so the job standardizes with global statistics
     (an imputing job adds each column's observed fraction: `fedhe.tasks.moments`).
     The job's MAC-key envelope rides on this message (`trust.accept_mac_keys`)."""
-    config, job, data = _open(msg, context)
     envelopes = protocol.payload_of(msg.content)
+    if envelopes.get("public-context"):
+        _accept_context(context, str(protocol.config_of(msg.content)["job-id"]), envelopes)
+    config, job, data = _open(msg, context)
     if any(key.startswith("envelope") for key in envelopes):
         trust.accept_mac_keys(context, job["job-id"], envelopes)
     columns = np.column_stack([data.X, data.y]) if config.get("with-target") else data.X
@@ -716,9 +722,35 @@ def _job(context: Context, job_id: str) -> dict[str, Any]:
     }
 
 
+def _accept_context(context: Context, job_id: str, payload: dict[str, bytes]) -> None:
+    """The job's public context, come after setup (`context-follows`): checked as at setup
+    (no secret key, real parameters) and bound into the job's MAC seeds; a job keeps one."""
+    _job(context, job_id)
+    public_bytes = payload["public-context"]
+    public = PublicContext.from_bytes(public_bytes)
+    stored = context.state.get(_CONTEXT_RECORD + job_id)
+    if stored is not None and bytes(stored["bytes"]) != public_bytes:
+        raise ProtocolError(
+            f"job {job_id!r} already has another public context on this party: refusing to "
+            "switch keys within a job."
+        )
+    trust.bind_context(context, job_id, public.fingerprint)
+    context.state[_CONTEXT_RECORD + job_id] = ConfigRecord({"bytes": public_bytes})
+
+
 def _public_context(context: Context, job_id: str) -> PublicContext | None:
+    """The job's public context; None (contribute in the clear) only on a node whose own config
+    allows the plaintext twin: any other node without the context refuses."""
     record = context.state.get(_CONTEXT_RECORD + job_id)
-    return None if record is None else _load_public(bytes(record["bytes"]))
+    if record is None:
+        if not allows_plaintext(context):
+            raise ProtocolError(
+                f"job {job_id!r} has no public context on this party: contributing now would "
+                "send its data in the clear. The context comes at setup or with the feature "
+                "moments; this node's config does not allow the plaintext twin."
+            )
+        return None
+    return _load_public(bytes(record["bytes"]))
 
 
 @functools.lru_cache(maxsize=8)

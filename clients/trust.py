@@ -93,6 +93,19 @@ def join(
     return link
 
 
+def bind_context(context: Context, job_id: str, context_fingerprint: str) -> None:
+    """The job's public context, come after setup (with the MAC-key envelopes): its
+    fingerprint enters the MAC seed as it would have at setup. A job keeps one context."""
+    record = _record(context, job_id)
+    bound = str(record.get("context", ""))
+    if bound and bound != context_fingerprint:
+        raise ChannelError(
+            f"job {job_id!r} already has public context {bound}; another one "
+            f"({context_fingerprint}) arrived: refusing to switch keys within a job."
+        )
+    record["context"] = context_fingerprint
+
+
 def accept_mac_keys(context: Context, job_id: str, payload: dict[str, bytes]) -> None:
     """Open each key holder's envelope (`envelope`, or `envelope/<member>` in a group; a
     group member that was silent at registration sends none, and gets no tags)."""

@@ -212,6 +212,8 @@ def environment(federation: Federation) -> dict[str, str]:
     env = dict(os.environ)
     env["FLWR_HOME"] = str(federation.flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    # The SuperLink's SuperExec looks for a new run's ServerApp task every second by default.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     bin_dir = str(Path(sys.executable).parent)  # flower-superexec must be on PATH
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env

@@ -166,7 +166,7 @@ SCHEMAS: dict[tuple[str, str], Schema] = {
         ("keygen-s",),
     ),
     (SETUP, REQUEST): _schema(
-        ("job-id", "source", "party-index", "n-parties", "querier"),
+        ("job-id", "source", "party-index", "n-parties", "querier", "context-follows"),
         {
             "public-context": (Kind.CONTEXT,),
             "keyholder-identity": (Kind.IDENTITY,),
@@ -185,7 +185,11 @@ SCHEMAS: dict[tuple[str, str], Schema] = {
     (REGISTER, REPLY): _schema(("refused",), {"envelope/*": (Kind.SEALED,)}),
     (MOMENTS, REQUEST): _schema(
         (*_CONTRIBUTION_SETTINGS, "with-target"),
-        {"envelope": (Kind.SEALED,), "envelope/*": (Kind.SEALED,)},
+        {
+            "envelope": (Kind.SEALED,),
+            "envelope/*": (Kind.SEALED,),
+            "public-context": (Kind.CONTEXT,),
+        },
     ),
     (MOMENTS, REPLY): _schema((), _CONTRIBUTION, _CONTRIBUTION_METRICS),
     (TRAIN, REQUEST): _schema(

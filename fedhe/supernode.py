@@ -28,6 +28,7 @@ Flower's internals no longer look as this module expects, the launcher refuses t
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import inspect
 import os
@@ -48,6 +49,7 @@ from fedhe.errors import FedHEError
 FLOWER_SERIES = "1.42."  # the internals below were read in this series (pyproject pins it)
 FLOWER_IDLE_SLEEP_S = 3  # `time.sleep(3)` in start_client_internal after an empty pull
 DEFAULT_POLL_S = 0.1
+QUICK_BACKOFF_CAP_S = 1.0  # Flower's own cap is 10 s
 CLIENT_APP = "fedhe.clients.app:app"
 WORKER, SUBPROCESS = "worker", "subprocess"
 _PULL_PARAMETERS = {"state", "object_store", "receive", "get_fab"}
@@ -144,14 +146,15 @@ def guard_pull(original: Callable[..., int | None], approval: Approval) -> Calla
 
 
 class ShortIdleTime(types.SimpleNamespace):
-    """Stands for the `time` module inside start_client_internal only: its fixed 3 s idle
-    sleep lasts `poll_s`; every other sleep and every other function is the real one."""
+    """Stands for the `time` module inside start_client_internal only: its sleeps (the fixed
+    3 s idle sleep after an empty pull, the 0.5 s waits for the ClientApp's reply and its
+    objects) last at most `poll_s`; every other function is the real one."""
 
     def __init__(self, poll_s: float) -> None:
         super().__init__(poll_s=poll_s)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(self.poll_s if seconds == FLOWER_IDLE_SLEEP_S else seconds)
+        time.sleep(min(seconds, self.poll_s))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -166,6 +169,16 @@ def install(approval: Approval, poll_s: float) -> None:
     flower = _flower_module()
     flower._pull_and_store_message = guard_pull(flower._pull_and_store_message, approval)
     flower.time = ShortIdleTime(poll_s)
+    flower.pull_objects = quick_retries(flower.pull_objects, poll_s)
+
+
+def quick_retries(pull: Any, poll_s: float) -> Any:
+    """Flower's object pull (`pull_objects`, `pull_and_inflate_object_from_tree`) with its
+    retry backoff starting at `poll_s` instead of 1 s. A ClientApp asks for a message's objects
+    as soon as its task exists, while the SuperNode is still fetching them from the SuperLink:
+    the first try finds them missing, and Flower's 1 s backoff added about a second to every
+    message a site served."""
+    return functools.partial(pull, initial_backoff=poll_s, backoff_cap=QUICK_BACKOFF_CAP_S)
 
 
 def _flower_module() -> types.ModuleType:
@@ -196,6 +209,8 @@ def _flower_module() -> types.ModuleType:
             "flower-supernode runs that loop": cli.start_client_internal
             is flower.start_client_internal,
             "the check is not in yet": getattr(pull, "__wrapped__", None) is None,
+            "pull_objects retries with a backoff": "initial_backoff"
+            in inspect.signature(flower.pull_objects).parameters,
         }
         problems = [f"expected: {what}" for what, holds in checks.items() if not holds]
     except (ImportError, AttributeError, OSError, TypeError, ValueError) as err:
@@ -267,6 +282,10 @@ class Worker:
             ) from err
         self.api, self.approval, self.client_app, self.poll_s = api, approval, client_app, poll_s
         self.served = 0
+        runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+        runtime.pull_and_inflate_object_from_tree = quick_retries(
+            runtime.pull_and_inflate_object_from_tree, poll_s
+        )
 
     def serve_forever(self) -> None:
         """Acquire and run tasks; if this loop itself breaks, stop the whole SuperNode (a

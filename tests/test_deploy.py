@@ -324,6 +324,7 @@ def _all_replies_sent(supernode_log: str) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.deployment
 def test_a_key_holder_group_runs_linreg_with_one_holder_killed_after_setup(
     group_deployment, tmp_path
 ):
@@ -353,6 +354,7 @@ def test_a_key_holder_group_runs_linreg_with_one_holder_killed_after_setup(
 
 
 @pytest.mark.slow
+@pytest.mark.deployment
 def test_a_key_holder_group_answers_knn_queries_with_one_holder_down(group_deployment, tmp_path):
     """kh-a (restarted: its state folder kept its identity) dies again after set-up; the KNN
     rankings and votes are combined by a live member."""

@@ -297,6 +297,7 @@ def assert_answers_stayed_at_the_site(out: Path, answers: Path, kind: str) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.deployment
 def test_deployed_aggregate_trains_as_the_simulation(sites, tmp_path):
     deployed, expected, _ = deployed_and_simulated(
         sites, tmp_path, "aggregate", task="aggregate", rounds=1
@@ -307,6 +308,7 @@ def test_deployed_aggregate_trains_as_the_simulation(sites, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.deployment
 @pytest.mark.parametrize("task", ["linreg", "logreg"])
 def test_deployed_gradient_regression_fits_as_the_simulation(sites, tmp_path, task):
     deployed, expected, _ = deployed_and_simulated(
@@ -318,6 +320,7 @@ def test_deployed_gradient_regression_fits_as_the_simulation(sites, tmp_path, ta
 
 
 @pytest.mark.slow
+@pytest.mark.deployment
 def test_deployed_encrypted_model_linreg_leaves_the_model_at_every_site(sites, tmp_path):
     deployed, _, grid = deployed_and_simulated(
         sites, tmp_path, "linreg encrypted-model", task="linreg", mode="encrypted-model", rounds=2
@@ -346,6 +349,7 @@ def _kept_model(grid: InProcessGrid) -> np.ndarray:
 
 
 @pytest.mark.slow
+@pytest.mark.deployment
 @pytest.mark.parametrize("query", ["plain", "encrypted"])
 def test_deployed_knn_answers_at_the_querier_site(sites, tmp_path, query):
     deployed, expected, grid = deployed_and_simulated(
@@ -363,6 +367,7 @@ def test_deployed_knn_answers_at_the_querier_site(sites, tmp_path, query):
 
 
 @pytest.mark.slow
+@pytest.mark.deployment
 def test_deployed_mlp_trains_and_infers_at_the_querier_site(sites, tmp_path):
     deployed, _, grid = deployed_and_simulated(
         sites, tmp_path, "mlp", querier=DEPLOYED_QUERIER,

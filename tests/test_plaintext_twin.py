@@ -233,6 +233,72 @@ def test_a_deployed_job_sends_every_party_a_public_context(tmp_path, monkeypatch
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["plaintext"] is None and result["coefficients"]["plaintext"] is None
     assert not {"agreement", "plaintext_timings_s", "plaintext_bytes"} & set(result)
-    setups = [m for d, m in grid.log if d == "sent" and m.metadata.message_type == protocol.SETUP]
-    assert len(setups) == 3
-    assert all(protocol.payload_of(m.content).get("public-context") for m in setups)
+    sent = [m for d, m in grid.log if d == "sent"]
+    setups = [m for m in sent if m.metadata.message_type == protocol.SETUP]
+    moments = [m for m in sent if m.metadata.message_type == protocol.MOMENTS]
+    assert len(setups) == len(moments) == 3
+    # one key holder: the context rides on the moments, the parties' first contribution
+    assert all(protocol.config_of(m.content).get("context-follows") for m in setups)
+    assert all(protocol.payload_of(m.content).get("public-context") for m in moments)
+
+
+def _bare_linreg(tmp_path, monkeypatch) -> tuple[JobConfig, InProcessGrid]:
+    """A deployed-like linreg: nodes whose config does not allow the plaintext twin."""
+    monkeypatch.setenv("FEDHE_STATE_ROOT", str(tmp_path / "keyholder-state"))
+    config = JobConfig(task="linreg", parties=3, min_parties=2, plaintext_twin=False,
+                       out=str(tmp_path / "out"))  # fmt: skip
+    bare = {i: {"partition-id": i, "num-partitions": 4} for i in range(4)}
+    return config, InProcessGrid(config.num_nodes, node_configs=bare)
+
+
+def _contributions(grid: InProcessGrid) -> list:
+    replies = [m for d, m in grid.log if d == "received" and not m.has_error()]
+    return [m for m in replies if "contribution" in protocol.payload_of(m.content)]
+
+
+def test_a_party_told_the_context_follows_never_contributes_without_it(tmp_path, monkeypatch):
+    """Attack: an aggregator sets the parties up with `context-follows` and then asks for the
+    moments without ever sending the context. A party whose config does not allow the twin
+    refuses: no contribution of any kind leaves it (before the fix it sent its moments in the
+    clear)."""
+    from fedhe.aggregator.job import Job
+
+    monkeypatch.setattr(Job, "_context_if_it_follows", lambda self: {})
+    config, grid = _bare_linreg(tmp_path, monkeypatch)
+    with pytest.raises(FedHEError, match="min_parties"):
+        run_job(grid, config)
+    refusals = [
+        m.error.reason
+        for d, m in grid.log
+        if d == "received" and m.has_error() and m.metadata.message_type == protocol.MOMENTS
+    ]
+    assert len(refusals) == 3 and all("in the clear" in r for r in refusals)
+    assert _contributions(grid) == []
+
+
+def test_a_party_refuses_a_second_public_context_within_a_job(tmp_path, monkeypatch):
+    """Attack: after a job's context came with the moments, the aggregator sends another one
+    (a key pair of its own, say) with a later moments message: refused, before any data is
+    read or encrypted under it."""
+    from flwr.app import Message
+
+    from fedhe.clients import party
+    from fedhe.crypto import AGGREGATION_PARAMS, generate_keys
+
+    config, grid = _bare_linreg(tmp_path, monkeypatch)
+    run_job(grid, config)
+    sent = [m for d, m in grid.log if d == "sent" and m.metadata.message_type == protocol.MOMENTS]
+    node = sent[0].metadata.dst_node_id
+    other = generate_keys(AGGREGATION_PARAMS).public().to_bytes()
+    replay = Message(
+        protocol.content(
+            protocol.MOMENTS,
+            protocol.REQUEST,
+            config=protocol.config_of(sent[0].content),
+            payload={"public-context": other},
+        ),
+        dst_node_id=node,
+        message_type=protocol.MOMENTS,
+    )
+    with pytest.raises(FedHEError, match="switch keys"):
+        party.feature_moments(replay, grid.contexts[node])

@@ -34,16 +34,17 @@ def _run(tmp_path, **settings) -> dict:
     return json.loads((tmp_path / "run" / "result.json").read_text())
 
 
-def test_exact_linreg_hands_out_the_model_and_fetches_the_audit_in_one_round_trip(
+def test_exact_linreg_declares_with_setup_and_ends_with_model_and_audit_together(
     tmp_path, exchanges
 ):
     result = _run(tmp_path, task="linreg", parties=3, min_parties=2)
     assert exchanges[-1] == {protocol.FINAL_MODEL, protocol.AUDIT}
     assert protocol.AUDIT not in set().union(*exchanges[:-1])
-    # discovery (whoami, not in result.json's count), then declare, setup, register, moments,
-    # decrypt, statistics, decrypt, model + audit
+    # discovery (whoami, not in result.json's count), then declare + setup, register,
+    # moments (+ the public context), decrypt, statistics, decrypt, model + audit
     assert exchanges[0] == {protocol.WHOAMI}
-    assert result["round_trips"] == len(exchanges) - 1 == 8
+    assert exchanges[1] == {protocol.DECLARE, protocol.SETUP}
+    assert result["round_trips"] == len(exchanges) - 1 == 7
     assert len(result["model_sent_to"]) == 3
     assert [r["output"] for r in result["decryptions"] if r["decision"] == "decrypted"] == [
         "feature_moments",

@@ -136,3 +136,29 @@ def test_a_site_that_refused_the_app_bundle_is_named_as_such():
 
     reason = refusals.failure_reason(Error(ErrorCode.INVALID_FAB, "The FAB could not be verified."))
     assert "refused this run's app bundle" in reason and "fedhe deploy approve" in reason
+
+
+def test_a_deployed_grids_reply_pulls_retry_quickly_and_other_grids_are_left_alone():
+    """`quicken_reply_pulls` gives the HTTP grid's object pulls a short first backoff (latency
+    only); a grid of another module, or one already quickened, is left as it is."""
+    import sys
+    import types
+
+    from fedhe.aggregator.session import REPLY_PULL_BACKOFF_S, quicken_reply_pulls
+
+    def pull_objects(object_ids, pull_object_fn, *, initial_backoff=1.0, backoff_cap=10.0):
+        return initial_backoff, backoff_cap
+
+    module = types.ModuleType("fake_http_grid")
+    module.pull_objects = pull_objects
+    grid_type = type("HttpGrid", (), {"__module__": "fake_http_grid"})
+    sys.modules["fake_http_grid"] = module
+    try:
+        quicken_reply_pulls(grid_type())
+        assert module.pull_objects([], None)[0] == REPLY_PULL_BACKOFF_S
+        quickened = module.pull_objects
+        quicken_reply_pulls(grid_type())
+        assert module.pull_objects is quickened
+    finally:
+        del sys.modules["fake_http_grid"]
+    quicken_reply_pulls(object())  # a grid of a module without pull_objects: nothing happens
