@@ -303,8 +303,12 @@ class Job:
             )
         exchange = self.session.ask_each(requests)
         reply = exchange.replies.get("declare")
-        if reply is None:  # silent or refused: asked again on its own, with the usual retries
-            reply = self.ask_keyholder(protocol.DECLARE, request)
+        if reply is None:  # that exchange was the first try; a silent key holder gets the rest
+            reason = exchange.failures.get("declare", "")
+            if "declare" not in exchange.silent or self.config.keyholder_retries == 0:
+                raise ProtocolError(f"key holder refused or failed {protocol.DECLARE}: {reason}")
+            retries = self.config.keyholder_retries - 1
+            reply = self.ask_keyholder(protocol.DECLARE, request, retries=retries)
         self._accept_declaration(reply)
         if self.keyholder_identity != identity:
             raise ProtocolError(
@@ -693,7 +697,12 @@ class Job:
         return exchange.replies[name]
 
     def ask_keyholder(
-        self, message_type: str, content: RecordDict, *, member: str = ""
+        self,
+        message_type: str,
+        content: RecordDict,
+        *,
+        member: str = "",
+        retries: int | None = None,
     ) -> RecordDict:
         """The job cannot go on without the key holder: a refusal stops it at once, silence
         after `keyholder_retries` more tries (a retried decryption is replayed by the key
@@ -701,7 +710,8 @@ class Job:
         the single key holder, or a group's first member for a plaintext twin)."""
         reason = ""
         node = self.federation.keyholders[member] if member else self.federation.keyholder
-        for attempt in range(self.config.keyholder_retries + 1):
+        retries = self.config.keyholder_retries if retries is None else retries
+        for attempt in range(retries + 1):
             exchange = self.session.ask(
                 {"keyholder": node}, message_type, content, role="keyholder"
             )

@@ -595,11 +595,15 @@ def test_a_lead_releases_values_only_as_solved_coefficients(scanned):
                 np.load(io.BytesIO(data), allow_pickle=False)
 
 
+@pytest.mark.parametrize("swapped_in", [protocol.SETUP, protocol.MOMENTS])
 @pytest.mark.parametrize("keyholders", ["1", "3"])
-def test_parties_refuse_a_public_context_the_key_holders_did_not_make(tmp_path, keyholders):
+def test_parties_refuse_a_public_context_the_key_holders_did_not_make(
+    tmp_path, keyholders, swapped_in
+):
     """A deviating aggregator hands the parties a public context of its own (it holds the
-    secret key): every key holder's sealed MAC-key envelope names the job's real context, so
-    each party refuses before it encrypts anything, and the job stops."""
+    secret key), at setup or with the moments (where one key holder's context travels): every
+    key holder's sealed MAC-key envelope names the job's real context, and a party keeps one
+    context per job, so each party refuses before it encrypts anything, and the job stops."""
     rogue = generate_keys(AGGREGATION_PARAMS).public().to_bytes()
 
     def hook(grid):
@@ -607,7 +611,7 @@ def test_parties_refuse_a_public_context_the_key_holders_did_not_make(tmp_path, 
 
         def swap(messages, timeout=None):
             for message in messages:
-                if message.metadata.message_type == protocol.SETUP:
+                if message.metadata.message_type == swapped_in:
                     payload = message.content.config_records[protocol.PAYLOAD]
                     payload["public-context"] = rogue
             return send(messages, timeout)
@@ -616,7 +620,7 @@ def test_parties_refuse_a_public_context_the_key_holders_did_not_make(tmp_path, 
 
     settings = {"keyholders": keyholders, "threshold": 0 if keyholders == "1" else 2}
     grids = []
-    with pytest.raises(ProtocolError, match="vouches for public context"):
+    with pytest.raises(ProtocolError, match=r"vouches for public context|switch keys"):
         _run(tmp_path, grid_hook=lambda g: (grids.append(g), hook(g)), rounds=1,
              plaintext_twin=False, **settings)  # fmt: skip
     (grid,) = grids
