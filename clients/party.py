@@ -55,10 +55,12 @@ def setup(msg: Message, context: Context) -> Message:
     """Accept the job's public context (refusing any secret key) and check the local data."""
     config = protocol.config_of(msg.content)
     job_id = str(config["job-id"])
+    site_model.job_folder(Path("."), job_id)  # a plain name: it becomes a folder at the site
     payload = protocol.payload_of(msg.content)
     public_bytes = payload.get("public-context", b"")
     if public_bytes:
         public = PublicContext.from_bytes(public_bytes)  # no secret key, real parameters
+        _refuse_another_context(context, job_id, public_bytes)
         context.state[_CONTEXT_RECORD + job_id] = ConfigRecord({"bytes": public_bytes})
         link = trust.join(
             context,
@@ -556,7 +558,7 @@ def _keep_output(context: Context, job_id: str, name: str, values: np.ndarray) -
     )
     folder = context.node_config.get("output-dir")
     if folder:
-        path = Path(str(folder)) / job_id
+        path = site_model.job_folder(Path(str(folder)), job_id)
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         np.save(path / f"{name}.npy", values, allow_pickle=False)
 
@@ -588,7 +590,7 @@ def _keep_answers(
         predicted = values
     classes = source.classes
     table["prediction"] = [classes[int(p)] for p in predicted] if classes else predicted
-    path = Path(str(folder)) / job_id
+    path = site_model.job_folder(Path(str(folder)), job_id)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     answers = path / f"{name}.csv"
     if start == 0:  # a fresh file, the site's own (owner only)
@@ -728,14 +730,21 @@ def _accept_context(context: Context, job_id: str, payload: dict[str, bytes]) ->
     _job(context, job_id)
     public_bytes = payload["public-context"]
     public = PublicContext.from_bytes(public_bytes)
+    _refuse_another_context(context, job_id, public_bytes)
+    trust.bind_context(context, job_id, public.fingerprint)
+    context.state[_CONTEXT_RECORD + job_id] = ConfigRecord({"bytes": public_bytes})
+
+
+def _refuse_another_context(context: Context, job_id: str, public_bytes: bytes) -> None:
+    """A job keeps the one public context it was given (at setup, or with the moments): a
+    later setup or moments message with another would have this party encrypt under a key
+    the key holders did not make."""
     stored = context.state.get(_CONTEXT_RECORD + job_id)
     if stored is not None and bytes(stored["bytes"]) != public_bytes:
         raise ProtocolError(
             f"job {job_id!r} already has another public context on this party: refusing to "
             "switch keys within a job."
         )
-    trust.bind_context(context, job_id, public.fingerprint)
-    context.state[_CONTEXT_RECORD + job_id] = ConfigRecord({"bytes": public_bytes})
 
 
 def _public_context(context: Context, job_id: str) -> PublicContext | None:

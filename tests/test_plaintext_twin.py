@@ -302,3 +302,56 @@ def test_a_party_refuses_a_second_public_context_within_a_job(tmp_path, monkeypa
     )
     with pytest.raises(FedHEError, match="switch keys"):
         party.feature_moments(replay, grid.contexts[node])
+
+
+def test_a_second_setup_cannot_swap_the_jobs_context(tmp_path, monkeypatch):
+    """Attack (review of issue 16): after the job's moments, the aggregator sends setup again,
+    the real key holder's identity with a context of its own; `trust.join` reads that as a
+    resumed job and keeps the MAC seed, so the party's next contribution would be encrypted
+    under the aggregator's key with a valid tag. Refused: a job keeps one context."""
+    from flwr.app import Message
+
+    from fedhe.clients import party
+    from fedhe.crypto import AGGREGATION_PARAMS, generate_keys
+
+    config, grid = _bare_linreg(tmp_path, monkeypatch)
+    run_job(grid, config)
+    setup = next(
+        m for d, m in grid.log if d == "sent" and m.metadata.message_type == protocol.SETUP
+    )
+    node = setup.metadata.dst_node_id
+    payload = dict(protocol.payload_of(setup.content))
+    payload["public-context"] = generate_keys(AGGREGATION_PARAMS).public().to_bytes()
+    replay = Message(
+        protocol.content(
+            protocol.SETUP, protocol.REQUEST, config=protocol.config_of(setup.content),
+            payload=payload,
+        ),
+        dst_node_id=node,
+        message_type=protocol.SETUP,
+    )  # fmt: skip
+    with pytest.raises(FedHEError, match="switch keys"):
+        party.setup(replay, grid.contexts[node])
+
+
+def test_a_job_id_that_is_not_a_plain_name_is_refused_at_setup(tmp_path, monkeypatch):
+    """A job id becomes a folder under the site's output folder: `../..` would write outside."""
+    from flwr.app import Message
+
+    from fedhe.clients import party
+
+    config, grid = _bare_linreg(tmp_path, monkeypatch)
+    run_job(grid, config)
+    setup = next(
+        m for d, m in grid.log if d == "sent" and m.metadata.message_type == protocol.SETUP
+    )
+    node = setup.metadata.dst_node_id
+    crafted = {**protocol.config_of(setup.content), "job-id": "../../outside"}
+    replay = Message(
+        protocol.content(protocol.SETUP, protocol.REQUEST, config=crafted,
+                         payload=dict(protocol.payload_of(setup.content))),
+        dst_node_id=node,
+        message_type=protocol.SETUP,
+    )  # fmt: skip
+    with pytest.raises(FedHEError, match="not a plain name"):
+        party.setup(replay, grid.contexts[node])

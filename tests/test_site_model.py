@@ -232,8 +232,24 @@ def test_a_final_model_under_a_crafted_job_id_is_not_written_outside_the_output_
 
     setup = {"source": source.to_dict(), "party-index": 0, "n-parties": 1}
     (reply,) = grid.send_and_receive([message(protocol.SETUP, setup)])
-    assert not reply.has_error()
+    assert reply.has_error() and "not a plain name" in reply.error.reason  # refused at setup
     spec = {"format": "fedhe-model/1", "kind": "linear", "standardizer": None}
     (reply,) = grid.send_and_receive([message(protocol.FINAL_MODEL, {"model": spec})])
-    assert reply.has_error() and "not a plain name" in reply.error.reason
+    assert reply.has_error()  # no job of that name was ever set up here
     assert not list(tmp_path.rglob("model.json"))
+
+
+def test_the_survey_does_not_list_a_column_that_is_not_class_labels(tmp_path):
+    """Attack (review of issue 16): the aggregator names the target and the task, so it could
+    ask a site for "the labels" of any column and read off its distinct values. A column that
+    does not look like class labels (whole numbers, few) is refused instead of listed."""
+    from fedhe.data.sources import MAX_SURVEY_LABELS, DataSource, site_shape
+    from fedhe.errors import DataError
+
+    sites, _, _ = _sites(tmp_path, "classification")
+    path = sites / "hospital-1.csv"
+    frame = pd.read_csv(path)
+    measured = next(c for c in frame.columns if frame[c].nunique() > MAX_SURVEY_LABELS)
+    source = DataSource(data_dir=str(tmp_path), target=measured, kind="classification")
+    with pytest.raises(DataError, match="does not look like class labels"):
+        site_shape(source, str(path))

@@ -236,6 +236,7 @@ def site_shape(source: DataSource, local_file: str) -> dict[str, Any]:
             labels = sorted(
                 float(v) for v in pd.to_numeric(column, errors="coerce").dropna().unique()
             )
+            _check_survey_labels(source.target, labels)
     return {
         "columns": list(header),
         "features": list(data.feature_names),
@@ -243,6 +244,21 @@ def site_shape(source: DataSource, local_file: str) -> dict[str, Any]:
         "task": data.task,
         "n-features": data.n_features,
     }
+
+
+# The shape survey names the label values a site holds; the aggregator chooses which column
+# is the target, so a column that does not look like class labels (whole numbers, few of them)
+# is refused rather than listed: otherwise any column's distinct values could be read off.
+MAX_SURVEY_LABELS = 20
+
+
+def _check_survey_labels(target: str, labels: list[float]) -> None:
+    if len(labels) > MAX_SURVEY_LABELS or any(v != int(v) for v in labels):
+        raise DataError(
+            f"column {target!r} does not look like class labels (whole numbers, at most "
+            f"{MAX_SURVEY_LABELS} of them): this site does not list its values. Give the job's "
+            "classes in a schema.json, or check the target and the task."
+        )
 
 
 def count_party_files(source: DataSource) -> int:
