@@ -27,7 +27,7 @@ from fedhe.deploy_cli import register
 sys.path.insert(0, str(bench.REPO))  # the deployment harness of the tests
 from tests.inprocess import InProcessGrid
 from tests.test_deploy import Deployment, _free_port
-from tests.test_deploy_jobs import write_queries
+from tests.test_deploy_jobs import _settings_line, write_queries
 from tests.test_deploy_kit import site_start
 
 QUERIER = "hospital-b"
@@ -86,19 +86,10 @@ def config_of(settings: dict[str, Any], out: Path, *, deployed: bool) -> JobConf
 
 
 def run_line(config: JobConfig, querier: str | None) -> str:
-    """The job's `--run-config`: every setting, the querier by its site name."""
+    """The job's `--run-config`: every setting (the tests' line), the querier by its site name,
+    and the run's folder and timeout."""
     items = config.to_run_config() | ({"querier": querier} if querier else {})
-    line = []
-    for key, value in items.items():
-        if key in ("plaintext-twin", "message-window"):
-            continue
-        if isinstance(value, bool):
-            line.append(f"{key}={str(value).lower()}")
-        elif isinstance(value, str):
-            line.append(f"{key}='{value}'")
-        else:
-            line.append(f"{key}={value}")
-    return " ".join(line)
+    return f"{_settings_line(items)} out='{config.out}' timeout-s={config.timeout_s}"
 
 
 def deployed_once(running: Deployment, settings: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -113,23 +104,21 @@ def deployed_once(running: Deployment, settings: dict[str, Any], out: Path) -> d
         if time.monotonic() > deadline:
             raise bench.BenchError(f"no result.json; logs in {running.logs}")
         time.sleep(0.1)
-    wall = time.monotonic() - started
-    result = json.loads((out / "result.json").read_text())
-    return {
-        "wall_s": wall,
-        "job_s": result["timings_s"]["total"],
-        "round_trips": result["round_trips"],
-    }
+    return figures(out, time.monotonic() - started)
 
 
 def simulated_once(settings: dict[str, Any], out: Path) -> dict[str, Any]:
     config = config_of(settings, out, deployed=False)
     started = time.monotonic()
     run_job(InProcessGrid(config.num_nodes), config)
-    wall = time.monotonic() - started
+    return figures(out, time.monotonic() - started)
+
+
+def figures(out: Path, wall_s: float) -> dict[str, Any]:
+    """A run's wall time, its job's own time and its round trips (from result.json)."""
     result = json.loads((out / "result.json").read_text())
     return {
-        "wall_s": wall,
+        "wall_s": wall_s,
         "job_s": result["timings_s"]["total"],
         "round_trips": result["round_trips"],
     }
