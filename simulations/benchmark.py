@@ -486,7 +486,43 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
     parts += [knn_section(report.get("knn")), threshold_section(report.get("threshold"))]
     parts += [f"![{p}]({p})\n" for p in plots]
     parts += [memory_section(records), growth_section(records), failures_section(records)]
+    parts += [deploy_section()]
     return "\n".join(p for p in [*parts, block("how")] if p)
+
+
+DEPLOY_JSON = (
+    bench.REPO / "benchmarks" / "deploy.json",
+    bench.REPO / "benchmarks" / "deploy-linreg.json",
+)
+
+
+def deploy_section() -> str:
+    """bench_deploy.py's figures (its JSON in benchmarks/; the later file's jobs win)."""
+    jobs: dict[str, Any] = {}
+    for path in DEPLOY_JSON:
+        if path.exists():
+            jobs |= json.loads(path.read_text())["jobs"]
+    if not jobs:
+        return ""
+    columns = ["job", "deployed wall", "deployed job", "round trips", "simulated", "runs"]
+    rows = [
+        [
+            name,
+            f"{r['deployed']['wall_s']:.1f} s",
+            f"{r['deployed']['job_s']:.1f} s",
+            str(r["deployed"]["round_trips"]),
+            f"{r['simulated']['wall_s']:.1f} s",
+            str(len(r["deployed"]["runs"])),
+        ]
+        for name, r in jobs.items()
+    ]
+    linreg = jobs.get("linreg-exact", {}).get("deployed")
+    runs = ", ".join(f"{run['wall_s']:.1f}" for run in linreg["runs"]) + " s" if linreg else "-"
+    bar = "not measured"
+    if linreg:
+        verdict = "met" if linreg["wall_s"] <= 30 else "NOT met"
+        bar = f"{linreg['wall_s']:.1f} s, {verdict}"
+    return block("deploy", linreg_runs=runs, table=md_table(columns, rows), bar=bar)
 
 
 def bar_line(records: list[Record], size: str) -> str:
